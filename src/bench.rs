@@ -1,0 +1,215 @@
+//! `vitscope bench`: measured training and evaluation throughput of the configured
+//! model on this machine, against the machine's own matrix-product speed at the
+//! model's shapes, with the time of a training step broken down.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::batch::{BatchPlan, Normalizer};
+use crate::data::synthetic;
+use crate::model::{forward_flops_per_image, images_tensor, smoothed_cross_entropy, ModelState};
+use crate::optim::AdamW;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBreakdown {
+    pub data_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub parameters: usize,
+    pub threads: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    /// Matrix-product FLOPs of one image's forward pass, in GFLOP.
+    pub forward_gflop_per_image: f64,
+    /// f32 matrix products at the model's linear-layer shapes, in GFLOP/s.
+    pub matmul_gflops: f64,
+    pub train_images_per_sec: f64,
+    /// Training counts 3x the forward FLOPs (forward, and twice that for backward).
+    pub train_gflops: f64,
+    pub train_percent_of_matmul: f64,
+    pub eval_images_per_sec: f64,
+    pub eval_gflops: f64,
+    pub eval_percent_of_matmul: f64,
+    /// Mean time per training step by phase.
+    pub step: StepBreakdown,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The machine's f32 matrix-product speed at the shapes of the model's linear layers.
+fn matmul_gflops(config: &Config, reps: usize) -> candle_core::Result<f64> {
+    let m = &config.model;
+    let rows = config.train.batch_size * m.tokens();
+    let shapes = [
+        (m.dim, 3 * m.dim),
+        (m.dim, m.dim),
+        (m.dim, m.mlp_dim),
+        (m.mlp_dim, m.dim),
+    ];
+    let mut flops = 0.0;
+    let mut secs = 0.0;
+    for (k, n) in shapes {
+        let a = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        a.matmul(&b.t()?)?; // warm-up
+        let t = Instant::now();
+        for _ in 0..reps {
+            a.matmul(&b.t()?)?;
+        }
+        secs += t.elapsed().as_secs_f64();
+        flops += (2 * rows * k * n * reps) as f64;
+    }
+    Ok(flops / secs / 1e9)
+}
+
+pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<BenchReport> {
+    let m = &config.model;
+    let batch = config.train.batch_size;
+    let state = ModelState::new(m, config.train.seed, DType::F32)?;
+    let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+    let data = synthetic::generate(config.train.seed, batch * 2, 1);
+    let norm = Normalizer::from_split(&data.train);
+    let plan = BatchPlan {
+        seed: config.train.seed,
+        batch_size: batch,
+        train_len: data.train.len(),
+        augment: config.data.augment,
+        crop_padding: config.data.crop_padding,
+    };
+    let order = plan.epoch_order(0);
+    let table = norm.table();
+    let mut totals = [0.0f64; 4];
+    let mut timed_ms = 0.0;
+    for step in 0..warmup + steps {
+        let t0 = Instant::now();
+        let b = plan.build(&data.train, &table, &order, step as u64);
+        let images = images_tensor(b.pixels, batch, DType::F32)?;
+        let data_ms = ms_since(t0);
+        let t1 = Instant::now();
+        let logits = state.model.forward(&images)?;
+        let loss = smoothed_cross_entropy(&logits, &b.labels, config.train.label_smoothing)?;
+        loss.to_scalar::<f32>()?;
+        let forward_ms = ms_since(t1);
+        let t2 = Instant::now();
+        let grads = loss.backward()?;
+        let backward_ms = ms_since(t2);
+        let t3 = Instant::now();
+        optimizer.step(&grads, 1e-4)?;
+        let optimizer_ms = ms_since(t3);
+        if step >= warmup {
+            for (total, v) in
+                totals
+                    .iter_mut()
+                    .zip([data_ms, forward_ms, backward_ms, optimizer_ms])
+            {
+                *total += v;
+            }
+            timed_ms += ms_since(t0);
+        }
+    }
+    let train_images_per_sec = (batch * steps) as f64 / (timed_ms / 1e3);
+
+    let eval_batch = config.train.eval_batch_size;
+    let model = state.model.detached();
+    let images = Tensor::randn(0f32, 1.0, (eval_batch, 3, 32, 32), &Device::Cpu)?;
+    model.forward(&images)?; // warm-up
+    let reps = steps.div_ceil(4).max(1);
+    let t = Instant::now();
+    for _ in 0..reps {
+        model.forward(&images)?.to_vec2::<f32>()?;
+    }
+    let eval_images_per_sec = (eval_batch * reps) as f64 / t.elapsed().as_secs_f64();
+
+    let peak = matmul_gflops(config, 5)?;
+    let fwd = forward_flops_per_image(m);
+    let train_gflops = train_images_per_sec * 3.0 * fwd / 1e9;
+    let eval_gflops = eval_images_per_sec * fwd / 1e9;
+    let n = steps.max(1) as f64;
+    Ok(BenchReport {
+        model: format!(
+            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens)",
+            m.patch_size,
+            m.dim,
+            m.depth,
+            m.heads,
+            m.mlp_dim,
+            m.tokens()
+        ),
+        parameters: state.parameter_count(),
+        threads: candle_core::utils::get_num_threads(),
+        batch_size: batch,
+        eval_batch_size: eval_batch,
+        warmup_steps: warmup,
+        timed_steps: steps,
+        forward_gflop_per_image: fwd / 1e9,
+        matmul_gflops: peak,
+        train_images_per_sec,
+        train_gflops,
+        train_percent_of_matmul: 100.0 * train_gflops / peak,
+        eval_images_per_sec,
+        eval_gflops,
+        eval_percent_of_matmul: 100.0 * eval_gflops / peak,
+        step: StepBreakdown {
+            data_ms: totals[0] / n,
+            forward_ms: totals[1] / n,
+            backward_ms: totals[2] / n,
+            optimizer_ms: totals[3] / n,
+        },
+    })
+}
+
+impl BenchReport {
+    pub fn to_text(&self) -> String {
+        let s = &self.step;
+        let total = s.data_ms + s.forward_ms + s.backward_ms + s.optimizer_ms;
+        let pct = |v: f64| 100.0 * v / total.max(1e-9);
+        format!(
+            "model        {}\n\
+             parameters   {}\n\
+             threads      {}\n\
+             matmul       {:.1} GFLOP/s (f32, the model's linear-layer shapes, batch {})\n\
+             train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {}, {} timed steps after {} warm-up)\n\
+             eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
+             step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
+             forward cost {:.4} GFLOP per image (matrix products)",
+            self.model,
+            self.parameters,
+            self.threads,
+            self.matmul_gflops,
+            self.batch_size,
+            self.train_images_per_sec,
+            self.train_gflops,
+            self.train_percent_of_matmul,
+            self.batch_size,
+            self.timed_steps,
+            self.warmup_steps,
+            self.eval_images_per_sec,
+            self.eval_gflops,
+            self.eval_percent_of_matmul,
+            self.eval_batch_size,
+            total,
+            s.data_ms,
+            pct(s.data_ms),
+            s.forward_ms,
+            pct(s.forward_ms),
+            s.backward_ms,
+            pct(s.backward_ms),
+            s.optimizer_ms,
+            pct(s.optimizer_ms),
+            self.forward_gflop_per_image,
+        )
+    }
+}

@@ -1,0 +1,629 @@
+//! Configuration: the commented defaults in `config/default.toml`, compiled in,
+//! overlaid by a user file and then by `--set key=value` arguments.
+//!
+//! Every overlay is checked against the defaults' own keys and types, so an error
+//! names the source, the key and the bad value on one line.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The defaults, exactly as shipped in `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Side of the (square, RGB) input images: CIFAR-10's size.
+pub const IMAGE_SIZE: usize = 32;
+/// Colour channels of the input images.
+pub const CHANNELS: usize = 3;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{source_name}: invalid TOML at line {line}: {message}")]
+    Syntax {
+        source_name: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{source_name}: unknown key `{key}`")]
+    UnknownKey { source_name: String, key: String },
+    #[error("{source_name}: `{key}` expects {expected}, got {got}")]
+    WrongType {
+        source_name: String,
+        key: String,
+        expected: String,
+        got: String,
+    },
+    #[error("`--set {arg}`: expected KEY=VALUE, e.g. --set model.depth=4")]
+    BadSet { arg: String },
+    #[error("`{key}` = {value}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+    pub probe: ProbeConfig,
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub patch_size: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    pub layer_norm_eps: f64,
+    pub init_std: f64,
+}
+
+impl ModelConfig {
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        IMAGE_SIZE / self.patch_size
+    }
+    /// Patches per image.
+    pub fn patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+    /// Tokens in the sequence: the CLS token followed by the patches.
+    pub fn tokens(&self) -> usize {
+        self.patches() + 1
+    }
+    /// Values in one flattened patch (patch x patch x channels).
+    pub fn patch_values(&self) -> usize {
+        self.patch_size * self.patch_size * CHANNELS
+    }
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+    /// Number of LayerNorms: two per block and the final one.
+    pub fn layer_norms(&self) -> usize {
+        2 * self.depth + 1
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub max_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    pub checkpoint_every_steps: usize,
+    pub eval_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    Cifar10,
+    Synthetic,
+}
+
+impl DatasetKind {
+    pub const NAMES: [&'static str; 2] = ["cifar10", "synthetic"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cifar10 => "cifar10",
+            Self::Synthetic => "synthetic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    pub dir: String,
+    pub download: bool,
+    pub download_url: String,
+    pub download_size: u64,
+    pub download_md5: String,
+    pub augment: bool,
+    pub crop_padding: usize,
+    pub synthetic_train_size: usize,
+    pub synthetic_test_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    pub every_steps: usize,
+    pub images: usize,
+    pub histogram_bins: usize,
+    pub histogram_range: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub dir: String,
+    pub print_every_secs: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_sources(None, &[]).expect("config/default.toml is valid")
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid by `file` (if any), overlaid by `sets` (`key=value`).
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Some((path.display().to_string(), text))
+            }
+            None => None,
+        };
+        Self::from_sources(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), sets)
+    }
+
+    /// Like [`Config::load`] with the file's text given directly as (name, text).
+    pub fn from_sources(file: Option<(&str, &str)>, sets: &[String]) -> Result<Self, ConfigError> {
+        let mut table = parse_table("config/default.toml", DEFAULT_TOML)?;
+        if let Some((name, text)) = file {
+            let user = parse_table(name, text)?;
+            overlay(&mut table, &user, name, "")?;
+        }
+        for arg in sets {
+            let (key, value) = parse_set(arg)?;
+            let mut user = toml::Table::new();
+            insert_dotted(&mut user, &key, value);
+            overlay(&mut table, &user, &format!("--set {arg}"), "")?;
+        }
+        check_dataset_name(&table)?;
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    key: "config".into(),
+                    value: String::new(),
+                    reason: e.message().to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved configuration as TOML, as written into a run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+
+    /// Checks what the types alone cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        check(
+            m.patch_size > 0 && IMAGE_SIZE % m.patch_size == 0,
+            "model.patch_size",
+            m.patch_size,
+            "must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
+        )?;
+        check(m.dim > 0, "model.dim", m.dim, "must be at least 1")?;
+        check(m.depth > 0, "model.depth", m.depth, "must be at least 1")?;
+        check(m.heads > 0, "model.heads", m.heads, "must be at least 1")?;
+        check(
+            m.dim % m.heads == 0,
+            "model.heads",
+            m.heads,
+            &format!("model.dim = {} is not divisible by it", m.dim),
+        )?;
+        check(
+            m.mlp_dim > 0,
+            "model.mlp_dim",
+            m.mlp_dim,
+            "must be at least 1",
+        )?;
+        positive("model.layer_norm_eps", m.layer_norm_eps)?;
+        non_negative("model.init_std", m.init_std)?;
+
+        let t = &self.train;
+        check(t.epochs > 0, "train.epochs", t.epochs, "must be at least 1")?;
+        check(
+            t.batch_size > 0,
+            "train.batch_size",
+            t.batch_size,
+            "must be at least 1",
+        )?;
+        positive("train.lr", t.lr)?;
+        non_negative("train.min_lr", t.min_lr)?;
+        check(
+            t.min_lr <= t.lr,
+            "train.min_lr",
+            t.min_lr,
+            "must not exceed train.lr",
+        )?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        for (key, beta) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            check((0.0..1.0).contains(&beta), key, beta, "must be in [0, 1)")?;
+        }
+        positive("train.adam_eps", t.adam_eps)?;
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            t.label_smoothing,
+            "must be in [0, 1)",
+        )?;
+        check(
+            t.eval_batch_size > 0,
+            "train.eval_batch_size",
+            t.eval_batch_size,
+            "must be at least 1",
+        )?;
+
+        let d = &self.data;
+        check(
+            d.crop_padding <= IMAGE_SIZE / 2,
+            "data.crop_padding",
+            d.crop_padding,
+            "must be at most 16",
+        )?;
+        check(
+            d.synthetic_train_size > 0,
+            "data.synthetic_train_size",
+            d.synthetic_train_size,
+            "must be at least 1",
+        )?;
+        check(
+            d.synthetic_test_size > 0,
+            "data.synthetic_test_size",
+            d.synthetic_test_size,
+            "must be at least 1",
+        )?;
+        check(
+            d.download_md5.len() == 32 && d.download_md5.chars().all(|c| c.is_ascii_hexdigit()),
+            "data.download_md5",
+            format!("{:?}", d.download_md5),
+            "must be 32 hexadecimal digits",
+        )?;
+
+        let p = &self.probe;
+        check(p.images > 0, "probe.images", p.images, "must be at least 1")?;
+        check(
+            p.histogram_bins >= 2,
+            "probe.histogram_bins",
+            p.histogram_bins,
+            "must be at least 2",
+        )?;
+        positive("probe.histogram_range", p.histogram_range)?;
+        positive("run.print_every_secs", self.run.print_every_secs)?;
+        Ok(())
+    }
+}
+
+/// Checked before deserialising so that the error names the key.
+fn check_dataset_name(table: &toml::Table) -> Result<(), ConfigError> {
+    let name = table
+        .get("data")
+        .and_then(|d| d.get("dataset"))
+        .and_then(toml::Value::as_str)
+        .unwrap_or_default();
+    check(
+        DatasetKind::NAMES.contains(&name),
+        "data.dataset",
+        format!("{name:?}"),
+        &format!("expected one of {}", DatasetKind::NAMES.join(", ")),
+    )
+}
+
+fn check(ok: bool, key: &str, value: impl ToString, reason: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        })
+    }
+}
+
+fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    check(
+        value.is_finite() && value > 0.0,
+        key,
+        value,
+        "must be a finite number > 0",
+    )
+}
+
+fn non_negative(key: &str, value: f64) -> Result<(), ConfigError> {
+    check(
+        value.is_finite() && value >= 0.0,
+        key,
+        value,
+        "must be a finite number >= 0",
+    )
+}
+
+fn parse_table(source_name: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| {
+        let line = e.span().map_or(1, |s| {
+            text[..s.start.min(text.len())].lines().count().max(1)
+        });
+        ConfigError::Syntax {
+            source_name: source_name.into(),
+            line,
+            message: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// Splits `key=value`; the value is read as TOML (`4`, `1e-3`, `true`, `"x"`),
+/// or taken as a plain string when it is not TOML (`--set data.dataset=synthetic`).
+fn parse_set(arg: &str) -> Result<(String, toml::Value), ConfigError> {
+    let (key, raw) = arg
+        .split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .ok_or_else(|| ConfigError::BadSet { arg: arg.into() })?;
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    Ok((key.trim().to_string(), value))
+}
+
+fn insert_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        None => {
+            table.insert(key.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let entry = table
+                .entry(head.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = entry {
+                insert_dotted(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// `key` extended down to the first non-table value, as the user wrote it.
+fn first_leaf(key: &str, value: &toml::Value) -> String {
+    match value {
+        toml::Value::Table(t) => match t.iter().next() {
+            Some((k, v)) => first_leaf(&format!("{key}.{k}"), v),
+            None => key.to_string(),
+        },
+        _ => key.to_string(),
+    }
+}
+
+fn type_name(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "true or false",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Writes `over` onto `base`, accepting only keys that `base` has, with the same type
+/// (an integer is accepted where a number is expected; integers must be >= 0).
+fn overlay(
+    base: &mut toml::Table,
+    over: &toml::Table,
+    source_name: &str,
+    prefix: &str,
+) -> Result<(), ConfigError> {
+    for (key, value) in over {
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some(slot) = base.get_mut(key) else {
+            return Err(ConfigError::UnknownKey {
+                source_name: source_name.into(),
+                key: first_leaf(&full, value),
+            });
+        };
+        let expected = type_name(slot);
+        let wrong_type = || ConfigError::WrongType {
+            source_name: source_name.into(),
+            key: full.clone(),
+            expected: expected.into(),
+            got: value.to_string(),
+        };
+        match (&mut *slot, value) {
+            (toml::Value::Table(inner), toml::Value::Table(v)) => {
+                overlay(inner, v, source_name, &full)?;
+            }
+            (toml::Value::Table(_), _) | (_, toml::Value::Table(_)) => return Err(wrong_type()),
+            (toml::Value::Float(_), toml::Value::Integer(i)) => {
+                *slot = toml::Value::Float(*i as f64);
+            }
+            (toml::Value::Integer(_), toml::Value::Integer(i)) if *i < 0 => {
+                return Err(ConfigError::WrongType {
+                    source_name: source_name.into(),
+                    key: full,
+                    expected: "a non-negative integer".into(),
+                    got: i.to_string(),
+                });
+            }
+            (current, v) if std::mem::discriminant(current) == std::mem::discriminant(v) => {
+                *slot = v.clone();
+            }
+            _ => return Err(wrong_type()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_parse_and_match_the_documented_model() {
+        let c = Config::default();
+        assert_eq!(c.model.patch_size, 4);
+        assert_eq!(c.model.dim, 96);
+        assert_eq!(c.model.depth, 6);
+        assert_eq!(c.model.heads, 3);
+        assert_eq!(c.model.mlp_dim, 192);
+        assert_eq!(c.model.tokens(), 65);
+        assert_eq!(c.model.head_dim(), 32);
+        assert_eq!(c.train.batch_size, 128);
+        assert!((c.train.lr - 1e-3).abs() < 1e-12);
+        assert!((c.train.label_smoothing - 0.1).abs() < 1e-12);
+        assert!((c.train.weight_decay - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn every_default_key_is_documented_by_a_comment() {
+        // Each key sits in a group of keys headed by at least one comment line.
+        let mut commented = false;
+        for line in DEFAULT_TOML.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('[') {
+                commented = false;
+            } else if line.starts_with('#') {
+                commented = true;
+            } else {
+                assert!(commented, "key without a comment above it: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_set_over_file_over_defaults() {
+        let file = "[model]\ndepth = 2\ndim = 48\n";
+        let c = Config::from_sources(Some(("my.toml", file)), &sets(&["model.depth=4"])).unwrap();
+        assert_eq!(c.model.depth, 4);
+        assert_eq!(c.model.dim, 48);
+        assert_eq!(c.model.heads, 3);
+    }
+
+    #[test]
+    fn set_accepts_bare_strings_and_integers_for_floats() {
+        let c = Config::from_sources(
+            None,
+            &sets(&["data.dataset=synthetic", "train.lr=1", "data.augment=false"]),
+        )
+        .unwrap();
+        assert_eq!(c.data.dataset, DatasetKind::Synthetic);
+        assert!((c.train.lr - 1.0).abs() < 1e-12);
+        assert!(!c.data.augment);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_source() {
+        let err = Config::from_sources(Some(("my.toml", "[model]\ndept = 4\n")), &[]).unwrap_err();
+        assert_eq!(err.to_string(), "my.toml: unknown key `model.dept`");
+        let err = Config::from_sources(None, &sets(&["modle.depth=4"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--set modle.depth=4: unknown key `modle.depth`"
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_key_expected_type_and_value() {
+        let err = Config::from_sources(Some(("my.toml", "[model]\ndepth = \"four\"\n")), &[])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "my.toml: `model.depth` expects an integer, got \"four\""
+        );
+        let err = Config::from_sources(None, &sets(&["train.batch_size=-3"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--set train.batch_size=-3: `train.batch_size` expects a non-negative integer, got -3"
+        );
+        let err = Config::from_sources(None, &sets(&["model=3"])).unwrap_err();
+        assert!(err.to_string().contains("`model` expects a table"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_with_the_key() {
+        let cases = [
+            (
+                "model.heads=5",
+                "`model.heads` = 5: model.dim = 96 is not divisible by it",
+            ),
+            (
+                "model.patch_size=5",
+                "`model.patch_size` = 5: must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
+            ),
+            (
+                "train.batch_size=0",
+                "`train.batch_size` = 0: must be at least 1",
+            ),
+            (
+                "train.lr=-0.001",
+                "`train.lr` = -0.001: must be a finite number > 0",
+            ),
+            (
+                "train.label_smoothing=1.5",
+                "`train.label_smoothing` = 1.5: must be in [0, 1)",
+            ),
+            (
+                "data.dataset=mnist",
+                "`data.dataset` = \"mnist\": expected one of cifar10, synthetic",
+            ),
+        ];
+        for (arg, expected) in cases {
+            let err = Config::from_sources(None, &sets(&[arg])).unwrap_err();
+            assert!(err.to_string().contains(expected), "{arg}: {err}");
+            assert!(
+                !err.to_string().contains('\n'),
+                "{arg}: multi-line error {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_file_and_line() {
+        let err =
+            Config::from_sources(Some(("bad.toml", "[model]\ndepth = = 3\n")), &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("bad.toml: invalid TOML at line 2:"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'));
+        let err = Config::from_sources(None, &sets(&["depth"])).unwrap_err();
+        assert!(matches!(err, ConfigError::BadSet { .. }));
+    }
+
+    #[test]
+    fn resolved_config_round_trips_through_toml() {
+        let c = Config::from_sources(None, &sets(&["model.depth=2", "train.lr=0.01"])).unwrap();
+        let again = Config::from_sources(Some(("config.toml", &c.to_toml())), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,163 @@
+//! The plain data that flows from the trainer to whoever watches it (the headless
+//! printer, the run directory, a dashboard), and the controls that flow back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::LoadProgress;
+use crate::probe::ProbeSnapshot;
+
+/// One training step, as written to `metrics.jsonl` (`"kind":"train"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    /// Optimizer steps completed, counting from 1.
+    pub step: u64,
+    /// Epoch in progress, counting from 1.
+    pub epoch: u64,
+    /// Mean loss of the batch (cross-entropy with label smoothing).
+    pub loss: f64,
+    /// Share of the batch predicted right, in [0, 1].
+    pub accuracy: f64,
+    /// Learning rate used for this step.
+    pub lr: f64,
+    pub images_per_sec: f64,
+    /// Wall time of the step, data wait included, in milliseconds.
+    pub step_ms: f64,
+    /// Training time so far across resumes, pauses excluded, in seconds.
+    pub wall_secs: f64,
+}
+
+/// An evaluation on the whole test split (`"kind":"eval"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub per_class_accuracy: Vec<f64>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+    pub images_per_sec: f64,
+    pub wall_secs: f64,
+    /// Best test accuracy of the run so far (this evaluation included) and its epoch.
+    pub best_accuracy: f64,
+    pub best_epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricRecord {
+    Train(TrainRecord),
+    Eval(EvalRecord),
+}
+
+impl MetricRecord {
+    pub fn step(&self) -> u64 {
+        match self {
+            Self::Train(r) => r.step,
+            Self::Eval(r) => r.step,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Loading,
+    Training,
+    Paused,
+    Evaluating,
+    Finished,
+    Failed,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::Training => "training",
+            Self::Paused => "paused",
+            Self::Evaluating => "evaluating",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the run is, once the data is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    pub run_dir: PathBuf,
+    pub dataset: String,
+    pub data_source: String,
+    pub class_names: Vec<String>,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub steps_per_epoch: u64,
+    pub epochs: u64,
+    /// The step the run stops at (epochs x steps per epoch, or train.max_steps).
+    pub final_step: u64,
+    /// Steps already done when this process started (non-zero after a resume).
+    pub start_step: u64,
+    /// Training time already spent before this process started, in seconds.
+    pub start_wall_secs: f64,
+    pub parameters: usize,
+    pub device: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Phase(Phase),
+    Loading(LoadProgress),
+    Started(RunInfo),
+    Train(TrainRecord),
+    Eval(EvalRecord),
+    Probe(Arc<ProbeSnapshot>),
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    Log(String),
+    /// The run ended normally; `reason` says why (all epochs done, max steps, stopped).
+    Finished {
+        step: u64,
+        reason: String,
+    },
+    /// The run ended with an error.
+    Failed(String),
+}
+
+/// Control messages the trainer checks between batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Pause,
+    Resume,
+    SaveNow,
+    Stop,
+}
+
+/// Receives the trainer's events, in order, on the trainer's thread.
+pub trait Sink: Send {
+    fn send(&mut self, event: Event);
+}
+
+/// Sends events over a channel; a consumer that went away is ignored.
+impl Sink for std::sync::mpsc::SyncSender<Event> {
+    fn send(&mut self, event: Event) {
+        let _ = std::sync::mpsc::SyncSender::send(self, event);
+    }
+}
+
+impl Sink for tokio::sync::mpsc::Sender<Event> {
+    fn send(&mut self, event: Event) {
+        let _ = self.blocking_send(event);
+    }
+}
+
+/// Collects events in memory (tests, benchmarks).
+impl Sink for Vec<Event> {
+    fn send(&mut self, event: Event) {
+        self.push(event);
+    }
+}

@@ -1,0 +1,265 @@
+//! Plain-text progress for runs without a dashboard: a line every few seconds and a
+//! summary per evaluation. Never writes escape codes; a download progress bar redraws
+//! in place with a carriage return only when the output is a terminal.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crate::data::LoadProgress;
+use crate::events::{Event, RunInfo, TrainRecord};
+
+pub struct HeadlessPrinter<W: Write> {
+    out: W,
+    every: Duration,
+    is_terminal: bool,
+    info: Option<RunInfo>,
+    last_print: Option<Instant>,
+    /// Images and seconds since the last printed line, for a steady images/s.
+    window_images: f64,
+    window_secs: f64,
+    last_download_decile: Option<u64>,
+    progress_line_open: bool,
+}
+
+fn human_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "?".into();
+    }
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+impl<W: Write> HeadlessPrinter<W> {
+    pub fn new(out: W, every: Duration, is_terminal: bool) -> Self {
+        Self {
+            out,
+            every,
+            is_terminal,
+            info: None,
+            last_print: None,
+            window_images: 0.0,
+            window_secs: 0.0,
+            last_download_decile: None,
+            progress_line_open: false,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn line(&mut self, text: &str) {
+        if self.progress_line_open {
+            let _ = writeln!(self.out);
+            self.progress_line_open = false;
+        }
+        let _ = writeln!(self.out, "{text}");
+        let _ = self.out.flush();
+    }
+
+    fn train_line(&mut self, r: &TrainRecord) -> String {
+        let rate = if self.window_secs > 0.0 {
+            self.window_images / self.window_secs
+        } else {
+            r.images_per_sec
+        };
+        let (final_step, epochs, batch_rate) = self.info.as_ref().map_or((0, 0, 0.0), |i| {
+            (
+                i.final_step,
+                i.epochs,
+                i.train_images as f64 / i.steps_per_epoch.max(1) as f64,
+            )
+        });
+        // Steps left at the current pace (images/s over the last interval).
+        let secs_per_step = if rate > 0.0 {
+            batch_rate.max(1.0) / rate
+        } else {
+            f64::NAN
+        };
+        let eta = final_step.saturating_sub(r.step) as f64 * secs_per_step;
+        format!(
+            "step {:>6}/{final_step}  epoch {}/{epochs}  loss {:.4}  acc {:5.1}%  lr {:.2e}  {:.0} img/s  ETA {}",
+            r.step,
+            r.epoch,
+            r.loss,
+            r.accuracy * 100.0,
+            r.lr,
+            rate,
+            human_duration(eta)
+        )
+    }
+
+    fn download(&mut self, done: u64, total: u64) {
+        let mb = |b: u64| b as f64 / 1e6;
+        let pct = if total > 0 { done * 100 / total } else { 0 };
+        let text = format!(
+            "downloading CIFAR-10: {pct:3}%  {:.1}/{:.1} MB",
+            mb(done),
+            mb(total)
+        );
+        if self.is_terminal {
+            let filled = (pct / 5) as usize;
+            let _ = write!(
+                self.out,
+                "\r[{}{}] {text}",
+                "#".repeat(filled),
+                ".".repeat(20 - filled.min(20))
+            );
+            let _ = self.out.flush();
+            self.progress_line_open = true;
+        } else {
+            let decile = pct / 10;
+            if self.last_download_decile != Some(decile) {
+                self.last_download_decile = Some(decile);
+                self.line(&text);
+            }
+        }
+    }
+
+    pub fn handle(&mut self, event: &Event) {
+        match event {
+            Event::Loading(LoadProgress::Downloading { done, total }) => self.download(*done, *total),
+            Event::Loading(LoadProgress::Unpacking) => self.line("unpacking CIFAR-10 ..."),
+            Event::Loading(LoadProgress::Reading { file }) => self.line(&format!("reading {file}")),
+            Event::Loading(LoadProgress::Message(m)) | Event::Log(m) => self.line(m),
+            Event::Started(info) => {
+                self.line(&format!(
+                    "{}: {} epochs x {} steps of {} images, {} parameters, {}",
+                    info.dataset,
+                    info.epochs,
+                    info.steps_per_epoch,
+                    info.train_images / info.steps_per_epoch.max(1) as usize,
+                    info.parameters,
+                    info.device
+                ));
+                self.info = Some(info.clone());
+            }
+            Event::Train(r) => {
+                self.window_images += r.images_per_sec * r.step_ms / 1e3;
+                self.window_secs += r.step_ms / 1e3;
+                let due = self.last_print.is_none_or(|t| t.elapsed() >= self.every)
+                    || self.info.as_ref().is_some_and(|i| r.step == i.final_step);
+                if due {
+                    let text = self.train_line(r);
+                    self.line(&text);
+                    self.last_print = Some(Instant::now());
+                    self.window_images = 0.0;
+                    self.window_secs = 0.0;
+                }
+            }
+            Event::Eval(e) => self.line(&format!(
+                "eval  epoch {} (step {}): loss {:.4}  accuracy {:.2}%  best {:.2}% (epoch {})  {:.0} img/s",
+                e.epoch,
+                e.step,
+                e.loss,
+                e.accuracy * 100.0,
+                e.best_accuracy * 100.0,
+                e.best_epoch,
+                e.images_per_sec
+            )),
+            Event::Checkpoint { step, path } => {
+                self.line(&format!("checkpoint at step {step}: {}", path.display()));
+            }
+            Event::Finished { step, reason } => {
+                let dir = self.info.as_ref().map(|i| i.run_dir.display().to_string()).unwrap_or_default();
+                self.line(&format!("finished at step {step} ({reason}); run directory: {dir}"));
+            }
+            // Errors go to stderr, from the caller that joins the trainer.
+            Event::Failed(_) => {}
+            Event::Phase(_) | Event::Probe(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64) -> TrainRecord {
+        TrainRecord {
+            step,
+            epoch: 1,
+            loss: 2.3026,
+            accuracy: 0.125,
+            lr: 5e-4,
+            images_per_sec: 256.0,
+            step_ms: 500.0,
+            wall_secs: 1.0,
+        }
+    }
+
+    fn info() -> RunInfo {
+        RunInfo {
+            run_dir: "runs/x".into(),
+            dataset: "synthetic".into(),
+            data_source: "s".into(),
+            class_names: vec![],
+            train_images: 1280,
+            test_images: 100,
+            steps_per_epoch: 10,
+            epochs: 2,
+            final_step: 20,
+            start_step: 0,
+            start_wall_secs: 0.0,
+            parameters: 1234,
+            device: "cpu".into(),
+        }
+    }
+
+    #[test]
+    fn prints_throttled_plain_lines_with_eta() {
+        let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
+        p.handle(&Event::Started(info()));
+        for step in 1..=5 {
+            p.handle(&Event::Train(record(step)));
+        }
+        p.handle(&Event::Train(record(20)));
+        let text = String::from_utf8(p.into_inner()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        // 128 images per step at 256 img/s: 0.5 s per step, 19 steps left.
+        assert_eq!(
+            lines[1],
+            "step      1/20  epoch 1/2  loss 2.3026  acc  12.5%  lr 5.00e-4  256 img/s  ETA 10s"
+        );
+        assert!(lines[2].starts_with("step     20/20"));
+        assert!(!text.contains('\u{1b}'));
+    }
+
+    #[test]
+    fn download_progress_is_lines_when_not_a_terminal() {
+        let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(1), false);
+        for done in (0..=100).map(|i| i * 1_000_000) {
+            p.handle(&Event::Loading(LoadProgress::Downloading {
+                done,
+                total: 100_000_000,
+            }));
+        }
+        let text = String::from_utf8(p.into_inner()).unwrap();
+        assert_eq!(text.lines().count(), 11);
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'));
+        let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(1), true);
+        p.handle(&Event::Loading(LoadProgress::Downloading {
+            done: 50,
+            total: 100,
+        }));
+        p.handle(&Event::Log("done".into()));
+        let text = String::from_utf8(p.into_inner()).unwrap();
+        assert_eq!(
+            text,
+            "\r[##########..........] downloading CIFAR-10:  50%  0.0/0.0 MB\ndone\n"
+        );
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(42.4), "42s");
+        assert_eq!(human_duration(125.0), "2m05s");
+        assert_eq!(human_duration(7300.0), "2h01m");
+        assert_eq!(human_duration(f64::NAN), "?");
+    }
+}

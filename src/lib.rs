@@ -1,0 +1,21 @@
+//! vitscope: a terminal lab for watching a Vision Transformer learn CIFAR-10.
+//!
+//! The flow: [`config`] resolves the settings; [`data`] loads the images as bytes and
+//! batches them; [`model`] is the ViT whose forward pass can capture its insides;
+//! [`train`] runs on its own thread and reports [`events::Event`]s to a sink and to the
+//! [`run`] directory; [`probe`] turns captured tensors into plain data; [`headless`]
+//! prints progress; [`bench`] measures speed; [`cli`] ties it together.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod events;
+pub mod headless;
+pub mod model;
+pub mod optim;
+pub mod probe;
+pub mod run;
+pub mod sys;
+pub mod train;

@@ -1,0 +1,766 @@
+//! The Vision Transformer, written out explicitly so that what the dashboard shows is
+//! what trains: one forward pass serves training, evaluation and the probes, and can
+//! capture LayerNorm inputs and outputs, attention weights and hidden states on the way.
+//!
+//! Pre-norm blocks: x + MHSA(LN(x)), then x + MLP(LN(x)); a final LayerNorm; a linear
+//! head on the CLS token. Every piece is composed from differentiable candle ops:
+//! candle-nn 0.11's fused `softmax_last_dim` and `layer_norm` have no backward.
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{ModelConfig, CHANNELS, IMAGE_SIZE};
+use crate::data::{mix_seed, NUM_CLASSES};
+
+/// Intermediate tensors recorded by a forward pass (all detached from the graph).
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Inputs of each LayerNorm in order: block 0 norm1, block 0 norm2, ..., final norm; (B, T, D).
+    pub ln_inputs: Vec<Tensor>,
+    /// Outputs of the same LayerNorms; (B, T, D).
+    pub ln_outputs: Vec<Tensor>,
+    /// Attention weights softmax(QK^T / sqrt(d_k)) per block; (B, H, T, T).
+    pub attention: Vec<Tensor>,
+    /// The residual stream: after the embeddings, then after each block; (B, T, D).
+    pub hidden: Vec<Tensor>,
+}
+
+/// A linear map y = x W^T + b over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?,
+            bias: vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One 2-D product over all leading dimensions rather than a broadcast batched one.
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("at least one dimension") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    fn new(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            beta: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            gamma: self.gamma.detach(),
+            beta: self.beta.detach(),
+            eps: self.eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&var.affine(1.0, self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)
+    }
+
+    fn forward_captured(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        if let Some(c) = capture {
+            c.ln_inputs.push(x.detach());
+            c.ln_outputs.push(y.detach());
+        }
+        Ok(y)
+    }
+}
+
+/// Softmax over the last dimension, differentiable (the max is a constant shift).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// log(softmax(x)) over the last dimension, differentiable.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Multi-head self-attention with its weights computed explicitly.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            qkv: Linear::new(&vb.pp("qkv"), cfg.dim, 3 * cfg.dim)?,
+            proj: Linear::new(&vb.pp("proj"), cfg.dim, cfg.dim)?,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, hd)
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?;
+        let weights = softmax_last_dim(&scores)?; // (B, H, T, T): row i = where query i looks
+        if let Some(c) = capture {
+            c.attention.push(weights.detach());
+        }
+        let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(&vb.pp("norm1"), cfg.dim, cfg.layer_norm_eps)?,
+            attn: Attention::new(&vb.pp("attn"), cfg)?,
+            norm2: LayerNorm::new(&vb.pp("norm2"), cfg.dim, cfg.layer_norm_eps)?,
+            mlp: Mlp {
+                fc1: Linear::new(&vb.pp("mlp").pp("fc1"), cfg.dim, cfg.mlp_dim)?,
+                fc2: Linear::new(&vb.pp("mlp").pp("fc2"), cfg.mlp_dim, cfg.dim)?,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mut capture: Option<&mut Capture>) -> Result<Tensor> {
+        let h = self.norm1.forward_captured(x, capture.as_deref_mut())?;
+        let x = (x + self.attn.forward(&h, capture.as_deref_mut())?)?;
+        let h = self.norm2.forward_captured(&x, capture.as_deref_mut())?;
+        let x = (&x + self.mlp.forward(&h)?)?;
+        if let Some(c) = capture {
+            c.hidden.push(x.detach());
+        }
+        Ok(x)
+    }
+}
+
+/// Cuts images (B, C, 32, 32) into flattened patches (B, N, p*p*C), patches in
+/// row-major grid order, each flattened as (row, column, channel).
+pub fn patchify(images: &Tensor, patch: usize) -> Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    let (gy, gx) = (h / patch, w / patch);
+    images
+        .reshape((b, c, gy, patch, gx, patch))?
+        .permute((0, 2, 4, 3, 5, 1))?
+        .reshape((b, gy * gx, patch * patch * c))
+}
+
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    pub config: ModelConfig,
+    pub patch_embed: Linear,
+    pub cls_token: Tensor,
+    pub pos_embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    pub head: Linear,
+}
+
+impl VisionTransformer {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(&vb.pp("blocks").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: cfg.clone(),
+            patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim)?,
+            cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?,
+            pos_embed: vb.get_with_hints(
+                (1, cfg.tokens(), cfg.dim),
+                "pos_embed",
+                Init::Const(0.0),
+            )?,
+            blocks,
+            norm: LayerNorm::new(&vb.pp("norm"), cfg.dim, cfg.layer_norm_eps)?,
+            head: Linear::new(&vb.pp("head"), cfg.dim, NUM_CLASSES)?,
+        })
+    }
+
+    /// Logits (B, classes) for normalised images (B, 3, 32, 32).
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        self.forward_with(images, None)
+    }
+
+    /// The forward pass, recording intermediate tensors into `capture` when given.
+    pub fn forward_with(
+        &self,
+        images: &Tensor,
+        mut capture: Option<&mut Capture>,
+    ) -> Result<Tensor> {
+        let b = images.dim(0)?;
+        let patches = patchify(images, self.config.patch_size)?;
+        let x = self.patch_embed.forward(&patches)?;
+        let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        if let Some(c) = capture.as_deref_mut() {
+            c.hidden.push(x.detach());
+        }
+        for block in &self.blocks {
+            x = block.forward(&x, capture.as_deref_mut())?;
+        }
+        let x = self.norm.forward_captured(&x, capture)?;
+        self.head.forward(&x.i((.., 0))?)
+    }
+
+    /// The same weights (shared storage) without gradient tracking: a forward pass
+    /// through it keeps no graph, so evaluation and probes free each tensor at once.
+    pub fn detached(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            patch_embed: self.patch_embed.detached(),
+            cls_token: self.cls_token.detach(),
+            pos_embed: self.pos_embed.detach(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    norm1: b.norm1.detached(),
+                    attn: Attention {
+                        qkv: b.attn.qkv.detached(),
+                        proj: b.attn.proj.detached(),
+                        ..b.attn.clone()
+                    },
+                    norm2: b.norm2.detached(),
+                    mlp: Mlp {
+                        fc1: b.mlp.fc1.detached(),
+                        fc2: b.mlp.fc2.detached(),
+                    },
+                })
+                .collect(),
+            norm: self.norm.detached(),
+            head: self.head.detached(),
+        }
+    }
+
+    /// The LayerNorms in capture order, with display names.
+    pub fn layer_norms(&self) -> Vec<(String, &LayerNorm)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((format!("block {i} norm1 (before attention)"), &b.norm1));
+            out.push((format!("block {i} norm2 (before MLP)"), &b.norm2));
+        }
+        out.push(("final norm (before head)".to_string(), &self.norm));
+        out
+    }
+}
+
+/// The model with its variables, created and initialised deterministically from a seed.
+pub struct ModelState {
+    pub varmap: VarMap,
+    pub model: VisionTransformer,
+}
+
+impl ModelState {
+    pub fn new(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let model = VisionTransformer::new(cfg, vb)?;
+        let state = Self { varmap, model };
+        state.initialise(seed, cfg.init_std)?;
+        Ok(state)
+    }
+
+    /// Variables sorted by name, so that every listing (optimizer, checkpoint) agrees.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Truncated-normal(0, std) weights, position embedding and CLS token; zero biases;
+    /// LayerNorm gamma 1, beta 0. Seeded per variable name, so it is reproducible.
+    fn initialise(&self, seed: u64, std: f64) -> Result<()> {
+        for (index, (name, var)) in self.named_vars().into_iter().enumerate() {
+            let is_norm = name.contains("norm");
+            let values: Vec<f64> = if name.ends_with("bias") {
+                vec![0.0; var.elem_count()]
+            } else if is_norm {
+                vec![1.0; var.elem_count()]
+            } else {
+                let mut rng = StdRng::seed_from_u64(mix_seed(seed, 0x1417, index as u64));
+                (0..var.elem_count())
+                    .map(|_| truncated_normal(&mut rng) * std)
+                    .collect()
+            };
+            let t = Tensor::from_vec(values, var.shape(), &Device::Cpu)?.to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A standard normal sample redrawn until it lies within two standard deviations.
+fn truncated_normal(rng: &mut StdRng) -> f64 {
+    loop {
+        // Box-Muller.
+        let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.random();
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        if z.abs() <= 2.0 {
+            return z;
+        }
+    }
+}
+
+/// Mean cross-entropy against targets smoothed towards uniform by `smoothing`.
+pub fn smoothed_cross_entropy(logits: &Tensor, labels: &[u32], smoothing: f64) -> Result<Tensor> {
+    let (b, k) = logits.dims2()?;
+    let off = smoothing / k as f64;
+    let mut target = vec![off; b * k];
+    for (row, &label) in labels.iter().enumerate() {
+        target[row * k + label as usize] += 1.0 - smoothing;
+    }
+    let target = Tensor::from_vec(target, (b, k), logits.device())?.to_dtype(logits.dtype())?;
+    let log_probs = log_softmax_last_dim(logits)?;
+    (target * log_probs)?.sum(1)?.mean(0)?.neg()
+}
+
+/// Number of rows whose arg-max equals the label.
+pub fn correct_predictions(logits: &Tensor, labels: &[u32]) -> Result<usize> {
+    let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok(predicted.iter().zip(labels).filter(|(p, l)| p == l).count())
+}
+
+/// Multiply-adds x 2 of one image's forward pass (the matrix products only; the
+/// element-wise work is a few percent more).
+pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
+    let (t, d, m, h, hd) = (
+        cfg.tokens() as f64,
+        cfg.dim as f64,
+        cfg.mlp_dim as f64,
+        cfg.heads as f64,
+        cfg.head_dim() as f64,
+    );
+    let patch = 2.0 * cfg.patches() as f64 * cfg.patch_values() as f64 * d;
+    let per_block = 2.0 * t * d * 3.0 * d // qkv
+        + 2.0 * 2.0 * h * t * t * hd // QK^T and weights . V
+        + 2.0 * t * d * d // projection
+        + 2.0 * 2.0 * t * d * m; // MLP
+    patch + cfg.depth as f64 * per_block + 2.0 * d * NUM_CLASSES as f64
+}
+
+/// Normalised images as a (B, 3, 32, 32) tensor of `dtype`.
+pub fn images_tensor(pixels: Vec<f32>, batch: usize, dtype: DType) -> Result<Tensor> {
+    Tensor::from_vec(
+        pixels,
+        (batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE),
+        &Device::Cpu,
+    )?
+    .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    pub fn tiny_config() -> ModelConfig {
+        let mut cfg = Config::default().model;
+        cfg.patch_size = 16;
+        cfg.dim = 8;
+        cfg.heads = 2;
+        cfg.depth = 2;
+        cfg.mlp_dim = 12;
+        cfg.init_std = 0.5;
+        cfg
+    }
+
+    fn random_images(batch: usize, seed: u64, dtype: DType) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let pixels: Vec<f32> = (0..batch * CHANNELS * IMAGE_SIZE * IMAGE_SIZE)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        images_tensor(pixels, batch, dtype).unwrap()
+    }
+
+    #[test]
+    fn shapes_of_outputs_and_captures() {
+        let cfg = Config::default().model;
+        let state = ModelState::new(&cfg, 1, DType::F32).unwrap();
+        let images = random_images(2, 1, DType::F32);
+        let mut cap = Capture::default();
+        let logits = state.model.forward_with(&images, Some(&mut cap)).unwrap();
+        assert_eq!(logits.dims(), &[2, 10]);
+        assert_eq!(cap.attention.len(), 6);
+        assert_eq!(cap.attention[0].dims(), &[2, 3, 65, 65]);
+        assert_eq!(cap.hidden.len(), 7);
+        assert_eq!(cap.hidden[6].dims(), &[2, 65, 96]);
+        assert_eq!(cap.ln_inputs.len(), 13);
+        assert_eq!(cap.ln_outputs[12].dims(), &[2, 65, 96]);
+        assert_eq!(state.model.layer_norms().len(), 13);
+        // patch 48x96+96, cls 96, pos 65x96, 6 blocks, final norm 192, head 96x10+10
+        let block = 96 * 288 + 288 + 96 * 96 + 96 + 96 * 192 + 192 + 192 * 96 + 96 + 4 * 96;
+        assert_eq!(
+            state.parameter_count(),
+            48 * 96 + 96 + 96 + 65 * 96 + 6 * block + 192 + 970
+        );
+    }
+
+    #[test]
+    fn attention_rows_sum_to_one() {
+        let state = ModelState::new(&Config::default().model, 2, DType::F32).unwrap();
+        let mut cap = Capture::default();
+        state
+            .model
+            .forward_with(&random_images(2, 2, DType::F32), Some(&mut cap))
+            .unwrap();
+        for att in &cap.attention {
+            let sums: Vec<f32> = att
+                .sum(D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+                "row sums {:?}",
+                &sums[..4]
+            );
+            let min: f32 = att
+                .flatten_all()
+                .unwrap()
+                .min(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(min >= 0.0);
+        }
+    }
+
+    #[test]
+    fn layer_norm_output_has_zero_mean_unit_variance_with_identity_affine() {
+        let cfg = Config::default().model;
+        let state = ModelState::new(&cfg, 3, DType::F64).unwrap();
+        let mut cap = Capture::default();
+        state
+            .model
+            .forward_with(&random_images(2, 3, DType::F64), Some(&mut cap))
+            .unwrap();
+        let per_token = |t: &Tensor| -> (Vec<f64>, Vec<f64>) {
+            let mean = t.mean_keepdim(D::Minus1).unwrap();
+            let var = t
+                .broadcast_sub(&mean)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean(D::Minus1)
+                .unwrap();
+            (values(&mean), values(&var))
+        };
+        for (input, output) in cap.ln_inputs.iter().zip(&cap.ln_outputs) {
+            let (_, in_var) = per_token(input);
+            let (out_mean, out_var) = per_token(output);
+            assert!(out_mean.iter().all(|m| m.abs() < 1e-12));
+            // Variance 1, shrunk only by the epsilon under the square root.
+            for (v_in, v_out) in in_var.iter().zip(&out_var) {
+                let expected = v_in / (v_in + cfg.layer_norm_eps);
+                assert!((v_out - expected).abs() < 1e-9, "{v_out} vs {expected}");
+                assert!(*v_out > 0.98);
+            }
+        }
+    }
+
+    #[test]
+    fn patchify_puts_the_expected_pixels_in_each_patch() {
+        let pixels: Vec<f32> = (0..CHANNELS * 32 * 32).map(|i| i as f32).collect();
+        let images = images_tensor(pixels, 1, DType::F32).unwrap();
+        let patches = patchify(&images, 4).unwrap();
+        assert_eq!(patches.dims(), &[1, 64, 48]);
+        let patch: Vec<f32> = patches.i((0, 8 + 3)).unwrap().to_vec1().unwrap(); // grid row 1, col 3
+        for py in 0..4 {
+            for px in 0..4 {
+                for c in 0..3 {
+                    let (y, x) = (4 + py, 12 + px);
+                    assert_eq!(patch[(py * 4 + px) * 3 + c], (c * 1024 + y * 32 + x) as f32);
+                }
+            }
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// The whole forward pass with plain loops, from the model's own weights.
+    fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
+        let cfg = &m.config;
+        let (p, d, t, grid) = (cfg.patch_size, cfg.dim, cfg.tokens(), cfg.grid());
+        let linear = |l: &Linear, x: &[f64]| -> Vec<f64> {
+            let (w, b) = (values(&l.weight), values(&l.bias));
+            let (o, i) = (b.len(), x.len());
+            (0..o)
+                .map(|r| b[r] + (0..i).map(|c| w[r * i + c] * x[c]).sum::<f64>())
+                .collect()
+        };
+        let layer_norm = |ln: &LayerNorm, x: &[f64]| -> Vec<f64> {
+            let (g, b) = (values(&ln.gamma), values(&ln.beta));
+            let mean = x.iter().sum::<f64>() / x.len() as f64;
+            let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64;
+            x.iter()
+                .enumerate()
+                .map(|(i, v)| g[i] * (v - mean) / (var + ln.eps).sqrt() + b[i])
+                .collect()
+        };
+        let (cls, pos) = (values(&m.cls_token), values(&m.pos_embed));
+        let mut x: Vec<Vec<f64>> = vec![cls.clone()];
+        for gy in 0..grid {
+            for gx in 0..grid {
+                let mut patch = Vec::new();
+                for py in 0..p {
+                    for px in 0..p {
+                        for c in 0..3 {
+                            patch.push(image[c * 1024 + (gy * p + py) * 32 + gx * p + px]);
+                        }
+                    }
+                }
+                x.push(linear(&m.patch_embed, &patch));
+            }
+        }
+        for (i, row) in x.iter_mut().enumerate() {
+            for j in 0..d {
+                row[j] += pos[i * d + j];
+            }
+        }
+        for block in &m.blocks {
+            let h: Vec<Vec<f64>> = x.iter().map(|r| layer_norm(&block.norm1, r)).collect();
+            let qkv: Vec<Vec<f64>> = h.iter().map(|r| linear(&block.attn.qkv, r)).collect();
+            let (heads, hd) = (block.attn.heads, block.attn.head_dim);
+            let mut concat = vec![vec![0.0; d]; t];
+            for head in 0..heads {
+                for i in 0..t {
+                    let q = &qkv[i][head * hd..(head + 1) * hd];
+                    let scores: Vec<f64> = (0..t)
+                        .map(|j| {
+                            let k = &qkv[j][d + head * hd..d + (head + 1) * hd];
+                            q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let z: f64 = exp.iter().sum();
+                    for j in 0..t {
+                        for e in 0..hd {
+                            concat[i][head * hd + e] += exp[j] / z * qkv[j][2 * d + head * hd + e];
+                        }
+                    }
+                }
+            }
+            for i in 0..t {
+                let a = linear(&block.attn.proj, &concat[i]);
+                for j in 0..d {
+                    x[i][j] += a[j];
+                }
+                let h = layer_norm(&block.norm2, &x[i]);
+                let hidden: Vec<f64> = linear(&block.mlp.fc1, &h)
+                    .iter()
+                    .map(|v| 0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2)))
+                    .collect();
+                let out = linear(&block.mlp.fc2, &hidden);
+                for j in 0..d {
+                    x[i][j] += out[j];
+                }
+            }
+        }
+        linear(&m.head, &layer_norm(&m.norm, &x[0]))
+    }
+
+    /// erf by its Maclaurin series, ample for |x| < 3 at f64.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 5.0 {
+            return x.signum();
+        }
+        let mut sum = 0.0;
+        let mut term = x;
+        for n in 0..200 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn forward_matches_a_hand_computation() {
+        let mut cfg = tiny_config();
+        cfg.patch_size = 8; // 16 patches + CLS
+        let state = ModelState::new(&cfg, 4, DType::F64).unwrap();
+        let images = random_images(2, 4, DType::F64);
+        let logits = values(&state.model.forward(&images).unwrap());
+        for b in 0..2 {
+            let image = values(&images.get(b).unwrap());
+            let expected = naive_logits(&state.model, &image);
+            for (k, e) in expected.iter().enumerate() {
+                let got = logits[b * 10 + k];
+                assert!((got - e).abs() < 1e-9, "image {b} class {k}: {got} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient_matching_finite_differences() {
+        let cfg = tiny_config();
+        let state = ModelState::new(&cfg, 5, DType::F64).unwrap();
+        let images = random_images(3, 5, DType::F64);
+        let labels = [1u32, 7, 3];
+        let loss_of = |m: &VisionTransformer| -> f64 {
+            let logits = m.forward(&images).unwrap();
+            smoothed_cross_entropy(&logits, &labels, 0.1)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let loss =
+            smoothed_cross_entropy(&state.model.forward(&images).unwrap(), &labels, 0.1).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut rng = StdRng::seed_from_u64(6);
+        for (name, var) in state.named_vars() {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let grad = values(grad);
+            assert!(
+                grad.iter().any(|g| g.abs() > 1e-12),
+                "{name}: gradient is all zero"
+            );
+            let original = values(var.as_tensor());
+            for _ in 0..3 {
+                let i = rng.random_range(0..original.len());
+                let h = 1e-5;
+                let probe = |delta: f64| {
+                    let mut v = original.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss_of(&state.model)
+                };
+                let numeric = (probe(h) - probe(-h)) / (2.0 * h);
+                var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
+                assert!(
+                    (numeric - grad[i]).abs() < tolerance,
+                    "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn initialisation_is_reproducible_for_a_seed() {
+        let cfg = tiny_config();
+        let a = ModelState::new(&cfg, 7, DType::F32).unwrap();
+        let b = ModelState::new(&cfg, 7, DType::F32).unwrap();
+        let c = ModelState::new(&cfg, 8, DType::F32).unwrap();
+        for ((name, va), ((_, vb), (_, vc))) in a
+            .named_vars()
+            .iter()
+            .zip(b.named_vars().iter().zip(c.named_vars().iter()))
+        {
+            assert_eq!(values(va.as_tensor()), values(vb.as_tensor()), "{name}");
+            if name.ends_with("weight") && !name.contains("norm") {
+                assert_ne!(values(va.as_tensor()), values(vc.as_tensor()), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn smoothed_cross_entropy_matches_its_formula() {
+        let logits = Tensor::new(&[[1.0f64, 2.0, 0.5], [0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
+        let loss: f64 = smoothed_cross_entropy(&logits, &[1, 0], 0.3)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let row = |l: [f64; 3], y: usize| {
+            let z = l.iter().map(|v| v.exp()).sum::<f64>().ln();
+            let logp: Vec<f64> = l.iter().map(|v| v - z).collect();
+            -(0.7 * logp[y] + 0.1 * logp.iter().sum::<f64>())
+        };
+        let expected = (row([1.0, 2.0, 0.5], 1) + row([0.0, 0.0, 3.0], 0)) / 2.0;
+        assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+        assert_eq!(correct_predictions(&logits, &[1, 0]).unwrap(), 1);
+    }
+}

@@ -1,0 +1,382 @@
+//! The run directory: everything a run leaves on disk, readable by a later viewer.
+//!
+//! ```text
+//! runs/<timestamp>/
+//!   config.toml              the resolved configuration
+//!   metrics.jsonl            one JSON object per training step or evaluation
+//!   checkpoint.safetensors   weights, optimizer moments, step/seed/timing state
+//!   run.log                  messages
+//!   probes/images.safetensors  the probe images
+//!   probes/step-00000250.safetensors ...  one file per probe
+//! ```
+//!
+//! Whole files are written to a temporary name and renamed. `metrics.jsonl` and
+//! `run.log` grow by appending whole lines with one write each; a reader skips a torn
+//! last line, and a resume rewrites the log (atomically) up to its checkpoint.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::config::{Config, ConfigError};
+use crate::events::MetricRecord;
+use crate::probe::{ProbeSet, ProbeSnapshot};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const LOG_FILE: &str = "run.log";
+pub const PROBES_DIR: &str = "probes";
+pub const PROBE_IMAGES_FILE: &str = "images.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+fn io_error(path: &Path, e: impl std::fmt::Display) -> RunError {
+    RunError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, synced, then renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(path, format!("cannot write: {e}"))
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a new run directory: `exact` if given (which must not hold a run yet),
+    /// else `<parent>/<UTC timestamp>`; writes the resolved config.
+    pub fn create(parent: &Path, exact: Option<&Path>, config: &Config) -> Result<Self, RunError> {
+        let path = match exact {
+            Some(p) => {
+                if p.join(CONFIG_FILE).exists() {
+                    return Err(io_error(
+                        p,
+                        "already holds a run; continue it with --resume, or pick another --run-dir",
+                    ));
+                }
+                p.to_path_buf()
+            }
+            None => {
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string()
+                    .replace(':', "-")
+                    .trim_end_matches('Z')
+                    .to_string();
+                let mut candidate = parent.join(&stamp);
+                let mut n = 2;
+                while candidate.exists() {
+                    candidate = parent.join(format!("{stamp}-{n}"));
+                    n += 1;
+                }
+                candidate
+            }
+        };
+        std::fs::create_dir_all(path.join(PROBES_DIR))
+            .map_err(|e| io_error(&path, format!("cannot create: {e}")))?;
+        let run = Self { path };
+        run.write_config(config)?;
+        Ok(run)
+    }
+
+    /// Opens an existing run directory (one with a `config.toml`).
+    pub fn open(path: &Path) -> Result<Self, RunError> {
+        if !path.join(CONFIG_FILE).is_file() {
+            return Err(io_error(
+                path,
+                format!("not a vitscope run directory (no {CONFIG_FILE})"),
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.file(CHECKPOINT_FILE)
+    }
+
+    pub fn write_config(&self, config: &Config) -> Result<(), RunError> {
+        let text = format!(
+            "# The resolved configuration of this run (defaults, --config file and --set).\n{}",
+            config.to_toml()
+        );
+        write_atomic(&self.file(CONFIG_FILE), text.as_bytes())
+    }
+
+    pub fn read_config(&self) -> Result<Config, RunError> {
+        Ok(Config::load(Some(&self.file(CONFIG_FILE)), &[])?)
+    }
+
+    /// Opens a file for appending whole lines.
+    pub fn appender(&self, name: &str) -> Result<LineAppender, RunError> {
+        let path = self.file(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, format!("cannot open for appending: {e}")))?;
+        Ok(LineAppender { path, file })
+    }
+
+    /// The metric records so far; a torn or unreadable line is skipped.
+    pub fn read_metrics(&self) -> Vec<MetricRecord> {
+        std::fs::read_to_string(self.file(METRICS_FILE))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Keeps only the records up to `step` (used when resuming from a checkpoint at `step`),
+    /// and the probe files likewise.
+    pub fn truncate_after(&self, step: u64) -> Result<(), RunError> {
+        let kept: String = std::fs::read_to_string(self.file(METRICS_FILE))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| r.step() <= step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&self.file(METRICS_FILE), kept.as_bytes())?;
+        for (probe_step, path) in self.probe_files() {
+            if probe_step > step {
+                std::fs::remove_file(&path)
+                    .map_err(|e| io_error(&path, format!("cannot remove: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn probe_path(&self, step: u64) -> PathBuf {
+        self.path
+            .join(PROBES_DIR)
+            .join(format!("step-{step:08}.safetensors"))
+    }
+
+    pub fn write_probe(&self, snapshot: &ProbeSnapshot) -> Result<PathBuf, RunError> {
+        let path = self.probe_path(snapshot.meta.step);
+        write_atomic(&path, &snapshot.to_bytes())?;
+        Ok(path)
+    }
+
+    /// Probe files by step, in order.
+    pub fn probe_files(&self) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(self.path.join(PROBES_DIR))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name
+                    .strip_prefix("step-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn read_probe(&self, step: u64) -> Result<ProbeSnapshot, RunError> {
+        let path = self.probe_path(step);
+        let bytes =
+            std::fs::read(&path).map_err(|e| io_error(&path, format!("cannot read: {e}")))?;
+        ProbeSnapshot::from_bytes(&bytes).map_err(|e| io_error(&path, e))
+    }
+
+    /// Stores the probe images (raw bytes, labels and test-set indices) once per run.
+    pub fn write_probe_images(&self, set: &ProbeSet) -> Result<(), RunError> {
+        let n = set.len();
+        let labels: Vec<u8> = set.labels.clone();
+        let indices: Vec<u8> = set
+            .indices
+            .iter()
+            .flat_map(|&i| (i as u64).to_le_bytes())
+            .collect();
+        let views = vec![
+            (
+                "pixels",
+                TensorView::new(Dtype::U8, vec![n, 3, 32, 32], &set.pixels),
+            ),
+            ("labels", TensorView::new(Dtype::U8, vec![n], &labels)),
+            (
+                "test_indices",
+                TensorView::new(Dtype::U64, vec![n], &indices),
+            ),
+        ];
+        let views: Vec<(&str, TensorView)> = views
+            .into_iter()
+            .map(|(k, v)| (k, v.expect("shapes match")))
+            .collect();
+        let bytes =
+            safetensors::serialize(views, Some(HashMap::new())).expect("probe images serialise");
+        write_atomic(&self.path.join(PROBES_DIR).join(PROBE_IMAGES_FILE), &bytes)
+    }
+}
+
+/// Appends whole lines, one `write` call each, so a reader never sees half a line
+/// unless the process dies inside that call.
+pub struct LineAppender {
+    path: PathBuf,
+    file: File,
+}
+
+impl LineAppender {
+    pub fn append(&mut self, line: &str) -> Result<(), RunError> {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.file
+            .write_all(&bytes)
+            .map_err(|e| io_error(&self.path, format!("cannot append: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EvalRecord, TrainRecord};
+
+    fn train(step: u64) -> MetricRecord {
+        MetricRecord::Train(TrainRecord {
+            step,
+            epoch: 1,
+            loss: 2.0,
+            accuracy: 0.1,
+            lr: 1e-3,
+            images_per_sec: 100.0,
+            step_ms: 10.0,
+            wall_secs: step as f64,
+        })
+    }
+
+    #[test]
+    fn metrics_lines_carry_the_documented_keys() {
+        let line = serde_json::to_string(&train(3)).unwrap();
+        for key in [
+            "\"kind\":\"train\"",
+            "\"step\":3",
+            "\"epoch\":1",
+            "\"loss\":",
+            "\"lr\":",
+            "\"images_per_sec\":",
+        ] {
+            assert!(line.contains(key), "{line} lacks {key}");
+        }
+        let eval = MetricRecord::Eval(EvalRecord {
+            step: 4,
+            epoch: 1,
+            loss: 1.0,
+            accuracy: 0.5,
+            per_class_accuracy: vec![0.5; 10],
+            confusion: vec![vec![0; 10]; 10],
+            images_per_sec: 1.0,
+            wall_secs: 1.0,
+            best_accuracy: 0.5,
+            best_epoch: 1,
+        });
+        let line = serde_json::to_string(&eval).unwrap();
+        assert!(
+            line.starts_with(
+                "{\"kind\":\"eval\",\"step\":4,\"epoch\":1,\"loss\":1.0,\"accuracy\":0.5"
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn appended_lines_read_back_and_a_torn_line_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path(), None, &Config::default()).unwrap();
+        assert!(run.path().starts_with(tmp.path()));
+        let mut out = run.appender(METRICS_FILE).unwrap();
+        for step in 1..=5 {
+            out.append(&serde_json::to_string(&train(step)).unwrap())
+                .unwrap();
+        }
+        // A process killed in the middle of a write leaves a partial line.
+        let mut raw = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run.file(METRICS_FILE))
+            .unwrap();
+        raw.write_all(b"{\"kind\":\"train\",\"st").unwrap();
+        assert_eq!(run.read_metrics().len(), 5);
+
+        run.truncate_after(3).unwrap();
+        let steps: Vec<u64> = run.read_metrics().iter().map(MetricRecord::step).collect();
+        assert_eq!(steps, vec![1, 2, 3]);
+        assert_eq!(
+            RunDir::open(run.path()).unwrap().read_config().unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn a_second_run_never_reuses_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = RunDir::create(tmp.path(), None, &Config::default()).unwrap();
+        let b = RunDir::create(tmp.path(), None, &Config::default()).unwrap();
+        assert_ne!(a.path(), b.path());
+        let err = RunDir::create(tmp.path(), Some(a.path()), &Config::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already holds a run; continue it with --resume"),
+            "{err}"
+        );
+        let err = RunDir::open(tmp.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("not a vitscope run directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_leave_no_temporaries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        let err = write_atomic(&tmp.path().join("missing").join("y"), b"z").unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
+    }
+}

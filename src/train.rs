@@ -1,0 +1,461 @@
+//! The trainer: loads the data, trains the ViT with AdamW, evaluates at each epoch's
+//! end, probes the model, writes the run directory, and reports everything as
+//! [`Event`]s to a [`Sink`]. It runs on a thread of its own ([`spawn`]) and takes
+//! [`Control`] messages between batches.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::DType;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::Config;
+use crate::data::batch::{images_f32, BatchPlan, Normalizer};
+use crate::data::{DataError, Dataset, NUM_CLASSES};
+use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
+use crate::model::{
+    correct_predictions, images_tensor, smoothed_cross_entropy, ModelState, VisionTransformer,
+};
+use crate::optim::{learning_rate, AdamW};
+use crate::probe::ProbeSet;
+use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("model error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the loss became {value} at step {step}: training stopped; {kept}")]
+    NonFinite { step: u64, value: f64, kept: String },
+}
+
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub step: u64,
+    pub reason: String,
+    pub last_eval: Option<EvalRecord>,
+}
+
+/// Starts training on its own thread. Returns the thread and the control channel.
+pub fn spawn(
+    config: Config,
+    run: RunDir,
+    resume: bool,
+    mut sink: Box<dyn Sink>,
+) -> (JoinHandle<Result<Outcome, TrainError>>, Sender<Control>) {
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("vitscope-trainer".into())
+        .spawn(move || train(&config, &run, resume, sink.as_mut(), &control_rx))
+        .expect("spawn the trainer thread");
+    (handle, control_tx)
+}
+
+/// Trains in the calling thread; reports failure as an [`Event::Failed`] too.
+pub fn train(
+    config: &Config,
+    run: &RunDir,
+    resume: bool,
+    sink: &mut dyn Sink,
+    control: &Receiver<Control>,
+) -> Result<Outcome, TrainError> {
+    let result = Trainer::prepare(config, run, resume, sink).and_then(|mut t| t.run(sink, control));
+    match &result {
+        Ok(outcome) => sink.send(Event::Finished {
+            step: outcome.step,
+            reason: outcome.reason.clone(),
+        }),
+        Err(e) => {
+            if let Ok(mut log) = run.appender(LOG_FILE) {
+                let _ = log.append(&format!("{} error: {e}", timestamp()));
+            }
+            sink.send(Event::Phase(Phase::Failed));
+            sink.send(Event::Failed(e.to_string()));
+        }
+    }
+    result
+}
+
+fn timestamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+struct Trainer {
+    config: Config,
+    run: RunDir,
+    data: Arc<Dataset>,
+    norm: Normalizer,
+    plan: BatchPlan,
+    probes: ProbeSet,
+    state: ModelState,
+    optimizer: AdamW,
+    progress: TrainState,
+    info: RunInfo,
+    metrics: LineAppender,
+    log: LineAppender,
+    last_checkpoint: Option<u64>,
+}
+
+impl Trainer {
+    fn prepare(
+        config: &Config,
+        run: &RunDir,
+        resume: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<Self, TrainError> {
+        sink.send(Event::Phase(Phase::Loading));
+        let mut log = run.appender(LOG_FILE)?;
+        let data = Dataset::load(config, &mut |p| sink.send(Event::Loading(p)))?;
+        let train_len = data.train.len();
+        if config.train.batch_size > train_len {
+            return Err(TrainError::Invalid(format!(
+                "`train.batch_size` = {} is larger than the training set ({train_len} images)",
+                config.train.batch_size
+            )));
+        }
+        let norm = Normalizer::from_split(&data.train);
+        let plan = BatchPlan {
+            seed: config.train.seed,
+            batch_size: config.train.batch_size,
+            train_len,
+            augment: config.data.augment,
+            crop_padding: config.data.crop_padding,
+        };
+        let probes = ProbeSet::new(&data.test, config.probe.images, &norm);
+        let state = ModelState::new(&config.model, config.train.seed, DType::F32)?;
+        let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+        let mut progress = TrainState {
+            step: 0,
+            seed: config.train.seed,
+            wall_secs: 0.0,
+            best_accuracy: 0.0,
+            best_epoch: 0,
+        };
+        let checkpoint_path = run.checkpoint_path();
+        let mut last_checkpoint = None;
+        if resume && checkpoint_path.exists() {
+            progress = checkpoint::load(&checkpoint_path, &state, &mut optimizer)?;
+            last_checkpoint = Some(progress.step);
+            let msg = format!(
+                "resumed from {} at step {}",
+                checkpoint_path.display(),
+                progress.step
+            );
+            log.append(&format!("{} {msg}", timestamp()))?;
+            sink.send(Event::Log(msg));
+        } else if resume {
+            sink.send(Event::Log("no checkpoint yet: starting from step 0".into()));
+        }
+        // Lines and probes past the checkpoint belong to work that is about to be redone.
+        run.truncate_after(progress.step)?;
+        run.write_probe_images(&probes)?;
+
+        let steps_per_epoch = plan.steps_per_epoch();
+        let epochs = config.train.epochs as u64;
+        let mut final_step = epochs * steps_per_epoch;
+        if config.train.max_steps > 0 {
+            final_step = final_step.min(config.train.max_steps as u64);
+        }
+        let info = RunInfo {
+            run_dir: run.path().to_path_buf(),
+            dataset: config.data.dataset.name().to_string(),
+            data_source: data.source.clone(),
+            class_names: data.class_names.clone(),
+            train_images: train_len,
+            test_images: data.test.len(),
+            steps_per_epoch,
+            epochs,
+            final_step,
+            start_step: progress.step,
+            start_wall_secs: progress.wall_secs,
+            parameters: state.parameter_count(),
+            device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        };
+        Ok(Self {
+            config: config.clone(),
+            run: run.clone(),
+            metrics: run.appender(METRICS_FILE)?,
+            log,
+            data: Arc::new(data),
+            norm,
+            plan,
+            probes,
+            state,
+            optimizer,
+            progress,
+            info,
+            last_checkpoint,
+        })
+    }
+
+    fn epoch_of(&self, completed_steps: u64) -> u64 {
+        // The epoch a step belongs to; step s (1-based) of epoch e satisfies (e-1)*spe < s <= e*spe.
+        completed_steps.saturating_sub(1) / self.info.steps_per_epoch + 1
+    }
+
+    fn message(&mut self, sink: &mut dyn Sink, msg: String) -> Result<(), TrainError> {
+        self.log.append(&format!("{} {msg}", timestamp()))?;
+        sink.send(Event::Log(msg));
+        Ok(())
+    }
+
+    fn save_checkpoint(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
+        let path = self.run.checkpoint_path();
+        checkpoint::save(&path, &self.state, &self.optimizer, &self.progress)?;
+        self.last_checkpoint = Some(self.progress.step);
+        sink.send(Event::Checkpoint {
+            step: self.progress.step,
+            path,
+        });
+        Ok(())
+    }
+
+    fn probe(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
+        let model = self.state.model.detached();
+        let step = self.progress.step;
+        let snapshot =
+            self.probes
+                .probe(&model, &self.config.probe, step, self.epoch_of(step.max(1)))?;
+        self.run.write_probe(&snapshot)?;
+        sink.send(Event::Probe(Arc::new(snapshot)));
+        Ok(())
+    }
+
+    fn evaluate(&mut self, sink: &mut dyn Sink) -> Result<EvalRecord, TrainError> {
+        sink.send(Event::Phase(Phase::Evaluating));
+        let start = Instant::now();
+        let model: VisionTransformer = self.state.model.detached();
+        let test = &self.data.test;
+        let mut confusion = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
+        let mut loss_sum = 0.0;
+        let all: Vec<usize> = (0..test.len()).collect();
+        for chunk in all.chunks(self.config.train.eval_batch_size) {
+            let images =
+                images_tensor(images_f32(test, chunk, &self.norm), chunk.len(), DType::F32)?;
+            let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
+            let logits = model.forward(&images)?;
+            let loss: f32 =
+                smoothed_cross_entropy(&logits, &labels, self.config.train.label_smoothing)?
+                    .to_scalar()?;
+            loss_sum += f64::from(loss) * chunk.len() as f64;
+            let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+            for (&p, &l) in predicted.iter().zip(&labels) {
+                confusion[l as usize][p as usize] += 1;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        self.progress.wall_secs += secs;
+        let correct: u64 = (0..NUM_CLASSES).map(|k| confusion[k][k]).sum();
+        let n = test.len() as f64;
+        let per_class_accuracy = confusion
+            .iter()
+            .enumerate()
+            .map(|(k, row)| {
+                let total: u64 = row.iter().sum();
+                if total == 0 {
+                    0.0
+                } else {
+                    row[k] as f64 / total as f64
+                }
+            })
+            .collect();
+        let step = self.progress.step;
+        let epoch = self.epoch_of(step.max(1));
+        let accuracy = correct as f64 / n;
+        if accuracy > self.progress.best_accuracy || self.progress.best_epoch == 0 {
+            self.progress.best_accuracy = accuracy;
+            self.progress.best_epoch = epoch;
+        }
+        let record = EvalRecord {
+            step,
+            epoch,
+            loss: loss_sum / n,
+            accuracy,
+            per_class_accuracy,
+            confusion,
+            images_per_sec: n / secs.max(1e-9),
+            wall_secs: self.progress.wall_secs,
+            best_accuracy: self.progress.best_accuracy,
+            best_epoch: self.progress.best_epoch,
+        };
+        self.metrics.append(
+            &serde_json::to_string(&MetricRecord::Eval(record.clone())).expect("record serialises"),
+        )?;
+        sink.send(Event::Eval(record.clone()));
+        Ok(record)
+    }
+
+    /// Waits out a pause; returns true if a stop was asked for.
+    fn handle_controls(
+        &mut self,
+        sink: &mut dyn Sink,
+        control: &Receiver<Control>,
+    ) -> Result<bool, TrainError> {
+        let mut paused = false;
+        loop {
+            let next = if paused {
+                control.recv().ok()
+            } else {
+                control.try_recv().ok()
+            };
+            match next {
+                None if paused => return Ok(true), // the controller went away
+                None => return Ok(false),
+                Some(Control::Pause) => {
+                    if !paused {
+                        paused = true;
+                        sink.send(Event::Phase(Phase::Paused));
+                        self.message(sink, format!("paused at step {}", self.progress.step))?;
+                    }
+                }
+                Some(Control::Resume) => {
+                    if paused {
+                        sink.send(Event::Phase(Phase::Training));
+                        self.message(sink, format!("resumed at step {}", self.progress.step))?;
+                    }
+                    return Ok(false);
+                }
+                Some(Control::SaveNow) => {
+                    self.save_checkpoint(sink)?;
+                    self.message(
+                        sink,
+                        format!("checkpoint saved at step {}", self.progress.step),
+                    )?;
+                }
+                Some(Control::Stop) => return Ok(true),
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        sink: &mut dyn Sink,
+        control: &Receiver<Control>,
+    ) -> Result<Outcome, TrainError> {
+        sink.send(Event::Started(self.info.clone()));
+        let (start, end) = (self.progress.step, self.info.final_step);
+        self.message(
+            sink,
+            format!(
+                "{} on {} ({} train / {} test images), {} parameters, steps {start}..{end}",
+                self.info.run_dir.display(),
+                self.info.data_source,
+                self.info.train_images,
+                self.info.test_images,
+                self.info.parameters
+            ),
+        )?;
+        sink.send(Event::Phase(Phase::Training));
+        if start == 0 {
+            self.probe(sink)?;
+        }
+        let batches = self
+            .plan
+            .prefetch(Arc::clone(&self.data), self.norm, start, end);
+        let cfg = self.config.train.clone();
+        let spe = self.info.steps_per_epoch;
+        let total_schedule = self.info.epochs * spe;
+        let mut last_eval = None;
+        let mut stopped = false;
+        while self.progress.step < end {
+            if self.handle_controls(sink, control)? {
+                stopped = true;
+                break;
+            }
+            let started = Instant::now();
+            let batch = batches
+                .recv()
+                .map_err(|_| TrainError::Invalid("the data thread stopped unexpectedly".into()))?;
+            let images = images_tensor(batch.pixels, batch.labels.len(), DType::F32)?;
+            let logits = self.state.model.forward(&images)?;
+            let loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            if !loss_value.is_finite() {
+                let kept = match self.last_checkpoint {
+                    Some(s) => format!(
+                        "the last good checkpoint (step {s}) is kept in {}",
+                        self.run.checkpoint_path().display()
+                    ),
+                    None => "no checkpoint had been written yet".to_string(),
+                };
+                return Err(TrainError::NonFinite {
+                    step: self.progress.step + 1,
+                    value: loss_value,
+                    kept,
+                });
+            }
+            let correct = correct_predictions(&logits, &batch.labels)?;
+            let grads = loss.backward()?;
+            let lr = learning_rate(&cfg, self.progress.step, total_schedule);
+            self.optimizer.step(&grads, lr)?;
+            drop(grads);
+            let secs = started.elapsed().as_secs_f64();
+            self.progress.step += 1;
+            self.progress.wall_secs += secs;
+            let step = self.progress.step;
+            let record = TrainRecord {
+                step,
+                epoch: self.epoch_of(step),
+                loss: loss_value,
+                accuracy: correct as f64 / batch.labels.len() as f64,
+                lr,
+                images_per_sec: batch.labels.len() as f64 / secs.max(1e-9),
+                step_ms: secs * 1e3,
+                wall_secs: self.progress.wall_secs,
+            };
+            self.metrics.append(
+                &serde_json::to_string(&MetricRecord::Train(record.clone()))
+                    .expect("record serialises"),
+            )?;
+            sink.send(Event::Train(record));
+
+            let epoch_end = step % spe == 0;
+            let probe_due = self.config.probe.every_steps > 0
+                && step % self.config.probe.every_steps as u64 == 0;
+            if epoch_end {
+                last_eval = Some(self.evaluate(sink)?);
+                self.probe(sink)?;
+                self.save_checkpoint(sink)?;
+                sink.send(Event::Phase(Phase::Training));
+            } else {
+                if probe_due {
+                    self.probe(sink)?;
+                }
+                if cfg.checkpoint_every_steps > 0 && step % cfg.checkpoint_every_steps as u64 == 0 {
+                    self.save_checkpoint(sink)?;
+                }
+            }
+        }
+        let step = self.progress.step;
+        let reason = if stopped {
+            "stopped on request".to_string()
+        } else if step >= self.info.epochs * spe {
+            format!("all {} epochs done", self.info.epochs)
+        } else {
+            format!("reached train.max_steps = {}", cfg.max_steps)
+        };
+        if !stopped && last_eval.as_ref().is_none_or(|e| e.step != step) && step > start {
+            // Ended inside an epoch (max_steps): evaluate where it stands.
+            last_eval = Some(self.evaluate(sink)?);
+            self.probe(sink)?;
+        }
+        if self.last_checkpoint != Some(step) {
+            self.save_checkpoint(sink)?;
+        }
+        self.message(sink, format!("finished at step {step}: {reason}"))?;
+        sink.send(Event::Phase(Phase::Finished));
+        Ok(Outcome {
+            step,
+            reason,
+            last_eval,
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! The binary as a user runs it: errors are one clear line, headless output is plain.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn vitscope(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(args)
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("vitscope-cli-test-cache"),
+        )
+        .output()
+        .expect("run vitscope")
+}
+
+fn tiny_args() -> Vec<String> {
+    common::tiny_sets()
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(text.lines().count(), 1, "expected one line, got: {text}");
+    text.trim_end().to_string()
+}
+
+#[test]
+fn config_errors_are_one_line_naming_the_key() {
+    let out = vitscope(&["train", "--set", "model.dept=4"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr_line(&out),
+        "error: --set model.dept=4: unknown key `model.dept`"
+    );
+
+    let out = vitscope(&["--set", "model.heads=5"]);
+    assert_eq!(
+        stderr_line(&out),
+        "error: `model.heads` = 5: model.dim = 96 is not divisible by it"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.toml");
+    std::fs::write(&file, "[train]\nbatch_size = \"big\"\n").unwrap();
+    let out = vitscope(&["train", "--config", file.to_str().unwrap()]);
+    assert_eq!(
+        stderr_line(&out),
+        format!(
+            "error: {}: `train.batch_size` expects an integer, got \"big\"",
+            file.display()
+        )
+    );
+    let out = vitscope(&["train", "--config", "/nonexistent/x.toml"]);
+    assert!(stderr_line(&out).starts_with("error: /nonexistent/x.toml: cannot read config file"));
+}
+
+#[test]
+fn missing_data_is_one_line_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let out = vitscope(&[
+        "train",
+        "--headless",
+        "--data-dir",
+        tmp.path().to_str().unwrap(),
+        "--set",
+        &format!("run.dir=\"{}\"", runs.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(
+        line.starts_with(&format!(
+            "error: {}: no CIFAR-10 binary files here",
+            tmp.path().display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn headless_training_writes_a_run_and_prints_plain_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec![
+        "train",
+        "--headless",
+        "--max-steps",
+        "12",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let tiny = tiny_args();
+    args.extend(tiny.iter().map(String::as_str));
+    let out = vitscope(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout {stdout}\nstderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains('\u{1b}'), "escape codes in {stdout}");
+    assert!(stdout.contains("step     12/12"), "{stdout}");
+    assert!(stdout.contains("eval  epoch 1 (step 12): loss"), "{stdout}");
+    assert!(
+        stdout.contains("finished at step 12 (reached train.max_steps = 12)"),
+        "{stdout}"
+    );
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "run.log",
+        "probes/images.safetensors",
+    ] {
+        assert!(run.join(file).exists(), "{file} missing");
+    }
+
+    // Resuming with --config is refused; resuming with more steps continues.
+    let out = vitscope(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--config",
+        "x.toml",
+    ]);
+    assert!(stderr_line(&out).contains("--config cannot be combined with --resume"));
+    let out = vitscope(&[
+        "train",
+        "--headless",
+        "--resume",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "15",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("resumed from"), "{stdout}");
+    assert!(stdout.contains("finished at step 15"), "{stdout}");
+}
+
+#[test]
+fn bench_reports_json_numbers() {
+    let mut args = vec!["bench", "--json", "--warmup", "1", "--steps", "2"];
+    let tiny = tiny_args();
+    args.extend(tiny.iter().map(String::as_str));
+    let out = vitscope(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "train_images_per_sec",
+        "eval_images_per_sec",
+        "matmul_gflops",
+        "train_gflops",
+    ] {
+        assert!(
+            report[key].as_f64().unwrap() > 0.0,
+            "{key}: {}",
+            report[key]
+        );
+    }
+    assert_eq!(report["batch_size"], 32);
+    assert_eq!(report["timed_steps"], 2);
+}

@@ -1,0 +1,33 @@
+//! Helpers shared by the integration tests: a tiny model on the synthetic data.
+
+#![allow(dead_code)]
+
+use vitscope::config::Config;
+
+/// A small, fast configuration on the synthetic data set.
+pub fn tiny_sets() -> Vec<String> {
+    [
+        "data.dataset=synthetic",
+        "data.synthetic_train_size=640",
+        "data.synthetic_test_size=200",
+        "model.patch_size=8",
+        "model.dim=32",
+        "model.depth=2",
+        "model.heads=2",
+        "model.mlp_dim=64",
+        "train.batch_size=32",
+        "train.warmup_steps=20",
+        "train.eval_batch_size=100",
+        "probe.every_steps=10",
+        "probe.images=2",
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect()
+}
+
+pub fn tiny_config(extra: &[&str]) -> Config {
+    let mut sets = tiny_sets();
+    sets.extend(extra.iter().map(|s| (*s).to_string()));
+    Config::from_sources(None, &sets).unwrap()
+}

@@ -1,0 +1,200 @@
+//! The engine end to end on the synthetic data: it learns, resumes exactly, stops on
+//! request, and stops cleanly on a non-finite loss.
+
+mod common;
+
+use std::sync::mpsc::channel;
+
+use common::tiny_config;
+use vitscope::events::{Control, Event, MetricRecord, Phase};
+use vitscope::run::RunDir;
+use vitscope::train::{spawn, train, TrainError};
+
+fn run_to_end(config: &vitscope::config::Config, run: &RunDir, resume: bool) -> Vec<Event> {
+    let mut events = Vec::new();
+    let (_tx, rx) = channel();
+    train(config, run, resume, &mut events, &rx).unwrap();
+    events
+}
+
+fn train_losses(run: &RunDir) -> Vec<(u64, f64)> {
+    run.read_metrics()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricRecord::Train(r) => Some((r.step, r.loss)),
+            MetricRecord::Eval(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn learns_the_synthetic_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&["train.epochs=15", "train.lr=2e-3"]);
+    let run = RunDir::create(tmp.path(), None, &config).unwrap();
+    let events = run_to_end(&config, &run, false);
+
+    let losses = train_losses(&run);
+    assert_eq!(losses.len(), 15 * 20);
+    let mean = |s: &[(u64, f64)]| s.iter().map(|x| x.1).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
+    assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
+
+    let evals: Vec<_> = run
+        .read_metrics()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricRecord::Eval(e) => Some(e),
+            MetricRecord::Train(_) => None,
+        })
+        .collect();
+    assert_eq!(evals.len(), 15);
+    let final_eval = evals.last().unwrap();
+    assert!(
+        final_eval.accuracy > 0.9,
+        "test accuracy {}",
+        final_eval.accuracy
+    );
+    assert!(final_eval.accuracy > evals[0].accuracy);
+    let counted: u64 = final_eval.confusion.iter().flatten().sum();
+    assert_eq!(counted, 200);
+
+    assert!(run.checkpoint_path().exists());
+    assert!(matches!(
+        events.last(),
+        Some(Event::Finished { step: 300, .. })
+    ));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Phase(Phase::Evaluating))));
+    // A probe before training and every 10 steps.
+    let probes = run.probe_files();
+    assert_eq!(probes.first().map(|p| p.0), Some(0));
+    assert_eq!(probes.len(), 31);
+    let snapshot = run.read_probe(300).unwrap();
+    assert_eq!(snapshot.meta.layer_norms.len(), 5);
+    assert_eq!(snapshot.meta.tokens, 17);
+}
+
+#[test]
+fn resuming_gives_the_same_losses_as_training_straight_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 20 steps per epoch: the split at step 30 falls inside the second epoch.
+    let straight_cfg = tiny_config(&["train.epochs=3", "train.max_steps=50"]);
+    let straight = RunDir::create(
+        tmp.path(),
+        Some(&tmp.path().join("straight")),
+        &straight_cfg,
+    )
+    .unwrap();
+    run_to_end(&straight_cfg, &straight, false);
+
+    let first_cfg = tiny_config(&["train.epochs=3", "train.max_steps=30"]);
+    let split = RunDir::create(tmp.path(), Some(&tmp.path().join("split")), &first_cfg).unwrap();
+    run_to_end(&first_cfg, &split, false);
+    assert_eq!(train_losses(&split).len(), 30);
+    let events = run_to_end(&straight_cfg, &split, true);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Started(info) if info.start_step == 30)));
+
+    let a = train_losses(&straight);
+    let b = train_losses(&split);
+    assert_eq!(a.len(), 50);
+    assert_eq!(a, b, "losses differ after the resume");
+    let ckpt_a = std::fs::read(straight.checkpoint_path()).unwrap();
+    let ckpt_b = std::fs::read(split.checkpoint_path()).unwrap();
+    let weights = |bytes: &[u8]| {
+        let t = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        let mut names: Vec<String> = t.names().into_iter().map(String::from).collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| t.tensor(&n).unwrap().data().to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(weights(&ckpt_a), weights(&ckpt_b), "final weights differ");
+}
+
+#[test]
+fn a_run_killed_after_its_checkpoint_resumes_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&[
+        "train.epochs=2",
+        "train.max_steps=25",
+        "train.checkpoint_every_steps=5",
+    ]);
+    let run = RunDir::create(tmp.path(), None, &config).unwrap();
+    run_to_end(&config, &run, false);
+    // Simulate a kill at step 37: lines and probes past the checkpoint (step 25) exist,
+    // plus a torn line.
+    let mut text = std::fs::read_to_string(run.file("metrics.jsonl")).unwrap();
+    for step in 26..=37 {
+        text.push_str(&format!("{{\"kind\":\"train\",\"step\":{step},\"epoch\":2,\"loss\":9.0,\"accuracy\":0.0,\"lr\":0.0,\"images_per_sec\":1.0,\"step_ms\":1.0,\"wall_secs\":1.0}}\n"));
+    }
+    text.push_str("{\"kind\":\"tr");
+    std::fs::write(run.file("metrics.jsonl"), text).unwrap();
+    let more = tiny_config(&["train.epochs=2", "train.max_steps=30"]);
+    run_to_end(&more, &run, true);
+    let steps: Vec<u64> = train_losses(&run).iter().map(|x| x.0).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    assert!(train_losses(&run).iter().all(|x| x.1 < 9.0));
+}
+
+#[test]
+fn stop_and_save_controls_are_obeyed_between_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&["train.epochs=1000"]);
+    let run = RunDir::create(tmp.path(), None, &config).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+    let (handle, control) = spawn(config, run.clone(), false, Box::new(tx));
+    control.send(Control::Pause).unwrap();
+    control.send(Control::SaveNow).unwrap();
+    control.send(Control::Resume).unwrap();
+    control.send(Control::Stop).unwrap();
+    let outcome = handle.join().unwrap().unwrap();
+    assert_eq!(outcome.reason, "stopped on request");
+    assert!(outcome.step < 1000 * 20);
+    let events: Vec<Event> = rx.try_iter().collect();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Phase(Phase::Paused))));
+    assert!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Checkpoint { .. }))
+            .count()
+            >= 2
+    );
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+    assert!(run.checkpoint_path().exists());
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&[
+        "train.lr=1e30",
+        "train.warmup_steps=1",
+        "train.checkpoint_every_steps=1",
+        "train.epochs=5",
+    ]);
+    let run = RunDir::create(tmp.path(), None, &config).unwrap();
+    let mut events = Vec::new();
+    let (_tx, rx) = channel();
+    let err = train(&config, &run, false, &mut events, &rx).unwrap_err();
+    let TrainError::NonFinite { step, .. } = &err else {
+        panic!("expected a non-finite loss, got {err}");
+    };
+    let text = err.to_string();
+    assert!(text.contains(&format!("at step {step}")), "{text}");
+    assert!(
+        text.contains(&format!("the last good checkpoint (step {})", step - 1)),
+        "{text}"
+    );
+    assert!(matches!(events.last(), Some(Event::Failed(_))));
+    assert!(run.checkpoint_path().exists());
+    assert!(std::fs::read_to_string(run.file("run.log"))
+        .unwrap()
+        .contains("error: the loss became"));
+}
