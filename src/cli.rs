@@ -11,6 +11,8 @@ use crate::config::Config;
 use crate::events::{Control, Event};
 use crate::headless::HeadlessPrinter;
 use crate::run::RunDir;
+use crate::ui::app::{App, Mode};
+use crate::ui::theme::{ColorMode, Theme};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +35,22 @@ pub enum Command {
     Train(TrainArgs),
     /// Measure training and evaluation speed of the configured model on this machine.
     Bench(BenchArgs),
+    /// Open the dashboard over a run directory: follows a run that is being written,
+    /// replays a finished or killed one. Never writes into it.
+    View(ViewArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ViewArgs {
+    /// The run directory (runs/<timestamp>).
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// No colours: charts stay readable through their markers.
+    #[arg(long)]
+    pub no_color: bool,
+    /// Override a display setting, e.g. --set ui.markers=block (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -55,9 +73,12 @@ pub struct TrainArgs {
     /// Which data set to train on (data.dataset).
     #[arg(long, value_parser = ["cifar10", "synthetic"])]
     pub dataset: Option<String>,
-    /// Print progress lines instead of opening the dashboard.
+    /// Print progress lines instead of opening the dashboard (also when stdout is not a terminal).
     #[arg(long)]
     pub headless: bool,
+    /// No colours in the dashboard: charts stay readable through their markers (also NO_COLOR).
+    #[arg(long)]
+    pub no_color: bool,
     /// Directory for this run (default: <run.dir>/<timestamp>).
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub run_dir: Option<PathBuf>,
@@ -116,6 +137,9 @@ impl TrainArgs {
         }
         if let Some(n) = self.seed {
             sets.push(format!("train.seed={n}"));
+        }
+        if self.no_color {
+            sets.push("ui.color=\"none\"".into());
         }
         sets.extend(self.config.set.iter().cloned());
         sets
@@ -186,6 +210,72 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())
 }
 
+fn theme_for(config: &Config) -> Theme {
+    let no_color = std::env::var("NO_COLOR").ok();
+    let colorterm = std::env::var("COLORTERM").ok();
+    let mode = ColorMode::detect(&config.ui.color, no_color.as_deref(), colorterm.as_deref());
+    Theme::new(mode, &config.ui.markers)
+}
+
+fn run_name(run: &RunDir) -> String {
+    run.path().file_name().map_or_else(
+        || run.path().display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Trains with the dashboard on screen; the trainer runs on its own thread.
+pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
+    let (config, run, resume) = args.prepare_run()?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
+    let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
+    let app = App::new(Mode::Live, theme_for(&config), run_name(&run), &config);
+    let shown = crate::ui::run(app, rx, Some(control.clone()), &config.ui);
+    // However the dashboard ended, the trainer stops cleanly (checkpoint) before we exit.
+    let _ = control.send(Control::Stop);
+    let outcome = handle
+        .join()
+        .map_err(|_| "the trainer thread panicked".to_string())?;
+    let (_, stats) = shown.map_err(|e| format!("terminal error: {e}"))?;
+    eprintln!("{}", stats.summary());
+    println!("run directory: {}", run.path().display());
+    outcome
+        .map(|_| ExitCode::SUCCESS)
+        .map_err(|e| e.to_string())
+}
+
+/// The dashboard over a run directory, or its progress lines when not on a terminal.
+pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
+    let run = RunDir::open(&args.run_dir).map_err(|e| e.to_string())?;
+    let mut sets = args.set.clone();
+    if args.no_color {
+        sets.push("ui.color=\"none\"".into());
+    }
+    let config =
+        Config::load(Some(&run.file(crate::run::CONFIG_FILE)), &sets).map_err(|e| e.to_string())?;
+    if !std::io::stdout().is_terminal() {
+        let mut follower = crate::follow::Follower::new(run);
+        let mut printer = HeadlessPrinter::new(std::io::stdout().lock(), Duration::ZERO, false);
+        for event in follower
+            .start()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .chain(follower.poll())
+        {
+            printer.handle(&event);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
+    let name = run_name(&run);
+    crate::follow::spawn(run, tx, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let app = App::new(Mode::View, theme_for(&config), name, &config);
+    let (_, stats) =
+        crate::ui::run(app, rx, None, &config.ui).map_err(|e| format!("terminal error: {e}"))?;
+    eprintln!("{}", stats.summary());
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
     let config =
         Config::load(args.config.config.as_deref(), &args.config.set).map_err(|e| e.to_string())?;
@@ -211,10 +301,18 @@ pub fn main() -> ExitCode {
     // Panics still restore the terminal and print a readable report.
     let _ = color_eyre::install();
     let cli = Cli::parse();
+    let train = |args: &TrainArgs| {
+        if args.headless || !std::io::stdout().is_terminal() {
+            train_headless(args)
+        } else {
+            train_dashboard(args)
+        }
+    };
     let result = match &cli.command {
         Some(Command::Bench(args)) => bench(args),
-        Some(Command::Train(args)) => train_headless(args),
-        None => train_headless(&cli.train),
+        Some(Command::View(args)) => view(args),
+        Some(Command::Train(args)) => train(args),
+        None => train(&cli.train),
     };
     match result {
         Ok(code) => code,

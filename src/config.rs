@@ -52,6 +52,7 @@ pub struct Config {
     pub train: TrainConfig,
     pub data: DataConfig,
     pub probe: ProbeConfig,
+    pub ui: UiConfig,
     pub run: RunConfig,
 }
 
@@ -156,6 +157,22 @@ pub struct ProbeConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+pub struct UiConfig {
+    pub color: String,
+    pub markers: String,
+    pub max_fps: f64,
+    pub data_refresh_secs: f64,
+    pub smoothing: f64,
+    pub recent_steps: usize,
+}
+
+impl UiConfig {
+    pub const COLORS: [&'static str; 4] = ["auto", "truecolor", "256", "none"];
+    pub const MARKERS: [&'static str; 3] = ["braille", "block", "dot"];
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub dir: String,
     pub print_every_secs: f64,
@@ -218,7 +235,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.model;
         check(
-            m.patch_size > 0 && IMAGE_SIZE % m.patch_size == 0,
+            m.patch_size > 0 && IMAGE_SIZE.is_multiple_of(m.patch_size),
             "model.patch_size",
             m.patch_size,
             "must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
@@ -227,7 +244,7 @@ impl Config {
         check(m.depth > 0, "model.depth", m.depth, "must be at least 1")?;
         check(m.heads > 0, "model.heads", m.heads, "must be at least 1")?;
         check(
-            m.dim % m.heads == 0,
+            m.dim.is_multiple_of(m.heads),
             "model.heads",
             m.heads,
             &format!("model.dim = {} is not divisible by it", m.dim),
@@ -310,6 +327,38 @@ impl Config {
             "must be at least 2",
         )?;
         positive("probe.histogram_range", p.histogram_range)?;
+        let u = &self.ui;
+        check(
+            UiConfig::COLORS.contains(&u.color.as_str()),
+            "ui.color",
+            format!("{:?}", u.color),
+            &format!("expected one of {}", UiConfig::COLORS.join(", ")),
+        )?;
+        check(
+            UiConfig::MARKERS.contains(&u.markers.as_str()),
+            "ui.markers",
+            format!("{:?}", u.markers),
+            &format!("expected one of {}", UiConfig::MARKERS.join(", ")),
+        )?;
+        check(
+            u.max_fps.is_finite() && u.max_fps > 0.0 && u.max_fps <= 60.0,
+            "ui.max_fps",
+            u.max_fps,
+            "must be in (0, 60]",
+        )?;
+        non_negative("ui.data_refresh_secs", u.data_refresh_secs)?;
+        check(
+            (0.0..1.0).contains(&u.smoothing),
+            "ui.smoothing",
+            u.smoothing,
+            "must be in [0, 1)",
+        )?;
+        check(
+            u.recent_steps >= 2,
+            "ui.recent_steps",
+            u.recent_steps,
+            "must be at least 2",
+        )?;
         positive("run.print_every_secs", self.run.print_every_secs)?;
         Ok(())
     }

@@ -95,7 +95,7 @@ impl<W: Write> HeadlessPrinter<W> {
 
     fn download(&mut self, done: u64, total: u64) {
         let mb = |b: u64| b as f64 / 1e6;
-        let pct = if total > 0 { done * 100 / total } else { 0 };
+        let pct = (done * 100).checked_div(total).unwrap_or(0);
         let text = format!(
             "downloading CIFAR-10: {pct:3}%  {:.1}/{:.1} MB",
             mb(done),
@@ -183,7 +183,7 @@ mod tests {
         TrainRecord {
             step,
             epoch: 1,
-            loss: 2.3026,
+            loss: 2.3125,
             accuracy: 0.125,
             lr: 5e-4,
             images_per_sec: 256.0,
@@ -224,7 +224,7 @@ mod tests {
         // 128 images per step at 256 img/s: 0.5 s per step, 19 steps left.
         assert_eq!(
             lines[1],
-            "step      1/20  epoch 1/2  loss 2.3026  acc  12.5%  lr 5.00e-4  256 img/s  ETA 10s"
+            "step      1/20  epoch 1/2  loss 2.3125  acc  12.5%  lr 5.00e-4  256 img/s  ETA 10s"
         );
         assert!(lines[2].starts_with("step     20/20"));
         assert!(!text.contains('\u{1b}'));

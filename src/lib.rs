@@ -3,8 +3,9 @@
 //! The flow: [`config`] resolves the settings; [`data`] loads the images as bytes and
 //! batches them; [`model`] is the ViT whose forward pass can capture its insides;
 //! [`train`] runs on its own thread and reports [`events::Event`]s to a sink and to the
-//! [`run`] directory; [`probe`] turns captured tensors into plain data; [`headless`]
-//! prints progress; [`bench`] measures speed; [`cli`] ties it together.
+//! [`run`] directory; [`probe`] turns captured tensors into plain data; [`ui`] is the
+//! dashboard that draws those events, [`follow`] replays a run directory as events,
+//! [`headless`] prints them as lines; [`bench`] measures speed; [`cli`] ties it together.
 
 pub mod bench;
 pub mod checkpoint;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod events;
+pub mod follow;
 pub mod headless;
 pub mod model;
 pub mod optim;
@@ -19,3 +21,4 @@ pub mod probe;
 pub mod run;
 pub mod sys;
 pub mod train;
+pub mod ui;

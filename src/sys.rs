@@ -41,6 +41,56 @@ mod tests {
             let rss = super::rss_bytes().unwrap();
             let peak = super::peak_rss_bytes().unwrap();
             assert!(rss > 1 << 20 && peak >= rss, "rss {rss} peak {peak}");
+            let start = super::cpu_seconds(true).unwrap();
+            let mut meter = super::CpuMeter::default();
+            assert_eq!(meter.sample(), None);
+            // Spin until the thread's CPU clock (10 ms ticks) moves.
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while super::cpu_seconds(true).unwrap() <= start {
+                for i in 0..1_000_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+                assert!(t.elapsed().as_secs() < 10, "the CPU clock did not move");
+            }
+            assert!(meter.sample().unwrap() > 0.0);
         }
+    }
+}
+
+/// CPU time (user + system) of this process, or of the calling thread, in seconds (Linux).
+pub fn cpu_seconds(thread_only: bool) -> Option<f64> {
+    let path = if thread_only {
+        "/proc/thread-self/stat"
+    } else {
+        "/proc/self/stat"
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
+/// CPU use of the process between calls, in percent of one core.
+#[derive(Debug, Default)]
+pub struct CpuMeter {
+    last: Option<(std::time::Instant, f64)>,
+}
+
+impl CpuMeter {
+    pub fn sample(&mut self) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let cpu = cpu_seconds(false)?;
+        let percent = self.last.and_then(|(t, c)| {
+            let wall = now.duration_since(t).as_secs_f64();
+            (wall > 0.0).then(|| 100.0 * (cpu - c) / wall)
+        });
+        self.last = Some((now, cpu));
+        percent
     }
 }

@@ -417,9 +417,9 @@ impl Trainer {
             )?;
             sink.send(Event::Train(record));
 
-            let epoch_end = step % spe == 0;
+            let epoch_end = step.is_multiple_of(spe);
             let probe_due = self.config.probe.every_steps > 0
-                && step % self.config.probe.every_steps as u64 == 0;
+                && step.is_multiple_of(self.config.probe.every_steps as u64);
             if epoch_end {
                 last_eval = Some(self.evaluate(sink)?);
                 self.probe(sink)?;
@@ -429,7 +429,9 @@ impl Trainer {
                 if probe_due {
                     self.probe(sink)?;
                 }
-                if cfg.checkpoint_every_steps > 0 && step % cfg.checkpoint_every_steps as u64 == 0 {
+                if cfg.checkpoint_every_steps > 0
+                    && step.is_multiple_of(cfg.checkpoint_every_steps as u64)
+                {
                     self.save_checkpoint(sink)?;
                 }
             }

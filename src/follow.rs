@@ -1,0 +1,220 @@
+//! Reads a run directory as events, for `vitscope view`: replays what is there and
+//! follows what a running `vitscope train` appends. Never writes into the directory.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{Config, DatasetKind};
+use crate::data::batch::BatchPlan;
+use crate::data::{synthetic, CIFAR10_CLASSES};
+use crate::events::{Event, MetricRecord, Phase, RunInfo};
+use crate::run::{RunDir, RunError, LOG_FILE, METRICS_FILE};
+
+/// How a run directory is read incrementally.
+pub struct Follower {
+    run: RunDir,
+    metrics_offset: u64,
+    log_offset: u64,
+    probes_sent: Vec<u64>,
+    ended: bool,
+}
+
+/// The run's shape, from its config (the data set's sizes are known per kind).
+pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
+    let (train_images, test_images, class_names, source) = match config.data.dataset {
+        DatasetKind::Cifar10 => (
+            50_000,
+            10_000,
+            CIFAR10_CLASSES.iter().map(|s| (*s).to_string()).collect(),
+            "CIFAR-10".to_string(),
+        ),
+        DatasetKind::Synthetic => (
+            config.data.synthetic_train_size,
+            config.data.synthetic_test_size,
+            synthetic::CLASS_NAMES
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect(),
+            format!("synthetic shapes, seed {}", config.train.seed),
+        ),
+    };
+    let plan = BatchPlan {
+        seed: config.train.seed,
+        batch_size: config.train.batch_size,
+        train_len: train_images,
+        augment: false,
+        crop_padding: 0,
+    };
+    let steps_per_epoch = plan.steps_per_epoch().max(1);
+    let epochs = config.train.epochs as u64;
+    let mut final_step = epochs * steps_per_epoch;
+    if config.train.max_steps > 0 {
+        final_step = final_step.min(config.train.max_steps as u64);
+    }
+    RunInfo {
+        run_dir: run.path().to_path_buf(),
+        dataset: config.data.dataset.name().to_string(),
+        data_source: source,
+        class_names,
+        train_images,
+        test_images,
+        steps_per_epoch,
+        epochs,
+        final_step,
+        start_step,
+        start_wall_secs: 0.0,
+        parameters: 0,
+        device: "recorded run".to_string(),
+    }
+}
+
+/// Reads complete lines appended to `path` since `offset`; advances `offset` past them.
+fn read_new_lines(path: &PathBuf, offset: &mut u64) -> Vec<String> {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len < *offset {
+        // Rewritten (a resume truncated it): read it again from the start.
+        *offset = 0;
+    }
+    if file.seek(SeekFrom::Start(*offset)).is_err() {
+        return Vec::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    // Only whole lines: a line being written now is read next time.
+    let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+        return Vec::new();
+    };
+    *offset += end as u64 + 1;
+    String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+impl Follower {
+    pub fn new(run: RunDir) -> Self {
+        Self {
+            run,
+            metrics_offset: 0,
+            log_offset: 0,
+            probes_sent: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The first events: the run's shape.
+    pub fn start(&mut self) -> Result<Vec<Event>, RunError> {
+        let config = self.run.read_config()?;
+        Ok(vec![
+            Event::Started(run_info(&self.run, &config, 0)),
+            Event::Phase(Phase::Training),
+        ])
+    }
+
+    /// Events for whatever was appended since the last poll.
+    pub fn poll(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        for line in read_new_lines(&self.run.file(METRICS_FILE), &mut self.metrics_offset) {
+            match serde_json::from_str::<MetricRecord>(&line) {
+                Ok(MetricRecord::Train(r)) => events.push(Event::Train(r)),
+                Ok(MetricRecord::Eval(e)) => events.push(Event::Eval(e)),
+                Err(_) => {}
+            }
+        }
+        for line in read_new_lines(&self.run.file(LOG_FILE), &mut self.log_offset) {
+            // Lines are "<timestamp> <message>".
+            let message = line
+                .split_once(' ')
+                .map_or(line.as_str(), |(_, m)| m)
+                .to_string();
+            if let Some(rest) = message.strip_prefix("finished at step ") {
+                let (step, reason) = rest.split_once(": ").unwrap_or((rest, ""));
+                events.push(Event::Finished {
+                    step: step.parse().unwrap_or(0),
+                    reason: reason.to_string(),
+                });
+                self.ended = true;
+            } else if let Some(error) = message.strip_prefix("error: ") {
+                events.push(Event::Failed(error.to_string()));
+                self.ended = true;
+            } else if message.starts_with("resumed from") {
+                self.ended = false;
+                events.push(Event::Phase(Phase::Training));
+            }
+            events.push(Event::Log(message));
+        }
+        for (step, _) in self.run.probe_files() {
+            if !self.probes_sent.contains(&step) {
+                if let Ok(snapshot) = self.run.read_probe(step) {
+                    events.push(Event::Probe(std::sync::Arc::new(snapshot)));
+                    self.probes_sent.push(step);
+                }
+            }
+        }
+        events
+    }
+}
+
+/// Follows `run` on a thread of its own, polling every `interval`, until the receiver
+/// goes away.
+pub fn spawn(
+    run: RunDir,
+    tx: tokio::sync::mpsc::Sender<Event>,
+    interval: Duration,
+) -> Result<(), RunError> {
+    let mut follower = Follower::new(run);
+    let first = follower.start()?;
+    std::thread::Builder::new()
+        .name("vitscope-follow".into())
+        .spawn(move || {
+            for event in first {
+                if tx.blocking_send(event).is_err() {
+                    return;
+                }
+            }
+            loop {
+                for event in follower.poll() {
+                    if tx.blocking_send(event).is_err() {
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                std::thread::sleep(interval);
+            }
+        })
+        .expect("spawn the follower thread");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_only_whole_new_lines_and_rereads_a_rewritten_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.jsonl");
+        let mut offset = 0;
+        std::fs::write(&path, "a\nb\nhalf").unwrap();
+        assert_eq!(read_new_lines(&path, &mut offset), vec!["a", "b"]);
+        assert!(read_new_lines(&path, &mut offset).is_empty());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b" line\nc\n").unwrap();
+        assert_eq!(read_new_lines(&path, &mut offset), vec!["half line", "c"]);
+        std::fs::write(&path, "x\n").unwrap();
+        assert_eq!(read_new_lines(&path, &mut offset), vec!["x"]);
+        assert!(read_new_lines(&tmp.path().join("missing"), &mut 0).is_empty());
+    }
+}

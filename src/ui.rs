@@ -1,0 +1,205 @@
+//! The dashboard: a ratatui app fed by the trainer's events (or a run directory's),
+//! key input and a one-second tick, redrawn only when something changed and at a
+//! capped rate, so that one left open in tmux over SSH costs little.
+
+pub mod app;
+pub mod chart;
+pub mod keys;
+pub mod theme;
+pub mod training;
+pub mod view;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossterm::event::{Event as TermEvent, KeyEventKind};
+use ratatui::DefaultTerminal;
+use tokio::sync::mpsc::{unbounded_channel, Receiver, UnboundedReceiver};
+
+use crate::config::UiConfig;
+use crate::events::{Control, Event};
+use crate::sys::CpuMeter;
+use app::App;
+
+/// What the dashboard measured about itself, for the user (printed on exit).
+#[derive(Debug, Default, Clone)]
+pub struct DashboardStats {
+    pub frames: usize,
+    pub render_ms: Vec<f64>,
+    pub ui_thread_cpu_secs: f64,
+    pub wall_secs: f64,
+}
+
+impl DashboardStats {
+    pub fn summary(&self) -> String {
+        let mut sorted = self.render_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        let worst = sorted.last().copied().unwrap_or(0.0);
+        format!(
+            "dashboard: {} frames, render median {median:.2} ms, worst {worst:.2} ms; UI thread CPU {:.2} s in {:.0} s ({:.2}%)",
+            self.frames,
+            self.ui_thread_cpu_secs,
+            self.wall_secs,
+            100.0 * self.ui_thread_cpu_secs / self.wall_secs.max(1e-9)
+        )
+    }
+}
+
+/// Reads terminal input on a thread of its own (crossterm's read blocks) until `stop`.
+fn spawn_input(stop: Arc<AtomicBool>) -> UnboundedReceiver<TermEvent> {
+    let (tx, rx) = unbounded_channel();
+    std::thread::Builder::new()
+        .name("vitscope-input".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match crossterm::event::poll(Duration::from_millis(100)) {
+                    Ok(true) => match crossterm::event::read() {
+                        Ok(ev) => {
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    },
+                    Ok(false) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .expect("spawn the input thread");
+    rx
+}
+
+/// Runs the dashboard until the user quits (and, while training, until the trainer has
+/// stopped). Restores the terminal on every way out; a panic is restored by ratatui's hook.
+pub fn run(
+    app: App,
+    engine: Receiver<Event>,
+    control: Option<std::sync::mpsc::Sender<Control>>,
+    ui: &UiConfig,
+) -> std::io::Result<(App, DashboardStats)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut terminal = ratatui::init();
+    let result = runtime.block_on(event_loop(&mut terminal, app, engine, control, ui));
+    ratatui::restore();
+    result
+}
+
+async fn event_loop(
+    terminal: &mut DefaultTerminal,
+    mut app: App,
+    mut engine: Receiver<Event>,
+    control: Option<std::sync::mpsc::Sender<Control>>,
+    ui: &UiConfig,
+) -> std::io::Result<(App, DashboardStats)> {
+    let started = Instant::now();
+    let cpu_start = crate::sys::cpu_seconds(true).unwrap_or(0.0);
+    let stop_input = Arc::new(AtomicBool::new(false));
+    let mut input = spawn_input(Arc::clone(&stop_input));
+    let frame_gap = Duration::from_secs_f64(1.0 / ui.max_fps);
+    let data_gap = Duration::from_secs_f64(ui.data_refresh_secs).max(frame_gap);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut cpu = CpuMeter::default();
+    let mut stats = DashboardStats::default();
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+
+    // Input and state changes redraw after `frame_gap`; data alone after `data_gap`.
+    let mut input_dirty = true;
+    let mut data_dirty = false;
+    let mut last_draw: Option<Instant> = None;
+    let mut engine_open = true;
+    let send = |c: Control| {
+        if let Some(tx) = &control {
+            let _ = tx.send(c);
+        }
+    };
+    loop {
+        let due = match (input_dirty, data_dirty, last_draw) {
+            (_, _, None) => Some(Instant::now()),
+            (true, _, Some(t)) => Some(t + frame_gap),
+            (false, true, Some(t)) => Some(t + data_gap),
+            (false, false, _) => None,
+        };
+        if let Some(due) = due.filter(|d| *d <= Instant::now()) {
+            let _ = due;
+            let t = Instant::now();
+            terminal.draw(|frame| frame.render_widget(&app, frame.area()))?;
+            stats.render_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            stats.frames += 1;
+            last_draw = Some(Instant::now());
+            input_dirty = false;
+            data_dirty = false;
+        }
+        if app.should_quit() {
+            break;
+        }
+        let sleep_until = due.map_or_else(
+            || Instant::now() + Duration::from_secs(3600),
+            |d| d.max(Instant::now()),
+        );
+        #[cfg(unix)]
+        let signal = async {
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = hangup.recv() => {},
+            }
+        };
+        #[cfg(not(unix))]
+        let signal = std::future::pending::<()>();
+        tokio::select! {
+            event = engine.recv(), if engine_open => match event {
+                Some(event) => {
+                    let changes_state = matches!(event, Event::Phase(_) | Event::Started(_) | Event::Failed(_) | Event::Finished { .. });
+                    if app.on_event(event) {
+                        if changes_state { input_dirty = true } else { data_dirty = true }
+                    }
+                }
+                None => {
+                    engine_open = false;
+                    app.engine_done = true;
+                    input_dirty = true;
+                }
+            },
+            Some(term) = input.recv() => match term {
+                TermEvent::Key(key) if key.kind != KeyEventKind::Release => {
+                    if let Some(c) = app.on_key(key) {
+                        send(c);
+                    }
+                    input_dirty = true;
+                }
+                TermEvent::Resize(_, _) => input_dirty = true,
+                _ => {}
+            },
+            _ = tick.tick() => {
+                let before = app.process;
+                app.process.cpu_percent = cpu.sample().map(|p| p.round());
+                app.process.rss_bytes = crate::sys::rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
+                if app.process != before && !app.engine_done {
+                    data_dirty = true;
+                }
+            },
+            () = signal => {
+                // A closed SSH session or a kill: stop training cleanly and leave.
+                app.quit_requested = true;
+                if !app.stopping && !app.engine_done {
+                    app.stopping = true;
+                    send(Control::Stop);
+                }
+                input_dirty = true;
+            },
+            () = tokio::time::sleep_until(sleep_until.into()) => {},
+        }
+    }
+    stop_input.store(true, Ordering::Relaxed);
+    stats.ui_thread_cpu_secs = crate::sys::cpu_seconds(true).unwrap_or(0.0) - cpu_start;
+    stats.wall_secs = started.elapsed().as_secs_f64();
+    Ok((app, stats))
+}

@@ -1,0 +1,369 @@
+//! The dashboard's state and how events change it. Drawing lives in `view.rs` and
+//! only reads this state.
+
+use std::collections::VecDeque;
+
+use crossterm::event::KeyEvent;
+
+use super::keys::{action_for, Action, Scope};
+use super::theme::Theme;
+use crate::config::Config;
+use crate::data::LoadProgress;
+use crate::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+
+/// The tabs that exist. New tabs add a variant here and a view; the shell stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Training,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 1] = [Tab::Training];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Training => "Training",
+        }
+    }
+
+    fn scope(self) -> Scope {
+        match self {
+            Self::Training => Scope::Training,
+        }
+    }
+}
+
+/// Whether the dashboard drives training in this process or watches a run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    View,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Popup {
+    Help,
+    Log,
+    ConfirmQuit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XAxis {
+    Step,
+    Time,
+}
+
+/// The Training tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingView {
+    pub smoothing: f64,
+    pub log_y: bool,
+    pub x_axis: XAxis,
+    /// Show only the last `recent_steps` steps.
+    pub zoomed: bool,
+    pub recent_steps: usize,
+}
+
+/// Process CPU and memory, refreshed by the event loop once a second.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProcessStats {
+    pub cpu_percent: Option<f64>,
+    pub rss_bytes: Option<u64>,
+}
+
+pub const LOG_LINES: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub mode: Mode,
+    pub theme: Theme,
+    pub run_name: String,
+    pub dataset: String,
+    pub tab: Tab,
+    pub phase: Phase,
+    pub popup: Option<Popup>,
+    pub loading: Option<LoadProgress>,
+    pub info: Option<RunInfo>,
+    pub train: Vec<TrainRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub probes_seen: usize,
+    pub last_checkpoint: Option<u64>,
+    pub log: VecDeque<String>,
+    pub failure: Option<String>,
+    pub finished: Option<String>,
+    pub training: TrainingView,
+    pub process: ProcessStats,
+    /// A stop was sent; the app quits when the trainer has finished.
+    pub stopping: bool,
+    pub quit_requested: bool,
+    /// The trainer (or follower) has ended: no more events will come.
+    pub engine_done: bool,
+}
+
+impl App {
+    pub fn new(mode: Mode, theme: Theme, run_name: String, config: &Config) -> Self {
+        Self {
+            mode,
+            theme,
+            run_name,
+            dataset: config.data.dataset.name().to_string(),
+            tab: Tab::Training,
+            phase: Phase::Loading,
+            popup: None,
+            loading: None,
+            info: None,
+            train: Vec::new(),
+            evals: Vec::new(),
+            probes_seen: 0,
+            last_checkpoint: None,
+            log: VecDeque::new(),
+            failure: None,
+            finished: None,
+            training: TrainingView {
+                smoothing: config.ui.smoothing,
+                log_y: false,
+                x_axis: XAxis::Step,
+                zoomed: false,
+                recent_steps: config.ui.recent_steps,
+            },
+            process: ProcessStats::default(),
+            stopping: false,
+            quit_requested: false,
+            engine_done: false,
+        }
+    }
+
+    /// True when the event loop should end.
+    pub fn should_quit(&self) -> bool {
+        self.quit_requested && (self.engine_done || self.mode == Mode::View || !self.stopping)
+    }
+
+    fn push_log(&mut self, line: String) {
+        if self.log.len() == LOG_LINES {
+            self.log.pop_front();
+        }
+        self.log.push_back(line);
+    }
+
+    /// Applies an engine event. Returns whether anything visible changed.
+    pub fn on_event(&mut self, event: Event) -> bool {
+        match event {
+            Event::Phase(phase) => self.phase = phase,
+            Event::Loading(progress) => {
+                if let LoadProgress::Message(m) = &progress {
+                    self.push_log(m.clone());
+                }
+                self.loading = Some(progress);
+            }
+            Event::Started(info) => {
+                self.info = Some(info);
+                self.loading = None;
+            }
+            Event::Train(record) => {
+                // A follower may replay a run: keep the history ordered by step.
+                if self.train.last().is_some_and(|r| r.step >= record.step) {
+                    self.train.retain(|r| r.step < record.step);
+                }
+                self.train.push(record);
+            }
+            Event::Eval(record) => {
+                self.evals.retain(|e| e.step != record.step);
+                self.evals.push(record);
+            }
+            Event::Probe(_) => {
+                self.probes_seen += 1;
+                return false;
+            }
+            Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
+            Event::Log(line) => self.push_log(line),
+            Event::Finished { step, reason } => {
+                self.finished = Some(format!("finished at step {step}: {reason}"));
+                self.phase = Phase::Finished;
+            }
+            Event::Failed(message) => {
+                self.push_log(format!("error: {message}"));
+                self.failure = Some(message);
+                self.phase = Phase::Failed;
+            }
+        }
+        true
+    }
+
+    /// Scopes active now, most specific first.
+    pub fn scopes(&self) -> Vec<Scope> {
+        let mut scopes = Vec::new();
+        if self.popup.is_some() {
+            scopes.push(Scope::Popup);
+        }
+        scopes.push(Scope::Global);
+        if self.mode == Mode::Live && !self.engine_done {
+            scopes.push(Scope::Live);
+        }
+        scopes.push(self.tab.scope());
+        scopes
+    }
+
+    /// Applies a key. Returns a control message for the trainer, if any.
+    pub fn on_key(&mut self, key: KeyEvent) -> Option<Control> {
+        let action = action_for(key, &self.scopes())?;
+        let training_runs = self.mode == Mode::Live && !self.engine_done;
+        match action {
+            Action::Interrupt => {
+                self.quit_requested = true;
+                if training_runs && !self.stopping {
+                    self.stopping = true;
+                    return Some(Control::Stop);
+                }
+            }
+            Action::Quit => {
+                if training_runs {
+                    self.popup = Some(Popup::ConfirmQuit);
+                } else {
+                    self.quit_requested = true;
+                }
+            }
+            Action::Confirm => {
+                if self.popup == Some(Popup::ConfirmQuit) {
+                    self.popup = None;
+                    self.quit_requested = true;
+                    if training_runs && !self.stopping {
+                        self.stopping = true;
+                        return Some(Control::Stop);
+                    }
+                } else {
+                    self.popup = None;
+                }
+            }
+            Action::Close => self.popup = None,
+            Action::Help => self.popup = Some(Popup::Help),
+            Action::ShowLog => self.popup = Some(Popup::Log),
+            Action::NextTab | Action::PrevTab | Action::GoToTab(_) => {
+                let n = Tab::ALL.len();
+                let i = Tab::ALL.iter().position(|t| *t == self.tab).unwrap_or(0);
+                let next = match action {
+                    Action::NextTab => (i + 1) % n,
+                    Action::PrevTab => (i + n - 1) % n,
+                    Action::GoToTab(k) if k < n => k,
+                    _ => i,
+                };
+                self.tab = Tab::ALL[next];
+            }
+            Action::TogglePause => {
+                return match self.phase {
+                    Phase::Paused => Some(Control::Resume),
+                    Phase::Training | Phase::Evaluating => Some(Control::Pause),
+                    _ => None,
+                };
+            }
+            Action::SaveNow => return Some(Control::SaveNow),
+            Action::ToggleLogScale => self.training.log_y = !self.training.log_y,
+            Action::ToggleXAxis => {
+                self.training.x_axis = match self.training.x_axis {
+                    XAxis::Step => XAxis::Time,
+                    XAxis::Time => XAxis::Step,
+                }
+            }
+            Action::ToggleZoom => self.training.zoomed = !self.training.zoomed,
+            Action::Left => {
+                self.training.zoomed = true;
+                self.training.recent_steps = (self.training.recent_steps / 2).max(10);
+            }
+            Action::Right => {
+                self.training.zoomed = true;
+                self.training.recent_steps = (self.training.recent_steps * 2).min(1 << 24);
+            }
+            Action::Up | Action::SmoothMore => {
+                self.training.smoothing = (self.training.smoothing + 0.05).min(0.99);
+            }
+            Action::Down | Action::SmoothLess => {
+                self.training.smoothing = (self.training.smoothing - 0.05).max(0.0);
+            }
+        }
+        None
+    }
+
+    /// Best evaluation so far.
+    pub fn best_eval(&self) -> Option<&EvalRecord> {
+        self.evals
+            .iter()
+            .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::theme::ColorMode;
+    use crossterm::event::{KeyCode, KeyModifiers};
+
+    fn app(mode: Mode) -> App {
+        App::new(
+            mode,
+            Theme::new(ColorMode::NoColor, "braille"),
+            "run".into(),
+            &Config::default(),
+        )
+    }
+
+    fn key(c: KeyCode) -> KeyEvent {
+        KeyEvent::new(c, KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn quitting_while_training_asks_then_stops_and_waits_for_the_trainer() {
+        let mut a = app(Mode::Live);
+        a.on_event(Event::Phase(Phase::Training));
+        assert_eq!(a.on_key(key(KeyCode::Char('q'))), None);
+        assert_eq!(a.popup, Some(Popup::ConfirmQuit));
+        assert_eq!(a.on_key(key(KeyCode::Esc)), None);
+        assert!(!a.should_quit());
+        a.on_key(key(KeyCode::Char('q')));
+        assert_eq!(a.on_key(key(KeyCode::Char('y'))), Some(Control::Stop));
+        assert!(a.stopping && !a.should_quit());
+        a.on_event(Event::Finished {
+            step: 5,
+            reason: "stopped on request".into(),
+        });
+        a.engine_done = true;
+        assert!(a.should_quit());
+    }
+
+    #[test]
+    fn ctrl_c_stops_without_asking_and_view_mode_quits_at_once() {
+        let mut a = app(Mode::Live);
+        let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        assert_eq!(a.on_key(ctrl_c), Some(Control::Stop));
+        assert_eq!(a.on_key(ctrl_c), None);
+        let mut v = app(Mode::View);
+        assert_eq!(v.on_key(key(KeyCode::Char(' '))), None);
+        v.on_key(key(KeyCode::Char('q')));
+        assert!(v.should_quit());
+    }
+
+    #[test]
+    fn space_pauses_and_resumes_by_phase() {
+        let mut a = app(Mode::Live);
+        a.on_event(Event::Phase(Phase::Training));
+        assert_eq!(a.on_key(key(KeyCode::Char(' '))), Some(Control::Pause));
+        a.on_event(Event::Phase(Phase::Paused));
+        assert_eq!(a.on_key(key(KeyCode::Char(' '))), Some(Control::Resume));
+        assert_eq!(a.on_key(key(KeyCode::Char('s'))), Some(Control::SaveNow));
+    }
+
+    #[test]
+    fn view_settings_change_with_their_keys() {
+        let mut a = app(Mode::Live);
+        a.on_key(key(KeyCode::Char('y')));
+        a.on_key(key(KeyCode::Char('x')));
+        a.on_key(key(KeyCode::Char('z')));
+        assert!(a.training.log_y && a.training.zoomed);
+        assert_eq!(a.training.x_axis, XAxis::Time);
+        a.on_key(key(KeyCode::Char('h')));
+        assert_eq!(a.training.recent_steps, 100);
+        let before = a.training.smoothing;
+        a.on_key(key(KeyCode::Up));
+        assert!(a.training.smoothing > before);
+        a.on_key(key(KeyCode::Tab));
+        assert_eq!(a.tab, Tab::Training);
+    }
+}

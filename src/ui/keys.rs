@@ -1,0 +1,339 @@
+//! The one key table: it drives key handling, the footer and the help popup.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    NextTab,
+    PrevTab,
+    GoToTab(usize),
+    TogglePause,
+    SaveNow,
+    Help,
+    ShowLog,
+    Quit,
+    Interrupt,
+    Close,
+    Confirm,
+    ToggleLogScale,
+    ToggleXAxis,
+    ToggleZoom,
+    Left,
+    Right,
+    Up,
+    Down,
+    SmoothMore,
+    SmoothLess,
+}
+
+/// Where a binding applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everywhere (unless a popup takes the key).
+    Global,
+    /// Only while training runs in this process (not in `vitscope view`).
+    Live,
+    /// The Training tab.
+    Training,
+    /// Inside a popup.
+    Popup,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    pub keys: &'static [KeyCode],
+    pub ctrl: bool,
+    /// How the keys are written in the footer and help.
+    pub label: &'static str,
+    pub action: Action,
+    pub scope: Scope,
+    pub description: &'static str,
+    /// The footer's word for it; empty = not in the footer (the help lists everything).
+    pub hint: &'static str,
+}
+
+const fn bind(
+    keys: &'static [KeyCode],
+    label: &'static str,
+    action: Action,
+    scope: Scope,
+    description: &'static str,
+    hint: &'static str,
+) -> Binding {
+    Binding {
+        keys,
+        ctrl: false,
+        label,
+        action,
+        scope,
+        description,
+        hint,
+    }
+}
+
+pub const KEYS: &[Binding] = &[
+    bind(
+        &[KeyCode::Tab],
+        "Tab",
+        Action::NextTab,
+        Scope::Global,
+        "next tab",
+        "",
+    ),
+    bind(
+        &[KeyCode::BackTab],
+        "S-Tab",
+        Action::PrevTab,
+        Scope::Global,
+        "previous tab",
+        "",
+    ),
+    bind(
+        &[
+            KeyCode::Char('1'),
+            KeyCode::Char('2'),
+            KeyCode::Char('3'),
+            KeyCode::Char('4'),
+            KeyCode::Char('5'),
+            KeyCode::Char('6'),
+            KeyCode::Char('7'),
+            KeyCode::Char('8'),
+            KeyCode::Char('9'),
+        ],
+        "1-9",
+        Action::GoToTab(0),
+        Scope::Global,
+        "go to tab",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char(' ')],
+        "space",
+        Action::TogglePause,
+        Scope::Live,
+        "pause / resume training",
+        "pause",
+    ),
+    bind(
+        &[KeyCode::Char('s')],
+        "s",
+        Action::SaveNow,
+        Scope::Live,
+        "save a checkpoint now",
+        "save",
+    ),
+    bind(
+        &[KeyCode::Char('y')],
+        "y",
+        Action::ToggleLogScale,
+        Scope::Training,
+        "log / linear y axis",
+        "log-y",
+    ),
+    bind(
+        &[KeyCode::Char('x')],
+        "x",
+        Action::ToggleXAxis,
+        Scope::Training,
+        "x axis: step / training time",
+        "x-axis",
+    ),
+    bind(
+        &[KeyCode::Char('z')],
+        "z",
+        Action::ToggleZoom,
+        Scope::Training,
+        "zoom: recent window / whole run",
+        "zoom",
+    ),
+    bind(
+        &[KeyCode::Left, KeyCode::Char('h')],
+        "←/h",
+        Action::Left,
+        Scope::Training,
+        "shorter recent window",
+        "",
+    ),
+    bind(
+        &[KeyCode::Right, KeyCode::Char('l')],
+        "→/l",
+        Action::Right,
+        Scope::Training,
+        "longer recent window",
+        "",
+    ),
+    bind(
+        &[KeyCode::Up, KeyCode::Char('k')],
+        "↑/k",
+        Action::Up,
+        Scope::Training,
+        "more smoothing",
+        "",
+    ),
+    bind(
+        &[KeyCode::Down, KeyCode::Char('j')],
+        "↓/j",
+        Action::Down,
+        Scope::Training,
+        "less smoothing",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char(']')],
+        "]",
+        Action::SmoothMore,
+        Scope::Training,
+        "more smoothing",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char('[')],
+        "[",
+        Action::SmoothLess,
+        Scope::Training,
+        "less smoothing",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char('L')],
+        "L",
+        Action::ShowLog,
+        Scope::Global,
+        "log messages",
+        "log",
+    ),
+    bind(
+        &[KeyCode::Char('?')],
+        "?",
+        Action::Help,
+        Scope::Global,
+        "help",
+        "help",
+    ),
+    bind(
+        &[KeyCode::Char('q')],
+        "q",
+        Action::Quit,
+        Scope::Global,
+        "quit (asks first while training)",
+        "quit",
+    ),
+    Binding {
+        keys: &[KeyCode::Char('c')],
+        ctrl: true,
+        label: "C-c",
+        action: Action::Interrupt,
+        scope: Scope::Global,
+        description: "stop training (checkpoint) and quit, without asking",
+        hint: "",
+    },
+    bind(
+        &[KeyCode::Esc],
+        "Esc",
+        Action::Close,
+        Scope::Popup,
+        "close the popup / answer no",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char('y'), KeyCode::Enter],
+        "y/Enter",
+        Action::Confirm,
+        Scope::Popup,
+        "answer yes",
+        "",
+    ),
+];
+
+/// The action for a key, given which scopes are active (popup scope first).
+pub fn action_for(key: KeyEvent, scopes: &[Scope]) -> Option<Action> {
+    let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+    for scope in scopes {
+        for b in KEYS.iter().filter(|b| b.scope == *scope && b.ctrl == ctrl) {
+            if let Some(i) = b.keys.iter().position(|k| *k == key.code) {
+                return Some(match b.action {
+                    Action::GoToTab(_) => Action::GoToTab(i),
+                    other => other,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// (label, description) pairs for the footer, in table order.
+pub fn footer(scopes: &[Scope]) -> Vec<(&'static str, &'static str)> {
+    KEYS.iter()
+        .filter(|b| !b.hint.is_empty() && scopes.contains(&b.scope))
+        .map(|b| (b.label, b.hint))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn keys_map_to_actions_by_scope() {
+        let live = [Scope::Global, Scope::Live, Scope::Training];
+        assert_eq!(
+            action_for(key(KeyCode::Char(' ')), &live),
+            Some(Action::TogglePause)
+        );
+        assert_eq!(
+            action_for(key(KeyCode::Char(' ')), &[Scope::Global, Scope::Training]),
+            None
+        );
+        assert_eq!(
+            action_for(key(KeyCode::Char('3')), &live),
+            Some(Action::GoToTab(2))
+        );
+        assert_eq!(
+            action_for(key(KeyCode::Char('h')), &live),
+            Some(Action::Left)
+        );
+        assert_eq!(
+            action_for(key(KeyCode::Char('y')), &live),
+            Some(Action::ToggleLogScale)
+        );
+        // In a popup, y answers yes before it toggles anything.
+        assert_eq!(
+            action_for(key(KeyCode::Char('y')), &[Scope::Popup, Scope::Global]),
+            Some(Action::Confirm)
+        );
+        let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        assert_eq!(
+            action_for(ctrl_c, &[Scope::Popup, Scope::Global]),
+            Some(Action::Interrupt)
+        );
+        assert_eq!(action_for(key(KeyCode::Char('c')), &live), None);
+    }
+
+    #[test]
+    fn no_key_is_bound_twice_in_one_scope() {
+        for (i, a) in KEYS.iter().enumerate() {
+            for b in &KEYS[i + 1..] {
+                if a.scope == b.scope && a.ctrl == b.ctrl {
+                    assert!(
+                        a.keys.iter().all(|k| !b.keys.contains(k)),
+                        "{} and {} share a key",
+                        a.label,
+                        b.label
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn footer_follows_the_table() {
+        let f = footer(&[Scope::Global, Scope::Live, Scope::Training]);
+        assert_eq!(f.first(), Some(&("space", "pause")));
+        assert!(f.contains(&("q", "quit")));
+        assert!(!footer(&[Scope::Global]).iter().any(|(k, _)| *k == "space"));
+    }
+}

@@ -1,0 +1,218 @@
+//! The whole dashboard on ratatui's TestBackend: snapshots of each state at 80x24 and
+//! 200x60, the too-small screen, and a session driven by engine and key events.
+
+mod common;
+
+use std::path::PathBuf;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+use vitscope::config::Config;
+use vitscope::data::LoadProgress;
+use vitscope::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+use vitscope::ui::app::{App, Mode, ProcessStats};
+use vitscope::ui::theme::{ColorMode, Theme};
+
+fn screen(app: &App, w: u16, h: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
+    let buf = terminal.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        for x in 0..buf.area.width {
+            out.push_str(buf[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn info() -> RunInfo {
+    RunInfo {
+        run_dir: PathBuf::from("runs/2026-11-28T12-00-00"),
+        dataset: "cifar10".into(),
+        data_source: "target/cifar-10-batches-bin".into(),
+        class_names: vec![],
+        train_images: 50_000,
+        test_images: 10_000,
+        steps_per_epoch: 390,
+        epochs: 10,
+        final_step: 3900,
+        start_step: 0,
+        start_wall_secs: 0.0,
+        parameters: 460_906,
+        device: "cpu (2 threads)".into(),
+    }
+}
+
+/// A deterministic loss curve: falling, with noise.
+fn train_record(step: u64) -> TrainRecord {
+    let s = step as f64;
+    let noise = ((s * 12.9898).sin() * 43758.5453).fract() * 0.2;
+    TrainRecord {
+        step,
+        epoch: (step - 1) / 390 + 1,
+        loss: 2.3 * (-s / 600.0).exp() + 0.8 + noise,
+        accuracy: (0.1 + 0.6 * (1.0 - (-s / 500.0).exp()) + noise / 2.0).min(1.0),
+        lr: 1e-3 * (s / 200.0).min(1.0),
+        images_per_sec: 120.0 + noise * 10.0,
+        step_ms: 1000.0,
+        wall_secs: s,
+    }
+}
+
+fn eval_record(epoch: u64) -> EvalRecord {
+    let acc = 0.35 + 0.05 * epoch as f64;
+    EvalRecord {
+        step: epoch * 390,
+        epoch,
+        loss: 1.9 - 0.1 * epoch as f64,
+        accuracy: acc,
+        per_class_accuracy: vec![acc; 10],
+        confusion: vec![vec![100; 10]; 10],
+        images_per_sec: 760.0,
+        wall_secs: epoch as f64 * 390.0,
+        best_accuracy: acc,
+        best_epoch: epoch,
+    }
+}
+
+fn app(mode: ColorMode) -> App {
+    App::new(
+        Mode::Live,
+        Theme::new(mode, "braille"),
+        "2026-11-28T12-00-00".into(),
+        &Config::default(),
+    )
+}
+
+fn training_app(steps: u64, mode: ColorMode) -> App {
+    let mut a = app(mode);
+    a.on_event(Event::Started(info()));
+    a.on_event(Event::Phase(Phase::Training));
+    for step in 1..=steps {
+        a.on_event(Event::Train(train_record(step)));
+        if step % 390 == 0 {
+            a.on_event(Event::Eval(eval_record(step / 390)));
+        }
+    }
+    a.process = ProcessStats {
+        cpu_percent: Some(198.0),
+        rss_bytes: Some(612_000_000),
+    };
+    a
+}
+
+fn key(c: KeyCode) -> KeyEvent {
+    KeyEvent::new(c, KeyModifiers::NONE)
+}
+
+#[test]
+fn snapshots_of_each_state_at_both_sizes() {
+    let mut loading = app(ColorMode::Ansi256);
+    loading.on_event(Event::Loading(LoadProgress::Downloading {
+        done: 85_000_000,
+        total: 170_052_171,
+    }));
+    let training = training_app(900, ColorMode::Ansi256);
+    let mut paused = training_app(900, ColorMode::Ansi256);
+    paused.on_event(Event::Phase(Phase::Paused));
+    let mut evaluating = training_app(780, ColorMode::Ansi256);
+    evaluating.on_event(Event::Phase(Phase::Evaluating));
+    let mut finished = training_app(3900, ColorMode::Ansi256);
+    finished.on_event(Event::Finished {
+        step: 3900,
+        reason: "all 10 epochs done".into(),
+    });
+    finished.engine_done = true;
+    let mut failed = training_app(120, ColorMode::Ansi256);
+    failed.on_event(Event::Failed("the loss became NaN at step 121: training stopped; the last good checkpoint (step 100) is kept in runs/x/checkpoint.safetensors".into()));
+    let no_colour = training_app(900, ColorMode::NoColor);
+    for (name, state) in [
+        ("loading", &loading),
+        ("training", &training),
+        ("paused", &paused),
+        ("evaluating", &evaluating),
+        ("finished", &finished),
+        ("failed", &failed),
+        ("no_colour", &no_colour),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+}
+
+#[test]
+fn too_small_and_zero_sizes_never_panic() {
+    let a = training_app(50, ColorMode::Ansi256);
+    insta::assert_snapshot!("too_small_40x10", screen(&a, 40, 10));
+    for (w, h) in [(0, 0), (1, 1), (59, 30), (200, 17), (60, 18), (300, 100)] {
+        let s = screen(&a, w, h);
+        assert_eq!(s.lines().count(), h as usize);
+        if w >= 60 && h >= 18 {
+            assert!(!s.contains("terminal too small"), "{w}x{h}");
+        }
+    }
+    let empty = app(ColorMode::NoColor);
+    let mut started = app(ColorMode::NoColor);
+    started.on_event(Event::Started(info()));
+    for s in [&empty, &started] {
+        for (w, h) in [(60, 18), (80, 24), (200, 60)] {
+            screen(s, w, h);
+        }
+    }
+    assert!(screen(&started, 80, 24).contains("waiting for the first step"));
+}
+
+#[test]
+fn a_session_driven_by_engine_and_key_events() {
+    let mut a = app(ColorMode::Ansi256);
+    assert!(screen(&a, 80, 24).contains("Loading cifar10"));
+    a.on_event(Event::Loading(LoadProgress::Reading {
+        file: "data_batch_3.bin".into(),
+    }));
+    assert!(screen(&a, 80, 24).contains("reading data_batch_3.bin"));
+    a.on_event(Event::Started(info()));
+    a.on_event(Event::Phase(Phase::Training));
+    for step in 1..=400 {
+        a.on_event(Event::Train(train_record(step)));
+    }
+    a.on_event(Event::Eval(eval_record(1)));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("step 400/3900"), "{s}");
+    assert!(s.contains("epoch 2/10"));
+    assert!(s.contains("40.00% e1"), "test accuracy shown: {s}");
+    assert!(s.contains("ETA"));
+
+    assert_eq!(a.on_key(key(KeyCode::Char(' '))), Some(Control::Pause));
+    a.on_event(Event::Phase(Phase::Paused));
+    assert!(screen(&a, 80, 24).contains("paused"));
+    assert_eq!(a.on_key(key(KeyCode::Char(' '))), Some(Control::Resume));
+    a.on_event(Event::Phase(Phase::Training));
+
+    a.on_key(key(KeyCode::Char('?')));
+    assert!(screen(&a, 80, 24).contains("pause / resume training"));
+    a.on_key(key(KeyCode::Esc));
+    a.on_event(Event::Log("checkpoint saved at step 400".into()));
+    a.on_key(key(KeyCode::Char('L')));
+    assert!(screen(&a, 80, 24).contains("checkpoint saved at step 400"));
+    a.on_key(key(KeyCode::Esc));
+
+    a.on_key(key(KeyCode::Char('y')));
+    assert!(screen(&a, 200, 60).contains("Loss (log y)"));
+    a.on_key(key(KeyCode::Char('x')));
+    assert!(screen(&a, 200, 60).contains("training time (min)"));
+
+    a.on_key(key(KeyCode::Char('q')));
+    assert!(screen(&a, 80, 24).contains("Stop training and quit?"));
+    assert_eq!(a.on_key(key(KeyCode::Enter)), Some(Control::Stop));
+    assert!(screen(&a, 80, 24).contains("stopping"));
+    a.on_event(Event::Finished {
+        step: 400,
+        reason: "stopped on request".into(),
+    });
+    a.engine_done = true;
+    assert!(a.should_quit());
+}
