@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
-use crate::model::{forward_flops_per_image, images_tensor, smoothed_cross_entropy, ModelState};
+use crate::model::{forward_backward, forward_flops_per_image, ModelState};
 use crate::optim::AdamW;
 
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +27,7 @@ pub struct BenchReport {
     pub parameters: usize,
     pub threads: usize,
     pub batch_size: usize,
+    pub micro_batch_size: usize,
     pub eval_batch_size: usize,
     pub warmup_steps: usize,
     pub timed_steps: usize,
@@ -80,6 +81,7 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let batch = config.train.batch_size;
     let state = ModelState::new(m, config.train.seed, DType::F32)?;
     let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+    let vars: Vec<candle_core::Var> = state.named_vars().into_iter().map(|(_, v)| v).collect();
     let data = synthetic::generate(config.train.seed, batch * 2, 1);
     let norm = Normalizer::from_split(&data.train);
     let plan = BatchPlan {
@@ -96,16 +98,17 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     for step in 0..warmup + steps {
         let t0 = Instant::now();
         let b = plan.build(&data.train, &table, &order, step as u64);
-        let images = images_tensor(b.pixels, batch, DType::F32)?;
         let data_ms = ms_since(t0);
-        let t1 = Instant::now();
-        let logits = state.model.forward(&images)?;
-        let loss = smoothed_cross_entropy(&logits, &b.labels, config.train.label_smoothing)?;
-        loss.to_scalar::<f32>()?;
-        let forward_ms = ms_since(t1);
-        let t2 = Instant::now();
-        let grads = loss.backward()?;
-        let backward_ms = ms_since(t2);
+        let result = forward_backward(
+            &state.model,
+            &vars,
+            &b.pixels,
+            &b.labels,
+            config.train.label_smoothing,
+            config.train.micro_batch_size,
+        )?;
+        let (forward_ms, backward_ms) = (result.forward_secs * 1e3, result.backward_secs * 1e3);
+        let grads = result.grads;
         let t3 = Instant::now();
         optimizer.step(&grads, 1e-4)?;
         let optimizer_ms = ms_since(t3);
@@ -151,6 +154,7 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
         parameters: state.parameter_count(),
         threads: candle_core::utils::get_num_threads(),
         batch_size: batch,
+        micro_batch_size: config.train.micro_batch_size,
         eval_batch_size: eval_batch,
         warmup_steps: warmup,
         timed_steps: steps,
@@ -181,7 +185,7 @@ impl BenchReport {
              parameters   {}\n\
              threads      {}\n\
              matmul       {:.1} GFLOP/s (f32, the model's linear-layer shapes, batch {})\n\
-             train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {}, {} timed steps after {} warm-up)\n\
+             train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {} in micro-batches of {}, {} timed steps after {} warm-up)\n\
              eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
              forward cost {:.4} GFLOP per image (matrix products)",
@@ -194,6 +198,7 @@ impl BenchReport {
             self.train_gflops,
             self.train_percent_of_matmul,
             self.batch_size,
+            self.micro_batch_size,
             self.timed_steps,
             self.warmup_steps,
             self.eval_images_per_sec,

@@ -100,6 +100,7 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub max_steps: usize,
     pub batch_size: usize,
+    pub micro_batch_size: usize,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: usize,

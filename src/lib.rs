@@ -16,6 +16,7 @@ pub mod events;
 pub mod follow;
 pub mod headless;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod probe;
 pub mod run;

@@ -6,6 +6,13 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::config::TrainConfig;
 
+/// The gradients of `vars` from a backward pass, detached, in order.
+pub fn gradients_of(vars: &[Var], grads: &GradStore) -> Vec<Option<Tensor>> {
+    vars.iter()
+        .map(|v| grads.get(v.as_tensor()).map(Tensor::detach))
+        .collect()
+}
+
 /// Learning rate after `step` completed steps of `total` (warm-up counts from 1).
 pub fn learning_rate(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
     let step = step + 1;
@@ -56,13 +63,15 @@ impl AdamW {
         })
     }
 
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update; `grads[i]` belongs to the i-th variable given to [`AdamW::new`]
+    /// (`None` = no gradient, left unchanged).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
         let correction1 = 1.0 - self.beta1.powi(t);
         let correction2 = 1.0 - self.beta2.powi(t);
         for (i, (_, var, decay)) in self.params.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else {
+            let Some(grad) = grads.get(i).and_then(Option::as_ref) else {
                 continue;
             };
             let grad = grad.detach();
@@ -170,7 +179,8 @@ mod tests {
                 + b.as_tensor().affine(2.0, 0.0).unwrap().sum_all().unwrap())
             .unwrap();
             let grads = loss.backward().unwrap();
-            opt.step(&grads, lr).unwrap();
+            opt.step(&gradients_of(&[w.clone(), b.clone()], &grads), lr)
+                .unwrap();
             // With a constant gradient g, m_hat = g and v_hat = g^2, so the step is g / (|g| + eps).
             for (wv, g) in expected_w.iter_mut().zip([3.0, 4.0]) {
                 *wv = *wv * (1.0 - lr * 0.1) - lr * g / (g + cfg.adam_eps);

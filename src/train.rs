@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Var};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
@@ -16,7 +16,7 @@ use crate::data::batch::{images_f32, BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::model::{
-    correct_predictions, images_tensor, smoothed_cross_entropy, ModelState, VisionTransformer,
+    forward_backward, images_tensor, smoothed_cross_entropy, ModelState, VisionTransformer,
 };
 use crate::optim::{learning_rate, AdamW};
 use crate::probe::ProbeSet;
@@ -96,6 +96,7 @@ struct Trainer {
     plan: BatchPlan,
     probes: ProbeSet,
     state: ModelState,
+    vars: Vec<Var>,
     optimizer: AdamW,
     progress: TrainState,
     info: RunInfo,
@@ -188,6 +189,7 @@ impl Trainer {
             norm,
             plan,
             probes,
+            vars: state.named_vars().into_iter().map(|(_, v)| v).collect(),
             state,
             optimizer,
             progress,
@@ -374,10 +376,15 @@ impl Trainer {
             let batch = batches
                 .recv()
                 .map_err(|_| TrainError::Invalid("the data thread stopped unexpectedly".into()))?;
-            let images = images_tensor(batch.pixels, batch.labels.len(), DType::F32)?;
-            let logits = self.state.model.forward(&images)?;
-            let loss = smoothed_cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            let step_result = forward_backward(
+                &self.state.model,
+                &self.vars,
+                &batch.pixels,
+                &batch.labels,
+                cfg.label_smoothing,
+                cfg.micro_batch_size,
+            )?;
+            let loss_value = step_result.loss;
             if !loss_value.is_finite() {
                 let kept = match self.last_checkpoint {
                     Some(s) => format!(
@@ -392,11 +399,10 @@ impl Trainer {
                     kept,
                 });
             }
-            let correct = correct_predictions(&logits, &batch.labels)?;
-            let grads = loss.backward()?;
+            let correct = step_result.correct;
             let lr = learning_rate(&cfg, self.progress.step, total_schedule);
-            self.optimizer.step(&grads, lr)?;
-            drop(grads);
+            self.optimizer.step(&step_result.grads, lr)?;
+            drop(step_result);
             let secs = started.elapsed().as_secs_f64();
             self.progress.step += 1;
             self.progress.wall_secs += secs;
