@@ -184,7 +184,22 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
     );
     runtime.block_on(async {
         let mut stopping = false;
+        #[cfg(unix)]
+        let (mut terminate, mut hangup) = {
+            use tokio::signal::unix::{signal, SignalKind};
+            (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok())
+        };
         loop {
+            #[cfg(unix)]
+            let other_signal = async {
+                tokio::select! {
+                    Some(()) = async { terminate.as_mut()?.recv().await } => {},
+                    Some(()) = async { hangup.as_mut()?.recv().await } => {},
+                    else => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let other_signal = std::future::pending::<()>();
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => printer.handle(&event),
@@ -193,6 +208,11 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
                 _ = tokio::signal::ctrl_c(), if !stopping => {
                     stopping = true;
                     printer.handle(&Event::Log("interrupted: stopping after this step and writing a checkpoint".into()));
+                    let _ = control.send(Control::Stop);
+                }
+                () = other_signal, if !stopping => {
+                    stopping = true;
+                    printer.handle(&Event::Log("terminated: stopping after this step and writing a checkpoint".into()));
                     let _ = control.send(Control::Stop);
                 }
             }
@@ -255,14 +275,22 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
         Config::load(Some(&run.file(crate::run::CONFIG_FILE)), &sets).map_err(|e| e.to_string())?;
     if !std::io::stdout().is_terminal() {
         let mut follower = crate::follow::Follower::new(run);
+        let mut events = follower.start().map_err(|e| e.to_string())?;
+        events.extend(follower.poll());
+        // About a hundred training lines however long the run, plus the last one.
+        let last_step = events.iter().rev().find_map(|e| match e {
+            Event::Train(r) => Some(r.step),
+            _ => None,
+        });
+        let every = last_step.map_or(1, |s| (s / 100).max(1));
         let mut printer = HeadlessPrinter::new(std::io::stdout().lock(), Duration::ZERO, false);
-        for event in follower
-            .start()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .chain(follower.poll())
-        {
-            printer.handle(&event);
+        for event in &events {
+            if let Event::Train(r) = event {
+                if r.step % every != 0 && Some(r.step) != last_step {
+                    continue;
+                }
+            }
+            printer.handle(event);
         }
         return Ok(ExitCode::SUCCESS);
     }

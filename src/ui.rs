@@ -178,7 +178,8 @@ async fn event_loop(
                 TermEvent::Resize(_, _) => input_dirty = true,
                 _ => {}
             },
-            _ = tick.tick() => {
+            _ = tick.tick(), if app.mode == app::Mode::Live => {
+                // The process's own CPU and memory: meaningful only where it trains.
                 let before = app.process;
                 app.process.cpu_percent = cpu.sample().map(|p| p.round());
                 app.process.rss_bytes = crate::sys::rss_bytes().map(|b| b / 1_000_000 * 1_000_000);

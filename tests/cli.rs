@@ -22,6 +22,19 @@ fn tiny_args() -> Vec<String> {
         .collect()
 }
 
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn stderr_line(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(text.lines().count(), 1, "expected one line, got: {text}");
@@ -119,6 +132,27 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
         assert!(run.join(file).exists(), "{file} missing");
     }
 
+    // Viewing reads the run back (plain lines when not on a terminal) and writes nothing.
+    let listing = |dir: &std::path::Path| -> Vec<(String, u64, std::time::SystemTime)> {
+        let mut files: Vec<_> = walk(dir)
+            .into_iter()
+            .map(|p| {
+                let m = std::fs::metadata(&p).unwrap();
+                (p.display().to_string(), m.len(), m.modified().unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = listing(&run);
+    let out = vitscope(&["view", run.to_str().unwrap()]);
+    let viewed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{viewed}");
+    assert!(viewed.contains("step     12/12"), "{viewed}");
+    assert!(viewed.contains("eval  epoch 1 (step 12)"), "{viewed}");
+    assert!(viewed.contains("finished at step 12"), "{viewed}");
+    assert_eq!(listing(&run), before, "view changed the run directory");
+
     // Resuming with --config is refused; resuming with more steps continues.
     let out = vitscope(&[
         "train",
@@ -168,4 +202,48 @@ fn bench_reports_json_numbers() {
     }
     assert_eq!(report["batch_size"], 32);
     assert_eq!(report["timed_steps"], 2);
+}
+
+#[cfg(unix)]
+#[test]
+fn an_interrupt_stops_headless_training_with_a_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec![
+        "train".to_string(),
+        "--headless".into(),
+        "--epochs".into(),
+        "1000".into(),
+        "--run-dir".into(),
+        run.display().to_string(),
+        "--set".into(),
+        "run.print_every_secs=0.1".into(),
+    ];
+    args.extend(tiny_args());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait until it trains, then interrupt it as Ctrl-C would.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step ") {
+            break;
+        }
+    }
+    // SAFETY: kill sends a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}; output {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("stopped on request")),
+        "{rest:?}"
+    );
+    assert!(run.join("checkpoint.safetensors").exists());
 }

@@ -109,6 +109,38 @@ pub fn x_bounds<'a>(series: impl IntoIterator<Item = &'a [(f64, f64)]>) -> Optio
     Some([lo, hi])
 }
 
+/// A round step (1, 2 or 5 times a power of ten) that cuts `span` into about `parts`.
+pub fn nice_step(span: f64, parts: f64) -> f64 {
+    if !(span.is_finite() && span > 0.0) {
+        return 1.0;
+    }
+    let raw = span / parts.max(1.0);
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let m = raw / magnitude;
+    let nice = if m <= 1.0 {
+        1.0
+    } else if m <= 2.0 {
+        2.0
+    } else if m <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * magnitude
+}
+
+/// Bounds widened outwards to multiples of a round step, so that small changes in the
+/// data leave the axes where they are (and a redraw changes only the new points).
+pub fn stable_bounds([lo, hi]: [f64; 2]) -> [f64; 2] {
+    let step = nice_step(hi - lo, 8.0);
+    let (a, b) = ((lo / step).floor() * step, (hi / step).ceil() * step);
+    if a.is_finite() && b.is_finite() && b > a {
+        [a, b]
+    } else {
+        [lo, hi]
+    }
+}
+
 /// log10 for a log-scale axis; values <= 0 have no place on it and become NaN.
 pub fn log10_or_nan(y: f64) -> f64 {
     if y > 0.0 {
@@ -132,6 +164,8 @@ pub fn compact(v: f64) -> String {
         format!("{:.0}k", v / 1e3)
     } else if a >= 100.0 {
         format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
     } else if a >= 1.0 {
         format!("{v:.2}")
     } else if a >= 0.01 {
@@ -194,11 +228,25 @@ mod tests {
     }
 
     #[test]
+    fn stable_bounds_round_outwards_and_hold_still() {
+        assert_eq!(nice_step(100.0, 10.0), 10.0);
+        assert_eq!(nice_step(0.7, 8.0), 0.1);
+        assert_eq!(nice_step(3000.0, 8.0), 500.0);
+        assert_eq!(nice_step(f64::NAN, 8.0), 1.0);
+        let a = stable_bounds([1.234, 2.311]);
+        assert!(a[0] <= 1.234 && a[1] >= 2.311);
+        // A slightly different range gives the same axes.
+        assert_eq!(stable_bounds([1.236, 2.305]), a);
+        assert_eq!(stable_bounds([5.0, 5.0]), [5.0, 5.0]);
+    }
+
+    #[test]
     fn numbers_print_compactly() {
         assert_eq!(compact(2.31259), "2.31");
         assert_eq!(compact(0.4567), "0.457");
         assert_eq!(compact(0.00012), "1.2e-4");
         assert_eq!(compact(12_345.0), "12k");
+        assert_eq!(compact(60.0), "60.0");
         assert_eq!(compact(f64::NAN), "-");
         assert!(log10_or_nan(0.0).is_nan());
         assert!((log10_or_nan(100.0) - 2.0).abs() < 1e-12);

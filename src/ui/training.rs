@@ -7,7 +7,9 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use super::app::{App, XAxis};
-use super::chart::{compact, debiased_ema, downsample, log10_or_nan, x_bounds, y_bounds};
+use super::chart::{
+    compact, debiased_ema, downsample, log10_or_nan, stable_bounds, x_bounds, y_bounds,
+};
 use super::theme::Series;
 use super::view::bar;
 use crate::events::{Phase, TrainRecord};
@@ -107,6 +109,17 @@ fn x_title(app: &App) -> &'static str {
     }
 }
 
+/// The x range of the charts: the whole run's steps when showing everything (curves
+/// then grow to the right without rescaling), else the data's range, rounded.
+fn x_range(app: &App, data: [f64; 2]) -> [f64; 2] {
+    match (app.training.x_axis, app.training.zoomed, &app.info) {
+        (XAxis::Step, false, Some(info)) if (info.final_step as f64) > data[0] => {
+            [data[0].min(1.0), info.final_step as f64]
+        }
+        _ => stable_bounds(data),
+    }
+}
+
 fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     // The legend lives in the title: it costs no plot area and survives small sizes.
@@ -130,6 +143,8 @@ fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect,
             .render(area, buf);
         return;
     };
+    let xb = x_range(app, xb);
+    yb = stable_bounds(yb);
     let non_negative = slices
         .iter()
         .all(|s| s.iter().all(|p| p.1 >= 0.0 || p.1.is_nan()));
