@@ -247,3 +247,72 @@ fn an_interrupt_stops_headless_training_with_a_checkpoint() {
     );
     assert!(run.join("checkpoint.safetensors").exists());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_run_killed_with_sigkill_resumes_from_its_last_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec![
+        "train".to_string(),
+        "--headless".into(),
+        "--epochs".into(),
+        "1000".into(),
+        "--run-dir".into(),
+        run.display().to_string(),
+        "--set".into(),
+        "train.checkpoint_every_steps=5".into(),
+    ];
+    args.extend(tiny_args());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        if line.unwrap().starts_with("checkpoint at step 10:") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+
+    let out = vitscope(&[
+        "train",
+        "--headless",
+        "--resume",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "30",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let resumed_at: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("resumed from ")?
+                .rsplit_once("at step ")?
+                .1
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no resume line in {stdout}"));
+    assert!(
+        resumed_at >= 10 && resumed_at.is_multiple_of(5),
+        "resumed at {resumed_at}"
+    );
+    // The metrics hold each step once, in order, whatever the kill cut off.
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+}
