@@ -12,6 +12,7 @@ use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
 use crate::model::{forward_backward, forward_flops_per_image, ModelState};
 use crate::optim::AdamW;
+use crate::probe::ProbeSet;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBreakdown {
@@ -44,6 +45,15 @@ pub struct BenchReport {
     pub eval_percent_of_matmul: f64,
     /// Mean time per training step by phase.
     pub step: StepBreakdown,
+    /// One probe (forward on the probe images, summaries, serialisation), in ms.
+    pub probe_ms: f64,
+    /// Probe bytes written to the run directory per probe.
+    pub probe_bytes: usize,
+    /// Share of training time spent on probes at `probe.every_steps`, in percent.
+    pub probe_overhead_percent: f64,
+    /// Probe bytes per hour of training at that interval, in MB.
+    pub probe_mb_per_hour: f64,
+    pub probe_every_steps: usize,
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -141,6 +151,29 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     }
     let eval_images_per_sec = (eval_batch * reps) as f64 / t.elapsed().as_secs_f64();
 
+    let probes = ProbeSet::new(&data.train, config.probe.images, &norm);
+    let detached = state.model.detached();
+    let mut probe_ms = f64::INFINITY;
+    let mut probe_bytes = 0;
+    for step in 0..3 {
+        let t = Instant::now();
+        let snapshot = probes.probe(&detached, &config.probe, step, 1)?;
+        probe_bytes = snapshot.to_bytes().len();
+        probe_ms = probe_ms.min(ms_since(t));
+    }
+    let step_ms = timed_ms / steps.max(1) as f64;
+    let probe_every_ms = config.probe.every_steps.max(1) as f64 * step_ms;
+    let probe_overhead_percent = if config.probe.every_steps == 0 {
+        0.0
+    } else {
+        100.0 * probe_ms / probe_every_ms
+    };
+    let probe_mb_per_hour = if config.probe.every_steps == 0 {
+        0.0
+    } else {
+        probe_bytes as f64 / 1e6 * 3.6e6 / probe_every_ms
+    };
+
     let peak = matmul_gflops(config, 20)?;
     let fwd = forward_flops_per_image(m);
     let train_gflops = train_images_per_sec * 3.0 * fwd / 1e9;
@@ -177,6 +210,11 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
             backward_ms: totals[2] / n,
             optimizer_ms: totals[3] / n,
         },
+        probe_ms,
+        probe_bytes,
+        probe_overhead_percent,
+        probe_mb_per_hour,
+        probe_every_steps: config.probe.every_steps,
     })
 }
 
@@ -193,7 +231,8 @@ impl BenchReport {
              train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {} in micro-batches of {}, {} timed steps after {} warm-up)\n\
              eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
-             forward cost {:.4} GFLOP per image (matrix products)",
+             forward cost {:.4} GFLOP per image (matrix products)\n\
+             probes       {:.1} ms and {:.2} MB each; every {} steps: {:.3}% of training time, {:.1} MB per hour",
             self.model,
             self.parameters,
             self.threads,
@@ -220,6 +259,11 @@ impl BenchReport {
             s.optimizer_ms,
             pct(s.optimizer_ms),
             self.forward_gflop_per_image,
+            self.probe_ms,
+            self.probe_bytes as f64 / 1e6,
+            self.probe_every_steps,
+            self.probe_overhead_percent,
+            self.probe_mb_per_hour,
         )
     }
 }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod chart;
 pub mod keys;
+pub mod layernorm;
 pub mod theme;
 pub mod training;
 pub mod view;

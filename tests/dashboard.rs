@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
+use std::sync::Arc;
 use vitscope::config::Config;
 use vitscope::data::LoadProgress;
 use vitscope::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
-use vitscope::ui::app::{App, Mode, ProcessStats};
+use vitscope::probe::{Distribution, LayerNormProbe, ProbeMeta, ProbeSnapshot, Stats};
+use vitscope::ui::app::{App, Mode, ProcessStats, Tab};
 use vitscope::ui::theme::{ColorMode, Theme};
 
 fn screen(app: &App, w: u16, h: u16) -> String {
@@ -215,4 +217,147 @@ fn a_session_driven_by_engine_and_key_events() {
     });
     a.engine_done = true;
     assert!(a.should_quit());
+}
+
+/// A probe with made-up but deterministic LayerNorm statistics: inputs widen with
+/// depth and with training, outputs stay standardised.
+fn probe(step: u64) -> Event {
+    let base: Vec<f32> = (0..4000)
+        .map(|i| {
+            let x = i as f32;
+            (x * 0.7).sin() * 1.3
+                + (x * 0.13).cos() * 0.6
+                + ((x * 12.9898).sin() * 43758.547).fract()
+                - 0.5
+        })
+        .collect();
+    let names: Vec<String> = (0..6)
+        .flat_map(|b| {
+            [
+                format!("block {b} norm1 (before attention)"),
+                format!("block {b} norm2 (before MLP)"),
+            ]
+        })
+        .chain(["final norm (before head)".to_string()])
+        .collect();
+    let growth = 1.0 + step as f32 / 1000.0;
+    let layer_norms = names
+        .into_iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let scale = (1.0 + k as f32 * 0.4) * growth;
+            let input: Vec<f32> = base.iter().map(|v| v * scale + 0.1 * k as f32).collect();
+            let s = Stats::of(&base);
+            let output: Vec<f32> = base
+                .iter()
+                .map(|v| (v - s.mean) / s.std * (1.0 + 0.05 * k as f32))
+                .collect();
+            LayerNormProbe {
+                name,
+                input: Distribution::of(&input, 64, 8.0),
+                output: Distribution::of(&output, 64, 8.0),
+                gamma: Stats {
+                    mean: 1.0 + 0.01 * k as f32,
+                    std: 0.05,
+                    min: 0.8,
+                    max: 1.2,
+                },
+                beta: Stats {
+                    mean: 0.0,
+                    std: 0.02 * growth,
+                    min: -0.1,
+                    max: 0.1,
+                },
+            }
+        })
+        .collect();
+    Event::Probe(Arc::new(ProbeSnapshot {
+        meta: ProbeMeta {
+            step,
+            epoch: step / 390 + 1,
+            images: 0,
+            tokens: 65,
+            dim: 96,
+            depth: 6,
+            heads: 3,
+            classes: 10,
+            layer_norms,
+        },
+        attention: vec![],
+        hidden: vec![],
+        probabilities: vec![],
+    }))
+}
+
+fn layernorm_app(mode: ColorMode, probes: u64) -> App {
+    let mut a = training_app(probes * 250, mode);
+    for i in 0..probes {
+        a.on_event(probe(i * 250));
+    }
+    a.tab = Tab::LayerNorm;
+    a
+}
+
+#[test]
+fn layernorm_tab_snapshots() {
+    let waiting = layernorm_app(ColorMode::Ansi256, 0);
+    let live = layernorm_app(ColorMode::Ansi256, 8);
+    let no_colour = layernorm_app(ColorMode::NoColor, 8);
+    let mut scrubbed = layernorm_app(ColorMode::Ansi256, 8);
+    for c in [
+        KeyCode::Char('j'),
+        KeyCode::Char('j'),
+        KeyCode::Char('h'),
+        KeyCode::Char('h'),
+        KeyCode::Char('t'),
+    ] {
+        scrubbed.on_key(key(c));
+    }
+    for (name, state) in [
+        ("ln_waiting", &waiting),
+        ("ln_live", &live),
+        ("ln_no_colour", &no_colour),
+        ("ln_scrubbed_input", &scrubbed),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+    for (w, h) in [(0, 0), (60, 18), (61, 19), (300, 100)] {
+        screen(&live, w, h);
+        screen(&waiting, w, h);
+    }
+}
+
+#[test]
+fn layernorm_keys_select_scrub_and_switch_what_is_shown() {
+    let mut a = layernorm_app(ColorMode::Ansi256, 5);
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("block 0 norm1 (before attention)"), "{s}");
+    assert!(s.contains("probe 5/5, latest"), "{s}");
+    assert!(s.contains("step 1000"), "{s}");
+    a.on_key(key(KeyCode::Char('j')));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("block 0 norm2 (before MLP)"), "{s}");
+    a.on_key(key(KeyCode::Left));
+    a.on_key(key(KeyCode::Left));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("probe 3/5") && s.contains("step 500"), "{s}");
+    a.on_key(key(KeyCode::Right));
+    assert!(screen(&a, 200, 60).contains("probe 4/5"));
+    a.on_key(key(KeyCode::End));
+    assert!(screen(&a, 200, 60).contains("probe 5/5, latest"));
+    a.on_key(key(KeyCode::Char('t')));
+    assert!(screen(&a, 200, 60).contains("showing input"));
+    a.on_key(key(KeyCode::Char('t')));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("gamma min / mean / max over training"), "{s}");
+    // A new probe arrives while scrubbed back: the view stays where the user put it.
+    a.on_key(key(KeyCode::Left));
+    a.on_event(probe(1250));
+    assert!(screen(&a, 200, 60).contains("probe 4/6"));
+    for _ in 0..20 {
+        a.on_key(key(KeyCode::Char('j')));
+    }
+    assert!(screen(&a, 200, 60).contains("final norm (before head)"));
 }

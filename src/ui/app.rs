@@ -9,28 +9,53 @@ use super::keys::{action_for, Action, Scope};
 use super::theme::Theme;
 use crate::config::Config;
 use crate::data::LoadProgress;
+use std::sync::Arc;
+
 use crate::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+use crate::probe::{ProbeMeta, ProbeSnapshot};
 
 /// The tabs that exist. New tabs add a variant here and a view; the shell stays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
     Training,
+    LayerNorm,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 1] = [Tab::Training];
+    pub const ALL: [Tab; 2] = [Tab::Training, Tab::LayerNorm];
 
     pub fn title(self) -> &'static str {
         match self {
             Self::Training => "Training",
+            Self::LayerNorm => "LayerNorm",
         }
     }
 
     fn scope(self) -> Scope {
         match self {
             Self::Training => Scope::Training,
+            Self::LayerNorm => Scope::LayerNorm,
         }
     }
+}
+
+/// What the LayerNorm tab shows of the selected LayerNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LnSource {
+    Output,
+    Input,
+    Gamma,
+    Beta,
+}
+
+/// The LayerNorm tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormView {
+    /// Index of the LayerNorm (block 0 norm1, block 0 norm2, ..., final).
+    pub selected: usize,
+    pub source: LnSource,
+    /// The probe shown, as an index into the history; `None` follows the latest.
+    pub scrub: Option<usize>,
 }
 
 /// Whether the dashboard drives training in this process or watches a run directory.
@@ -87,6 +112,11 @@ pub struct App {
     pub train: Vec<TrainRecord>,
     pub evals: Vec<EvalRecord>,
     pub probes_seen: usize,
+    /// The small part of every probe (LayerNorm statistics), by step.
+    pub probe_metas: Vec<ProbeMeta>,
+    /// The latest probe in full (attention, hidden states).
+    pub latest_probe: Option<Arc<ProbeSnapshot>>,
+    pub layernorm: LayerNormView,
     pub last_checkpoint: Option<u64>,
     pub log: VecDeque<String>,
     pub failure: Option<String>,
@@ -115,6 +145,13 @@ impl App {
             train: Vec::new(),
             evals: Vec::new(),
             probes_seen: 0,
+            probe_metas: Vec::new(),
+            latest_probe: None,
+            layernorm: LayerNormView {
+                selected: 0,
+                source: LnSource::Output,
+                scrub: None,
+            },
             last_checkpoint: None,
             log: VecDeque::new(),
             failure: None,
@@ -170,9 +207,14 @@ impl App {
                 self.evals.retain(|e| e.step != record.step);
                 self.evals.push(record);
             }
-            Event::Probe(_) => {
+            Event::Probe(snapshot) => {
                 self.probes_seen += 1;
-                return false;
+                let step = snapshot.meta.step;
+                // A resumed run probes again from its checkpoint: later ones are stale.
+                self.probe_metas.retain(|m| m.step < step);
+                self.probe_metas.push(snapshot.meta.clone());
+                self.latest_probe = Some(snapshot);
+                return self.tab == Tab::LayerNorm;
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
             Event::Log(line) => self.push_log(line),
@@ -256,6 +298,17 @@ impl App {
                 };
             }
             Action::SaveNow => return Some(Control::SaveNow),
+            Action::Up
+            | Action::Down
+            | Action::Left
+            | Action::Right
+            | Action::Latest
+            | Action::ToggleSource
+                if self.tab == Tab::LayerNorm =>
+            {
+                self.on_layernorm_action(action);
+            }
+            Action::Latest | Action::ToggleSource => {}
             Action::ToggleLogScale => self.training.log_y = !self.training.log_y,
             Action::ToggleXAxis => {
                 self.training.x_axis = match self.training.x_axis {
@@ -280,6 +333,57 @@ impl App {
             }
         }
         None
+    }
+
+    /// The probe the probe tabs show: the scrubbed one, or the latest.
+    pub fn shown_probe(&self) -> Option<&ProbeMeta> {
+        match self.layernorm.scrub {
+            Some(i) => self
+                .probe_metas
+                .get(i.min(self.probe_metas.len().saturating_sub(1))),
+            None => self.probe_metas.last(),
+        }
+    }
+
+    /// (index of the shown probe, number of probes).
+    pub fn probe_position(&self) -> Option<(usize, usize)> {
+        let n = self.probe_metas.len();
+        (n > 0).then(|| (self.layernorm.scrub.unwrap_or(n - 1).min(n - 1), n))
+    }
+
+    /// The recorded probes up to the shown one, for "over training" views.
+    pub fn probe_history_until_shown(&self) -> Vec<&ProbeMeta> {
+        let end = self.probe_position().map_or(0, |(i, _)| i + 1);
+        self.probe_metas[..end].iter().collect()
+    }
+
+    fn on_layernorm_action(&mut self, action: Action) {
+        let count = self.probe_metas.last().map_or(0, |m| m.layer_norms.len());
+        let n = self.probe_metas.len();
+        let view = &mut self.layernorm;
+        match action {
+            Action::Up => view.selected = view.selected.saturating_sub(1),
+            Action::Down => view.selected = (view.selected + 1).min(count.saturating_sub(1)),
+            Action::Left if n > 0 => {
+                view.scrub = Some(view.scrub.unwrap_or(n - 1).saturating_sub(1))
+            }
+            Action::Right => {
+                view.scrub = match view.scrub {
+                    Some(i) if i + 2 < n => Some(i + 1),
+                    _ => None,
+                }
+            }
+            Action::Latest => view.scrub = None,
+            Action::ToggleSource => {
+                view.source = match view.source {
+                    LnSource::Output => LnSource::Input,
+                    LnSource::Input => LnSource::Gamma,
+                    LnSource::Gamma => LnSource::Beta,
+                    LnSource::Beta => LnSource::Output,
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Best evaluation so far.
@@ -364,6 +468,8 @@ mod tests {
         a.on_key(key(KeyCode::Up));
         assert!(a.training.smoothing > before);
         a.on_key(key(KeyCode::Tab));
+        assert_eq!(a.tab, Tab::LayerNorm);
+        a.on_key(key(KeyCode::Char('1')));
         assert_eq!(a.tab, Tab::Training);
     }
 }

@@ -24,6 +24,8 @@ pub enum Action {
     Down,
     SmoothMore,
     SmoothLess,
+    Latest,
+    ToggleSource,
 }
 
 /// Where a binding applies.
@@ -35,6 +37,8 @@ pub enum Scope {
     Live,
     /// The Training tab.
     Training,
+    /// The LayerNorm tab.
+    LayerNorm,
     /// Inside a popup.
     Popup,
 }
@@ -193,6 +197,54 @@ pub const KEYS: &[Binding] = &[
         Scope::Training,
         "less smoothing",
         "",
+    ),
+    bind(
+        &[KeyCode::Up, KeyCode::Char('k')],
+        "↑/k",
+        Action::Up,
+        Scope::LayerNorm,
+        "previous LayerNorm",
+        "layer",
+    ),
+    bind(
+        &[KeyCode::Down, KeyCode::Char('j')],
+        "↓/j",
+        Action::Down,
+        Scope::LayerNorm,
+        "next LayerNorm",
+        "",
+    ),
+    bind(
+        &[KeyCode::Left, KeyCode::Char('h')],
+        "←/h",
+        Action::Left,
+        Scope::LayerNorm,
+        "earlier probe (scrub back)",
+        "scrub",
+    ),
+    bind(
+        &[KeyCode::Right, KeyCode::Char('l')],
+        "→/l",
+        Action::Right,
+        Scope::LayerNorm,
+        "later probe (scrub forward)",
+        "",
+    ),
+    bind(
+        &[KeyCode::End, KeyCode::Char('G')],
+        "End/G",
+        Action::Latest,
+        Scope::LayerNorm,
+        "latest probe",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char('t')],
+        "t",
+        Action::ToggleSource,
+        Scope::LayerNorm,
+        "show output / input / γ / β",
+        "source",
     ),
     bind(
         &[KeyCode::Char('L')],

@@ -35,6 +35,9 @@ impl ColorMode {
     }
 }
 
+/// Shading from empty to full: heatmaps stay readable with no colour at all.
+pub const HEAT_RAMP: [char; 5] = [' ', '░', '▒', '▓', '█'];
+
 /// Roles of the series drawn in charts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Series {
@@ -146,6 +149,32 @@ impl Theme {
         }
     }
 
+    /// A heatmap cell for `level` in [0, 1]: a shading character that reads without
+    /// colour, coloured along a dark-blue to yellow ramp where colour is available.
+    pub fn heat(&self, level: f64) -> (char, Style) {
+        let level = if level.is_finite() {
+            level.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let index = (level * (HEAT_RAMP.len() - 1) as f64).round() as usize;
+        let symbol = HEAT_RAMP[index];
+        // Viridis-like stops.
+        let stops: [(f64, (u8, u8, u8), u8); 5] = [
+            (0.0, (40, 20, 70), 53),
+            (0.25, (50, 80, 140), 61),
+            (0.5, (30, 150, 140), 36),
+            (0.75, (120, 200, 80), 113),
+            (1.0, (250, 230, 40), 226),
+        ];
+        let stop = stops
+            .iter()
+            .rev()
+            .find(|s| level >= s.0)
+            .unwrap_or(&stops[0]);
+        (symbol, self.fg(stop.1, stop.2))
+    }
+
     /// The character that stands for a series in legends.
     pub fn legend_symbol(&self, series: Series) -> &'static str {
         match self.marker(series) {
@@ -188,6 +217,22 @@ mod tests {
             ColorMode::detect("truecolor", Some("1"), None),
             ColorMode::TrueColor
         );
+    }
+
+    #[test]
+    fn heat_shades_rise_with_the_level_and_clamp() {
+        let t = Theme::new(ColorMode::NoColor, "braille");
+        assert_eq!(t.heat(0.0).0, ' ');
+        assert_eq!(t.heat(0.3).0, '░');
+        assert_eq!(t.heat(0.5).0, '▒');
+        assert_eq!(t.heat(0.8).0, '▓');
+        assert_eq!(t.heat(1.0).0, '█');
+        assert_eq!(t.heat(7.0).0, '█');
+        assert_eq!(t.heat(f64::NAN).0, ' ');
+        assert_eq!(t.heat(1.0).1.fg, None);
+        let c = Theme::new(ColorMode::Ansi256, "braille");
+        assert_eq!(c.heat(0.0).1.fg, Some(Color::Indexed(53)));
+        assert_eq!(c.heat(1.0).1.fg, Some(Color::Indexed(226)));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::app::{App, Mode, Popup, Tab};
-use super::keys::{footer, KEYS};
-use super::training;
+use super::keys::{footer, Scope, KEYS};
+use super::{layernorm, training};
 use crate::data::LoadProgress;
 use crate::events::Phase;
 
@@ -37,6 +37,7 @@ impl Widget for &App {
         } else {
             match self.tab {
                 Tab::Training => training::render(self, body, buf),
+                Tab::LayerNorm => layernorm::render(self, body, buf),
             }
         }
         render_footer(self, foot, buf);
@@ -216,9 +217,15 @@ fn render_failure(app: &App, message: &str, area: Rect, buf: &mut Buffer) {
 
 fn render_help(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let rect = centered(area, 64, KEYS.len() as u16 + 4);
+    // The keys that apply here: everywhere, while training, and on this tab.
+    let scopes = app.scopes();
+    let keys: Vec<_> = KEYS
+        .iter()
+        .filter(|b| scopes.contains(&b.scope) || b.scope == Scope::Popup)
+        .collect();
+    let rect = centered(area, 64, keys.len() as u16 + 3);
     Clear.render(rect, buf);
-    let mut lines: Vec<Line> = KEYS
+    let mut lines: Vec<Line> = keys
         .iter()
         .map(|b| {
             Line::from(vec![
