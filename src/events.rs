@@ -104,6 +104,9 @@ pub struct RunInfo {
     pub start_wall_secs: f64,
     pub parameters: usize,
     pub device: String,
+    /// The probe images, raw (images x 3 x 32 x 32 bytes), and their labels.
+    pub probe_pixels: Vec<u8>,
+    pub probe_labels: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]

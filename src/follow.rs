@@ -66,6 +66,8 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
         start_wall_secs: 0.0,
         parameters: 0,
         device: "recorded run".to_string(),
+        probe_pixels: Vec::new(),
+        probe_labels: Vec::new(),
     }
 }
 
@@ -111,10 +113,12 @@ impl Follower {
     /// The first events: the run's shape.
     pub fn start(&mut self) -> Result<Vec<Event>, RunError> {
         let config = self.run.read_config()?;
-        Ok(vec![
-            Event::Started(run_info(&self.run, &config, 0)),
-            Event::Phase(Phase::Training),
-        ])
+        let mut info = run_info(&self.run, &config, 0);
+        if let Some((pixels, labels)) = self.run.read_probe_images() {
+            info.probe_pixels = pixels;
+            info.probe_labels = labels;
+        }
+        Ok(vec![Event::Started(info), Event::Phase(Phase::Training)])
     }
 
     /// Events for whatever was appended since the last poll.

@@ -207,6 +207,8 @@ mod tests {
             start_wall_secs: 0.0,
             parameters: 1234,
             device: "cpu".into(),
+            probe_pixels: vec![],
+            probe_labels: vec![],
         }
     }
 

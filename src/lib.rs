@@ -7,6 +7,7 @@
 //! dashboard that draws those events, [`follow`] replays a run directory as events,
 //! [`headless`] prints them as lines; [`bench`] measures speed; [`cli`] ties it together.
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

@@ -252,6 +252,17 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// The probe images (raw bytes) and labels, if recorded.
+    pub fn read_probe_images(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let bytes = std::fs::read(self.path.join(PROBES_DIR).join(PROBE_IMAGES_FILE)).ok()?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+        let pixels = tensors.tensor("pixels").ok()?.data().to_vec();
+        let labels = tensors.tensor("labels").ok()?.data().to_vec();
+        Some((pixels, labels))
+    }
+}
+
 /// Appends whole lines, one `write` call each, so a reader never sees half a line
 /// unless the process dies inside that call.
 pub struct LineAppender {

@@ -179,6 +179,8 @@ impl Trainer {
             start_wall_secs: progress.wall_secs,
             parameters: state.parameter_count(),
             device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+            probe_pixels: probes.pixels.clone(),
+            probe_labels: probes.labels.clone(),
         };
         Ok(Self {
             config: config.clone(),

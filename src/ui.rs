@@ -3,6 +3,7 @@
 //! capped rate, so that one left open in tmux over SSH costs little.
 
 pub mod app;
+pub mod attention;
 pub mod chart;
 pub mod keys;
 pub mod layernorm;

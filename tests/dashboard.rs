@@ -45,6 +45,8 @@ fn info() -> RunInfo {
         start_wall_secs: 0.0,
         parameters: 460_906,
         device: "cpu (2 threads)".into(),
+        probe_pixels: vec![],
+        probe_labels: vec![],
     }
 }
 
@@ -360,4 +362,149 @@ fn layernorm_keys_select_scrub_and_switch_what_is_shown() {
         a.on_key(key(KeyCode::Char('j')));
     }
     assert!(screen(&a, 200, 60).contains("final norm (before head)"));
+}
+
+/// A probe with attention that is local in early layers and broader later, stronger on
+/// CLS in head 0, for two images.
+fn attention_probe(step: u64) -> Event {
+    let Event::Probe(base) = probe(step) else {
+        unreachable!()
+    };
+    let (images, depth, heads, tokens, dim) = (2usize, 6usize, 3usize, 65usize, 96usize);
+    let mut attention = Vec::with_capacity(images * depth * heads * tokens * tokens);
+    for image in 0..images {
+        for l in 0..depth {
+            for h in 0..heads {
+                let width = 1.0 + l as f64 + h as f64 * 0.5 + image as f64;
+                for q in 0..tokens {
+                    let row: Vec<f64> = (0..tokens)
+                        .map(|k| {
+                            let d = if q == 0 || k == 0 {
+                                3.0
+                            } else {
+                                let (a, b) = (q - 1, k - 1);
+                                (((a / 8) as f64 - (b / 8) as f64).powi(2)
+                                    + ((a % 8) as f64 - (b % 8) as f64).powi(2))
+                                .sqrt()
+                            };
+                            (-d / width).exp() + if k == 0 && h == 0 { 0.5 } else { 0.0 }
+                        })
+                        .collect();
+                    let z: f64 = row.iter().sum();
+                    attention.extend(row.iter().map(|v| (v / z) as f32));
+                }
+            }
+        }
+    }
+    let mut meta = base.meta.clone();
+    meta.images = images;
+    Event::Probe(Arc::new(ProbeSnapshot {
+        meta,
+        attention,
+        hidden: vec![0.0; images * (depth + 1) * tokens * dim],
+        probabilities: (0..images * 10)
+            .map(|i| if i % 10 == 3 { 0.55 } else { 0.05 })
+            .collect(),
+    }))
+}
+
+fn attention_app(mode: ColorMode) -> App {
+    let mut a = app(mode);
+    let mut run = info();
+    run.class_names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect();
+    run.probe_pixels = (0..2 * 3072).map(|i| ((i * 7) % 256) as u8).collect();
+    run.probe_labels = vec![3, 8];
+    a.on_event(Event::Started(run));
+    a.on_event(Event::Phase(Phase::Training));
+    for step in 1..=600 {
+        a.on_event(Event::Train(train_record(step)));
+    }
+    for i in 0..3 {
+        a.on_event(attention_probe(i * 250));
+    }
+    a.tab = Tab::Attention;
+    a
+}
+
+#[test]
+fn attention_tab_snapshots() {
+    let mut waiting = app(ColorMode::Ansi256);
+    waiting.on_event(Event::Started(info()));
+    waiting.tab = Tab::Attention;
+    let live = attention_app(ColorMode::Ansi256);
+    let no_colour = attention_app(ColorMode::NoColor);
+    let mut rollout = attention_app(ColorMode::NoColor);
+    for c in [
+        KeyCode::Char('j'),
+        KeyCode::Char('j'),
+        KeyCode::Char('r'),
+        KeyCode::Char(']'),
+        KeyCode::Char('n'),
+    ] {
+        rollout.on_key(key(c));
+    }
+    for (name, state) in [
+        ("attn_waiting", &waiting),
+        ("attn_live", &live),
+        ("attn_no_colour", &no_colour),
+        ("attn_rollout", &rollout),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+    for (w, h) in [(0, 0), (60, 18), (61, 19), (100, 30), (300, 100)] {
+        screen(&live, w, h);
+        screen(&rollout, w, h);
+    }
+}
+
+#[test]
+fn attention_keys_choose_layer_head_image_query_and_probe() {
+    let mut a = attention_app(ColorMode::Ansi256);
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("layer 0 head 0: softmax"), "{s}");
+    assert!(s.contains("probe 3/3, latest"), "{s}");
+    assert!(
+        s.contains("true: cat") && s.contains("predicted: cat (55%)"),
+        "{s}"
+    );
+    a.on_key(key(KeyCode::Down));
+    a.on_key(key(KeyCode::Right));
+    a.on_key(key(KeyCode::Right));
+    assert!(screen(&a, 200, 60).contains("layer 1 head 2: softmax"));
+    a.on_key(key(KeyCode::Right));
+    assert!(
+        screen(&a, 200, 60).contains("layer 1 head 2"),
+        "the head stays within the model"
+    );
+    a.on_key(key(KeyCode::Char('n')));
+    assert!(screen(&a, 200, 60).contains("true: ship"));
+    for _ in 0..12 {
+        a.on_key(key(KeyCode::Char(']')));
+    }
+    assert!(screen(&a, 200, 60).contains("query: patch 11 (row 1, col 3)"));
+    a.on_key(key(KeyCode::Char('r')));
+    assert!(screen(&a, 200, 60).contains("rollout through layer 1"));
+    a.on_key(key(KeyCode::Char(',')));
+    assert!(screen(&a, 200, 60).contains("probe 2/3"));
+    a.on_key(key(KeyCode::Char('.')));
+    assert!(screen(&a, 200, 60).contains("probe 3/3, latest"));
+    // The statistics table lists every head with its measures.
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("L5 H2") || s.contains("L1 H2  entropy"), "{s}");
 }

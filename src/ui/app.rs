@@ -19,15 +19,17 @@ use crate::probe::{ProbeMeta, ProbeSnapshot};
 pub enum Tab {
     Training,
     LayerNorm,
+    Attention,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 2] = [Tab::Training, Tab::LayerNorm];
+    pub const ALL: [Tab; 3] = [Tab::Training, Tab::LayerNorm, Tab::Attention];
 
     pub fn title(self) -> &'static str {
         match self {
             Self::Training => "Training",
             Self::LayerNorm => "LayerNorm",
+            Self::Attention => "Attention",
         }
     }
 
@@ -35,6 +37,7 @@ impl Tab {
         match self {
             Self::Training => Scope::Training,
             Self::LayerNorm => Scope::LayerNorm,
+            Self::Attention => Scope::Attention,
         }
     }
 }
@@ -54,8 +57,19 @@ pub struct LayerNormView {
     /// Index of the LayerNorm (block 0 norm1, block 0 norm2, ..., final).
     pub selected: usize,
     pub source: LnSource,
-    /// The probe shown, as an index into the history; `None` follows the latest.
-    pub scrub: Option<usize>,
+}
+
+/// The Attention tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionView {
+    pub layer: usize,
+    pub head: usize,
+    /// Which probe image.
+    pub image: usize,
+    /// The query token whose row is inspected (0 = CLS).
+    pub query: usize,
+    /// Show attention rollout instead of the selected head's raw weights.
+    pub rollout: bool,
 }
 
 /// Whether the dashboard drives training in this process or watches a run directory.
@@ -97,6 +111,8 @@ pub struct ProcessStats {
 }
 
 pub const LOG_LINES: usize = 500;
+/// Full probes kept in memory for scrubbing attention (about 2 MB each by default).
+pub const FULL_PROBES_KEPT: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct App {
@@ -117,6 +133,16 @@ pub struct App {
     /// The latest probe in full (attention, hidden states).
     pub latest_probe: Option<Arc<ProbeSnapshot>>,
     pub layernorm: LayerNormView,
+    pub attention: AttentionView,
+    /// The probe the probe tabs show, as an index into `probe_metas`; `None` follows
+    /// the latest.
+    pub probe_scrub: Option<usize>,
+    /// The most recent probes in full, for the tabs that draw attention and hidden
+    /// states (older ones keep only their statistics, to bound memory).
+    pub full_probes: VecDeque<Arc<ProbeSnapshot>>,
+    /// The probe images (raw bytes) and their labels.
+    pub probe_images: Vec<u8>,
+    pub probe_labels: Vec<u8>,
     pub last_checkpoint: Option<u64>,
     pub log: VecDeque<String>,
     pub failure: Option<String>,
@@ -150,8 +176,18 @@ impl App {
             layernorm: LayerNormView {
                 selected: 0,
                 source: LnSource::Output,
-                scrub: None,
             },
+            attention: AttentionView {
+                layer: 0,
+                head: 0,
+                image: 0,
+                query: 0,
+                rollout: false,
+            },
+            probe_scrub: None,
+            full_probes: VecDeque::new(),
+            probe_images: Vec::new(),
+            probe_labels: Vec::new(),
             last_checkpoint: None,
             log: VecDeque::new(),
             failure: None,
@@ -193,6 +229,8 @@ impl App {
                 self.loading = Some(progress);
             }
             Event::Started(info) => {
+                self.probe_images.clone_from(&info.probe_pixels);
+                self.probe_labels.clone_from(&info.probe_labels);
                 self.info = Some(info);
                 self.loading = None;
             }
@@ -213,8 +251,13 @@ impl App {
                 // A resumed run probes again from its checkpoint: later ones are stale.
                 self.probe_metas.retain(|m| m.step < step);
                 self.probe_metas.push(snapshot.meta.clone());
+                self.full_probes.retain(|p| p.meta.step < step);
+                if self.full_probes.len() == FULL_PROBES_KEPT {
+                    self.full_probes.pop_front();
+                }
+                self.full_probes.push_back(Arc::clone(&snapshot));
                 self.latest_probe = Some(snapshot);
-                return self.tab == Tab::LayerNorm;
+                return self.tab != Tab::Training;
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
             Event::Log(line) => self.push_log(line),
@@ -298,17 +341,17 @@ impl App {
                 };
             }
             Action::SaveNow => return Some(Control::SaveNow),
-            Action::Up
-            | Action::Down
-            | Action::Left
-            | Action::Right
-            | Action::Latest
+            _ if self.tab == Tab::LayerNorm => self.on_layernorm_action(action),
+            _ if self.tab == Tab::Attention => self.on_attention_action(action),
+            Action::Latest
             | Action::ToggleSource
-                if self.tab == Tab::LayerNorm =>
-            {
-                self.on_layernorm_action(action);
-            }
-            Action::Latest | Action::ToggleSource => {}
+            | Action::ScrubBack
+            | Action::ScrubForward
+            | Action::NextImage
+            | Action::PrevImage
+            | Action::QueryUp
+            | Action::QueryDown
+            | Action::ToggleRollout => {}
             Action::ToggleLogScale => self.training.log_y = !self.training.log_y,
             Action::ToggleXAxis => {
                 self.training.x_axis = match self.training.x_axis {
@@ -337,7 +380,7 @@ impl App {
 
     /// The probe the probe tabs show: the scrubbed one, or the latest.
     pub fn shown_probe(&self) -> Option<&ProbeMeta> {
-        match self.layernorm.scrub {
+        match self.probe_scrub {
             Some(i) => self
                 .probe_metas
                 .get(i.min(self.probe_metas.len().saturating_sub(1))),
@@ -348,7 +391,48 @@ impl App {
     /// (index of the shown probe, number of probes).
     pub fn probe_position(&self) -> Option<(usize, usize)> {
         let n = self.probe_metas.len();
-        (n > 0).then(|| (self.layernorm.scrub.unwrap_or(n - 1).min(n - 1), n))
+        (n > 0).then(|| (self.probe_scrub.unwrap_or(n - 1).min(n - 1), n))
+    }
+
+    /// The shown probe in full, if it is still in memory.
+    pub fn shown_full_probe(&self) -> Option<&Arc<ProbeSnapshot>> {
+        let step = self.shown_probe()?.step;
+        self.full_probes.iter().find(|p| p.meta.step == step)
+    }
+
+    fn scrub(&mut self, action: Action) {
+        let n = self.probe_metas.len();
+        self.probe_scrub = match action {
+            Action::ScrubBack | Action::Left if n > 0 => {
+                Some(self.probe_scrub.unwrap_or(n - 1).saturating_sub(1))
+            }
+            Action::ScrubForward | Action::Right => match self.probe_scrub {
+                Some(i) if i + 2 < n => Some(i + 1),
+                _ => None,
+            },
+            Action::Latest => None,
+            _ => self.probe_scrub,
+        };
+    }
+
+    fn on_attention_action(&mut self, action: Action) {
+        let (depth, heads, images, tokens) = self.latest_probe.as_ref().map_or((1, 1, 1, 1), |p| {
+            (p.meta.depth, p.meta.heads, p.meta.images, p.meta.tokens)
+        });
+        let view = &mut self.attention;
+        match action {
+            Action::Up => view.layer = view.layer.saturating_sub(1),
+            Action::Down => view.layer = (view.layer + 1).min(depth.saturating_sub(1)),
+            Action::Left => view.head = view.head.saturating_sub(1),
+            Action::Right => view.head = (view.head + 1).min(heads.saturating_sub(1)),
+            Action::NextImage => view.image = (view.image + 1) % images.max(1),
+            Action::PrevImage => view.image = (view.image + images.max(1) - 1) % images.max(1),
+            Action::QueryUp => view.query = view.query.saturating_sub(1),
+            Action::QueryDown => view.query = (view.query + 1).min(tokens.saturating_sub(1)),
+            Action::ToggleRollout => view.rollout = !view.rollout,
+            Action::ScrubBack | Action::ScrubForward | Action::Latest => self.scrub(action),
+            _ => {}
+        }
     }
 
     /// The recorded probes up to the shown one, for "over training" views.
@@ -359,21 +443,15 @@ impl App {
 
     fn on_layernorm_action(&mut self, action: Action) {
         let count = self.probe_metas.last().map_or(0, |m| m.layer_norms.len());
-        let n = self.probe_metas.len();
         let view = &mut self.layernorm;
         match action {
             Action::Up => view.selected = view.selected.saturating_sub(1),
             Action::Down => view.selected = (view.selected + 1).min(count.saturating_sub(1)),
-            Action::Left if n > 0 => {
-                view.scrub = Some(view.scrub.unwrap_or(n - 1).saturating_sub(1))
-            }
-            Action::Right => {
-                view.scrub = match view.scrub {
-                    Some(i) if i + 2 < n => Some(i + 1),
-                    _ => None,
-                }
-            }
-            Action::Latest => view.scrub = None,
+            Action::Left
+            | Action::Right
+            | Action::Latest
+            | Action::ScrubBack
+            | Action::ScrubForward => self.scrub(action),
             Action::ToggleSource => {
                 view.source = match view.source {
                     LnSource::Output => LnSource::Input,
@@ -384,6 +462,11 @@ impl App {
             }
             _ => {}
         }
+    }
+
+    /// Class names of the data set (empty before the run starts).
+    pub fn class_names(&self) -> &[String] {
+        self.info.as_ref().map_or(&[], |i| &i.class_names)
     }
 
     /// Best evaluation so far.

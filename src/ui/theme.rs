@@ -157,9 +157,21 @@ impl Theme {
         } else {
             0.0
         };
-        let index = (level * (HEAT_RAMP.len() - 1) as f64).round() as usize;
-        let symbol = HEAT_RAMP[index];
-        // Viridis-like stops.
+        let symbol = HEAT_RAMP[(level * (HEAT_RAMP.len() - 1) as f64).round() as usize];
+        (
+            symbol,
+            self.heat_color(level)
+                .map_or_else(Style::default, |c| Style::default().fg(c)),
+        )
+    }
+
+    /// The colour of `level` in [0, 1] on a viridis-like ramp; `None` without colour.
+    pub fn heat_color(&self, level: f64) -> Option<Color> {
+        let level = if level.is_finite() {
+            level.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let stops: [(f64, (u8, u8, u8), u8); 5] = [
             (0.0, (40, 20, 70), 53),
             (0.25, (50, 80, 140), 61),
@@ -172,7 +184,7 @@ impl Theme {
             .rev()
             .find(|s| level >= s.0)
             .unwrap_or(&stops[0]);
-        (symbol, self.fg(stop.1, stop.2))
+        self.pick(stop.1, stop.2)
     }
 
     /// The character that stands for a series in legends.

@@ -9,7 +9,7 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::app::{App, Mode, Popup, Tab};
 use super::keys::{footer, Scope, KEYS};
-use super::{layernorm, training};
+use super::{attention, layernorm, training};
 use crate::data::LoadProgress;
 use crate::events::Phase;
 
@@ -38,6 +38,7 @@ impl Widget for &App {
             match self.tab {
                 Tab::Training => training::render(self, body, buf),
                 Tab::LayerNorm => layernorm::render(self, body, buf),
+                Tab::Attention => attention::render(self, body, buf),
             }
         }
         render_footer(self, foot, buf);

@@ -1,0 +1,200 @@
+//! Measures of attention matrices: per-head statistics and attention rollout.
+//!
+//! A matrix is row-major (tokens x tokens), token 0 the CLS token and tokens 1.. the
+//! patches in row-major grid order; row i is where query i puts its weight.
+
+/// Per-head summary of one attention matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HeadStats {
+    /// Mean over queries of the entropy of their row, in nats (ln(tokens) = uniform).
+    pub entropy: f64,
+    /// Mean over patch queries of the weighted distance to the patch keys, in pixels,
+    /// the weights renormalised over the patches (ViT paper, Fig. 7 right).
+    pub mean_distance: f64,
+    /// Mean weight of a query on itself.
+    pub diagonal: f64,
+    /// Mean weight on the CLS token.
+    pub cls: f64,
+}
+
+/// Distance in pixels between the centres of patches `a` and `b` (0-based patch indices).
+fn patch_distance(a: usize, b: usize, grid: usize, patch: usize) -> f64 {
+    let (ay, ax) = ((a / grid) as f64, (a % grid) as f64);
+    let (by, bx) = ((b / grid) as f64, (b % grid) as f64);
+    ((ay - by).powi(2) + (ax - bx).powi(2)).sqrt() * patch as f64
+}
+
+pub fn head_stats(matrix: &[f32], tokens: usize, grid: usize, patch: usize) -> HeadStats {
+    if tokens == 0 || matrix.len() < tokens * tokens {
+        return HeadStats::default();
+    }
+    let row = |i: usize| &matrix[i * tokens..(i + 1) * tokens];
+    let mut entropy = 0.0;
+    let mut diagonal = 0.0;
+    let mut cls = 0.0;
+    for i in 0..tokens {
+        let r = row(i);
+        entropy -= r
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| f64::from(p) * f64::from(p).ln())
+            .sum::<f64>();
+        diagonal += f64::from(r[i]);
+        cls += f64::from(r[0]);
+    }
+    let patches = tokens - 1;
+    let mut distance = 0.0;
+    let mut counted = 0;
+    for q in 0..patches {
+        let r = &row(q + 1)[1..];
+        let mass: f64 = r.iter().map(|&p| f64::from(p)).sum();
+        if mass > 0.0 {
+            let d: f64 = r
+                .iter()
+                .enumerate()
+                .map(|(k, &p)| f64::from(p) * patch_distance(q, k, grid, patch))
+                .sum();
+            distance += d / mass;
+            counted += 1;
+        }
+    }
+    let n = tokens as f64;
+    HeadStats {
+        entropy: entropy / n,
+        mean_distance: if counted > 0 {
+            distance / counted as f64
+        } else {
+            0.0
+        },
+        diagonal: diagonal / n,
+        cls: cls / n,
+    }
+}
+
+/// Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the
+/// identity for the residual connection and renormalise the rows; multiply through the
+/// layers, last layer on the left. `layers[l]` holds the head-averaged matrix of layer l.
+pub fn rollout(layers: &[Vec<f64>], tokens: usize) -> Vec<f64> {
+    let mut result: Vec<f64> = (0..tokens * tokens)
+        .map(|i| if i / tokens == i % tokens { 1.0 } else { 0.0 })
+        .collect();
+    for layer in layers {
+        let mut a: Vec<f64> = layer.clone();
+        for i in 0..tokens {
+            a[i * tokens + i] += 1.0;
+            let sum: f64 = a[i * tokens..(i + 1) * tokens].iter().sum();
+            if sum > 0.0 {
+                for v in &mut a[i * tokens..(i + 1) * tokens] {
+                    *v /= sum;
+                }
+            }
+        }
+        // result = a * result
+        let mut next = vec![0.0; tokens * tokens];
+        for i in 0..tokens {
+            for k in 0..tokens {
+                let aik = a[i * tokens + k];
+                if aik != 0.0 {
+                    for j in 0..tokens {
+                        next[i * tokens + j] += aik * result[k * tokens + j];
+                    }
+                }
+            }
+        }
+        result = next;
+    }
+    result
+}
+
+/// The mean over heads of one layer's matrices (heads x tokens x tokens, row-major).
+pub fn head_average(heads: &[&[f32]], tokens: usize) -> Vec<f64> {
+    let mut out = vec![0.0; tokens * tokens];
+    for h in heads {
+        for (o, &v) in out.iter_mut().zip(h.iter()) {
+            *o += f64::from(v);
+        }
+    }
+    let n = heads.len().max(1) as f64;
+    out.iter_mut().for_each(|v| *v /= n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(t: usize) -> Vec<f32> {
+        (0..t * t)
+            .map(|i| if i / t == i % t { 1.0 } else { 0.0 })
+            .collect()
+    }
+
+    #[test]
+    fn identity_attention_has_zero_distance_full_diagonal_zero_entropy() {
+        let s = head_stats(&identity(5), 5, 2, 4);
+        assert_eq!(s.mean_distance, 0.0);
+        assert_eq!(s.diagonal, 1.0);
+        assert_eq!(s.entropy, 0.0);
+        // Only the CLS query attends to CLS.
+        assert!((s.cls - 0.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn uniform_attention_has_the_average_pairwise_distance_and_maximal_entropy() {
+        // 2x2 grid of 4-pixel patches plus CLS: 5 tokens, uniform rows.
+        let t = 5;
+        let m = vec![0.2f32; t * t];
+        let s = head_stats(&m, t, 2, 4);
+        // From any patch: distances 0, 4, 4, 4*sqrt(2) to the four patches, averaged.
+        let expected = (0.0 + 4.0 + 4.0 + 4.0 * 2f64.sqrt()) / 4.0;
+        assert!(
+            (s.mean_distance - expected).abs() < 1e-6,
+            "{}",
+            s.mean_distance
+        );
+        assert!((s.entropy - 5f64.ln()).abs() < 1e-6);
+        assert!((s.cls - 0.2).abs() < 1e-6 && (s.diagonal - 0.2).abs() < 1e-6);
+        // The default 8x8 grid: the known mean distance between two random cells of an
+        // 8x8 grid (computed by brute force here), times the 4-pixel patch.
+        let t = 65;
+        let m = vec![1.0 / 65.0; t * t];
+        let mut brute = 0.0;
+        for a in 0..64 {
+            for b in 0..64 {
+                brute += patch_distance(a, b, 8, 4);
+            }
+        }
+        let s = head_stats(&m, t, 8, 4);
+        assert!((s.mean_distance - brute / 4096.0).abs() < 1e-4);
+        assert!(
+            (s.mean_distance - 16.546).abs() < 1e-3,
+            "{}",
+            s.mean_distance
+        );
+    }
+
+    #[test]
+    fn rollout_of_two_layers_by_hand() {
+        // Two tokens. Layer 1: [[0.5, 0.5], [0, 1]]; layer 2: [[1, 0], [0.5, 0.5]].
+        let l1 = vec![0.5, 0.5, 0.0, 1.0];
+        let l2 = vec![1.0, 0.0, 0.5, 0.5];
+        // With the identity added and rows renormalised:
+        // A1 = [[0.75, 0.25], [0, 1]], A2 = [[1, 0], [0.25, 0.75]].
+        // Rollout = A2 * A1 = [[0.75, 0.25], [0.1875, 0.8125]].
+        let r = rollout(&[l1, l2], 2);
+        let expected = [0.75, 0.25, 0.1875, 0.8125];
+        for (a, b) in r.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-12, "{r:?}");
+        }
+        // Rows stay distributions.
+        assert!((r[0] + r[1] - 1.0).abs() < 1e-12 && (r[2] + r[3] - 1.0).abs() < 1e-12);
+        assert_eq!(rollout(&[], 2), vec![1.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn heads_average_elementwise() {
+        let a = [1.0f32, 0.0, 0.0, 1.0];
+        let b = [0.0f32, 1.0, 1.0, 0.0];
+        assert_eq!(head_average(&[&a, &b], 2), vec![0.5; 4]);
+    }
+}

@@ -1,0 +1,639 @@
+//! The Attention tab: softmax(QKᵀ/√d_k) of the selected layer and head as a heatmap
+//! (two token rows per text row with half blocks), the probe image with where the
+//! selected query and the CLS token look, per-head statistics against depth, all
+//! layers and heads at a glance, and attention rollout.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
+
+use super::app::App;
+use super::theme::{ColorMode, Series, Theme, HEAT_RAMP};
+use crate::attention::{head_average, head_stats, rollout, HeadStats};
+use crate::config::IMAGE_SIZE;
+use crate::probe::ProbeSnapshot;
+
+/// `values` (rows x cols, row-major) averaged down to at most `out_rows` x `out_cols`.
+pub fn shrink(
+    values: &[f64],
+    rows: usize,
+    cols: usize,
+    out_rows: usize,
+    out_cols: usize,
+) -> (Vec<f64>, usize, usize) {
+    let (r2, c2) = (
+        out_rows.clamp(1, rows.max(1)),
+        out_cols.clamp(1, cols.max(1)),
+    );
+    let mut out = vec![0.0; r2 * c2];
+    for (r, row_out) in out.chunks_exact_mut(c2).enumerate() {
+        let (r0, r1) = (r * rows / r2, ((r + 1) * rows / r2).max(r * rows / r2 + 1));
+        for (c, v) in row_out.iter_mut().enumerate() {
+            let (c0, c1) = (c * cols / c2, ((c + 1) * cols / c2).max(c * cols / c2 + 1));
+            let mut sum = 0.0;
+            for y in r0..r1 {
+                for x in c0..c1 {
+                    sum += values[y * cols + x];
+                }
+            }
+            *v = sum / ((r1 - r0) * (c1 - c0)) as f64;
+        }
+    }
+    (out, r2, c2)
+}
+
+/// The matrix shown: the selected head's weights, or the rollout through the selected
+/// layer, for the selected image.
+pub fn shown_matrix(app: &App, probe: &ProbeSnapshot) -> Vec<f64> {
+    let m = &probe.meta;
+    let v = &app.attention;
+    let (image, layer, head) = (
+        v.image.min(m.images - 1),
+        v.layer.min(m.depth - 1),
+        v.head.min(m.heads - 1),
+    );
+    if v.rollout {
+        let layers: Vec<Vec<f64>> = (0..=layer)
+            .map(|l| {
+                let heads: Vec<&[f32]> = (0..m.heads)
+                    .map(|h| probe.attention_matrix(image, l, h))
+                    .collect();
+                head_average(&heads, m.tokens)
+            })
+            .collect();
+        rollout(&layers, m.tokens)
+    } else {
+        probe
+            .attention_matrix(image, layer, head)
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect()
+    }
+}
+
+fn token_name(token: usize, grid: usize) -> String {
+    if token == 0 {
+        "CLS".to_string()
+    } else {
+        let p = token - 1;
+        format!("patch {p} (row {}, col {})", p / grid, p % grid)
+    }
+}
+
+/// Half-block heatmap: each text row shows two matrix rows (upper half = fg, lower =
+/// bg); without colour, one shading character of the two rows' mean.
+/// `grid` is `(values, rows, cols)` as [`shrink`] returns it; shades are relative to `max`.
+fn draw_half_blocks(
+    t: &Theme,
+    grid: &(Vec<f64>, usize, usize),
+    max: f64,
+    x0: u16,
+    y0: u16,
+    buf: &mut Buffer,
+) {
+    let (grid, rows, cols) = (&grid.0, grid.1, grid.2);
+    let level = |v: f64| if max > 0.0 { v / max } else { 0.0 };
+    for text_row in 0..rows.div_ceil(2) {
+        for c in 0..cols {
+            let top = level(grid[(2 * text_row) * cols + c]);
+            let bottom = if 2 * text_row + 1 < rows {
+                level(grid[(2 * text_row + 1) * cols + c])
+            } else {
+                0.0
+            };
+            let cell = &mut buf[(x0 + c as u16, y0 + text_row as u16)];
+            match (t.heat_color(top), t.heat_color(bottom)) {
+                (Some(fg), Some(bg)) => {
+                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
+                }
+                _ => {
+                    cell.set_char(t.heat((top + bottom) / 2.0).0)
+                        .set_style(Style::default());
+                }
+            }
+        }
+    }
+}
+
+fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let m = &probe.meta;
+    let title = if app.attention.rollout {
+        format!(
+            " rollout through layer {} (rows: query, columns: key) ",
+            app.attention.layer.min(m.depth - 1)
+        )
+    } else {
+        format!(
+            " layer {} head {}: softmax(QKᵀ/√d_k), rows: query, columns: key ",
+            app.attention.layer.min(m.depth - 1),
+            app.attention.head.min(m.heads - 1)
+        )
+    };
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .title(Span::styled(title, t.title()));
+    let inner = block.inner(area);
+    block.render(area, buf);
+    if inner.width < 12 || inner.height < 5 {
+        return;
+    }
+    let label_w = 4u16;
+    let avail_cols = (inner.width - label_w) as usize;
+    let avail_rows = (inner.height as usize - 2) * 2;
+    let tokens = m.tokens;
+    let shrunk = shrink(matrix, tokens, tokens, avail_rows, avail_cols);
+    let (rows, cols) = (shrunk.1, shrunk.2);
+    let max = shrunk.0.iter().copied().fold(0.0, f64::max);
+    draw_half_blocks(t, &shrunk, max, inner.x + label_w, inner.y + 1, buf);
+    // Column labels: CLS, then where each grid row of patches starts.
+    let grid_side = (tokens - 1).isqrt().max(1);
+    let mut header = vec![' '; avail_cols];
+    for (i, ch) in "CLS".chars().enumerate().take(avail_cols) {
+        header[i] = ch;
+    }
+    for r in (0..grid_side).step_by(2) {
+        let col = (1 + r * grid_side) * cols / tokens;
+        for (i, ch) in format!("r{r}").chars().enumerate() {
+            if col + i < avail_cols && col >= 4 {
+                header[col + i] = ch;
+            }
+        }
+    }
+    Paragraph::new(Line::styled(
+        header.into_iter().collect::<String>(),
+        t.dim(),
+    ))
+    .render(
+        Rect::new(inner.x + label_w, inner.y, inner.width - label_w, 1),
+        buf,
+    );
+    // Row labels and the query cursor.
+    let text_rows = rows.div_ceil(2);
+    let query_row = app.attention.query.min(tokens - 1) * rows / tokens / 2;
+    for tr in 0..text_rows {
+        // The tokens this text row covers; label it where an even patch row starts.
+        let (first, last) = (
+            tr * 2 * tokens / rows,
+            ((tr + 1) * 2 * tokens / rows).max(tr * 2 * tokens / rows + 1),
+        );
+        let starts = (0..grid_side)
+            .step_by(2)
+            .find(|g| (first..last).contains(&(1 + g * grid_side)));
+        let label = if tr == query_row {
+            "  ▶".to_string()
+        } else if tr == 0 {
+            "CLS".to_string()
+        } else if let Some(g) = starts {
+            format!("r{g}")
+        } else {
+            String::new()
+        };
+        let style = if tr == query_row { t.accent() } else { t.dim() };
+        Paragraph::new(Line::styled(label, style))
+            .render(Rect::new(inner.x, inner.y + 1 + tr as u16, label_w, 1), buf);
+    }
+    // Colour scale.
+    let mut legend = vec![Span::styled("0 ", t.dim())];
+    for i in 0..=8 {
+        let (ch, style) = t.heat(f64::from(i) / 8.0);
+        let ch = if t.mode == ColorMode::NoColor {
+            ch
+        } else {
+            '█'
+        };
+        legend.push(Span::styled(ch.to_string(), style));
+    }
+    legend.push(Span::styled(
+        format!(" {max:.3} (shade relative to the largest weight)"),
+        t.dim(),
+    ));
+    Paragraph::new(Line::from(legend)).render(
+        Rect::new(
+            inner.x + label_w,
+            inner.y + inner.height - 1,
+            inner.width - label_w,
+            1,
+        ),
+        buf,
+    );
+}
+
+/// An RGB pixel as a colour the terminal can show.
+fn pixel_color(mode: ColorMode, r: u8, g: u8, b: u8) -> Option<Color> {
+    match mode {
+        ColorMode::TrueColor => Some(Color::Rgb(r, g, b)),
+        ColorMode::Ansi256 => {
+            let q = |v: u8| (u16::from(v) * 5 + 127) / 255;
+            Some(Color::Indexed((16 + 36 * q(r) + 6 * q(g) + q(b)) as u8))
+        }
+        ColorMode::NoColor => None,
+    }
+}
+
+/// The probe image in half-block pixels (32 x 16 cells at full size; without colour,
+/// a shading character of the brightness).
+fn draw_image(t: &Theme, pixels: &[u8], x0: u16, y0: u16, buf: &mut Buffer) {
+    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    let at = |y: usize, x: usize| {
+        let i = y * IMAGE_SIZE + x;
+        (pixels[i], pixels[plane + i], pixels[2 * plane + i])
+    };
+    for row in 0..IMAGE_SIZE / 2 {
+        for x in 0..IMAGE_SIZE {
+            let (top, bottom) = (at(2 * row, x), at(2 * row + 1, x));
+            let cell = &mut buf[(x0 + x as u16, y0 + row as u16)];
+            match (
+                pixel_color(t.mode, top.0, top.1, top.2),
+                pixel_color(t.mode, bottom.0, bottom.1, bottom.2),
+            ) {
+                (Some(fg), Some(bg)) => {
+                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
+                }
+                _ => {
+                    let lum = |p: (u8, u8, u8)| {
+                        (0.299 * f64::from(p.0) + 0.587 * f64::from(p.1) + 0.114 * f64::from(p.2))
+                            / 255.0
+                    };
+                    let level = (lum(top) + lum(bottom)) / 2.0;
+                    cell.set_char(HEAT_RAMP[(level * 4.0).round() as usize])
+                        .set_style(Style::default());
+                }
+            }
+        }
+    }
+}
+
+/// An 8x8 map of weights over the patches, each patch 2 cells wide.
+fn draw_patch_map(t: &Theme, weights: &[f64], grid: usize, x0: u16, y0: u16, buf: &mut Buffer) {
+    let max = weights.iter().copied().fold(0.0, f64::max);
+    for (i, &w) in weights.iter().enumerate().take(grid * grid) {
+        let level = if max > 0.0 { w / max } else { 0.0 };
+        let (ch, style) = t.heat(level);
+        let ch = if t.mode == ColorMode::NoColor {
+            ch
+        } else {
+            '█'
+        };
+        for dx in 0..2 {
+            let cell = &mut buf[(x0 + ((i % grid) * 2 + dx) as u16, y0 + (i / grid) as u16)];
+            cell.set_char(ch).set_style(style);
+        }
+    }
+}
+
+fn render_image_panel(
+    app: &App,
+    probe: &ProbeSnapshot,
+    matrix: &[f64],
+    area: Rect,
+    buf: &mut Buffer,
+) {
+    let t = &app.theme;
+    let m = &probe.meta;
+    let image = app.attention.image.min(m.images - 1);
+    let query = app.attention.query.min(m.tokens - 1);
+    let block = Block::default().borders(Borders::ALL).title(Span::styled(
+        " image │ query's weights │ CLS's weights ",
+        t.title(),
+    ));
+    let inner = block.inner(area);
+    block.render(area, buf);
+    let grid = (m.tokens - 1).isqrt();
+    let pixels = app
+        .probe_images
+        .get(image * crate::data::IMAGE_BYTES..(image + 1) * crate::data::IMAGE_BYTES);
+    let needed_w = 32 + 2 + 2 * grid as u16 + 2 + 2 * grid as u16;
+    if inner.width < needed_w || inner.height < 17 {
+        Paragraph::new(Line::styled(
+            "(needs a larger terminal for the image)",
+            t.dim(),
+        ))
+        .render(inner, buf);
+        return;
+    }
+    if let Some(px) = pixels {
+        draw_image(t, px, inner.x, inner.y, buf);
+    } else {
+        Paragraph::new(Line::styled("image not recorded", t.dim()))
+            .render(Rect::new(inner.x, inner.y, 32, 1), buf);
+    }
+    let row = |q: usize| -> Vec<f64> { matrix[q * m.tokens + 1..(q + 1) * m.tokens].to_vec() };
+    let map_x = inner.x + 34;
+    draw_patch_map(t, &row(query), grid, map_x, inner.y, buf);
+    draw_patch_map(t, &row(0), grid, map_x + 2 * grid as u16 + 2, inner.y, buf);
+    let label = app.probe_labels.get(image).map_or(String::new(), |&l| {
+        let name = app
+            .class_names()
+            .get(usize::from(l))
+            .cloned()
+            .unwrap_or_default();
+        format!("true: {name}")
+    });
+    let predicted = probe.image_probabilities(image);
+    let (best, p) =
+        predicted.iter().enumerate().fold(
+            (0, 0.0f32),
+            |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
+        );
+    let pred_name = app
+        .class_names()
+        .get(best)
+        .cloned()
+        .unwrap_or_else(|| best.to_string());
+    let lines = vec![
+        Line::from(vec![
+            Span::styled(format!("image {} of {}  ", image + 1, m.images), t.dim()),
+            Span::raw(label),
+        ]),
+        Line::from(vec![
+            Span::styled("predicted: ", t.dim()),
+            Span::raw(format!("{pred_name} ({:.0}%)", p * 100.0)),
+        ]),
+        Line::from(vec![
+            Span::styled("query: ", t.dim()),
+            Span::styled(token_name(query, grid), t.accent()),
+        ]),
+    ];
+    Paragraph::new(lines).render(
+        Rect::new(map_x, inner.y + grid as u16 + 1, inner.width - 34, 3),
+        buf,
+    );
+    // The query row's strongest keys, exact.
+    let mut weights: Vec<(usize, f64)> = matrix[query * m.tokens..(query + 1) * m.tokens]
+        .iter()
+        .copied()
+        .enumerate()
+        .collect();
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<Span> = weights
+        .iter()
+        .take(5)
+        .map(|(k, w)| {
+            Span::raw(format!(
+                "{} {:.3}  ",
+                if *k == 0 {
+                    "CLS".to_string()
+                } else {
+                    format!("p{}", k - 1)
+                },
+                w
+            ))
+        })
+        .collect();
+    let mut line = vec![Span::styled("top keys: ", t.dim())];
+    line.extend(top);
+    Paragraph::new(Line::from(line)).render(Rect::new(inner.x, inner.y + 16, inner.width, 1), buf);
+}
+
+/// Statistics of every head of the shown image.
+pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<HeadStats>> {
+    let m = &probe.meta;
+    let grid = (m.tokens - 1).isqrt();
+    (0..m.depth)
+        .map(|l| {
+            (0..m.heads)
+                .map(|h| head_stats(probe.attention_matrix(image, l, h), m.tokens, grid, patch))
+                .collect()
+        })
+        .collect()
+}
+
+fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let block = Block::default().borders(Borders::ALL).title(Span::styled(
+        " per head: entropy (nats) · mean distance (px) · on itself · on CLS ",
+        t.title(),
+    ));
+    let inner = block.inner(area);
+    block.render(area, buf);
+    let rows: Vec<(usize, usize)> = stats
+        .iter()
+        .enumerate()
+        .flat_map(|(l, hs)| (0..hs.len()).map(move |h| (l, h)))
+        .collect();
+    let selected = rows
+        .iter()
+        .position(|&(l, h)| l == app.attention.layer && h == app.attention.head)
+        .unwrap_or(0);
+    let room = inner.height as usize;
+    let start = selected
+        .saturating_sub(room.saturating_sub(1))
+        .min(rows.len().saturating_sub(room));
+    let lines: Vec<Line> = rows
+        .iter()
+        .skip(start)
+        .take(room)
+        .map(|&(l, h)| {
+            let s = stats[l][h];
+            let style = if (l, h) == (app.attention.layer, app.attention.head) {
+                t.selected_tab()
+            } else {
+                t.text()
+            };
+            Line::styled(
+                format!(
+                    "L{l} H{h}  entropy {:>5.2}  distance {:>5.1}  self {:>5.1}%  CLS {:>5.1}%",
+                    s.entropy,
+                    s.mean_distance,
+                    s.diagonal * 100.0,
+                    s.cls * 100.0
+                ),
+                style,
+            )
+        })
+        .collect();
+    Paragraph::new(lines).render(inner, buf);
+}
+
+fn render_distance_chart(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let heads = stats.first().map_or(0, Vec::len);
+    let series: Vec<Vec<(f64, f64)>> = (0..heads)
+        .map(|h| {
+            stats
+                .iter()
+                .enumerate()
+                .map(|(l, hs)| (l as f64, hs[h].mean_distance))
+                .collect()
+        })
+        .collect();
+    let top = stats
+        .iter()
+        .flatten()
+        .map(|s| s.mean_distance)
+        .fold(1.0, f64::max);
+    let datasets: Vec<Dataset> = series
+        .iter()
+        .map(|points| {
+            Dataset::default()
+                .marker(t.marker(Series::Eval))
+                .graph_type(GraphType::Scatter)
+                .style(t.series(Series::Eval))
+                .data(points)
+        })
+        .collect();
+    let depth = stats.len().max(2) as f64;
+    Chart::new(datasets)
+        .block(Block::default().borders(Borders::ALL).title(Span::styled(
+            " mean attention distance (px) vs layer, one mark per head ",
+            t.title(),
+        )))
+        .x_axis(
+            Axis::default().bounds([-0.5, depth - 0.5]).labels(
+                [
+                    "0".to_string(),
+                    format!("{}", stats.len().saturating_sub(1)),
+                ]
+                .map(|s| Span::styled(s, t.dim())),
+            ),
+        )
+        .y_axis(Axis::default().bounds([0.0, top * 1.1]).labels(
+            ["0".to_string(), format!("{:.0}", top * 1.1)].map(|s| Span::styled(s, t.dim())),
+        ))
+        .render(area, buf);
+}
+
+/// All layers x heads as small heatmaps; the selected one is marked.
+fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let m = &probe.meta;
+    let block = Block::default().borders(Borders::ALL).title(Span::styled(
+        " all layers (rows) × heads (columns) ",
+        t.title(),
+    ));
+    let inner = block.inner(area);
+    block.render(area, buf);
+    let image = app.attention.image.min(m.images - 1);
+    let cell_w = (inner.width as usize / m.heads.max(1))
+        .saturating_sub(1)
+        .min(24);
+    let cell_h = (inner.height as usize / m.depth.max(1)).min(8);
+    if cell_w < 3 || cell_h < 1 {
+        return;
+    }
+    for l in 0..m.depth {
+        for h in 0..m.heads {
+            let matrix: Vec<f64> = probe
+                .attention_matrix(image, l, h)
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let shrunk = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w - 1);
+            let max = shrunk.0.iter().copied().fold(0.0, f64::max);
+            let x0 = inner.x + (h * (cell_w + 1)) as u16;
+            let y0 = inner.y + (l * cell_h) as u16;
+            let selected = l == app.attention.layer && h == app.attention.head;
+            let mark = Span::styled(if selected { "▶" } else { " " }, t.accent());
+            Paragraph::new(Line::from(mark)).render(Rect::new(x0, y0, 1, 1), buf);
+            draw_half_blocks(t, &shrunk, max, x0 + 1, y0, buf);
+        }
+    }
+}
+
+pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let Some(meta) = app.shown_probe() else {
+        Paragraph::new(vec![
+            Line::styled("Attention weights = softmax(QKᵀ/√d_k): row i is where token i (the query) puts its weight over all tokens (the keys).", t.title()),
+            Line::raw(""),
+            Line::styled("Waiting for the first probe (one is taken before training starts) …", t.dim()),
+        ])
+        .block(Block::default().borders(Borders::ALL))
+        .render(area, buf);
+        return;
+    };
+    let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
+    let position = app.probe_position().map_or(String::new(), |(i, n)| {
+        if i + 1 < n {
+            format!("probe {}/{n} (, . to move, End for latest)", i + 1)
+        } else {
+            format!("probe {n}/{n}, latest")
+        }
+    });
+    Paragraph::new(vec![
+        Line::styled("softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row", t.dim()),
+        Line::from(vec![
+            Span::styled(if app.attention.rollout { "rollout " } else { "raw weights " }, t.accent()),
+            Span::raw(format!("│ step {} (epoch {}) │ {position}", meta.step, meta.epoch)),
+        ]),
+    ])
+    .render(header, buf);
+    let Some(probe) = app.shown_full_probe() else {
+        Paragraph::new(Line::styled(
+            "this probe's attention is no longer in memory (the newest 32 are kept); `vitscope view` the run to see any step",
+            t.dim(),
+        ))
+        .render(body, buf);
+        return;
+    };
+    if probe.attention.is_empty() || probe.meta.images == 0 {
+        Paragraph::new(Line::styled(
+            "this probe has no attention recorded",
+            t.dim(),
+        ))
+        .render(body, buf);
+        return;
+    }
+    let matrix = shown_matrix(app, probe);
+    let patch = IMAGE_SIZE / (probe.meta.tokens - 1).isqrt().max(1);
+    let stats = all_stats(probe, app.attention.image.min(probe.meta.images - 1), patch);
+    let heat_w = (probe.meta.tokens as u16 + 6).min(body.width / 2);
+    let [left, right] =
+        Layout::horizontal([Constraint::Length(heat_w), Constraint::Fill(1)]).areas(body);
+    let heat_h = (probe.meta.tokens as u16).div_ceil(2) + 4;
+    let [heat, stats_area] = Layout::vertical([
+        Constraint::Length(heat_h.min(left.height)),
+        Constraint::Fill(1),
+    ])
+    .areas(left);
+    render_heatmap(app, probe, &matrix, heat, buf);
+    render_stats(app, &stats, stats_area, buf);
+    let [image, below] =
+        Layout::vertical([Constraint::Length(19), Constraint::Fill(1)]).areas(right);
+    render_image_panel(app, probe, &matrix, image, buf);
+    let [thumbs, chart] =
+        Layout::horizontal([Constraint::Percentage(55), Constraint::Fill(1)]).areas(below);
+    render_thumbnails(app, probe, thumbs, buf);
+    render_distance_chart(app, &stats, chart, buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shrinking_averages_blocks() {
+        let v: Vec<f64> = (0..16).map(f64::from).collect();
+        let (out, r, c) = shrink(&v, 4, 4, 2, 2);
+        assert_eq!((r, c), (2, 2));
+        assert_eq!(out, vec![2.5, 4.5, 10.5, 12.5]);
+        let (same, r, c) = shrink(&v, 4, 4, 10, 10);
+        assert_eq!((r, c, same), (4, 4, v.clone()));
+    }
+
+    #[test]
+    fn pixels_map_to_the_terminal_palette() {
+        assert_eq!(
+            pixel_color(ColorMode::TrueColor, 1, 2, 3),
+            Some(Color::Rgb(1, 2, 3))
+        );
+        assert_eq!(
+            pixel_color(ColorMode::Ansi256, 0, 0, 0),
+            Some(Color::Indexed(16))
+        );
+        assert_eq!(
+            pixel_color(ColorMode::Ansi256, 255, 255, 255),
+            Some(Color::Indexed(231))
+        );
+        assert_eq!(
+            pixel_color(ColorMode::Ansi256, 255, 0, 0),
+            Some(Color::Indexed(196))
+        );
+        assert_eq!(pixel_color(ColorMode::NoColor, 9, 9, 9), None);
+        assert_eq!(token_name(0, 8), "CLS");
+        assert_eq!(token_name(11, 8), "patch 10 (row 1, col 2)");
+    }
+}
