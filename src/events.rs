@@ -70,6 +70,9 @@ pub enum Phase {
     Evaluating,
     Finished,
     Failed,
+    /// Seen from `vitscope view`: the run has written nothing for a while and did not
+    /// say it ended (killed, or its machine is gone).
+    Stalled,
 }
 
 impl Phase {
@@ -81,6 +84,7 @@ impl Phase {
             Self::Evaluating => "evaluating",
             Self::Finished => "finished",
             Self::Failed => "failed",
+            Self::Stalled => "no new data for a minute",
         }
     }
 }

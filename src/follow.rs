@@ -18,7 +18,11 @@ pub struct Follower {
     log_offset: u64,
     probes_sent: Vec<u64>,
     ended: bool,
+    stalled: bool,
 }
+
+/// A run that wrote nothing for this long, without saying it ended, is shown as stalled.
+pub const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The run's shape, from its config (the data set's sizes are known per kind).
 pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
@@ -107,6 +111,7 @@ impl Follower {
             log_offset: 0,
             probes_sent: Vec::new(),
             ended: false,
+            stalled: false,
         }
     }
 
@@ -124,7 +129,17 @@ impl Follower {
     /// Events for whatever was appended since the last poll.
     pub fn poll(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
-        for line in read_new_lines(&self.run.file(METRICS_FILE), &mut self.metrics_offset) {
+        let lines = read_new_lines(&self.run.file(METRICS_FILE), &mut self.metrics_offset);
+        let quiet_for = std::fs::metadata(self.run.file(METRICS_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if !lines.is_empty() && self.stalled {
+            self.stalled = false;
+            events.push(Event::Phase(Phase::Training));
+        }
+        for line in lines {
             match serde_json::from_str::<MetricRecord>(&line) {
                 Ok(MetricRecord::Train(r)) => events.push(Event::Train(r)),
                 Ok(MetricRecord::Eval(e)) => events.push(Event::Eval(e)),
@@ -145,13 +160,19 @@ impl Follower {
                 });
                 self.ended = true;
             } else if let Some(error) = message.strip_prefix("error: ") {
+                self.stalled = false;
                 events.push(Event::Failed(error.to_string()));
                 self.ended = true;
             } else if message.starts_with("resumed from") {
                 self.ended = false;
+                self.stalled = false;
                 events.push(Event::Phase(Phase::Training));
             }
             events.push(Event::Log(message));
+        }
+        if !self.ended && !self.stalled && quiet_for > STALL_AFTER {
+            self.stalled = true;
+            events.push(Event::Phase(Phase::Stalled));
         }
         for (step, _) in self.run.probe_files() {
             if !self.probes_sent.contains(&step) {
@@ -202,6 +223,62 @@ pub fn spawn(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn has_phase(events: &[Event], phase: Phase) -> bool {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Phase(p) if *p == phase))
+    }
+
+    #[test]
+    fn a_quiet_run_that_never_ended_is_stalled_and_a_finished_one_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path(), None, &crate::config::Config::default()).unwrap();
+        let line = r#"{"kind":"train","step":1,"epoch":1,"loss":2.0,"accuracy":0.1,"lr":0.001,"images_per_sec":1.0,"step_ms":1.0,"wall_secs":1.0}"#;
+        std::fs::write(run.file(METRICS_FILE), format!("{line}\n")).unwrap();
+        let old = std::time::SystemTime::now() - STALL_AFTER * 2;
+        std::fs::File::options()
+            .append(true)
+            .open(run.file(METRICS_FILE))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut follower = Follower::new(run.clone());
+        assert!(matches!(follower.start().unwrap()[0], Event::Started(_)));
+        let events = follower.poll();
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Train(r) if r.step == 1)));
+        assert!(has_phase(&events, Phase::Stalled));
+        assert!(follower.poll().is_empty(), "said once");
+        // New data: training again.
+        let mut f = std::fs::File::options()
+            .append(true)
+            .open(run.file(METRICS_FILE))
+            .unwrap();
+        f.write_all(format!("{}\n", line.replace("\"step\":1", "\"step\":2")).as_bytes())
+            .unwrap();
+        assert!(has_phase(&follower.poll(), Phase::Training));
+        // A run that said it finished is never stalled.
+        std::fs::write(
+            run.file(LOG_FILE),
+            "2026-01-01T00:00:00Z finished at step 2: all 1 epochs done\n",
+        )
+        .unwrap();
+        std::fs::File::options()
+            .append(true)
+            .open(run.file(METRICS_FILE))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut viewer = Follower::new(run);
+        viewer.start().unwrap();
+        let events = viewer.poll();
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Finished { step: 2, .. })));
+        assert!(!has_phase(&events, Phase::Stalled));
+    }
 
     #[test]
     fn reads_only_whole_new_lines_and_rereads_a_rewritten_file() {

@@ -359,7 +359,7 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
     let eta_text = |secs: Option<f64>| match app.phase {
         Phase::Finished => "done".to_string(),
         Phase::Paused => "paused".to_string(),
-        Phase::Failed => "-".to_string(),
+        Phase::Failed | Phase::Stalled => "-".to_string(),
         _ => secs.map_or("ETA -".to_string(), |s| format!("ETA {}", duration(s))),
     };
     let width = (area.width as usize).saturating_sub(44).clamp(4, 120);

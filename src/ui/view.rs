@@ -92,7 +92,7 @@ fn phase_label(app: &App) -> (String, Style) {
     let style = match app.phase {
         Phase::Failed => t.bad(),
         Phase::Finished => t.good(),
-        Phase::Paused | Phase::Evaluating => t.accent(),
+        Phase::Paused | Phase::Evaluating | Phase::Stalled => t.accent(),
         Phase::Loading | Phase::Training => t.text().add_modifier(Modifier::BOLD),
     };
     let mut label = app.phase.label().to_string();
