@@ -35,6 +35,31 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Starts a long headless run of the tiny model in `run` with one extra `--set`, its
+/// stdout piped.
+#[cfg(unix)]
+fn spawn_long_headless_run(run: &std::path::Path, set: &str) -> std::process::Child {
+    let mut args: Vec<String> = [
+        "train",
+        "--headless",
+        "--epochs",
+        "1000",
+        "--set",
+        set,
+        "--run-dir",
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect();
+    args.push(run.display().to_string());
+    args.extend(tiny_args());
+    Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn stderr_line(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(text.lines().count(), 1, "expected one line, got: {text}");
@@ -208,25 +233,9 @@ fn bench_reports_json_numbers() {
 #[test]
 fn an_interrupt_stops_headless_training_with_a_checkpoint() {
     use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let mut args = vec![
-        "train".to_string(),
-        "--headless".into(),
-        "--epochs".into(),
-        "1000".into(),
-        "--run-dir".into(),
-        run.display().to_string(),
-        "--set".into(),
-        "run.print_every_secs=0.1".into(),
-    ];
-    args.extend(tiny_args());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vitscope"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_long_headless_run(&run, "run.print_every_secs=0.1");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // Wait until it trains, then interrupt it as Ctrl-C would.
     for line in lines.by_ref() {
@@ -252,25 +261,9 @@ fn an_interrupt_stops_headless_training_with_a_checkpoint() {
 #[test]
 fn a_run_killed_with_sigkill_resumes_from_its_last_checkpoint() {
     use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let mut args = vec![
-        "train".to_string(),
-        "--headless".into(),
-        "--epochs".into(),
-        "1000".into(),
-        "--run-dir".into(),
-        run.display().to_string(),
-        "--set".into(),
-        "train.checkpoint_every_steps=5".into(),
-    ];
-    args.extend(tiny_args());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vitscope"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_long_headless_run(&run, "train.checkpoint_every_steps=5");
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         if line.unwrap().starts_with("checkpoint at step 10:") {
             break;

@@ -411,21 +411,10 @@ fn attention_probe(step: u64) -> Event {
 fn attention_app(mode: ColorMode) -> App {
     let mut a = app(mode);
     let mut run = info();
-    run.class_names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
-    .iter()
-    .map(|s| (*s).to_string())
-    .collect();
+    run.class_names = vitscope::data::CIFAR10_CLASSES
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
     run.probe_pixels = (0..2 * 3072).map(|i| ((i * 7) % 256) as u8).collect();
     run.probe_labels = vec![3, 8];
     a.on_event(Event::Started(run));
