@@ -130,8 +130,7 @@ async fn event_loop(
             (false, true, Some(t)) => Some(t + data_gap),
             (false, false, _) => None,
         };
-        if let Some(due) = due.filter(|d| *d <= Instant::now()) {
-            let _ = due;
+        if due.is_some_and(|d| d <= Instant::now()) {
             let t = Instant::now();
             terminal.draw(|frame| frame.render_widget(&app, frame.area()))?;
             stats.render_ms.push(t.elapsed().as_secs_f64() * 1e3);
