@@ -127,11 +127,8 @@ pub struct App {
     pub info: Option<RunInfo>,
     pub train: Vec<TrainRecord>,
     pub evals: Vec<EvalRecord>,
-    pub probes_seen: usize,
     /// The small part of every probe (LayerNorm statistics), by step.
     pub probe_metas: Vec<ProbeMeta>,
-    /// The latest probe in full (attention, hidden states).
-    pub latest_probe: Option<Arc<ProbeSnapshot>>,
     pub layernorm: LayerNormView,
     pub attention: AttentionView,
     /// The probe the probe tabs show, as an index into `probe_metas`; `None` follows
@@ -170,9 +167,7 @@ impl App {
             info: None,
             train: Vec::new(),
             evals: Vec::new(),
-            probes_seen: 0,
             probe_metas: Vec::new(),
-            latest_probe: None,
             layernorm: LayerNormView {
                 selected: 0,
                 source: LnSource::Output,
@@ -246,7 +241,6 @@ impl App {
                 self.evals.push(record);
             }
             Event::Probe(snapshot) => {
-                self.probes_seen += 1;
                 let step = snapshot.meta.step;
                 // A resumed run probes again from its checkpoint: later ones are stale.
                 self.probe_metas.retain(|m| m.step < step);
@@ -255,8 +249,7 @@ impl App {
                 if self.full_probes.len() == FULL_PROBES_KEPT {
                     self.full_probes.pop_front();
                 }
-                self.full_probes.push_back(Arc::clone(&snapshot));
-                self.latest_probe = Some(snapshot);
+                self.full_probes.push_back(snapshot);
                 return self.tab != Tab::Training;
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
@@ -416,7 +409,7 @@ impl App {
     }
 
     fn on_attention_action(&mut self, action: Action) {
-        let (depth, heads, images, tokens) = self.latest_probe.as_ref().map_or((1, 1, 1, 1), |p| {
+        let (depth, heads, images, tokens) = self.full_probes.back().map_or((1, 1, 1, 1), |p| {
             (p.meta.depth, p.meta.heads, p.meta.images, p.meta.tokens)
         });
         let view = &mut self.attention;
