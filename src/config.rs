@@ -152,6 +152,7 @@ pub struct DataConfig {
 pub struct ProbeConfig {
     pub every_steps: usize,
     pub images: usize,
+    pub predictions: usize,
     pub histogram_bins: usize,
     pub histogram_range: f64,
 }

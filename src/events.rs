@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::data::LoadProgress;
+use crate::predictions::Predictions;
 use crate::probe::ProbeSnapshot;
 
 /// One training step, as written to `metrics.jsonl` (`"kind":"train"`).
@@ -108,9 +109,10 @@ pub struct RunInfo {
     pub start_wall_secs: f64,
     pub parameters: usize,
     pub device: String,
-    /// The probe images, raw (images x 3 x 32 x 32 bytes), and their labels.
-    pub probe_pixels: Vec<u8>,
-    pub probe_labels: Vec<u8>,
+    /// The first test images, raw (images x 3 x 32 x 32 bytes), and their labels: the
+    /// probe images are the first of them; the Predictions tab pages through them all.
+    pub test_pixels: Vec<u8>,
+    pub test_labels: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +123,8 @@ pub enum Event {
     Train(TrainRecord),
     Eval(EvalRecord),
     Probe(Arc<ProbeSnapshot>),
+    /// An evaluation's predictions on the first test images (after its [`Event::Eval`]).
+    Predictions(Arc<Predictions>),
     Checkpoint {
         step: u64,
         path: PathBuf,

@@ -17,6 +17,7 @@ pub struct Follower {
     metrics_offset: u64,
     log_offset: u64,
     probes_sent: Vec<u64>,
+    predictions_sent: Vec<u64>,
     ended: bool,
     stalled: bool,
 }
@@ -70,8 +71,8 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
         start_wall_secs: 0.0,
         parameters: 0,
         device: "recorded run".to_string(),
-        probe_pixels: Vec::new(),
-        probe_labels: Vec::new(),
+        test_pixels: Vec::new(),
+        test_labels: Vec::new(),
     }
 }
 
@@ -110,6 +111,7 @@ impl Follower {
             metrics_offset: 0,
             log_offset: 0,
             probes_sent: Vec::new(),
+            predictions_sent: Vec::new(),
             ended: false,
             stalled: false,
         }
@@ -119,9 +121,9 @@ impl Follower {
     pub fn start(&mut self) -> Result<Vec<Event>, RunError> {
         let config = self.run.read_config()?;
         let mut info = run_info(&self.run, &config, 0);
-        if let Some((pixels, labels)) = self.run.read_probe_images() {
-            info.probe_pixels = pixels;
-            info.probe_labels = labels;
+        if let Some((pixels, labels)) = self.run.read_test_images() {
+            info.test_pixels = pixels;
+            info.test_labels = labels;
         }
         Ok(vec![Event::Started(info), Event::Phase(Phase::Training)])
     }
@@ -179,6 +181,14 @@ impl Follower {
                 if let Ok(snapshot) = self.run.read_probe(step) {
                     events.push(Event::Probe(std::sync::Arc::new(snapshot)));
                     self.probes_sent.push(step);
+                }
+            }
+        }
+        for (step, _) in self.run.prediction_files() {
+            if !self.predictions_sent.contains(&step) {
+                if let Ok(predictions) = self.run.read_predictions(step) {
+                    events.push(Event::Predictions(std::sync::Arc::new(predictions)));
+                    self.predictions_sent.push(step);
                 }
             }
         }
@@ -278,6 +288,54 @@ mod tests {
             .iter()
             .any(|e| matches!(e, Event::Finished { step: 2, .. })));
         assert!(!has_phase(&events, Phase::Stalled));
+    }
+
+    #[test]
+    fn predictions_and_test_images_are_replayed_once_and_dropped_past_a_resume() {
+        use crate::predictions::{Predictions, PredictionsMeta};
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path(), None, &crate::config::Config::default()).unwrap();
+        run.write_test_images(&vec![7u8; 2 * crate::data::IMAGE_BYTES], &[3, 4])
+            .unwrap();
+        for step in [390, 780] {
+            run.write_predictions(&Predictions {
+                meta: PredictionsMeta {
+                    step,
+                    epoch: step / 390,
+                    images: 2,
+                    classes: 10,
+                },
+                probabilities: vec![0.1; 20],
+            })
+            .unwrap();
+        }
+        let mut follower = Follower::new(run.clone());
+        let Event::Started(info) = &follower.start().unwrap()[0] else {
+            panic!("no Started event")
+        };
+        assert_eq!(info.test_labels, vec![3, 4]);
+        assert_eq!(info.test_pixels.len(), 2 * crate::data::IMAGE_BYTES);
+        let steps: Vec<u64> = follower
+            .poll()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Predictions(p) => Some(p.meta.step),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps, vec![390, 780]);
+        assert!(!follower
+            .poll()
+            .iter()
+            .any(|e| matches!(e, Event::Predictions(_))));
+        run.truncate_after(500).unwrap();
+        assert_eq!(
+            run.prediction_files()
+                .iter()
+                .map(|f| f.0)
+                .collect::<Vec<_>>(),
+            vec![390]
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl<W: Write> HeadlessPrinter<W> {
             }
             // Errors go to stderr, from the caller that joins the trainer.
             Event::Failed(_) => {}
-            Event::Phase(_) | Event::Probe(_) => {}
+            Event::Phase(_) | Event::Probe(_) | Event::Predictions(_) => {}
         }
     }
 }
@@ -207,8 +207,8 @@ mod tests {
             start_wall_secs: 0.0,
             parameters: 1234,
             device: "cpu".into(),
-            probe_pixels: vec![],
-            probe_labels: vec![],
+            test_pixels: vec![],
+            test_labels: vec![],
         }
     }
 

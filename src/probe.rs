@@ -176,6 +176,12 @@ pub struct ProbeSnapshot {
     pub hidden: Vec<f32>,
     /// (images, classes): predicted class probabilities.
     pub probabilities: Vec<f32>,
+    /// (tokens, dim): the learned position embeddings (CLS first); empty in probes
+    /// recorded before they were.
+    pub position_embedding: Vec<f32>,
+    /// (dim, patch x patch x 3): the patch-embedding filters, each flattened as
+    /// (row, column, channel) like the patches; empty in older probes.
+    pub patch_filters: Vec<f32>,
 }
 
 impl ProbeSnapshot {
@@ -195,6 +201,11 @@ impl ProbeSnapshot {
         &self.hidden[start..start + size]
     }
 
+    /// Values per patch-embedding filter (patch x patch x 3).
+    pub fn patch_values(&self) -> usize {
+        self.patch_filters.len() / self.meta.dim.max(1)
+    }
+
     pub fn image_probabilities(&self, image: usize) -> &[f32] {
         &self.probabilities[image * self.meta.classes..(image + 1) * self.meta.classes]
     }
@@ -210,11 +221,10 @@ impl ProbeSnapshot {
         };
         let attention = f16_bytes(&self.attention);
         let hidden = f16_bytes(&self.hidden);
-        let probabilities: Vec<u8> = self
-            .probabilities
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let probabilities = f32_bytes(&self.probabilities);
+        let position = f32_bytes(&self.position_embedding);
+        let filters = f32_bytes(&self.patch_filters);
         let views = [
             (
                 "attention",
@@ -235,6 +245,18 @@ impl ProbeSnapshot {
             (
                 "probabilities",
                 TensorView::new(Dtype::F32, vec![m.images, m.classes], &probabilities),
+            ),
+            (
+                "position_embedding",
+                TensorView::new(
+                    Dtype::F32,
+                    vec![self.position_embedding.len() / m.dim.max(1), m.dim],
+                    &position,
+                ),
+            ),
+            (
+                "patch_filters",
+                TensorView::new(Dtype::F32, vec![m.dim, self.patch_values()], &filters),
             ),
         ];
         let views: Vec<(&str, TensorView)> = views
@@ -283,6 +305,10 @@ impl ProbeSnapshot {
             }
             Ok(values)
         };
+        let optional = |name: &str, expected: usize| match tensors.tensor(name) {
+            Ok(_) => read(name, expected),
+            Err(_) => Ok(Vec::new()),
+        };
         let m = &meta;
         Ok(Self {
             attention: read(
@@ -291,6 +317,14 @@ impl ProbeSnapshot {
             )?,
             hidden: read("hidden", m.images * (m.depth + 1) * m.tokens * m.dim)?,
             probabilities: read("probabilities", m.images * m.classes)?,
+            position_embedding: optional("position_embedding", m.tokens * m.dim)?,
+            patch_filters: match tensors.tensor("patch_filters") {
+                Ok(view) => {
+                    let expected = view.shape().iter().product();
+                    read("patch_filters", expected)?
+                }
+                Err(_) => Vec::new(),
+            },
             meta,
         })
     }
@@ -382,6 +416,8 @@ impl ProbeSet {
             attention,
             hidden,
             probabilities,
+            position_embedding: flat(&model.pos_embed)?,
+            patch_filters: flat(&model.patch_embed.weight)?,
         })
     }
 }
@@ -472,6 +508,10 @@ mod tests {
         let back = ProbeSnapshot::from_bytes(&snap.to_bytes()).unwrap();
         assert_eq!(back.meta, snap.meta);
         assert_eq!(back.probabilities, snap.probabilities);
+        assert_eq!(snap.position_embedding.len(), 65 * 96);
+        assert_eq!(snap.patch_values(), 48);
+        assert_eq!(back.position_embedding, snap.position_embedding);
+        assert_eq!(back.patch_filters, snap.patch_filters);
         for (a, b) in back.attention.iter().zip(&snap.attention) {
             assert!((a - b).abs() <= 1e-3 * b.abs().max(1e-2), "{a} vs {b}");
         }

@@ -6,8 +6,9 @@
 //!   metrics.jsonl            one JSON object per training step or evaluation
 //!   checkpoint.safetensors   weights, optimizer moments, step/seed/timing state
 //!   run.log                  messages
-//!   probes/images.safetensors  the probe images
+//!   probes/images.safetensors  the first test images (probe images first) and labels
 //!   probes/step-00000250.safetensors ...  one file per probe
+//!   predictions/step-00000390.safetensors ...  each evaluation's predictions on them
 //! ```
 //!
 //! Whole files are written to a temporary name and renamed. `metrics.jsonl` and
@@ -23,7 +24,8 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::{Config, ConfigError};
 use crate::events::MetricRecord;
-use crate::probe::{ProbeSet, ProbeSnapshot};
+use crate::predictions::Predictions;
+use crate::probe::ProbeSnapshot;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -31,6 +33,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const LOG_FILE: &str = "run.log";
 pub const PROBES_DIR: &str = "probes";
 pub const PROBE_IMAGES_FILE: &str = "images.safetensors";
+pub const PREDICTIONS_DIR: &str = "predictions";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -174,8 +177,12 @@ impl RunDir {
             .map(|l| format!("{l}\n"))
             .collect();
         write_atomic(&self.file(METRICS_FILE), kept.as_bytes())?;
-        for (probe_step, path) in self.probe_files() {
-            if probe_step > step {
+        let stale = self
+            .step_files(PROBES_DIR)
+            .into_iter()
+            .chain(self.step_files(PREDICTIONS_DIR));
+        for (file_step, path) in stale {
+            if file_step > step {
                 std::fs::remove_file(&path)
                     .map_err(|e| io_error(&path, format!("cannot remove: {e}")))?;
             }
@@ -183,10 +190,14 @@ impl RunDir {
         Ok(())
     }
 
-    fn probe_path(&self, step: u64) -> PathBuf {
+    fn step_path(&self, dir: &str, step: u64) -> PathBuf {
         self.path
-            .join(PROBES_DIR)
+            .join(dir)
             .join(format!("step-{step:08}.safetensors"))
+    }
+
+    fn probe_path(&self, step: u64) -> PathBuf {
+        self.step_path(PROBES_DIR, step)
     }
 
     pub fn write_probe(&self, snapshot: &ProbeSnapshot) -> Result<PathBuf, RunError> {
@@ -197,7 +208,32 @@ impl RunDir {
 
     /// Probe files by step, in order.
     pub fn probe_files(&self) -> Vec<(u64, PathBuf)> {
-        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(self.path.join(PROBES_DIR))
+        self.step_files(PROBES_DIR)
+    }
+
+    /// Prediction files by step, in order.
+    pub fn prediction_files(&self) -> Vec<(u64, PathBuf)> {
+        self.step_files(PREDICTIONS_DIR)
+    }
+
+    pub fn write_predictions(&self, predictions: &Predictions) -> Result<PathBuf, RunError> {
+        let path = self.step_path(PREDICTIONS_DIR, predictions.meta.step);
+        std::fs::create_dir_all(self.path.join(PREDICTIONS_DIR))
+            .map_err(|e| io_error(&path, format!("cannot create its folder: {e}")))?;
+        write_atomic(&path, &predictions.to_bytes())?;
+        Ok(path)
+    }
+
+    pub fn read_predictions(&self, step: u64) -> Result<Predictions, RunError> {
+        let path = self.step_path(PREDICTIONS_DIR, step);
+        let bytes =
+            std::fs::read(&path).map_err(|e| io_error(&path, format!("cannot read: {e}")))?;
+        Predictions::from_bytes(&bytes).map_err(|e| io_error(&path, e))
+    }
+
+    /// `step-NNNNNNNN.safetensors` files of a folder by step, in order.
+    fn step_files(&self, dir: &str) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(self.path.join(dir))
             .into_iter()
             .flatten()
             .flatten()
@@ -222,21 +258,16 @@ impl RunDir {
         ProbeSnapshot::from_bytes(&bytes).map_err(|e| io_error(&path, e))
     }
 
-    /// Stores the probe images (raw bytes, labels and test-set indices) once per run.
-    pub fn write_probe_images(&self, set: &ProbeSet) -> Result<(), RunError> {
-        let n = set.len();
-        let labels: Vec<u8> = set.labels.clone();
-        let indices: Vec<u8> = set
-            .indices
-            .iter()
-            .flat_map(|&i| (i as u64).to_le_bytes())
-            .collect();
+    /// Stores the first test images (raw bytes, labels and test-set indices) once per run.
+    pub fn write_test_images(&self, pixels: &[u8], labels: &[u8]) -> Result<(), RunError> {
+        let n = labels.len();
+        let indices: Vec<u8> = (0..n as u64).flat_map(u64::to_le_bytes).collect();
         let views = vec![
             (
                 "pixels",
-                TensorView::new(Dtype::U8, vec![n, 3, 32, 32], &set.pixels),
+                TensorView::new(Dtype::U8, vec![n, 3, 32, 32], pixels),
             ),
-            ("labels", TensorView::new(Dtype::U8, vec![n], &labels)),
+            ("labels", TensorView::new(Dtype::U8, vec![n], labels)),
             (
                 "test_indices",
                 TensorView::new(Dtype::U64, vec![n], &indices),
@@ -253,8 +284,8 @@ impl RunDir {
 }
 
 impl RunDir {
-    /// The probe images (raw bytes) and labels, if recorded.
-    pub fn read_probe_images(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+    /// The first test images (raw bytes) and labels, if recorded.
+    pub fn read_test_images(&self) -> Option<(Vec<u8>, Vec<u8>)> {
         let bytes = std::fs::read(self.path.join(PROBES_DIR).join(PROBE_IMAGES_FILE)).ok()?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes).ok()?;
         let pixels = tensors.tensor("pixels").ok()?.data().to_vec();

@@ -16,9 +16,11 @@ use crate::data::batch::{images_f32, BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::model::{
-    forward_backward, images_tensor, smoothed_cross_entropy, ModelState, VisionTransformer,
+    forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, ModelState,
+    VisionTransformer,
 };
 use crate::optim::{learning_rate, AdamW};
+use crate::predictions::{Predictions, PredictionsMeta};
 use crate::probe::ProbeSet;
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
 
@@ -157,7 +159,17 @@ impl Trainer {
         }
         // Lines and probes past the checkpoint belong to work that is about to be redone.
         run.truncate_after(progress.step)?;
-        run.write_probe_images(&probes)?;
+        // The first test images: the probe images, then more for the Predictions tab.
+        let shown = config
+            .probe
+            .images
+            .max(config.probe.predictions)
+            .min(data.test.len());
+        let test_pixels: Vec<u8> = (0..shown)
+            .flat_map(|i| data.test.image(i).iter().copied())
+            .collect();
+        let test_labels = data.test.labels[..shown].to_vec();
+        run.write_test_images(&test_pixels, &test_labels)?;
 
         let steps_per_epoch = plan.steps_per_epoch();
         let epochs = config.train.epochs as u64;
@@ -179,8 +191,8 @@ impl Trainer {
             start_wall_secs: progress.wall_secs,
             parameters: state.parameter_count(),
             device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
-            probe_pixels: probes.pixels.clone(),
-            probe_labels: probes.labels.clone(),
+            test_pixels,
+            test_labels,
         };
         Ok(Self {
             config: config.clone(),
@@ -240,12 +252,19 @@ impl Trainer {
         let test = &self.data.test;
         let mut confusion = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
         let mut loss_sum = 0.0;
+        let recorded = self.config.probe.predictions.min(test.len());
+        let mut probabilities = Vec::with_capacity(recorded * NUM_CLASSES);
         let all: Vec<usize> = (0..test.len()).collect();
         for chunk in all.chunks(self.config.train.eval_batch_size) {
             let images =
                 images_tensor(images_f32(test, chunk, &self.norm), chunk.len(), DType::F32)?;
             let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
             let logits = model.forward(&images)?;
+            let wanted = recorded.saturating_sub(chunk[0]).min(chunk.len());
+            if wanted > 0 {
+                let p = softmax_last_dim(&logits.narrow(0, 0, wanted)?)?;
+                probabilities.extend(p.flatten_all()?.to_vec1::<f32>()?);
+            }
             let loss: f32 =
                 smoothed_cross_entropy(&logits, &labels, self.config.train.label_smoothing)?
                     .to_scalar()?;
@@ -294,6 +313,17 @@ impl Trainer {
             &serde_json::to_string(&MetricRecord::Eval(record.clone())).expect("record serialises"),
         )?;
         sink.send(Event::Eval(record.clone()));
+        let predictions = Predictions {
+            meta: PredictionsMeta {
+                step,
+                epoch,
+                images: recorded,
+                classes: NUM_CLASSES,
+            },
+            probabilities,
+        };
+        self.run.write_predictions(&predictions)?;
+        sink.send(Event::Predictions(Arc::new(predictions)));
         Ok(record)
     }
 

@@ -5,8 +5,12 @@
 pub mod app;
 pub mod attention;
 pub mod chart;
+pub mod features;
 pub mod keys;
 pub mod layernorm;
+pub mod paint;
+pub mod patches;
+pub mod predictions;
 pub mod theme;
 pub mod training;
 pub mod view;
@@ -132,6 +136,8 @@ async fn event_loop(
         };
         if due.is_some_and(|d| d <= Instant::now()) {
             let t = Instant::now();
+            let size = terminal.size()?;
+            app.screen = (size.width, size.height);
             terminal.draw(|frame| frame.render_widget(&app, frame.area()))?;
             stats.render_ms.push(t.elapsed().as_secs_f64() * 1e3);
             stats.frames += 1;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use vitscope::config::Config;
 use vitscope::data::LoadProgress;
 use vitscope::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+use vitscope::predictions::{Predictions, PredictionsMeta};
 use vitscope::probe::{Distribution, LayerNormProbe, ProbeMeta, ProbeSnapshot, Stats};
 use vitscope::ui::app::{App, Mode, ProcessStats, Tab};
 use vitscope::ui::theme::{ColorMode, Theme};
@@ -45,8 +46,8 @@ fn info() -> RunInfo {
         start_wall_secs: 0.0,
         parameters: 460_906,
         device: "cpu (2 threads)".into(),
-        probe_pixels: vec![],
-        probe_labels: vec![],
+        test_pixels: vec![],
+        test_labels: vec![],
     }
 }
 
@@ -288,6 +289,8 @@ fn probe(step: u64) -> Event {
         attention: vec![],
         hidden: vec![],
         probabilities: vec![],
+        position_embedding: vec![],
+        patch_filters: vec![],
     }))
 }
 
@@ -405,6 +408,8 @@ fn attention_probe(step: u64) -> Event {
         probabilities: (0..images * 10)
             .map(|i| if i % 10 == 3 { 0.55 } else { 0.05 })
             .collect(),
+        position_embedding: vec![],
+        patch_filters: vec![],
     }))
 }
 
@@ -415,8 +420,8 @@ fn attention_app(mode: ColorMode) -> App {
         .iter()
         .map(|s| (*s).to_string())
         .collect();
-    run.probe_pixels = (0..2 * 3072).map(|i| ((i * 7) % 256) as u8).collect();
-    run.probe_labels = vec![3, 8];
+    run.test_pixels = (0..2 * 3072).map(|i| ((i * 7) % 256) as u8).collect();
+    run.test_labels = vec![3, 8];
     a.on_event(Event::Started(run));
     a.on_event(Event::Phase(Phase::Training));
     for step in 1..=600 {
@@ -496,4 +501,292 @@ fn attention_keys_choose_layer_head_image_query_and_probe() {
     // The statistics table lists every head with its measures.
     let s = screen(&a, 200, 60);
     assert!(s.contains("L5 H2") || s.contains("L1 H2  entropy"), "{s}");
+}
+
+/// A probe with hidden states that grow and sharpen with depth (one outlier channel),
+/// 2-D position embeddings (nearby patches similar) and smooth patch filters.
+fn inner_probe(step: u64) -> Event {
+    let Event::Probe(base) = attention_probe(step) else {
+        unreachable!()
+    };
+    let (images, depth, tokens, dim) = (2usize, 6usize, 65usize, 96usize);
+    let mut hidden = Vec::with_capacity(images * (depth + 1) * tokens * dim);
+    for image in 0..images {
+        for layer in 0..=depth {
+            for tok in 0..tokens {
+                let (r, c) = if tok == 0 {
+                    (3.5, 3.5)
+                } else {
+                    (((tok - 1) / 8) as f32, ((tok - 1) % 8) as f32)
+                };
+                for ch in 0..dim {
+                    let wave =
+                        (ch as f32 * 0.37 + r * 0.5 + c * 0.3 * (layer + 1) as f32 + image as f32)
+                            .sin();
+                    let outlier = if ch == 5 { 6.0 } else { 0.0 };
+                    hidden.push(wave * (1.0 + layer as f32 * 0.3) + outlier);
+                }
+            }
+        }
+    }
+    let position_embedding: Vec<f32> = (0..tokens)
+        .flat_map(|tok| {
+            (0..dim).map(move |ch| {
+                if tok == 0 {
+                    return 0.1;
+                }
+                let (r, c) = (((tok - 1) / 8) as f32, ((tok - 1) % 8) as f32);
+                let f = 0.2 + (ch / 4) as f32 * 0.05;
+                match ch % 4 {
+                    0 => (r * f).sin(),
+                    1 => (r * f).cos(),
+                    2 => (c * f).sin(),
+                    _ => (c * f).cos(),
+                }
+            })
+        })
+        .collect();
+    let patch_filters: Vec<f32> = (0..dim)
+        .flat_map(|d| {
+            (0..48).map(move |v| ((d * 7 + v * 3) as f32 * 0.21).sin() * (1.0 + (v % 3) as f32))
+        })
+        .collect();
+    Event::Probe(Arc::new(ProbeSnapshot {
+        hidden,
+        position_embedding,
+        patch_filters,
+        ..(*base).clone()
+    }))
+}
+
+fn cifar_info(images: usize) -> RunInfo {
+    let mut run = info();
+    run.class_names = vitscope::data::CIFAR10_CLASSES
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    run.test_pixels = (0..images * 3072)
+        .map(|i| (((i % 3072) * 7 + (i / 3072) * 40) % 256) as u8)
+        .collect();
+    run.test_labels = (0..images).map(|i| (i % 10) as u8).collect();
+    run
+}
+
+fn inner_app(mode: ColorMode, tab: Tab) -> App {
+    let mut a = app(mode);
+    a.on_event(Event::Started(cifar_info(2)));
+    a.on_event(Event::Phase(Phase::Training));
+    for i in 0..3 {
+        a.on_event(inner_probe(i * 250));
+    }
+    a.tab = tab;
+    a
+}
+
+#[test]
+fn features_tab_snapshots_and_keys() {
+    let mut waiting = app(ColorMode::Ansi256);
+    waiting.on_event(Event::Started(info()));
+    waiting.tab = Tab::Features;
+    let live = inner_app(ColorMode::Ansi256, Tab::Features);
+    let no_colour = inner_app(ColorMode::NoColor, Tab::Features);
+    for (name, state) in [
+        ("features_waiting", &waiting),
+        ("features_live", &live),
+        ("features_no_colour", &no_colour),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+    for (w, h) in [(0, 0), (60, 18), (61, 19), (100, 30), (300, 100)] {
+        screen(&live, w, h);
+        screen(&waiting, w, h);
+    }
+    let mut a = inner_app(ColorMode::Ansi256, Tab::Features);
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("embeddings (patches + position) │ image 1 of 2"),
+        "{s}"
+    );
+    assert!(s.contains("channels 0–95 of 96"), "{s}");
+    a.on_key(key(KeyCode::Down));
+    a.on_key(key(KeyCode::Char('n')));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("after block 0 │ image 2 of 2"), "{s}");
+    assert!(s.contains("▶ block 0"), "{s}");
+    for _ in 0..10 {
+        a.on_key(key(KeyCode::Down));
+    }
+    assert!(
+        screen(&a, 200, 60).contains("after block 5"),
+        "the layer stays in the model"
+    );
+    // A narrow terminal scrolls the channels.
+    let s = screen(&a, 80, 24);
+    assert!(s.contains("channels 0–"), "{s}");
+    a.on_key(key(KeyCode::Char(']')));
+    assert!(screen(&a, 80, 24).contains("channels 32–"));
+    a.on_key(key(KeyCode::Char(',')));
+    assert!(screen(&a, 200, 60).contains("probe 2/3"));
+}
+
+#[test]
+fn patches_tab_snapshots_and_keys() {
+    let live = inner_app(ColorMode::Ansi256, Tab::Patches);
+    let no_colour = inner_app(ColorMode::NoColor, Tab::Patches);
+    let mut old = inner_app(ColorMode::Ansi256, Tab::Patches);
+    // A probe recorded before position embeddings and filters were.
+    let Event::Probe(p) = inner_probe(1000) else {
+        unreachable!()
+    };
+    old.on_event(Event::Probe(Arc::new(ProbeSnapshot {
+        position_embedding: vec![],
+        patch_filters: vec![],
+        ..(*p).clone()
+    })));
+    for (name, state) in [
+        ("patches_live", &live),
+        ("patches_no_colour", &no_colour),
+        ("patches_old_probe", &old),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+    for (w, h) in [(0, 0), (60, 18), (61, 19), (100, 30), (300, 100)] {
+        screen(&live, w, h);
+    }
+    let mut a = inner_app(ColorMode::Ansi256, Tab::Patches);
+    a.on_key(key(KeyCode::Down));
+    a.on_key(key(KeyCode::Right));
+    let s = screen(&a, 200, 60);
+    assert!(s.contains("patch 9 (row 1, col 1) = token 10"), "{s}");
+    for _ in 0..10 {
+        a.on_key(key(KeyCode::Right));
+        a.on_key(key(KeyCode::Down));
+    }
+    assert!(screen(&a, 200, 60).contains("patch 63 (row 7, col 7)"));
+    // The raw values are the image's bytes: pixel (28, 28) of image 1 is the first
+    // value of patch 63.
+    let px = |channel: usize| ((channel * 1024 + 28 * 32 + 28) * 7 % 256) as u8;
+    let first = format!("{:>3},{:>3},{:>3}", px(0), px(1), px(2));
+    assert!(screen(&a, 200, 60).contains(&first), "{first}");
+}
+
+/// Predictions of two evaluations on `images` test images (labels i % 10): the first
+/// right on every third image, the second on every other one; confidence rises with i.
+fn predictions(step: u64, images: usize) -> Event {
+    let right = |i: usize| {
+        if step < 700 {
+            i.is_multiple_of(3)
+        } else {
+            i.is_multiple_of(2)
+        }
+    };
+    let probabilities = (0..images)
+        .flat_map(|i| {
+            let label = i % 10;
+            let guess = if right(i) { label } else { (label + 1) % 10 };
+            let top = 0.3 + 0.6 * i as f32 / images as f32;
+            (0..10).map(move |k| if k == guess { top } else { (1.0 - top) / 9.0 })
+        })
+        .collect();
+    Event::Predictions(Arc::new(Predictions {
+        meta: PredictionsMeta {
+            step,
+            epoch: step / 390,
+            images,
+            classes: 10,
+        },
+        probabilities,
+    }))
+}
+
+fn predictions_app(mode: ColorMode) -> App {
+    let mut a = app(mode);
+    a.on_event(Event::Started(cifar_info(60)));
+    a.on_event(Event::Phase(Phase::Training));
+    for epoch in 1..=2 {
+        a.on_event(Event::Eval(eval_record(epoch)));
+        a.on_event(predictions(epoch * 390, 60));
+    }
+    a.tab = Tab::Predictions;
+    a
+}
+
+#[test]
+fn predictions_tab_snapshots_and_filters() {
+    let mut waiting = app(ColorMode::Ansi256);
+    waiting.on_event(Event::Started(info()));
+    waiting.tab = Tab::Predictions;
+    let live = predictions_app(ColorMode::Ansi256);
+    let no_colour = predictions_app(ColorMode::NoColor);
+    for (name, state) in [
+        ("predictions_waiting", &waiting),
+        ("predictions_live", &live),
+        ("predictions_no_colour", &no_colour),
+    ] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen(state, w, h));
+        }
+    }
+    for (w, h) in [(0, 0), (60, 18), (61, 19), (100, 30), (300, 100)] {
+        screen(&live, w, h);
+    }
+    let mut a = predictions_app(ColorMode::Ansi256);
+    a.screen = (200, 60);
+    let s = screen(&a, 200, 60);
+    // Flips by hand: right before = i % 3 == 0, now = i % 2 == 0, over 60 images.
+    let up = (0..60usize)
+        .filter(|i| !i.is_multiple_of(3) && i.is_multiple_of(2))
+        .count();
+    let down = (0..60usize)
+        .filter(|i| i.is_multiple_of(3) && !i.is_multiple_of(2))
+        .count();
+    assert!(
+        s.contains(&format!("↑ {up} became right"))
+            && s.contains(&format!("↓ {down} became wrong")),
+        "{s}"
+    );
+    assert!(
+        s.contains("test images 1 … 40 of 60 listed │ page 1/2"),
+        "{s}"
+    );
+    assert!(s.contains("test image #0: true airplane"), "{s}");
+    a.on_key(key(KeyCode::PageDown));
+    assert!(screen(&a, 200, 60).contains("page 2/2"));
+    a.on_key(key(KeyCode::Char('f'))); // mistakes
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("filter: mistakes") && s.contains("of 30 listed"),
+        "{s}"
+    );
+    // Only mistakes are listed: the one ✓ left is the legend's.
+    assert_eq!(s.matches('✓').count(), 1, "{s}");
+    a.on_key(key(KeyCode::Char('f'))); // right, least confident first
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("of 30 listed") && s.contains("test image #0:"),
+        "{s}"
+    );
+    a.on_key(key(KeyCode::Char('f'))); // flipped
+    assert!(screen(&a, 200, 60).contains(&format!("of {} listed", up + down)));
+    a.on_key(key(KeyCode::Char('f'))); // all
+    a.on_key(key(KeyCode::Char('c'))); // airplanes only
+    a.on_key(key(KeyCode::Char('c'))); // automobiles only
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("true class automobile") && s.contains("of 6 listed"),
+        "{s}"
+    );
+    a.on_key(key(KeyCode::Right));
+    assert!(screen(&a, 200, 60).contains("test image #11: true automobile"));
+    // The previous evaluation: nothing to compare it with.
+    a.on_key(key(KeyCode::Char(',')));
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("evaluation 1/2") && s.contains("first evaluation"),
+        "{s}"
+    );
 }

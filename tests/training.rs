@@ -74,6 +74,21 @@ fn learns_the_synthetic_shapes() {
     let snapshot = run.read_probe(300).unwrap();
     assert_eq!(snapshot.meta.layer_norms.len(), 5);
     assert_eq!(snapshot.meta.tokens, 17);
+    assert_eq!(snapshot.patch_values(), 8 * 8 * 3);
+    assert_eq!(snapshot.position_embedding.len(), 17 * 32);
+
+    // Every evaluation recorded its predictions on the first test images (all 200 here):
+    // they give the same confusion matrix as the evaluation itself.
+    let predictions = run.prediction_files();
+    assert_eq!(predictions.len(), 15);
+    let (_, labels) = run.read_test_images().unwrap();
+    assert_eq!(labels.len(), 200);
+    let last = run.read_predictions(300).unwrap();
+    assert_eq!(last.len(), 200);
+    assert_eq!(last.confusion(&labels), final_eval.confusion);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Predictions(p) if p.meta.step == 300)));
 }
 
 #[test]

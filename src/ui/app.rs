@@ -7,11 +7,13 @@ use crossterm::event::KeyEvent;
 
 use super::keys::{action_for, Action, Scope};
 use super::theme::Theme;
+use super::{features, predictions};
 use crate::config::Config;
 use crate::data::LoadProgress;
 use std::sync::Arc;
 
 use crate::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+use crate::predictions::Predictions;
 use crate::probe::{ProbeMeta, ProbeSnapshot};
 
 /// The tabs that exist. New tabs add a variant here and a view; the shell stays.
@@ -20,16 +22,29 @@ pub enum Tab {
     Training,
     LayerNorm,
     Attention,
+    Features,
+    Patches,
+    Predictions,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 3] = [Tab::Training, Tab::LayerNorm, Tab::Attention];
+    pub const ALL: [Tab; 6] = [
+        Tab::Training,
+        Tab::LayerNorm,
+        Tab::Attention,
+        Tab::Features,
+        Tab::Patches,
+        Tab::Predictions,
+    ];
 
     pub fn title(self) -> &'static str {
         match self {
             Self::Training => "Training",
             Self::LayerNorm => "LayerNorm",
             Self::Attention => "Attention",
+            Self::Features => "Features",
+            Self::Patches => "Patches",
+            Self::Predictions => "Predictions",
         }
     }
 
@@ -38,7 +53,18 @@ impl Tab {
             Self::Training => Scope::Training,
             Self::LayerNorm => Scope::LayerNorm,
             Self::Attention => Scope::Attention,
+            Self::Features => Scope::Features,
+            Self::Patches => Scope::Patches,
+            Self::Predictions => Scope::Predictions,
         }
+    }
+
+    /// Tabs that draw probes (they share the probe image and the scrubbing).
+    fn shows_probes(self) -> bool {
+        matches!(
+            self,
+            Self::LayerNorm | Self::Attention | Self::Features | Self::Patches
+        )
     }
 }
 
@@ -64,12 +90,60 @@ pub struct LayerNormView {
 pub struct AttentionView {
     pub layer: usize,
     pub head: usize,
-    /// Which probe image.
-    pub image: usize,
     /// The query token whose row is inspected (0 = CLS).
     pub query: usize,
     /// Show attention rollout instead of the selected head's raw weights.
     pub rollout: bool,
+}
+
+/// The Features tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeaturesView {
+    /// Hidden state after this many blocks (0 = the embeddings).
+    pub layer: usize,
+    /// First channel shown when the heat map is narrower than the model.
+    pub channel_offset: usize,
+}
+
+/// The Patches tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchesView {
+    /// The selected patch, row-major (token = patch + 1).
+    pub patch: usize,
+}
+
+/// Which test images the Predictions tab lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionFilter {
+    All,
+    Mistakes,
+    /// Right, least confident first.
+    UnsureRight,
+    /// Right or wrong changed since the previous evaluation.
+    Flipped,
+}
+
+impl PredictionFilter {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Mistakes => "mistakes",
+            Self::UnsureRight => "right, least confident first",
+            Self::Flipped => "flipped since the previous evaluation",
+        }
+    }
+}
+
+/// The Predictions tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionsView {
+    /// Position of the selected image in the filtered list.
+    pub selected: usize,
+    pub filter: PredictionFilter,
+    /// Only images of this true class.
+    pub class: Option<usize>,
+    /// The evaluation shown, as an index into `App::predictions`; `None` follows the latest.
+    pub scrub: Option<usize>,
 }
 
 /// Whether the dashboard drives training in this process or watches a run directory.
@@ -131,15 +205,25 @@ pub struct App {
     pub probe_metas: Vec<ProbeMeta>,
     pub layernorm: LayerNormView,
     pub attention: AttentionView,
+    pub features: FeaturesView,
+    pub patches: PatchesView,
+    pub predictions_view: PredictionsView,
+    /// The probe image the probe tabs show.
+    pub probe_image: usize,
+    /// Every evaluation's predictions on the first test images, by step.
+    pub predictions: Vec<Arc<Predictions>>,
+    /// Terminal size (columns, rows) at the last draw: the Predictions grid's shape
+    /// depends on it.
+    pub screen: (u16, u16),
     /// The probe the probe tabs show, as an index into `probe_metas`; `None` follows
     /// the latest.
     pub probe_scrub: Option<usize>,
     /// The most recent probes in full, for the tabs that draw attention and hidden
     /// states (older ones keep only their statistics, to bound memory).
     pub full_probes: VecDeque<Arc<ProbeSnapshot>>,
-    /// The probe images (raw bytes) and their labels.
-    pub probe_images: Vec<u8>,
-    pub probe_labels: Vec<u8>,
+    /// The first test images (raw bytes) and their labels; the probe images come first.
+    pub test_pixels: Vec<u8>,
+    pub test_labels: Vec<u8>,
     pub last_checkpoint: Option<u64>,
     pub log: VecDeque<String>,
     pub failure: Option<String>,
@@ -175,14 +259,27 @@ impl App {
             attention: AttentionView {
                 layer: 0,
                 head: 0,
-                image: 0,
                 query: 0,
                 rollout: false,
             },
+            features: FeaturesView {
+                layer: 0,
+                channel_offset: 0,
+            },
+            patches: PatchesView { patch: 0 },
+            predictions_view: PredictionsView {
+                selected: 0,
+                filter: PredictionFilter::All,
+                class: None,
+                scrub: None,
+            },
+            probe_image: 0,
+            predictions: Vec::new(),
+            screen: (80, 24),
             probe_scrub: None,
             full_probes: VecDeque::new(),
-            probe_images: Vec::new(),
-            probe_labels: Vec::new(),
+            test_pixels: Vec::new(),
+            test_labels: Vec::new(),
             last_checkpoint: None,
             log: VecDeque::new(),
             failure: None,
@@ -224,8 +321,8 @@ impl App {
                 self.loading = Some(progress);
             }
             Event::Started(info) => {
-                self.probe_images.clone_from(&info.probe_pixels);
-                self.probe_labels.clone_from(&info.probe_labels);
+                self.test_pixels.clone_from(&info.test_pixels);
+                self.test_labels.clone_from(&info.test_labels);
                 self.info = Some(info);
                 self.loading = None;
             }
@@ -250,7 +347,13 @@ impl App {
                     self.full_probes.pop_front();
                 }
                 self.full_probes.push_back(snapshot);
-                return self.tab != Tab::Training;
+                return self.tab.shows_probes();
+            }
+            Event::Predictions(predictions) => {
+                let step = predictions.meta.step;
+                self.predictions.retain(|p| p.meta.step < step);
+                self.predictions.push(predictions);
+                return self.tab == Tab::Predictions;
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
             Event::Log(line) => self.push_log(line),
@@ -334,8 +437,24 @@ impl App {
                 };
             }
             Action::SaveNow => return Some(Control::SaveNow),
+            Action::NextImage | Action::PrevImage if self.tab.shows_probes() => {
+                let images = self.full_probes.back().map_or(1, |p| p.meta.images.max(1));
+                self.probe_image = if action == Action::NextImage {
+                    (self.probe_image + 1) % images
+                } else {
+                    (self.probe_image + images - 1) % images
+                };
+            }
+            Action::ScrubBack | Action::ScrubForward | Action::Latest
+                if self.tab.shows_probes() =>
+            {
+                self.scrub(action);
+            }
             _ if self.tab == Tab::LayerNorm => self.on_layernorm_action(action),
             _ if self.tab == Tab::Attention => self.on_attention_action(action),
+            _ if self.tab == Tab::Features => self.on_features_action(action),
+            _ if self.tab == Tab::Patches => self.on_patches_action(action),
+            _ if self.tab == Tab::Predictions => self.on_predictions_action(action),
             Action::Latest
             | Action::ToggleSource
             | Action::ScrubBack
@@ -344,7 +463,13 @@ impl App {
             | Action::PrevImage
             | Action::QueryUp
             | Action::QueryDown
-            | Action::ToggleRollout => {}
+            | Action::ToggleRollout
+            | Action::ScrollBack
+            | Action::ScrollForward
+            | Action::PageUp
+            | Action::PageDown
+            | Action::CycleFilter
+            | Action::CycleClass => {}
             Action::ToggleLogScale => self.training.log_y = !self.training.log_y,
             Action::ToggleXAxis => {
                 self.training.x_axis = match self.training.x_axis {
@@ -409,23 +534,116 @@ impl App {
     }
 
     fn on_attention_action(&mut self, action: Action) {
-        let (depth, heads, images, tokens) = self.full_probes.back().map_or((1, 1, 1, 1), |p| {
-            (p.meta.depth, p.meta.heads, p.meta.images, p.meta.tokens)
-        });
+        let (depth, heads, tokens) = self
+            .full_probes
+            .back()
+            .map_or((1, 1, 1), |p| (p.meta.depth, p.meta.heads, p.meta.tokens));
         let view = &mut self.attention;
         match action {
             Action::Up => view.layer = view.layer.saturating_sub(1),
             Action::Down => view.layer = (view.layer + 1).min(depth.saturating_sub(1)),
             Action::Left => view.head = view.head.saturating_sub(1),
             Action::Right => view.head = (view.head + 1).min(heads.saturating_sub(1)),
-            Action::NextImage => view.image = (view.image + 1) % images.max(1),
-            Action::PrevImage => view.image = (view.image + images.max(1) - 1) % images.max(1),
             Action::QueryUp => view.query = view.query.saturating_sub(1),
             Action::QueryDown => view.query = (view.query + 1).min(tokens.saturating_sub(1)),
             Action::ToggleRollout => view.rollout = !view.rollout,
-            Action::ScrubBack | Action::ScrubForward | Action::Latest => self.scrub(action),
             _ => {}
         }
+    }
+
+    fn on_features_action(&mut self, action: Action) {
+        let (depth, dim) = self
+            .full_probes
+            .back()
+            .map_or((0, 1), |p| (p.meta.depth, p.meta.dim));
+        let view = &mut self.features;
+        let page = features::CHANNEL_PAGE;
+        match action {
+            Action::Up => view.layer = view.layer.saturating_sub(1),
+            Action::Down => view.layer = (view.layer + 1).min(depth),
+            Action::ScrollBack => view.channel_offset = view.channel_offset.saturating_sub(page),
+            Action::ScrollForward => {
+                view.channel_offset = (view.channel_offset + page).min(dim.saturating_sub(1));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_patches_action(&mut self, action: Action) {
+        let grid = self
+            .full_probes
+            .back()
+            .map_or(1, |p| (p.meta.tokens - 1).isqrt().max(1));
+        let (row, col) = (self.patches.patch / grid, self.patches.patch % grid);
+        let (row, col) = match action {
+            Action::Up => (row.saturating_sub(1), col),
+            Action::Down => ((row + 1).min(grid - 1), col),
+            Action::Left => (row, col.saturating_sub(1)),
+            Action::Right => (row, (col + 1).min(grid - 1)),
+            _ => (row, col),
+        };
+        self.patches.patch = (row.min(grid - 1)) * grid + col.min(grid - 1);
+    }
+
+    fn on_predictions_action(&mut self, action: Action) {
+        let count = predictions::listed(self).len();
+        let (per_row, rows) = predictions::grid_shape(self.screen);
+        let per_page = per_row * rows;
+        let view = &mut self.predictions_view;
+        let last = count.saturating_sub(1);
+        match action {
+            Action::Left => view.selected = view.selected.saturating_sub(1),
+            Action::Right => view.selected = (view.selected + 1).min(last),
+            Action::Up => view.selected = view.selected.saturating_sub(per_row),
+            Action::Down => view.selected = (view.selected + per_row).min(last),
+            Action::PageUp => view.selected = view.selected.saturating_sub(per_page),
+            Action::PageDown => view.selected = (view.selected + per_page).min(last),
+            Action::CycleFilter => {
+                view.filter = match view.filter {
+                    PredictionFilter::All => PredictionFilter::Mistakes,
+                    PredictionFilter::Mistakes => PredictionFilter::UnsureRight,
+                    PredictionFilter::UnsureRight => PredictionFilter::Flipped,
+                    PredictionFilter::Flipped => PredictionFilter::All,
+                };
+                view.selected = 0;
+            }
+            Action::CycleClass => {
+                let classes = self.info.as_ref().map_or(0, |i| i.class_names.len());
+                view.class = match view.class {
+                    None if classes > 0 => Some(0),
+                    Some(k) if k + 1 < classes => Some(k + 1),
+                    _ => None,
+                };
+                view.selected = 0;
+            }
+            Action::ScrubBack => {
+                let n = self.predictions.len();
+                if n > 0 {
+                    view.scrub = Some(view.scrub.unwrap_or(n - 1).saturating_sub(1));
+                }
+            }
+            Action::ScrubForward => {
+                view.scrub = match view.scrub {
+                    Some(i) if i + 2 < self.predictions.len() => Some(i + 1),
+                    _ => None,
+                };
+            }
+            Action::Latest => view.scrub = None,
+            _ => {}
+        }
+    }
+
+    /// The evaluation the Predictions tab shows and the one before it.
+    pub fn shown_predictions(&self) -> (Option<&Arc<Predictions>>, Option<&Arc<Predictions>>) {
+        let n = self.predictions.len();
+        if n == 0 {
+            return (None, None);
+        }
+        let i = self.predictions_view.scrub.unwrap_or(n - 1).min(n - 1);
+        (
+            self.predictions.get(i),
+            i.checked_sub(1).and_then(|j| self.predictions.get(j)),
+        )
     }
 
     /// The recorded probes up to the shown one, for "over training" views.
@@ -440,11 +658,7 @@ impl App {
         match action {
             Action::Up => view.selected = view.selected.saturating_sub(1),
             Action::Down => view.selected = (view.selected + 1).min(count.saturating_sub(1)),
-            Action::Left
-            | Action::Right
-            | Action::Latest
-            | Action::ScrubBack
-            | Action::ScrubForward => self.scrub(action),
+            Action::Left | Action::Right => self.scrub(action),
             Action::ToggleSource => {
                 view.source = match view.source {
                     LnSource::Output => LnSource::Input,

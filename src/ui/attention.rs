@@ -5,12 +5,13 @@
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::{Color, Style};
+use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use super::app::App;
-use super::theme::{ColorMode, Series, Theme, HEAT_RAMP};
+use super::paint::draw_image;
+use super::theme::{ColorMode, Series, Theme};
 use crate::attention::{head_average, head_stats, rollout, HeadStats};
 use crate::config::IMAGE_SIZE;
 use crate::probe::ProbeSnapshot;
@@ -50,7 +51,7 @@ pub fn shown_matrix(app: &App, probe: &ProbeSnapshot) -> Vec<f64> {
     let m = &probe.meta;
     let v = &app.attention;
     let (image, layer, head) = (
-        v.image.min(m.images - 1),
+        app.probe_image.min(m.images - 1),
         v.layer.min(m.depth - 1),
         v.head.min(m.heads - 1),
     );
@@ -221,51 +222,6 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     );
 }
 
-/// An RGB pixel as a colour the terminal can show.
-fn pixel_color(mode: ColorMode, r: u8, g: u8, b: u8) -> Option<Color> {
-    match mode {
-        ColorMode::TrueColor => Some(Color::Rgb(r, g, b)),
-        ColorMode::Ansi256 => {
-            let q = |v: u8| (u16::from(v) * 5 + 127) / 255;
-            Some(Color::Indexed((16 + 36 * q(r) + 6 * q(g) + q(b)) as u8))
-        }
-        ColorMode::NoColor => None,
-    }
-}
-
-/// The probe image in half-block pixels (32 x 16 cells at full size; without colour,
-/// a shading character of the brightness).
-fn draw_image(t: &Theme, pixels: &[u8], x0: u16, y0: u16, buf: &mut Buffer) {
-    let plane = IMAGE_SIZE * IMAGE_SIZE;
-    let at = |y: usize, x: usize| {
-        let i = y * IMAGE_SIZE + x;
-        (pixels[i], pixels[plane + i], pixels[2 * plane + i])
-    };
-    for row in 0..IMAGE_SIZE / 2 {
-        for x in 0..IMAGE_SIZE {
-            let (top, bottom) = (at(2 * row, x), at(2 * row + 1, x));
-            let cell = &mut buf[(x0 + x as u16, y0 + row as u16)];
-            match (
-                pixel_color(t.mode, top.0, top.1, top.2),
-                pixel_color(t.mode, bottom.0, bottom.1, bottom.2),
-            ) {
-                (Some(fg), Some(bg)) => {
-                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
-                }
-                _ => {
-                    let lum = |p: (u8, u8, u8)| {
-                        (0.299 * f64::from(p.0) + 0.587 * f64::from(p.1) + 0.114 * f64::from(p.2))
-                            / 255.0
-                    };
-                    let level = (lum(top) + lum(bottom)) / 2.0;
-                    cell.set_char(HEAT_RAMP[(level * 4.0).round() as usize])
-                        .set_style(Style::default());
-                }
-            }
-        }
-    }
-}
-
 /// An 8x8 map of weights over the patches, each patch 2 cells wide.
 fn draw_patch_map(t: &Theme, weights: &[f64], grid: usize, x0: u16, y0: u16, buf: &mut Buffer) {
     let max = weights.iter().copied().fold(0.0, f64::max);
@@ -293,7 +249,7 @@ fn render_image_panel(
 ) {
     let t = &app.theme;
     let m = &probe.meta;
-    let image = app.attention.image.min(m.images - 1);
+    let image = app.probe_image.min(m.images - 1);
     let query = app.attention.query.min(m.tokens - 1);
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         " image │ query's weights │ CLS's weights ",
@@ -303,7 +259,7 @@ fn render_image_panel(
     block.render(area, buf);
     let grid = (m.tokens - 1).isqrt();
     let pixels = app
-        .probe_images
+        .test_pixels
         .get(image * crate::data::IMAGE_BYTES..(image + 1) * crate::data::IMAGE_BYTES);
     let needed_w = 32 + 2 + 2 * grid as u16 + 2 + 2 * grid as u16;
     if inner.width < needed_w || inner.height < 17 {
@@ -324,7 +280,7 @@ fn render_image_panel(
     let map_x = inner.x + 34;
     draw_patch_map(t, &row(query), grid, map_x, inner.y, buf);
     draw_patch_map(t, &row(0), grid, map_x + 2 * grid as u16 + 2, inner.y, buf);
-    let label = app.probe_labels.get(image).map_or(String::new(), |&l| {
+    let label = app.test_labels.get(image).map_or(String::new(), |&l| {
         let name = app
             .class_names()
             .get(usize::from(l))
@@ -506,7 +462,7 @@ fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buf
     ));
     let inner = block.inner(area);
     block.render(area, buf);
-    let image = app.attention.image.min(m.images - 1);
+    let image = app.probe_image.min(m.images - 1);
     let cell_w = (inner.width as usize / m.heads.max(1))
         .saturating_sub(1)
         .min(24);
@@ -579,7 +535,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     }
     let matrix = shown_matrix(app, probe);
     let patch = IMAGE_SIZE / (probe.meta.tokens - 1).isqrt().max(1);
-    let stats = all_stats(probe, app.attention.image.min(probe.meta.images - 1), patch);
+    let stats = all_stats(probe, app.probe_image.min(probe.meta.images - 1), patch);
     let heat_w = (probe.meta.tokens as u16 + 6).min(body.width / 2);
     let [left, right] =
         Layout::horizontal([Constraint::Length(heat_w), Constraint::Fill(1)]).areas(body);
@@ -615,24 +571,7 @@ mod tests {
     }
 
     #[test]
-    fn pixels_map_to_the_terminal_palette() {
-        assert_eq!(
-            pixel_color(ColorMode::TrueColor, 1, 2, 3),
-            Some(Color::Rgb(1, 2, 3))
-        );
-        assert_eq!(
-            pixel_color(ColorMode::Ansi256, 0, 0, 0),
-            Some(Color::Indexed(16))
-        );
-        assert_eq!(
-            pixel_color(ColorMode::Ansi256, 255, 255, 255),
-            Some(Color::Indexed(231))
-        );
-        assert_eq!(
-            pixel_color(ColorMode::Ansi256, 255, 0, 0),
-            Some(Color::Indexed(196))
-        );
-        assert_eq!(pixel_color(ColorMode::NoColor, 9, 9, 9), None);
+    fn tokens_are_named_by_grid_position() {
         assert_eq!(token_name(0, 8), "CLS");
         assert_eq!(token_name(11, 8), "patch 10 (row 1, col 2)");
     }

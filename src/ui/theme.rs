@@ -187,6 +187,38 @@ impl Theme {
         self.pick(stop.1, stop.2)
     }
 
+    /// The colour of `value` in [-1, 1] on a blue (-1), near-black (0), red (+1) scale:
+    /// the sign reads at a glance and zero recedes. `None` without colour.
+    pub fn signed_color(&self, value: f64) -> Option<Color> {
+        let v = if value.is_finite() {
+            value.clamp(-1.0, 1.0)
+        } else {
+            0.0
+        };
+        match self.mode {
+            ColorMode::NoColor => None,
+            ColorMode::TrueColor => {
+                let (lo, hi) = ((60.0, 130.0, 255.0), (255.0, 80.0, 60.0));
+                let base = 30.0;
+                let to = if v < 0.0 { lo } else { hi };
+                let a = v.abs();
+                let mix = |c: f64| (base + (c - base) * a).round() as u8;
+                Some(Color::Rgb(mix(to.0), mix(to.1), mix(to.2)))
+            }
+            ColorMode::Ansi256 => {
+                // Five steps each way from a dark grey.
+                const BLUES: [u8; 5] = [236, 17, 19, 27, 33];
+                const REDS: [u8; 5] = [236, 52, 88, 160, 196];
+                let step = (v.abs() * 4.0).round() as usize;
+                Some(Color::Indexed(if v < 0.0 {
+                    BLUES[step]
+                } else {
+                    REDS[step]
+                }))
+            }
+        }
+    }
+
     /// The character that stands for a series in legends.
     pub fn legend_symbol(&self, series: Series) -> &'static str {
         match self.marker(series) {
@@ -245,6 +277,13 @@ mod tests {
         let c = Theme::new(ColorMode::Ansi256, "braille");
         assert_eq!(c.heat(0.0).1.fg, Some(Color::Indexed(53)));
         assert_eq!(c.heat(1.0).1.fg, Some(Color::Indexed(226)));
+        assert_eq!(c.signed_color(-1.0), Some(Color::Indexed(33)));
+        assert_eq!(c.signed_color(0.0), Some(Color::Indexed(236)));
+        assert_eq!(c.signed_color(3.0), Some(Color::Indexed(196)));
+        let tc = Theme::new(ColorMode::TrueColor, "braille");
+        assert_eq!(tc.signed_color(1.0), Some(Color::Rgb(255, 80, 60)));
+        assert_eq!(tc.signed_color(0.0), Some(Color::Rgb(30, 30, 30)));
+        assert_eq!(t.signed_color(0.5), None);
     }
 
     #[test]
