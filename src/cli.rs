@@ -94,6 +94,9 @@ pub struct TrainArgs {
     /// Seed for initialisation, data order and augmentation (train.seed).
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// CPU threads for the tensor work (train.threads; 0 = one per physical core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -109,6 +112,9 @@ pub struct BenchArgs {
     /// Timed training steps.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub steps: usize,
+    /// CPU threads for the tensor work (train.threads; 0 = one per physical core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// A TOML string literal for `--set` values built from paths.
@@ -138,6 +144,9 @@ impl TrainArgs {
         if let Some(n) = self.seed {
             sets.push(format!("train.seed={n}"));
         }
+        if let Some(n) = self.threads {
+            sets.push(format!("train.threads={n}"));
+        }
         if self.no_color {
             sets.push("ui.color=\"none\"".into());
         }
@@ -155,11 +164,13 @@ impl TrainArgs {
             let run = RunDir::open(path).map_err(|e| e.to_string())?;
             let config = Config::load(Some(&run.file(crate::run::CONFIG_FILE)), &sets)
                 .map_err(|e| e.to_string())?;
+            crate::sys::set_threads(config.train.threads)?;
             run.write_config(&config).map_err(|e| e.to_string())?;
             return Ok((config, run, true));
         }
         let config =
             Config::load(self.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
+        crate::sys::set_threads(config.train.threads)?;
         let run = RunDir::create(Path::new(&config.run.dir), self.run_dir.as_deref(), &config)
             .map_err(|e| e.to_string())?;
         Ok((config, run, false))
@@ -305,8 +316,12 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
-    let config =
-        Config::load(args.config.config.as_deref(), &args.config.set).map_err(|e| e.to_string())?;
+    let mut sets = args.config.set.clone();
+    if let Some(n) = args.threads {
+        sets.insert(0, format!("train.threads={n}"));
+    }
+    let config = Config::load(args.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
+    crate::sys::set_threads(config.train.threads)?;
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
     }

@@ -112,6 +112,7 @@ pub struct TrainConfig {
     pub seed: u64,
     pub checkpoint_every_steps: usize,
     pub eval_batch_size: usize,
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -55,10 +55,9 @@ impl Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let product = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        // Fused: candle's broadcast_add backward sums the bias gradient on one thread.
+        let y = crate::ops::bias_add(&product, &self.bias)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("at least one dimension") = self.weight.dim(0)?;
         y.reshape(out_dims)
@@ -176,7 +175,8 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        // Fused GELU (exact erf, as candle's `gelu_erf`) with a one-pass backward.
+        self.fc2.forward(&crate::ops::gelu(&self.fc1.forward(x)?)?)
     }
 }
 

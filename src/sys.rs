@@ -12,6 +12,24 @@ pub fn tune_allocator() {
     }
 }
 
+/// Sets the number of threads candle's CPU kernels use (its barrier pool and the
+/// matmul pool both read these variables once, on first use): must run before any
+/// tensor work. `0` keeps candle's default (physical cores) or the user's variables.
+pub fn set_threads(threads: usize) -> Result<(), String> {
+    if threads == 0 {
+        return Ok(());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if threads > cpus {
+        return Err(format!(
+            "`train.threads` = {threads} is more than the {cpus} CPUs this process may use (oversubscribing only slows training); use at most {cpus}, or 0 for the default"
+        ));
+    }
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Ok(())
+}
+
 fn status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;

@@ -94,6 +94,26 @@ fn config_errors_are_one_line_naming_the_key() {
     );
     let out = vitscope(&["train", "--config", "/nonexistent/x.toml"]);
     assert!(stderr_line(&out).starts_with("error: /nonexistent/x.toml: cannot read config file"));
+
+    // More threads than CPUs is refused before anything is written.
+    let too_many = std::thread::available_parallelism().map_or(1, usize::from) + 1;
+    for command in ["train", "bench"] {
+        let out = vitscope(&[
+            command,
+            "--threads",
+            &too_many.to_string(),
+            "--set",
+            "run.dir=\"/nonexistent/runs\"",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let line = stderr_line(&out);
+        assert!(
+            line.starts_with(&format!(
+                "error: `train.threads` = {too_many} is more than the"
+            )),
+            "{line}"
+        );
+    }
 }
 
 #[test]
