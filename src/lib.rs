@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod events;
+pub mod fastmath;
 pub mod features;
 pub mod follow;
 pub mod headless;

@@ -147,23 +147,37 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = self.qkv.forward(x)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = match capture {
+            // Probes record the weights: the composed form computes them explicitly.
+            Some(c) => self.heads_composed(&qkv, scale, Some(c))?,
+            None => crate::ops::attention(&qkv, self.heads, scale)?,
+        };
+        self.proj.forward(&y)
+    }
+
+    /// softmax(QKᵀ/√d_k)V per head from the packed projections, op by op: the
+    /// reference for [`crate::ops::attention`], and what probes use to record weights.
+    pub fn heads_composed(
+        &self,
+        qkv: &Tensor,
+        scale: f64,
+        capture: Option<&mut Capture>,
+    ) -> Result<Tensor> {
+        let (b, t, c3) = qkv.dims3()?;
+        let qkv = qkv
             .reshape((b, t, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, hd)
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         // (B, H, T, T): row i = where query i looks. The 1/sqrt(d_k) is applied inside.
         let weights = crate::ops::scaled_softmax(&q.matmul(&k.t()?)?, scale)?;
         if let Some(c) = capture {
             c.attention.push(weights.detach());
         }
-        let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.proj.forward(&y)
+        weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c3 / 3))
     }
 }
 

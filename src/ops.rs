@@ -28,13 +28,20 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
     fn erf(self) -> Self;
+    /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
+    fn fast_exp(self) -> Self;
     fn wrap(v: Vec<Self>) -> CpuStorage;
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn erf(self) -> Self {
-        libm::erff(self)
+        crate::fastmath::erf(self)
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        crate::fastmath::exp(self)
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
@@ -48,8 +55,13 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn erf(self) -> Self {
         libm::erf(self)
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
@@ -62,36 +74,69 @@ impl Real for f64 {
     }
 }
 
-/// A pointer the workers may share: each writes only its own disjoint rows.
-struct SharedMut<T>(*mut T);
-unsafe impl<T: Send> Send for SharedMut<T> {}
-unsafe impl<T: Send> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    // A method, so closures capture the whole (Sync) wrapper, not the raw field.
-    fn at(&self, offset: usize) -> *mut T {
-        // SAFETY: callers stay within the slice the pointer came from.
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// Runs `f(rows, out_rows)` over disjoint chunks of `rows` rows of `row_len` values
-/// on candle's CPU workers; `out` holds `rows * row_len` values.
+/// on the rayon pool that candle's matrix products run on, so the kernels and the
+/// products share the same worker threads instead of two pools competing for the
+/// cores; `out` holds `rows * row_len` values.
 fn par_rows<T: Send + Sync>(
     out: &mut [T],
     row_len: usize,
     f: impl Fn(Range<usize>, &mut [T]) + Sync,
 ) {
+    use rayon::prelude::*;
     let rows = out.len().checked_div(row_len).unwrap_or(0);
-    let base = SharedMut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-        // SAFETY: the ranges execute_chunked hands out are disjoint and within `rows`,
-        // so each chunk is a distinct part of `out`, which outlives the call.
-        let chunk = unsafe {
-            std::slice::from_raw_parts_mut(base.at(range.start * row_len), range.len() * row_len)
-        };
-        f(range, chunk);
-    });
+    if rows == 0 {
+        return;
+    }
+    // A few chunks per thread: balance without much scheduling overhead.
+    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    if rows <= chunk_rows {
+        f(0..rows, out);
+        return;
+    }
+    out.par_chunks_mut(chunk_rows * row_len)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let start = i * chunk_rows;
+            f(start..start + chunk.len() / row_len, chunk);
+        });
+}
+
+/// Whether the kernels may use 256-bit vectors (checked once by the std macro).
+fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines a kernel function compiled twice: for the baseline target (SSE2) and for
+/// AVX2 + FMA, picked at run time. The loops vectorise twice as wide in the second.
+macro_rules! kernel {
+    ($(#[$meta:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[inline(always)]
+            fn body<T: Real>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide<T: Real>($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if wide_vectors() {
+                    // SAFETY: taken only when the CPU has AVX2 and FMA.
+                    unsafe { wide($($arg),*) };
+                    return;
+                }
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 /// Rows per block for reductions over rows: each block sums into its own partial.
@@ -165,25 +210,63 @@ struct ScaledSoftmax {
     scale: f64,
 }
 
+/// Lanes for row reductions: independent accumulators let the compiler use vector
+/// registers instead of one long chain of dependent scalar operations.
+const LANES: usize = 8;
+
+/// Maximum of a row (NaN-free input assumed, as softmax logits are).
+#[inline(always)]
+fn row_max<T: Real>(row: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
+/// Sum of a row, in lanes.
+#[inline(always)]
+fn row_sum<T: Real>(row: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::zero(), |s, &v| s + v);
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 fn softmax_rows<T: Real>(x: &[T], dim: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("a float");
     let mut out = vec![T::zero(); x.len()];
     par_rows(&mut out, dim, |rows, dst| {
-        let src = &x[rows.start * dim..rows.end * dim];
-        for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-            let max = src.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-            let mut sum = T::zero();
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = ((s - max) * scale).exp();
-                sum += *d;
-            }
-            let inv = T::one() / sum;
-            for d in dst.iter_mut() {
-                *d = *d * inv;
-            }
-        }
+        softmax_chunk(&x[rows.start * dim..rows.end * dim], dst, dim, scale);
     });
     out
+}
+
+kernel! {
+fn softmax_chunk<T: Real>(src: &[T], dst: &mut [T], dim: usize, scale: T) {
+    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+        let max = row_max(src);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = ((s - max) * scale).fast_exp();
+        }
+        let inv = T::one() / row_sum(dst);
+        for d in dst.iter_mut() {
+            *d = *d * inv;
+        }
+    }
+}
 }
 
 impl CustomOp1 for ScaledSoftmax {
@@ -234,16 +317,7 @@ impl CustomOp2 for SoftmaxGrad {
             let mut out = vec![T::zero(); y.len()];
             par_rows(&mut out, dim, |rows, dst| {
                 let span = rows.start * dim..rows.end * dim;
-                for ((y, g), d) in y[span.clone()]
-                    .chunks_exact(dim)
-                    .zip(g[span].chunks_exact(dim))
-                    .zip(dst.chunks_exact_mut(dim))
-                {
-                    let dot = y.iter().zip(g).fold(T::zero(), |a, (&y, &g)| a + y * g);
-                    for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
-                        *d = s * y * (g - dot);
-                    }
-                }
+                softmax_grad_chunk(&y[span.clone()], &g[span], dst, dim, s);
             });
             out
         }
@@ -262,6 +336,34 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+kernel! {
+fn softmax_grad_chunk<T: Real>(y: &[T], g: &[T], dst: &mut [T], dim: usize, s: T) {
+    for ((y, g), d) in y
+        .chunks_exact(dim)
+        .zip(g.chunks_exact(dim))
+        .zip(dst.chunks_exact_mut(dim))
+    {
+        let mut lanes = [T::zero(); LANES];
+        let mut yc = y.chunks_exact(LANES);
+        let mut gc = g.chunks_exact(LANES);
+        for (yl, gl) in (&mut yc).zip(&mut gc) {
+            for ((a, &y), &g) in lanes.iter_mut().zip(yl).zip(gl) {
+                *a += y * g;
+            }
+        }
+        let tail = yc
+            .remainder()
+            .iter()
+            .zip(gc.remainder())
+            .fold(T::zero(), |a, (&y, &g)| a + y * g);
+        let dot = lanes.iter().fold(tail, |a, &v| a + v);
+        for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+            *d = s * y * (g - dot);
+        }
+    }
+}
+}
+
 /// softmax(scale * x) over the last dimension, fused (keeps only its output for backward).
 pub fn scaled_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ScaledSoftmax { scale })
@@ -276,6 +378,7 @@ struct LayerNormOp {
 }
 
 /// Mean and 1 / sqrt(var + eps) of one row.
+#[inline(always)]
 fn row_moments<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::from(row.len()).expect("a float");
     let mean = row.iter().fold(T::zero(), |a, &v| a + v) / n;
@@ -291,15 +394,21 @@ fn layer_norm_rows<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T
     let eps = T::from(eps).expect("a float");
     let mut out = vec![T::zero(); x.len()];
     par_rows(&mut out, dim, |rows, dst| {
-        let src = &x[rows.start * dim..rows.end * dim];
-        for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-            let (mean, inv) = row_moments(src, eps);
-            for (i, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
-                *d = (s - mean) * inv * gamma[i] + beta[i];
-            }
-        }
+        layer_norm_chunk(&x[rows.start * dim..rows.end * dim], dst, gamma, beta, eps);
     });
     out
+}
+
+kernel! {
+fn layer_norm_chunk<T: Real>(src: &[T], dst: &mut [T], gamma: &[T], beta: &[T], eps: T) {
+    let dim = gamma.len();
+    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+        let (mean, inv) = row_moments(src, eps);
+        for (((d, &s), &g), &b) in dst.iter_mut().zip(src).zip(gamma).zip(beta) {
+            *d = (s - mean) * inv * g + b;
+        }
+    }
+}
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -383,38 +492,53 @@ fn layer_norm_grad<T: Real>(x: &[T], gamma: &[T], g: &[T], eps: f64) -> Vec<T> {
     let (dx, _) = out.split_at_mut(x.len());
     par_rows(dx, dim, |rows, dst| {
         let span = rows.start * dim..rows.end * dim;
-        for ((x, g), d) in x[span.clone()]
-            .chunks_exact(dim)
-            .zip(g[span].chunks_exact(dim))
-            .zip(dst.chunks_exact_mut(dim))
-        {
-            let (mean, inv) = row_moments(x, eps);
-            let (mut sum_gx, mut sum_gx_xhat) = (T::zero(), T::zero());
-            for i in 0..dim {
-                let gx = g[i] * gamma[i];
-                sum_gx += gx;
-                sum_gx_xhat += gx * (x[i] - mean) * inv;
-            }
-            let (mean_gx, mean_gx_xhat) = (sum_gx / n, sum_gx_xhat / n);
-            for i in 0..dim {
-                let x_hat = (x[i] - mean) * inv;
-                d[i] = (g[i] * gamma[i] - mean_gx - x_hat * mean_gx_xhat) * inv;
-            }
-        }
+        layer_norm_dx_chunk(&x[span.clone()], &g[span], gamma, dst, eps, n);
     });
     let sums = par_row_sums(rows, 2 * dim, |rows, partial| {
-        let (dgamma, dbeta) = partial.split_at_mut(dim);
-        for r in rows {
-            let (x, g) = (&x[r * dim..(r + 1) * dim], &g[r * dim..(r + 1) * dim]);
-            let (mean, inv) = row_moments(x, eps);
-            for i in 0..dim {
-                dgamma[i] += g[i] * (x[i] - mean) * inv;
-                dbeta[i] += g[i];
-            }
-        }
+        let span = rows.start * dim..rows.end * dim;
+        layer_norm_param_chunk(&x[span.clone()], &g[span], partial, eps);
     });
     out[x.len()..].copy_from_slice(&sums);
     out
+}
+
+kernel! {
+fn layer_norm_dx_chunk<T: Real>(x: &[T], g: &[T], gamma: &[T], dst: &mut [T], eps: T, n: T) {
+    let dim = gamma.len();
+    for ((x, g), d) in x
+        .chunks_exact(dim)
+        .zip(g.chunks_exact(dim))
+        .zip(dst.chunks_exact_mut(dim))
+    {
+        let (mean, inv) = row_moments(x, eps);
+        let (mut sum_gx, mut sum_gx_xhat) = (T::zero(), T::zero());
+        for ((&x, &g), &gm) in x.iter().zip(g).zip(gamma) {
+            let gx = g * gm;
+            sum_gx += gx;
+            sum_gx_xhat += gx * (x - mean) * inv;
+        }
+        let (mean_gx, mean_gx_xhat) = (sum_gx / n, sum_gx_xhat / n);
+        for (((d, &x), &g), &gm) in d.iter_mut().zip(x).zip(g).zip(gamma) {
+            let x_hat = (x - mean) * inv;
+            *d = (g * gm - mean_gx - x_hat * mean_gx_xhat) * inv;
+        }
+    }
+}
+}
+
+kernel! {
+/// Adds each row's g * x_hat and g into `partial` = [dgamma | dbeta].
+fn layer_norm_param_chunk<T: Real>(x: &[T], g: &[T], partial: &mut [T], eps: T) {
+    let dim = partial.len() / 2;
+    let (dgamma, dbeta) = partial.split_at_mut(dim);
+    for (x, g) in x.chunks_exact(dim).zip(g.chunks_exact(dim)) {
+        let (mean, inv) = row_moments(x, eps);
+        for (((dg, db), &x), &g) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(x).zip(g) {
+            *dg += g * (x - mean) * inv;
+            *db += g;
+        }
+    }
+}
 }
 
 impl CustomOp3 for LayerNormGrad {
@@ -495,12 +619,7 @@ impl CustomOp2 for BiasAdd {
             let n = b.len();
             let mut out = vec![T::zero(); x.len()];
             par_rows(&mut out, n, |rows, dst| {
-                let src = &x[rows.start * n..rows.end * n];
-                for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-                    for ((d, &s), &b) in d.iter_mut().zip(s).zip(b) {
-                        *d = s + b;
-                    }
-                }
+                bias_chunk(&x[rows.start * n..rows.end * n], b, dst);
             });
             out
         }
@@ -533,6 +652,27 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
+kernel! {
+fn bias_chunk<T: Real>(src: &[T], b: &[T], dst: &mut [T]) {
+    let n = b.len();
+    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+        for ((d, &s), &b) in d.iter_mut().zip(s).zip(b) {
+            *d = s + b;
+        }
+    }
+}
+}
+
+kernel! {
+fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
+    for row in src.chunks_exact(partial.len()) {
+        for (p, &v) in partial.iter_mut().zip(row) {
+            *p += v;
+        }
+    }
+}
+}
+
 /// x + b over the last dimension (b has one value per column), fused; the bias
 /// gradient is a parallel sum over rows.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -552,11 +692,7 @@ impl CustomOp1 for SumRows {
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let out = by_dtype!(storage, layout, self.name(), |x| {
             par_row_sums(x.len() / n, n, |rows, partial| {
-                for row in x[rows.start * n..rows.end * n].chunks_exact(n) {
-                    for (p, &v) in partial.iter_mut().zip(row) {
-                        *p += v;
-                    }
-                }
+                add_rows_chunk(&x[rows.start * n..rows.end * n], partial);
             })
         })?;
         Ok((out, Shape::from(n)))
@@ -578,22 +714,20 @@ struct Gelu;
 const ELEMENT_CHUNK: usize = 4096;
 
 fn gelu_values<T: Real>(x: &[T]) -> Vec<T> {
-    let half = T::from(0.5).expect("a float");
-    let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
     let mut out = vec![T::zero(); x.len()];
     let len = out.len();
     par_rows(
         &mut out[..len - len % ELEMENT_CHUNK],
         ELEMENT_CHUNK,
         |chunks, dst| {
-            let src = &x[chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK];
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = half * v * (T::one() + (v * inv_sqrt2).erf());
-            }
+            gelu_chunk(
+                &x[chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK],
+                dst,
+            )
         },
     );
     for i in len - len % ELEMENT_CHUNK..len {
-        out[i] = half * x[i] * (T::one() + (x[i] * inv_sqrt2).erf());
+        out[i] = gelu_at(x[i]);
     }
     out
 }
@@ -613,6 +747,41 @@ impl CustomOp1 for Gelu {
     }
 }
 
+/// g * GELU'(x) = g * (Φ(x) + x φ(x)).
+#[inline(always)]
+fn gelu_grad_at<T: Real>(x: T, g: T) -> T {
+    let half = T::from(0.5).expect("a float");
+    let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
+    let inv_sqrt_2pi = T::from(0.398_942_280_401_432_7).expect("a float");
+    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+    let pdf = inv_sqrt_2pi * (-half * x * x).fast_exp();
+    g * (cdf + x * pdf)
+}
+
+/// GELU(x) = x Φ(x) = 0.5 x (1 + erf(x / √2)).
+#[inline(always)]
+fn gelu_at<T: Real>(x: T) -> T {
+    let half = T::from(0.5).expect("a float");
+    let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
+    half * x * (T::one() + (x * inv_sqrt2).erf())
+}
+
+kernel! {
+fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = gelu_at(v);
+    }
+}
+}
+
+kernel! {
+fn gelu_grad_chunk<T: Real>(x: &[T], g: &[T], dst: &mut [T]) {
+    for ((d, &x), &g) in dst.iter_mut().zip(x).zip(g) {
+        *d = gelu_grad_at(x, g);
+    }
+}
+}
+
 /// GELU's gradient: g * (Φ(x) + x φ(x)).
 #[derive(Debug, Clone, Copy)]
 struct GeluGrad;
@@ -630,14 +799,6 @@ impl CustomOp2 for GeluGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
-            let half = T::from(0.5).expect("a float");
-            let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
-            let inv_sqrt_2pi = T::from(0.398_942_280_401_432_7).expect("a float");
-            let f = |x: T, g: T| {
-                let cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                let pdf = inv_sqrt_2pi * (-half * x * x).exp();
-                g * (cdf + x * pdf)
-            };
             let mut out = vec![T::zero(); x.len()];
             let len = out.len();
             par_rows(
@@ -645,13 +806,11 @@ impl CustomOp2 for GeluGrad {
                 ELEMENT_CHUNK,
                 |chunks, dst| {
                     let span = chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK;
-                    for ((d, &x), &g) in dst.iter_mut().zip(&x[span.clone()]).zip(&g[span]) {
-                        *d = f(x, g);
-                    }
+                    gelu_grad_chunk(&x[span.clone()], &g[span], dst);
                 },
             );
             for i in len - len % ELEMENT_CHUNK..len {
-                out[i] = f(x[i], g[i]);
+                out[i] = gelu_grad_at(x[i], g[i]);
             }
             out
         }
@@ -673,6 +832,284 @@ impl CustomOp2 for GeluGrad {
 /// GELU (exact erf form), fused with a one-pass backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Multi-head self-attention from the packed projections: qkv (B, T, 3·H·d) with the
+/// last dimension ordered (q|k|v, head, d), to (B, T, H·d) =
+/// concat over heads of softmax(scale · Q Kᵀ) V. One task per (image, head) on rayon's
+/// pool, each with single-threaded products on its small matrices: candle's batched
+/// matmul makes one multi-threaded gemm call per (image, head), whose dispatch cost
+/// exceeds the product itself at 65 x 32. The weights are recomputed in backward rather
+/// than kept (FlashAttention's trade: a little compute for no T x T tensor per head).
+#[derive(Debug, Clone, Copy)]
+struct Attention {
+    heads: usize,
+    scale: f64,
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl AttentionShape {
+    fn of(layout: &Layout, heads: usize, name: &str) -> Result<Self> {
+        let dims = layout.dims();
+        let (batch, tokens, packed) = match dims {
+            [b, t, c] => (*b, *t, *c),
+            _ => bail!("{name}: expects (batch, tokens, 3 * dim), got {dims:?}"),
+        };
+        if heads == 0 || packed % (3 * heads) != 0 {
+            bail!("{name}: {packed} values per token do not split into q, k, v for {heads} heads");
+        }
+        Ok(Self {
+            batch,
+            tokens,
+            heads,
+            head_dim: packed / (3 * heads),
+        })
+    }
+
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// `dst (m x n) = lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns).
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe; `dst` must not overlap
+/// the inputs or anything another thread writes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// A pointer that tasks share, each writing only its own (image, head) block.
+struct Shared<T>(*mut T);
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (T x T).
+fn attention_weights<T: Real>(
+    qkv: &[T],
+    s: AttentionShape,
+    b: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    let (t, hd, d3) = (s.tokens, s.head_dim, 3 * s.dim());
+    let base = b * t * d3;
+    let q = qkv[base + h * hd..].as_ptr();
+    let k = qkv[base + s.dim() + h * hd..].as_ptr();
+    let mut scores = vec![T::zero(); t * t];
+    // SAFETY: q and k rows are `d3` apart, hd values each, t rows, all inside qkv;
+    // `scores` is a local t x t buffer.
+    unsafe {
+        product(
+            (t, t, hd),
+            scores.as_mut_ptr(),
+            (t, 1),
+            q,
+            (d3, 1),
+            k,
+            (1, d3),
+        );
+    }
+    softmax_chunk(&scores, p, t, scale);
+}
+
+fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
+    use rayon::prelude::*;
+    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    let scale = T::from(scale).expect("a float");
+    let mut out = vec![T::zero(); s.batch * t * d];
+    let dst = Shared(out.as_mut_ptr());
+    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / s.heads, task % s.heads);
+        let mut p = vec![T::zero(); t * t];
+        attention_weights(qkv, s, b, h, scale, &mut p);
+        let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
+        // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
+        unsafe {
+            let o = dst.get().add(b * t * d + h * hd);
+            product((t, hd, t), o, (d, 1), p.as_ptr(), (t, 1), v, (d3, 1));
+        }
+    });
+    out
+}
+
+fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
+    use rayon::prelude::*;
+    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    let scale = T::from(scale).expect("a float");
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let dst = Shared(dqkv.as_mut_ptr());
+    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / s.heads, task % s.heads);
+        let mut p = vec![T::zero(); t * t];
+        attention_weights(qkv, s, b, h, scale, &mut p);
+        let base = b * t * d3;
+        let (q, k, v) = (
+            qkv[base + h * hd..].as_ptr(),
+            qkv[base + d + h * hd..].as_ptr(),
+            qkv[base + 2 * d + h * hd..].as_ptr(),
+        );
+        let dy = grad[b * t * d + h * hd..].as_ptr();
+        let mut dp = vec![T::zero(); t * t];
+        let mut ds = vec![T::zero(); t * t];
+        // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
+        // columns of head h for image b in dqkv.
+        unsafe {
+            let out = dst.get().add(base + h * hd);
+            // dV = Pᵀ dY
+            product(
+                (t, hd, t),
+                out.add(2 * d),
+                (d3, 1),
+                p.as_ptr(),
+                (1, t),
+                dy,
+                (d, 1),
+            );
+            // dP = dY Vᵀ
+            product((t, t, hd), dp.as_mut_ptr(), (t, 1), dy, (d, 1), v, (1, d3));
+        }
+        // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
+        softmax_grad_chunk(&p, &dp, &mut ds, t, scale);
+        unsafe {
+            let out = dst.get().add(base + h * hd);
+            // dQ = dS K, dK = dSᵀ Q
+            product((t, hd, t), out, (d3, 1), ds.as_ptr(), (t, 1), k, (d3, 1));
+            product(
+                (t, hd, t),
+                out.add(d),
+                (d3, 1),
+                ds.as_ptr(),
+                (1, t),
+                q,
+                (d3, 1),
+            );
+        }
+    });
+    dqkv
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = AttentionShape::of(layout, self.heads, self.name())?;
+        let scale = self.scale;
+        let out = by_dtype!(storage, layout, self.name(), |x| attention_forward(
+            x, s, scale
+        ))?;
+        Ok((out, Shape::from((s.batch, s.tokens, s.dim()))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad,
+            &AttentionGrad {
+                heads: self.heads,
+                scale: self.scale,
+            },
+        )?))
+    }
+}
+
+/// The gradient of [`Attention`] with respect to its packed input.
+#[derive(Debug, Clone, Copy)]
+struct AttentionGrad {
+    heads: usize,
+    scale: f64,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = AttentionShape::of(l1, self.heads, self.name())?;
+        if l2.dims() != [s.batch, s.tokens, s.dim()] {
+            bail!(
+                "{}: gradient of shape {:?} for {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                let (x, g) = pair::<f32>(s1, l1, s2, l2, self.name())?;
+                CpuStorage::F32(attention_backward(x, g, s, self.scale))
+            }
+            CpuStorage::F64(_) => {
+                let (x, g) = pair::<f64>(s1, l1, s2, l2, self.name())?;
+                CpuStorage::F64(attention_backward(x, g, s, self.scale))
+            }
+            _ => bail!("{}: expects f32 or f64", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// softmax(scale · Q Kᵀ) V for every head, from the packed (B, T, 3·H·d) projections,
+/// fused, with backward. `model::Attention` keeps the composed form as the reference
+/// (and for probes, which record the weights).
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention { heads, scale })
 }
 
 #[cfg(test)]
@@ -972,6 +1409,95 @@ mod tests {
             &numeric,
             1e-6,
             "finite differences",
+        );
+    }
+
+    /// Attention op by op, with candle's composed softmax: the reference.
+    fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (b, t, c3) = qkv.dims3().unwrap();
+        let hd = c3 / 3 / heads;
+        let qkv = qkv
+            .reshape((b, t, 3, heads, hd))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap();
+        let part = |i: usize| qkv.get(i).unwrap().contiguous().unwrap();
+        let (q, k, v) = (part(0), part(1), part(2));
+        let scores = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .affine(scale, 0.0)
+            .unwrap();
+        softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, c3 / 3))
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_one_forward_and_backward() {
+        // 3 images, 7 tokens, 2 heads of 5: enough to exercise every stride.
+        let qkv = Var::from_tensor(&random(&[3, 7, 30], 21)).unwrap();
+        let weights = random(&[3, 7, 10], 22);
+        let scale = 1.0 / 5f64.sqrt();
+        let fused = attention(qkv.as_tensor(), 2, scale).unwrap();
+        let composed = attention_composed(qkv.as_tensor(), 2, scale);
+        assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_comp = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(
+            &values(g_fused.get(qkv.as_tensor()).unwrap()),
+            &values(g_comp.get(qkv.as_tensor()).unwrap()),
+            1e-10,
+            "gradient",
+        );
+        // Finite differences on a small case.
+        let small = random(&[1, 3, 12], 23);
+        let w = random(&[1, 3, 4], 24);
+        let v = Var::from_tensor(&small).unwrap();
+        let grads = (attention(v.as_tensor(), 2, 0.7).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let numeric = numeric_gradient(
+            &values(&small),
+            &[1, 3, 12],
+            |t| attention(t, 2, 0.7).unwrap(),
+            &w,
+        );
+        assert_close(
+            &values(grads.get(v.as_tensor()).unwrap()),
+            &numeric,
+            1e-6,
+            "finite differences",
+        );
+        // f32 agrees with f64 to f32 precision.
+        let f32_out = attention(&qkv.as_tensor().to_dtype(DType::F32).unwrap(), 2, scale).unwrap();
+        assert_close(
+            &values(&f32_out),
+            &values(&attention_composed(qkv.as_tensor(), 2, scale)),
+            1e-5,
+            "f32",
+        );
+        assert!(
+            attention(&random(&[2, 3, 10], 1), 2, 1.0).is_err(),
+            "10 values do not split into 3 x 2 heads"
         );
     }
 

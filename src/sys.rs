@@ -2,31 +2,39 @@
 
 /// Keeps freed memory in the heap instead of returning every large tensor to the
 /// kernel: with glibc's defaults each tensor above 128 KiB is a fresh mmap, page-faulted
-/// and zeroed, which costs about half of a training step here.
+/// and zeroed, which costs about half of a training step here. One arena: the trainer
+/// runs on its own thread, and glibc's per-thread arenas are 64 MiB heaps that are
+/// mapped and unmapped as a step's memory comes and goes (page faults and TLB
+/// shootdowns were ~19% of a step's CPU time).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before other threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
-/// Sets the number of threads candle's CPU kernels use (its barrier pool and the
-/// matmul pool both read these variables once, on first use): must run before any
-/// tensor work. `0` keeps candle's default (physical cores) or the user's variables.
+/// Chooses the threads for tensor work; must run before any (the pools read these
+/// variables once, on first use). One pool: the matrix products (gemm) and the fused
+/// kernels in [`crate::ops`] run on rayon's pool of `threads` (0 = candle's default,
+/// the physical cores, or the user's RAYON_NUM_THREADS); candle's own element-wise
+/// ops run on the calling thread (CANDLE_NUM_THREADS=1 unless the user set it), since
+/// a second pool of spinning workers only competed with the first for the cores.
 pub fn set_threads(threads: usize) -> Result<(), String> {
-    if threads == 0 {
-        return Ok(());
-    }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if threads > cpus {
         return Err(format!(
             "`train.threads` = {threads} is more than the {cpus} CPUs this process may use (oversubscribing only slows training); use at most {cpus}, or 0 for the default"
         ));
     }
-    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     Ok(())
 }
 
