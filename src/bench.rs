@@ -144,7 +144,8 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let model = state.model.detached();
     let images = Tensor::randn(0f32, 1.0, (eval_batch, 3, 32, 32), &Device::Cpu)?;
     model.forward(&images)?; // warm-up
-    let reps = steps.div_ceil(4).max(1);
+                             // At least 2,000 images, so a short run still times evaluation over many batches.
+    let reps = 2000usize.div_ceil(eval_batch).max(2);
     let t = Instant::now();
     for _ in 0..reps {
         model.forward(&images)?.to_vec2::<f32>()?;

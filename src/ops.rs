@@ -381,12 +381,23 @@ struct LayerNormOp {
 #[inline(always)]
 fn row_moments<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::from(row.len()).expect("a float");
-    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / n;
-    let var = row
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / n;
+    let mean = row_sum(row) / n;
+    let var = lane_sum(row.len(), |i| (row[i] - mean) * (row[i] - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
+}
+
+/// Sum over i < len of `term(i)`, in lanes (see [`row_sum`]).
+#[inline(always)]
+fn lane_sum<T: Real>(len: usize, term: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let full = len - len % LANES;
+    for start in (0..full).step_by(LANES) {
+        for (lane, a) in acc.iter_mut().enumerate() {
+            *a += term(start + lane);
+        }
+    }
+    let tail = (full..len).fold(T::zero(), |s, i| s + term(i));
+    acc.iter().fold(tail, |s, &v| s + v)
 }
 
 fn layer_norm_rows<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
@@ -511,12 +522,8 @@ fn layer_norm_dx_chunk<T: Real>(x: &[T], g: &[T], gamma: &[T], dst: &mut [T], ep
         .zip(dst.chunks_exact_mut(dim))
     {
         let (mean, inv) = row_moments(x, eps);
-        let (mut sum_gx, mut sum_gx_xhat) = (T::zero(), T::zero());
-        for ((&x, &g), &gm) in x.iter().zip(g).zip(gamma) {
-            let gx = g * gm;
-            sum_gx += gx;
-            sum_gx_xhat += gx * (x - mean) * inv;
-        }
+        let sum_gx = lane_sum(dim, |i| g[i] * gamma[i]);
+        let sum_gx_xhat = lane_sum(dim, |i| g[i] * gamma[i] * (x[i] - mean) * inv);
         let (mean_gx, mean_gx_xhat) = (sum_gx / n, sum_gx_xhat / n);
         for (((d, &x), &g), &gm) in d.iter_mut().zip(x).zip(g).zip(gamma) {
             let x_hat = (x - mean) * inv;
