@@ -3,13 +3,15 @@
 //! Composed from small candle ops, a LayerNorm keeps six intermediate tensors alive in
 //! the autograd graph and a softmax four, and each step of them is a pass over memory
 //! with a fresh allocation; fused, each keeps only what its backward needs and runs
-//! as one pass. Every kernel splits its rows over candle's own CPU workers (no second
-//! thread pool competing for the cores). The composed versions stay in `model.rs` as
-//! the reference the tests compare against (forward, gradients, finite differences).
+//! as one pass. Every kernel splits its rows over rayon's pool, the one candle's matrix
+//! products use (see `sys::set_threads`), and is compiled twice, for baseline x86-64
+//! and for AVX2 (`kernel!`). The composed versions stay in `model.rs` as the
+//! reference the tests compare against (forward, gradients, finite differences).
 //!
 //! Backward passes are custom ops too ([`LayerNormGrad`], [`SoftmaxGrad`], [`GeluGrad`],
-//! [`SumRows`]): candle's reductions over the batch dimension run element by element
-//! on one thread, which made summing bias gradients the most expensive part of a step.
+//! [`AttentionGrad`], [`SumRows`]): candle's reductions over the batch dimension run
+//! element by element on one thread, which made summing bias gradients the most
+//! expensive part of a step.
 
 use std::ops::Range;
 
@@ -27,6 +29,7 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [
 
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
+    /// erf: vectorisable for f32 ([`crate::fastmath`], within 3e-7), exact for f64.
     fn erf(self) -> Self;
     /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
     fn fast_exp(self) -> Self;
