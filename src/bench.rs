@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
-use crate::model::{forward_backward, forward_flops_per_image, ModelState};
+use crate::model::{forward_backward, forward_flops_per_image, ModelState, Workers};
 use crate::optim::AdamW;
 use crate::probe::ProbeSet;
 
@@ -110,6 +110,7 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let table = norm.table();
     let mut totals = [0.0f64; 4];
     let mut timed_ms = 0.0;
+    let workers = Workers::for_batches(config.train.batch_size, config.train.micro_batch_size);
     for step in 0..warmup + steps {
         let t0 = Instant::now();
         let b = plan.build(&data.train, &table, &order, step as u64);
@@ -117,10 +118,10 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
         let result = forward_backward(
             &state.model,
             &vars,
-            &b.pixels,
-            &b.labels,
+            (&b.pixels, &b.labels),
             config.train.label_smoothing,
             config.train.micro_batch_size,
+            &workers,
         )?;
         let (forward_ms, backward_ms) = (result.forward_secs * 1e3, result.backward_secs * 1e3);
         let grads = result.grads;
@@ -144,12 +145,23 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let model = state.model.detached();
     let images = Tensor::randn(0f32, 1.0, (eval_batch, 3, 32, 32), &Device::Cpu)?;
     model.forward(&images)?; // warm-up
-                             // At least 2,000 images, so a short run still times evaluation over many batches.
-    let reps = 2000usize.div_ceil(eval_batch).max(2);
+                             // As the trainer evaluates: batches side by side, one per core.
+    let threads = candle_core::utils::get_num_threads();
+    let eval_workers = Workers::new(threads, threads);
+    // At least 2,000 images, so a short run still times evaluation over many batches.
+    let rounds = 2000usize.div_ceil(eval_batch * eval_workers.lanes()).max(2);
     let t = Instant::now();
-    for _ in 0..reps {
-        model.forward(&images)?.to_vec2::<f32>()?;
+    for _ in 0..rounds {
+        let jobs: Vec<Box<dyn FnOnce() -> candle_core::Result<()> + Send>> = (0..eval_workers
+            .lanes())
+            .map(|_| {
+                Box::new(|| model.forward(&images)?.to_vec2::<f32>().map(drop))
+                    as Box<dyn FnOnce() -> candle_core::Result<()> + Send>
+            })
+            .collect();
+        eval_workers.run(jobs)?;
     }
+    let reps = rounds * eval_workers.lanes();
     let eval_images_per_sec = (eval_batch * reps) as f64 / t.elapsed().as_secs_f64();
 
     let probes = ProbeSet::new(&data.train, config.probe.images, &norm);

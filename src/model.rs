@@ -425,56 +425,169 @@ pub struct StepResult {
     pub backward_secs: f64,
 }
 
+/// Thread pools that run micro-batches side by side. With as many micro-batches as
+/// threads (the default: 2 of 64 on 2 cores) each runs on its own core with no
+/// synchronisation inside: at these sizes candle's per-op parallel regions (a wake-up
+/// and a join per product and kernel) cost more than they save, so two single-threaded
+/// micro-batches at once beat one two-threaded after the other.
+pub struct Workers {
+    pools: Vec<rayon::ThreadPool>,
+}
+
+impl Workers {
+    /// `threads` split over `lanes` pools of at least one thread each.
+    pub fn new(threads: usize, lanes: usize) -> Self {
+        let lanes = lanes.clamp(1, threads.max(1));
+        let pools = (0..lanes)
+            .map(|lane| {
+                let share = threads / lanes + usize::from(lane < threads % lanes);
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(share.max(1))
+                    .thread_name(move |i| format!("vitscope-lane{lane}-{i}"))
+                    .build()
+                    .expect("a thread pool")
+            })
+            .collect();
+        Self { pools }
+    }
+
+    /// As many lanes as a batch has micro-batches, up to the tensor threads.
+    pub fn for_batches(batch_size: usize, micro_batch_size: usize) -> Self {
+        let micro = if micro_batch_size == 0 {
+            batch_size
+        } else {
+            micro_batch_size.min(batch_size)
+        };
+        let threads = candle_core::utils::get_num_threads();
+        Self::new(threads, batch_size.div_ceil(micro.max(1)))
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Runs `jobs` side by side, one per lane (at most `lanes()` of them), in order.
+    pub fn run<T: Send>(
+        &self,
+        jobs: Vec<Box<dyn FnOnce() -> Result<T> + Send + '_>>,
+    ) -> Result<Vec<T>> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .zip(&self.pools)
+                .map(|(job, pool)| scope.spawn(move || pool.install(job)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| candle_core::Error::Msg("a worker thread panicked".into()))?
+                })
+                .collect()
+        })
+    }
+}
+
+/// One micro-batch's share of a step.
+struct MicroResult {
+    loss: f64,
+    correct: usize,
+    grads: Vec<Option<Tensor>>,
+    forward_secs: f64,
+    backward_secs: f64,
+}
+
+/// Forward and backward of images `range` of the batch; loss and gradients are
+/// scaled by the micro-batch's share of the batch.
+fn micro_step(
+    model: &VisionTransformer,
+    vars: &[Var],
+    (pixels, labels): (&[f32], &[u32]),
+    range: std::ops::Range<usize>,
+    smoothing: f64,
+) -> Result<MicroResult> {
+    let batch = labels.len();
+    let per_image = pixels.len() / batch.max(1);
+    let n = range.len();
+    let t = std::time::Instant::now();
+    let images = images_tensor(
+        pixels[range.start * per_image..range.end * per_image].to_vec(),
+        n,
+        model.patch_embed.weight.dtype(),
+    )?;
+    let part = &labels[range];
+    let logits = model.forward(&images)?;
+    let loss = smoothed_cross_entropy(&logits, part, smoothing)?;
+    let share = n as f64 / batch as f64;
+    let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
+    let correct = correct_predictions(&logits, part)?;
+    let forward_secs = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let grads = loss.affine(share, 0.0)?.backward()?;
+    drop((logits, loss));
+    // Detached: a gradient computed from activations would otherwise keep this
+    // micro-batch's whole autograd graph alive through its own graph links.
+    let grads = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).map(Tensor::detach))
+        .collect();
+    Ok(MicroResult {
+        loss: loss_value,
+        correct,
+        grads,
+        forward_secs,
+        backward_secs: t.elapsed().as_secs_f64(),
+    })
+}
+
 /// Forward and backward over a batch of normalised images (B, 3, 32, 32) in
 /// micro-batches of at most `micro` images, summing gradients. The loss is a mean, so
 /// this is the whole batch's gradient, for a fraction of the activation memory (the
-/// autograd graph of the default model holds about 7 MB per image).
+/// autograd graph of the default model holds about 7 MB per image). Micro-batches run
+/// side by side on the `workers`' lanes; the sums are taken in batch order, so the
+/// result does not depend on which finished first. The reported times are wall
+/// times (the slowest lane of each round).
 pub fn forward_backward(
     model: &VisionTransformer,
     vars: &[Var],
-    pixels: &[f32],
-    labels: &[u32],
+    (pixels, labels): (&[f32], &[u32]),
     smoothing: f64,
     micro: usize,
+    workers: &Workers,
 ) -> Result<StepResult> {
     let batch = labels.len();
-    let micro = if micro == 0 { batch } else { micro.min(batch) };
-    let per_image = pixels.len() / batch.max(1);
-    let dtype = model.patch_embed.weight.dtype();
+    let micro = if micro == 0 { batch } else { micro.min(batch) }.max(1);
+    let ranges: Vec<std::ops::Range<usize>> = (0..batch)
+        .step_by(micro)
+        .map(|start| start..(start + micro).min(batch))
+        .collect();
     let mut total: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss_sum, mut correct) = (0.0, 0);
     let (mut forward_secs, mut backward_secs) = (0.0, 0.0);
-    for start in (0..batch).step_by(micro.max(1)) {
-        let n = micro.min(batch - start);
-        let t = std::time::Instant::now();
-        let images = images_tensor(
-            pixels[start * per_image..(start + n) * per_image].to_vec(),
-            n,
-            dtype,
-        )?;
-        let part = &labels[start..start + n];
-        let logits = model.forward(&images)?;
-        let loss = smoothed_cross_entropy(&logits, part, smoothing)?;
-        let share = n as f64 / batch as f64;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
-        correct += correct_predictions(&logits, part)?;
-        forward_secs += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        let grads = loss.affine(share, 0.0)?.backward()?;
-        drop((logits, loss));
-        // Detached: a gradient computed from activations would otherwise keep this
-        // micro-batch's whole autograd graph alive through its own graph links.
-        for (slot, var) in total.iter_mut().zip(vars) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.detach();
-                *slot = Some(match slot.take() {
-                    Some(a) => (a + g)?,
-                    None => g,
-                });
+    for round in ranges.chunks(workers.lanes()) {
+        let jobs: Vec<Box<dyn FnOnce() -> Result<MicroResult> + Send>> = round
+            .iter()
+            .map(|range| {
+                let range = range.clone();
+                Box::new(move || micro_step(model, vars, (pixels, labels), range, smoothing))
+                    as Box<dyn FnOnce() -> Result<MicroResult> + Send>
+            })
+            .collect();
+        let results = workers.run(jobs)?;
+        forward_secs += results.iter().map(|r| r.forward_secs).fold(0.0, f64::max);
+        backward_secs += results.iter().map(|r| r.backward_secs).fold(0.0, f64::max);
+        for result in results {
+            loss_sum += result.loss;
+            correct += result.correct;
+            for (slot, g) in total.iter_mut().zip(result.grads) {
+                if let Some(g) = g {
+                    *slot = Some(match slot.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
             }
         }
-        drop(grads);
-        backward_secs += t.elapsed().as_secs_f64();
     }
     Ok(StepResult {
         loss: loss_sum,
@@ -835,8 +948,19 @@ mod tests {
             .to_vec1()
             .unwrap();
         let labels = [0u32, 3, 3, 9, 1];
-        let whole = forward_backward(&state.model, &vars, &pixels, &labels, 0.1, 0).unwrap();
-        let split = forward_backward(&state.model, &vars, &pixels, &labels, 0.1, 2).unwrap();
+        let one = Workers::new(1, 1);
+        let whole =
+            forward_backward(&state.model, &vars, (&pixels, &labels), 0.1, 0, &one).unwrap();
+        // Three micro-batches (2 + 2 + 1) over two lanes: side by side, then alone.
+        let split = forward_backward(
+            &state.model,
+            &vars,
+            (&pixels, &labels),
+            0.1,
+            2,
+            &Workers::new(2, 2),
+        )
+        .unwrap();
         assert!(
             (whole.loss - split.loss).abs() < 1e-12,
             "{} vs {}",

@@ -17,7 +17,7 @@ use crate::data::{DataError, Dataset, NUM_CLASSES};
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::model::{
     forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, ModelState,
-    VisionTransformer,
+    VisionTransformer, Workers,
 };
 use crate::optim::{learning_rate, AdamW};
 use crate::predictions::{Predictions, PredictionsMeta};
@@ -88,6 +88,44 @@ pub fn train(
 
 fn timestamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// What one evaluation batch gives.
+struct EvalChunk {
+    /// Loss summed over the batch's images.
+    loss_sum: f64,
+    predicted: Vec<u32>,
+    labels: Vec<u32>,
+    /// Class probabilities of those of its images among the first `recorded`.
+    probabilities: Vec<f32>,
+}
+
+fn eval_chunk(
+    model: &VisionTransformer,
+    test: &crate::data::Split,
+    norm: &Normalizer,
+    chunk: &[usize],
+    recorded: usize,
+    smoothing: f64,
+) -> candle_core::Result<EvalChunk> {
+    let images = images_tensor(images_f32(test, chunk, norm), chunk.len(), DType::F32)?;
+    let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
+    let logits = model.forward(&images)?;
+    let wanted = recorded.saturating_sub(chunk[0]).min(chunk.len());
+    let probabilities = if wanted > 0 {
+        softmax_last_dim(&logits.narrow(0, 0, wanted)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+    } else {
+        Vec::new()
+    };
+    let loss: f32 = smoothed_cross_entropy(&logits, &labels, smoothing)?.to_scalar()?;
+    Ok(EvalChunk {
+        loss_sum: f64::from(loss) * chunk.len() as f64,
+        predicted: logits.argmax(1)?.to_vec1::<u32>()?,
+        labels,
+        probabilities,
+    })
 }
 
 struct Trainer {
@@ -255,23 +293,25 @@ impl Trainer {
         let recorded = self.config.probe.predictions.min(test.len());
         let mut probabilities = Vec::with_capacity(recorded * NUM_CLASSES);
         let all: Vec<usize> = (0..test.len()).collect();
-        for chunk in all.chunks(self.config.train.eval_batch_size) {
-            let images =
-                images_tensor(images_f32(test, chunk, &self.norm), chunk.len(), DType::F32)?;
-            let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
-            let logits = model.forward(&images)?;
-            let wanted = recorded.saturating_sub(chunk[0]).min(chunk.len());
-            if wanted > 0 {
-                let p = softmax_last_dim(&logits.narrow(0, 0, wanted)?)?;
-                probabilities.extend(p.flatten_all()?.to_vec1::<f32>()?);
-            }
-            let loss: f32 =
-                smoothed_cross_entropy(&logits, &labels, self.config.train.label_smoothing)?
-                    .to_scalar()?;
-            loss_sum += f64::from(loss) * chunk.len() as f64;
-            let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
-            for (&p, &l) in predicted.iter().zip(&labels) {
-                confusion[l as usize][p as usize] += 1;
+        let chunks: Vec<&[usize]> = all.chunks(self.config.train.eval_batch_size).collect();
+        // Batches side by side, one per core (see `Workers`).
+        let threads = candle_core::utils::get_num_threads();
+        let workers = Workers::new(threads, threads);
+        let (model, norm, smoothing) = (&model, &self.norm, self.config.train.label_smoothing);
+        for round in chunks.chunks(workers.lanes()) {
+            let jobs: Vec<Box<dyn FnOnce() -> candle_core::Result<EvalChunk> + Send>> = round
+                .iter()
+                .map(|&chunk| {
+                    Box::new(move || eval_chunk(model, test, norm, chunk, recorded, smoothing))
+                        as Box<dyn FnOnce() -> candle_core::Result<EvalChunk> + Send>
+                })
+                .collect();
+            for part in workers.run(jobs)? {
+                loss_sum += part.loss_sum;
+                probabilities.extend(part.probabilities);
+                for (&p, &l) in part.predicted.iter().zip(&part.labels) {
+                    confusion[l as usize][p as usize] += 1;
+                }
             }
         }
         let secs = start.elapsed().as_secs_f64();
@@ -395,6 +435,7 @@ impl Trainer {
             .plan
             .prefetch(Arc::clone(&self.data), self.norm, start, end);
         let cfg = self.config.train.clone();
+        let workers = Workers::for_batches(cfg.batch_size, cfg.micro_batch_size);
         let spe = self.info.steps_per_epoch;
         let total_schedule = self.info.epochs * spe;
         let mut last_eval = None;
@@ -411,10 +452,10 @@ impl Trainer {
             let step_result = forward_backward(
                 &self.state.model,
                 &self.vars,
-                &batch.pixels,
-                &batch.labels,
+                (&batch.pixels, &batch.labels),
                 cfg.label_smoothing,
                 cfg.micro_batch_size,
+                &workers,
             )?;
             let loss_value = step_result.loss;
             if !loss_value.is_finite() {
