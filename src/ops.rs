@@ -752,18 +752,22 @@ impl CustomOp1 for Gelu {
         Ok((out, layout.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            res,
+            &grad.contiguous()?,
+            &GeluGrad,
+        )?))
     }
 }
 
-/// g * GELU'(x) = g * (Φ(x) + x φ(x)).
+/// g * GELU'(x) = g * (Φ(x) + x φ(x)), with Φ(x) = y / x from the forward output
+/// y = x Φ(x): one exp instead of erf's two polynomials and exp again.
 #[inline(always)]
-fn gelu_grad_at<T: Real>(x: T, g: T) -> T {
+fn gelu_grad_at<T: Real>(x: T, y: T, g: T) -> T {
     let half = T::from(0.5).expect("a float");
-    let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
     let inv_sqrt_2pi = T::from(0.398_942_280_401_432_7).expect("a float");
-    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+    let cdf = if x == T::zero() { half } else { y / x };
     let pdf = inv_sqrt_2pi * (-half * x * x).fast_exp();
     g * (cdf + x * pdf)
 }
@@ -785,9 +789,9 @@ fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
 }
 
 kernel! {
-fn gelu_grad_chunk<T: Real>(x: &[T], g: &[T], dst: &mut [T]) {
-    for ((d, &x), &g) in dst.iter_mut().zip(x).zip(g) {
-        *d = gelu_grad_at(x, g);
+fn gelu_grad_chunk<T: Real>(x: &[T], y: &[T], g: &[T], dst: &mut [T]) {
+    for (((d, &x), &y), &g) in dst.iter_mut().zip(x).zip(y).zip(g) {
+        *d = gelu_grad_at(x, y, g);
     }
 }
 }
@@ -796,7 +800,7 @@ fn gelu_grad_chunk<T: Real>(x: &[T], g: &[T], dst: &mut [T]) {
 #[derive(Debug, Clone, Copy)]
 struct GeluGrad;
 
-impl CustomOp2 for GeluGrad {
+impl CustomOp3 for GeluGrad {
     fn name(&self) -> &'static str {
         "gelu-grad"
     }
@@ -807,8 +811,10 @@ impl CustomOp2 for GeluGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+        fn run<T: Real>(x: &[T], y: &[T], g: &[T]) -> Vec<T> {
             let mut out = vec![T::zero(); x.len()];
             let len = out.len();
             par_rows(
@@ -816,24 +822,27 @@ impl CustomOp2 for GeluGrad {
                 ELEMENT_CHUNK,
                 |chunks, dst| {
                     let span = chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK;
-                    gelu_grad_chunk(&x[span.clone()], &g[span], dst);
+                    gelu_grad_chunk(&x[span.clone()], &y[span.clone()], &g[span], dst);
                 },
             );
             for i in len - len % ELEMENT_CHUNK..len {
-                out[i] = gelu_grad_at(x[i], g[i]);
+                out[i] = gelu_grad_at(x[i], y[i], g[i]);
             }
             out
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                let (x, g) = pair::<f32>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F32(run(x, g))
-            }
-            CpuStorage::F64(_) => {
-                let (x, g) = pair::<f64>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F64(run(x, g))
-            }
-            _ => bail!("gelu-grad: expects f32 or f64"),
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(
+                contiguous(x, l1, name)?,
+                contiguous(y, l2, name)?,
+                contiguous(g, l3, name)?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(
+                contiguous(x, l1, name)?,
+                contiguous(y, l2, name)?,
+                contiguous(g, l3, name)?,
+            )),
+            _ => bail!("{name}: x, GELU(x) and the gradient must all be f32 or all f64"),
         };
         Ok((out, l1.shape().clone()))
     }
