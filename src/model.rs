@@ -425,11 +425,12 @@ pub struct StepResult {
     pub backward_secs: f64,
 }
 
-/// Thread pools that run micro-batches side by side. With as many micro-batches as
-/// threads (the default: 2 of 64 on 2 cores) each runs on its own core with no
-/// synchronisation inside: at these sizes candle's per-op parallel regions (a wake-up
-/// and a join per product and kernel) cost more than they save, so two single-threaded
-/// micro-batches at once beat one two-threaded after the other.
+/// Thread pools that run micro-batches side by side, one lane per core (the default
+/// batch of 128 in micro-batches of 32 is two rounds of two on 2 cores). Each lane is
+/// single-threaded, with no synchronisation inside: at these sizes candle's per-op
+/// parallel regions (a wake-up and a join per product and kernel) cost more than they
+/// save, so two single-threaded micro-batches at once beat one two-threaded after the
+/// other.
 pub struct Workers {
     pools: Vec<rayon::ThreadPool>,
 }
