@@ -51,20 +51,25 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // One 2-D product over all leading dimensions rather than a broadcast batched one.
+        crate::ops::linear(x, &self.weight, &self.bias)
+    }
+
+    /// The same op by op (one 2-D product over all leading dimensions, then the bias):
+    /// the reference for [`crate::ops::linear`].
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let product = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        // Fused: candle's broadcast_add backward sums the bias gradient on one thread.
-        let y = crate::ops::bias_add(&product, &self.bias)?;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("at least one dimension") = self.weight.dim(0)?;
         y.reshape(out_dims)
     }
 }
 
-/// LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub gamma: Tensor,

@@ -9,9 +9,10 @@
 //! reference the tests compare against (forward, gradients, finite differences).
 //!
 //! Backward passes are custom ops too ([`LayerNormGrad`], [`SoftmaxGrad`], [`GeluGrad`],
-//! [`AttentionGrad`], [`SumRows`]): candle's reductions over the batch dimension run
+//! [`AttentionGrad`], [`LinearGrad`]): candle's reductions over the batch dimension run
 //! element by element on one thread, which made summing bias gradients the most
-//! expensive part of a step.
+//! expensive part of a step, and every node of candle's graph costs a zero-filled
+//! gradient slot and an add, which one op per layer avoids.
 
 use std::ops::Range;
 
@@ -600,120 +601,6 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     )
 }
 
-// ---------------------------------------------------------------- bias add
-
-/// x + b with x of shape (rows, n) and b of shape (n).
-#[derive(Debug, Clone, Copy)]
-struct BiasAdd;
-
-impl CustomOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "bias-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = l2.shape().elem_count();
-        if l1.dims().last().copied() != Some(n) {
-            bail!(
-                "bias-add: the bias has {n} values, x rows have {:?}",
-                l1.dims().last()
-            );
-        }
-        fn run<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
-            let n = b.len();
-            let mut out = vec![T::zero(); x.len()];
-            par_rows(&mut out, n, |rows, dst| {
-                bias_chunk(&x[rows.start * n..rows.end * n], b, dst);
-            });
-            out
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                let (x, b) = pair::<f32>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F32(run(x, b))
-            }
-            CpuStorage::F64(_) => {
-                let (x, b) = pair::<f64>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F64(run(x, b))
-            }
-            _ => bail!("bias-add: expects f32 or f64"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&SumRows)?
-            .reshape(b.shape())?;
-        Ok((Some(grad.clone()), Some(db)))
-    }
-}
-
-kernel! {
-fn bias_chunk<T: Real>(src: &[T], b: &[T], dst: &mut [T]) {
-    let n = b.len();
-    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-        for ((d, &s), &b) in d.iter_mut().zip(s).zip(b) {
-            *d = s + b;
-        }
-    }
-}
-}
-
-kernel! {
-fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
-    for row in src.chunks_exact(partial.len()) {
-        for (p, &v) in partial.iter_mut().zip(row) {
-            *p += v;
-        }
-    }
-}
-}
-
-/// x + b over the last dimension (b has one value per column), fused; the bias
-/// gradient is a parallel sum over rows.
-pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
-}
-
-/// Sums over all leading dimensions: (..., n) -> (n).
-#[derive(Debug, Clone, Copy)]
-struct SumRows;
-
-impl CustomOp1 for SumRows {
-    fn name(&self) -> &'static str {
-        "sum-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = layout.dims().last().copied().unwrap_or(1).max(1);
-        let out = by_dtype!(storage, layout, self.name(), |x| {
-            par_row_sums(x.len() / n, n, |rows, partial| {
-                add_rows_chunk(&x[rows.start * n..rows.end * n], partial);
-            })
-        })?;
-        Ok((out, Shape::from(n)))
-    }
-}
-
-/// Column sums of a (..., n) tensor (no gradient).
-pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&SumRows)
-}
-
 // ---------------------------------------------------------------- GELU
 
 /// GELU with the exact erf: x * Φ(x) = 0.5 x (1 + erf(x / √2)).
@@ -1131,6 +1018,251 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(Attention { heads, scale })
 }
 
+// ---------------------------------------------------------------- linear
+
+kernel! {
+/// Adds each row of `src` into `partial` (rows of `partial.len()` values).
+fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
+    for row in src.chunks_exact(partial.len()) {
+        for (p, &v) in partial.iter_mut().zip(row) {
+            *p += v;
+        }
+    }
+}
+}
+
+/// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
+/// graph instead of four (reshape, transpose, product, bias). Candle's backward
+/// zero-fills a gradient slot for every node and adds into it; with one node per
+/// linear layer there is one slot per input, and the three gradients are three
+/// products and a column sum.
+#[derive(Debug, Clone, Copy)]
+struct Linear;
+
+/// Parallelism for a product inside an op: the current rayon pool's threads.
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`; with `accumulate`, dst's values are kept
+/// and the product added.
+///
+/// # Safety
+/// As [`product`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_into<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm_parallelism(),
+    );
+}
+
+fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
+    let rows = x.len() / in_dim.max(1);
+    // The bias first, then the product added onto it.
+    let mut y: Vec<T> = Vec::with_capacity(rows * out_dim);
+    for _ in 0..rows {
+        y.extend_from_slice(b);
+    }
+    // SAFETY: y is rows x out_dim, x rows x in_dim, w out_dim x in_dim (read as Wᵀ).
+    unsafe {
+        product_into(
+            (rows, out_dim, in_dim),
+            y.as_mut_ptr(),
+            (out_dim, 1),
+            x.as_ptr(),
+            (in_dim, 1),
+            w.as_ptr(),
+            (1, in_dim),
+            true,
+        );
+    }
+    y
+}
+
+/// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.
+fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T> {
+    let in_dim = w.len() / out_dim.max(1);
+    let rows = x.len() / in_dim.max(1);
+    let (nx, nw) = (x.len(), w.len());
+    let mut out = vec![T::zero(); nx + nw + out_dim];
+    let (dx, rest) = out.split_at_mut(nx);
+    let (dw, db) = rest.split_at_mut(nw);
+    // SAFETY: each destination is its own part of `out`; shapes as in the forward pass.
+    unsafe {
+        // dx = g W: (rows x out) · (out x in)
+        product_into(
+            (rows, in_dim, out_dim),
+            dx.as_mut_ptr(),
+            (in_dim, 1),
+            g.as_ptr(),
+            (out_dim, 1),
+            w.as_ptr(),
+            (in_dim, 1),
+            false,
+        );
+        // dW = gᵀ x: (out x rows) · (rows x in)
+        product_into(
+            (out_dim, in_dim, rows),
+            dw.as_mut_ptr(),
+            (in_dim, 1),
+            g.as_ptr(),
+            (1, out_dim),
+            x.as_ptr(),
+            (in_dim, 1),
+            false,
+        );
+    }
+    db.copy_from_slice(&par_row_sums(rows, out_dim, |range, partial| {
+        add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
+    }));
+    out
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        if l3.shape().elem_count() != out_dim || l1.dims().last() != Some(&in_dim) {
+            bail!(
+                "{name}: x {:?}, weight {:?} and bias {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(linear_forward(
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(linear_forward(
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
+                ))
+            }
+            _ => bail!("{name}: x, weight and bias must all be f32 or all f64"),
+        };
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("checked above") = out_dim;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (nx, nw, nb) = (x.elem_count(), w.elem_count(), b.elem_count());
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearGrad)?;
+        Ok((
+            Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?),
+            Some(packed.narrow(0, nx, nw)?.reshape(w.shape())?),
+            Some(packed.narrow(0, nx + nw, nb)?.reshape(b.shape())?),
+        ))
+    }
+}
+
+/// The three gradients of [`Linear`], packed as [dx | dW | db].
+#[derive(Debug, Clone, Copy)]
+struct LinearGrad;
+
+impl CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (out_dim, _) = l2.shape().dims2()?;
+        let len = l1.shape().elem_count() + l2.shape().elem_count() + out_dim;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(linear_backward(
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(g, l3, name)?,
+                    out_dim,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(linear_backward(
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(g, l3, name)?,
+                    out_dim,
+                ))
+            }
+            _ => bail!("{name}: x, weight and gradient must all be f32 or all f64"),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// x Wᵀ + b over the last dimension of x (W is out x in, as stored), fused, with backward.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1367,43 +1499,16 @@ mod tests {
     }
 
     #[test]
-    fn fused_bias_add_matches_broadcast_add_and_sums_rows_exactly() {
-        let x = Var::from_tensor(&random(&[300, 7], 15)).unwrap();
-        let b = Var::from_tensor(&random(&[7], 16)).unwrap();
-        let weights = random(&[300, 7], 17);
-        let fused = bias_add(x.as_tensor(), b.as_tensor()).unwrap();
-        let reference = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
-        assert_close(&values(&fused), &values(&reference), 0.0, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", &x), ("bias", &b)] {
-            let (a, r) = (
-                g_fused.get(v.as_tensor()).unwrap(),
-                g_ref.get(v.as_tensor()).unwrap(),
-            );
-            assert_close(&values(a), &values(r), 1e-12, name);
-        }
-        // Column sums over several blocks of rows, by hand.
-        let rows: Vec<f64> = (0..1000 * 3)
-            .map(|i| (i % 3) as f64 + (i / 3) as f64)
+    fn column_sums_over_many_blocks_by_hand() {
+        // 1000 rows of (r, r + 1, r + 2): more rows than one block, a partial last block.
+        let rows: Vec<f64> = (0..1000)
+            .flat_map(|r| [f64::from(r), f64::from(r) + 1.0, f64::from(r) + 2.0])
             .collect();
-        let t = Tensor::from_vec(rows, (10, 100, 3), &Device::Cpu).unwrap();
+        let sums = par_row_sums(1000, 3, |range, partial| {
+            add_rows_chunk(&rows[range.start * 3..range.end * 3], partial);
+        });
         let expected: f64 = (0..1000).map(f64::from).sum();
-        assert_eq!(
-            values(&sum_rows(&t).unwrap()),
-            vec![expected, expected + 1000.0, expected + 2000.0]
-        );
-        assert!(bias_add(x.as_tensor(), &random(&[6], 1)).is_err());
+        assert_eq!(sums, vec![expected, expected + 1000.0, expected + 2000.0]);
     }
 
     #[test]
@@ -1518,6 +1623,61 @@ mod tests {
             attention(&random(&[2, 3, 10], 1), 2, 1.0).is_err(),
             "10 values do not split into 3 x 2 heads"
         );
+    }
+
+    #[test]
+    fn fused_linear_matches_product_plus_bias_forward_and_backward() {
+        let x = Var::from_tensor(&random(&[3, 5, 7], 31)).unwrap();
+        let w = Var::from_tensor(&random(&[4, 7], 32)).unwrap();
+        let b = Var::from_tensor(&random(&[4], 33)).unwrap();
+        let weights = random(&[3, 5, 4], 34);
+        let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let composed = x
+            .as_tensor()
+            .reshape((15, 7))
+            .unwrap()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap()
+            .reshape((3, 5, 4))
+            .unwrap();
+        assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_comp = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            assert_close(
+                &values(g_fused.get(v.as_tensor()).unwrap()),
+                &values(g_comp.get(v.as_tensor()).unwrap()),
+                1e-12,
+                name,
+            );
+        }
+        // Finite differences for the weight.
+        let w0 = random(&[4, 7], 32);
+        let numeric = numeric_gradient(
+            &values(&w0),
+            &[4, 7],
+            |t| linear(x.as_tensor(), t, b.as_tensor()).unwrap(),
+            &weights,
+        );
+        assert_close(
+            &values(g_fused.get(w.as_tensor()).unwrap()),
+            &numeric,
+            1e-6,
+            "finite differences",
+        );
+        assert!(linear(x.as_tensor(), &random(&[4, 6], 1), b.as_tensor()).is_err());
     }
 
     #[test]
