@@ -34,8 +34,6 @@ pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'st
     fn erf(self) -> Self;
     /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
     fn fast_exp(self) -> Self;
-    fn wrap(v: Vec<Self>) -> CpuStorage;
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl Real for f32 {
@@ -47,15 +45,6 @@ impl Real for f32 {
     fn fast_exp(self) -> Self {
         crate::fastmath::exp(self)
     }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
 }
 
 impl Real for f64 {
@@ -66,15 +55,6 @@ impl Real for f64 {
     #[inline(always)]
     fn fast_exp(self) -> Self {
         self.exp()
-    }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
     }
 }
 
@@ -169,41 +149,43 @@ fn par_row_sums<T: Real>(
     total
 }
 
-fn unary<T: Real>(
-    s: &CpuStorage,
-    l: &Layout,
-    name: &str,
-    f: impl Fn(&[T]) -> Vec<T>,
-) -> Result<CpuStorage> {
-    let Some(v) = T::slice(s) else {
-        bail!("{name}: unexpected dtype")
-    };
-    Ok(T::wrap(f(contiguous(v, l, name)?)))
-}
-
-/// Dispatches an f32 / f64 kernel on one input.
+/// Runs a kernel on one, two or three contiguous inputs of one float type, f32 or
+/// f64: `$f` is expanded once per type, so one closure serves both. Bails out of the
+/// calling function (naming the op) on other types, mixed types or strided inputs.
 macro_rules! by_dtype {
-    ($s:expr, $l:expr, $name:expr, $f:expr) => {
-        match $s {
-            CpuStorage::F32(_) => unary::<f32>($s, $l, $name, $f),
-            CpuStorage::F64(_) => unary::<f64>($s, $l, $name, $f),
+    ($name:expr, $f:expr, ($s1:expr, $l1:expr)) => {
+        match $s1 {
+            CpuStorage::F32(a) => CpuStorage::F32(($f)(contiguous(a, $l1, $name)?)),
+            CpuStorage::F64(a) => CpuStorage::F64(($f)(contiguous(a, $l1, $name)?)),
             _ => bail!("{}: expects f32 or f64", $name),
         }
     };
-}
-
-/// Two inputs of the same float type, both contiguous.
-fn pair<'a, T: Real>(
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
-    name: &str,
-) -> Result<(&'a [T], &'a [T])> {
-    match (T::slice(s1), T::slice(s2)) {
-        (Some(a), Some(b)) => Ok((contiguous(a, l1, name)?, contiguous(b, l2, name)?)),
-        _ => bail!("{name}: both inputs must be f32 or both f64"),
-    }
+    ($name:expr, $f:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr)) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(($f)(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(($f)(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
+            }
+            _ => bail!("{}: inputs must all be f32 or all f64", $name),
+        }
+    };
+    ($name:expr, $f:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr)) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(($f)(
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?,
+                contiguous(c, $l3, $name)?,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(($f)(
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?,
+                contiguous(c, $l3, $name)?,
+            )),
+            _ => bail!("{}: inputs must all be f32 or all f64", $name),
+        }
+    };
 }
 
 // ---------------------------------------------------------------- softmax
@@ -281,9 +263,11 @@ impl CustomOp1 for ScaledSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = layout.dims().last().copied().unwrap_or(1).max(1);
         let scale = self.scale;
-        let out = by_dtype!(storage, layout, self.name(), |x| softmax_rows(
-            x, dim, scale
-        ))?;
+        let out = by_dtype!(
+            self.name(),
+            |x| softmax_rows(x, dim, scale),
+            (storage, layout)
+        );
         Ok((out, layout.shape().clone()))
     }
 
@@ -325,17 +309,13 @@ impl CustomOp2 for SoftmaxGrad {
             });
             out
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                let (y, g) = pair::<f32>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F32(run(y, g, dim, self.scale))
-            }
-            CpuStorage::F64(_) => {
-                let (y, g) = pair::<f64>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F64(run(y, g, dim, self.scale))
-            }
-            _ => bail!("{}: expects f32 or f64", self.name()),
-        };
+        let scale = self.scale;
+        let out = by_dtype!(
+            self.name(),
+            |y, g| run(y, g, dim, scale),
+            (s1, l1),
+            (s2, l2)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -444,26 +424,14 @@ impl CustomOp3 for LayerNormOp {
         if l2.shape().elem_count() != dim || l3.shape().elem_count() != dim {
             bail!("layer-norm: gamma and beta must have {dim} values");
         }
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                CpuStorage::F32(layer_norm_rows(
-                    contiguous(x, l1, name)?,
-                    contiguous(g, l2, name)?,
-                    contiguous(b, l3, name)?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                CpuStorage::F64(layer_norm_rows(
-                    contiguous(x, l1, name)?,
-                    contiguous(g, l2, name)?,
-                    contiguous(b, l3, name)?,
-                    self.eps,
-                ))
-            }
-            _ => bail!("layer-norm: x, gamma and beta must all be f32 or all f64"),
-        };
+        let eps = self.eps;
+        let out = by_dtype!(
+            self.name(),
+            |x, g, b| layer_norm_rows(x, g, b, eps),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -569,25 +537,14 @@ impl CustomOp3 for LayerNormGrad {
         let name = self.name();
         let dim = l2.shape().elem_count();
         let len = l1.shape().elem_count() + 2 * dim;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(g)) => {
-                CpuStorage::F32(layer_norm_grad(
-                    contiguous(x, l1, name)?,
-                    contiguous(gamma, l2, name)?,
-                    contiguous(g, l3, name)?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(gamma), CpuStorage::F64(g)) => {
-                CpuStorage::F64(layer_norm_grad(
-                    contiguous(x, l1, name)?,
-                    contiguous(gamma, l2, name)?,
-                    contiguous(g, l3, name)?,
-                    self.eps,
-                ))
-            }
-            _ => bail!("{name}: x, gamma and the gradient must all be f32 or all f64"),
-        };
+        let eps = self.eps;
+        let out = by_dtype!(
+            name,
+            |x, gamma, g| layer_norm_grad(x, gamma, g, eps),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
         Ok((out, Shape::from(len)))
     }
 }
@@ -635,7 +592,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(storage, layout, self.name(), gelu_values)?;
+        let out = by_dtype!(self.name(), gelu_values, (storage, layout));
         Ok((out, layout.shape().clone()))
     }
 
@@ -717,20 +674,7 @@ impl CustomOp3 for GeluGrad {
             }
             out
         }
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(
-                contiguous(x, l1, name)?,
-                contiguous(y, l2, name)?,
-                contiguous(g, l3, name)?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(
-                contiguous(x, l1, name)?,
-                contiguous(y, l2, name)?,
-                contiguous(g, l3, name)?,
-            )),
-            _ => bail!("{name}: x, GELU(x) and the gradient must all be f32 or all f64"),
-        };
+        let out = by_dtype!(self.name(), run, (s1, l1), (s2, l2), (s3, l3));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -739,6 +683,61 @@ impl CustomOp3 for GeluGrad {
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
+
+// ---------------------------------------------------------------- products
+
+/// Parallelism for a product inside an op: the current rayon pool's threads.
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns);
+/// with `accumulate`, dst's values are kept and the product added.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe; `dst` must not overlap
+/// the inputs or anything another thread writes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    (accumulate, parallelism): (bool, gemm::Parallelism),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// How the attention tasks multiply: overwrite, on the task's own thread (the tasks
+/// are the parallelism).
+const IN_TASK: (bool, gemm::Parallelism) = (false, gemm::Parallelism::None);
 
 // ---------------------------------------------------------------- attention
 
@@ -787,45 +786,6 @@ impl AttentionShape {
     }
 }
 
-/// `dst (m x n) = lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns).
-///
-/// # Safety
-/// The pointers must cover the matrices their strides describe; `dst` must not overlap
-/// the inputs or anything another thread writes.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn product<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::zero(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
 /// A pointer that tasks share, each writing only its own (image, head) block.
 struct Shared<T>(*mut T);
 unsafe impl<T: Send> Send for Shared<T> {}
@@ -861,6 +821,7 @@ fn attention_weights<T: Real>(
             (d3, 1),
             k,
             (1, d3),
+            IN_TASK,
         );
     }
     softmax_chunk(&scores, p, t, scale);
@@ -880,7 +841,16 @@ fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T
         // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
         unsafe {
             let o = dst.get().add(b * t * d + h * hd);
-            product((t, hd, t), o, (d, 1), p.as_ptr(), (t, 1), v, (d3, 1));
+            product(
+                (t, hd, t),
+                o,
+                (d, 1),
+                p.as_ptr(),
+                (t, 1),
+                v,
+                (d3, 1),
+                IN_TASK,
+            );
         }
     });
     out
@@ -918,16 +888,35 @@ fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: 
                 (1, t),
                 dy,
                 (d, 1),
+                IN_TASK,
             );
             // dP = dY Vᵀ
-            product((t, t, hd), dp.as_mut_ptr(), (t, 1), dy, (d, 1), v, (1, d3));
+            product(
+                (t, t, hd),
+                dp.as_mut_ptr(),
+                (t, 1),
+                dy,
+                (d, 1),
+                v,
+                (1, d3),
+                IN_TASK,
+            );
         }
         // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
         softmax_grad_chunk(&p, &dp, &mut ds, t, scale);
         unsafe {
             let out = dst.get().add(base + h * hd);
             // dQ = dS K, dK = dSᵀ Q
-            product((t, hd, t), out, (d3, 1), ds.as_ptr(), (t, 1), k, (d3, 1));
+            product(
+                (t, hd, t),
+                out,
+                (d3, 1),
+                ds.as_ptr(),
+                (t, 1),
+                k,
+                (d3, 1),
+                IN_TASK,
+            );
             product(
                 (t, hd, t),
                 out.add(d),
@@ -936,6 +925,7 @@ fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: 
                 (1, t),
                 q,
                 (d3, 1),
+                IN_TASK,
             );
         }
     });
@@ -950,9 +940,11 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = AttentionShape::of(layout, self.heads, self.name())?;
         let scale = self.scale;
-        let out = by_dtype!(storage, layout, self.name(), |x| attention_forward(
-            x, s, scale
-        ))?;
+        let out = by_dtype!(
+            self.name(),
+            |x| attention_forward(x, s, scale),
+            (storage, layout)
+        );
         Ok((out, Shape::from((s.batch, s.tokens, s.dim()))))
     }
 
@@ -996,17 +988,13 @@ impl CustomOp2 for AttentionGrad {
                 l1.dims()
             );
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                let (x, g) = pair::<f32>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F32(attention_backward(x, g, s, self.scale))
-            }
-            CpuStorage::F64(_) => {
-                let (x, g) = pair::<f64>(s1, l1, s2, l2, self.name())?;
-                CpuStorage::F64(attention_backward(x, g, s, self.scale))
-            }
-            _ => bail!("{}: expects f32 or f64", self.name()),
-        };
+        let scale = self.scale;
+        let out = by_dtype!(
+            self.name(),
+            |x, g| attention_backward(x, g, s, scale),
+            (s1, l1),
+            (s2, l2)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -1039,53 +1027,6 @@ fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
 #[derive(Debug, Clone, Copy)]
 struct Linear;
 
-/// Parallelism for a product inside an op: the current rayon pool's threads.
-fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`; with `accumulate`, dst's values are kept
-/// and the product added.
-///
-/// # Safety
-/// As [`product`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn product_into<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-    accumulate: bool,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm_parallelism(),
-    );
-}
-
 fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
@@ -1096,7 +1037,7 @@ fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     }
     // SAFETY: y is rows x out_dim, x rows x in_dim, w out_dim x in_dim (read as Wᵀ).
     unsafe {
-        product_into(
+        product(
             (rows, out_dim, in_dim),
             y.as_mut_ptr(),
             (out_dim, 1),
@@ -1104,7 +1045,7 @@ fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
             (in_dim, 1),
             w.as_ptr(),
             (1, in_dim),
-            true,
+            (true, gemm_parallelism()),
         );
     }
     y
@@ -1121,7 +1062,7 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T>
     // SAFETY: each destination is its own part of `out`; shapes as in the forward pass.
     unsafe {
         // dx = g W: (rows x out) · (out x in)
-        product_into(
+        product(
             (rows, in_dim, out_dim),
             dx.as_mut_ptr(),
             (in_dim, 1),
@@ -1129,10 +1070,10 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T>
             (out_dim, 1),
             w.as_ptr(),
             (in_dim, 1),
-            false,
+            (false, gemm_parallelism()),
         );
         // dW = gᵀ x: (out x rows) · (rows x in)
-        product_into(
+        product(
             (out_dim, in_dim, rows),
             dw.as_mut_ptr(),
             (in_dim, 1),
@@ -1140,7 +1081,7 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T>
             (1, out_dim),
             x.as_ptr(),
             (in_dim, 1),
-            false,
+            (false, gemm_parallelism()),
         );
     }
     db.copy_from_slice(&par_row_sums(rows, out_dim, |range, partial| {
@@ -1173,23 +1114,7 @@ impl CustomOp3 for Linear {
                 l3.dims()
             );
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(linear_forward(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(linear_forward(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
-                ))
-            }
-            _ => bail!("{name}: x, weight and bias must all be f32 or all f64"),
-        };
+        let out = by_dtype!(name, linear_forward, (s1, l1), (s2, l2), (s3, l3));
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("checked above") = out_dim;
         Ok((out, Shape::from(dims)))
@@ -1234,25 +1159,13 @@ impl CustomOp3 for LinearGrad {
         let name = self.name();
         let (out_dim, _) = l2.shape().dims2()?;
         let len = l1.shape().elem_count() + l2.shape().elem_count() + out_dim;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(linear_backward(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(g, l3, name)?,
-                    out_dim,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(linear_backward(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(g, l3, name)?,
-                    out_dim,
-                ))
-            }
-            _ => bail!("{name}: x, weight and gradient must all be f32 or all f64"),
-        };
+        let out = by_dtype!(
+            name,
+            |x, w, g| linear_backward(x, w, g, out_dim),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
         Ok((out, Shape::from(len)))
     }
 }
@@ -1632,16 +1545,11 @@ mod tests {
         let b = Var::from_tensor(&random(&[4], 33)).unwrap();
         let weights = random(&[3, 5, 4], 34);
         let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
-        let composed = x
-            .as_tensor()
-            .reshape((15, 7))
-            .unwrap()
-            .matmul(&w.as_tensor().t().unwrap())
-            .unwrap()
-            .broadcast_add(b.as_tensor())
-            .unwrap()
-            .reshape((3, 5, 4))
-            .unwrap();
+        let reference = crate::model::Linear {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+        };
+        let composed = reference.forward_composed(x.as_tensor()).unwrap();
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
         let g_fused = (fused * &weights)
             .unwrap()
