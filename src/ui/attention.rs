@@ -5,12 +5,11 @@
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use super::app::App;
-use super::paint::draw_image;
+use super::paint::{draw_image, draw_level_map, draw_stacked};
 use super::theme::{ColorMode, Series, Theme};
 use crate::attention::{head_average, head_stats, rollout, HeadStats};
 use crate::config::IMAGE_SIZE;
@@ -94,28 +93,15 @@ fn draw_half_blocks(
     y0: u16,
     buf: &mut Buffer,
 ) {
-    let (grid, rows, cols) = (&grid.0, grid.1, grid.2);
     let level = |v: f64| if max > 0.0 { v / max } else { 0.0 };
-    for text_row in 0..rows.div_ceil(2) {
-        for c in 0..cols {
-            let top = level(grid[(2 * text_row) * cols + c]);
-            let bottom = if 2 * text_row + 1 < rows {
-                level(grid[(2 * text_row + 1) * cols + c])
-            } else {
-                0.0
-            };
-            let cell = &mut buf[(x0 + c as u16, y0 + text_row as u16)];
-            match (t.heat_color(top), t.heat_color(bottom)) {
-                (Some(fg), Some(bg)) => {
-                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
-                }
-                _ => {
-                    cell.set_char(t.heat((top + bottom) / 2.0).0)
-                        .set_style(Style::default());
-                }
-            }
-        }
-    }
+    draw_stacked(
+        &grid.0,
+        (grid.1, grid.2),
+        (x0, y0),
+        buf,
+        |v| t.heat_color(level(v)),
+        |top, bottom| t.heat((level(top) + level(bottom)) / 2.0).0,
+    );
 }
 
 fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, buf: &mut Buffer) {
@@ -222,22 +208,15 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     );
 }
 
-/// An 8x8 map of weights over the patches, each patch 2 cells wide.
+/// An 8x8 map of weights over the patches, each patch 2 cells wide, shaded relative to
+/// the largest.
 fn draw_patch_map(t: &Theme, weights: &[f64], grid: usize, x0: u16, y0: u16, buf: &mut Buffer) {
     let max = weights.iter().copied().fold(0.0, f64::max);
-    for (i, &w) in weights.iter().enumerate().take(grid * grid) {
-        let level = if max > 0.0 { w / max } else { 0.0 };
-        let (ch, style) = t.heat(level);
-        let ch = if t.mode == ColorMode::NoColor {
-            ch
-        } else {
-            '█'
-        };
-        for dx in 0..2 {
-            let cell = &mut buf[(x0 + ((i % grid) * 2 + dx) as u16, y0 + (i / grid) as u16)];
-            cell.set_char(ch).set_style(style);
-        }
-    }
+    let levels: Vec<f64> = weights
+        .iter()
+        .map(|&w| if max > 0.0 { w / max } else { 0.0 })
+        .collect();
+    draw_level_map(t, &levels, grid, (2, 1), (x0, y0), buf);
 }
 
 fn render_image_panel(

@@ -5,13 +5,12 @@
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget};
 
 use super::app::App;
 use super::attention::shrink;
-use super::paint::{draw_image, draw_level_map, draw_rgb, draw_signed_map};
+use super::paint::{draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked};
 use super::theme::ColorMode;
 use super::view::{note, panel, probe_tab};
 use crate::features::{cosine_map, min_max_scaled, pca, row_norms, scores_to_rgb};
@@ -78,26 +77,14 @@ fn render_heatmap(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         .collect();
     let (values, rows, cols) = shrink(&window, m.tokens, visible, rows_room, visible);
     let y0 = inner.y + 1;
-    for text_row in 0..rows.div_ceil(2) {
-        for c in 0..cols {
-            let top = values[2 * text_row * cols + c];
-            let bottom = if 2 * text_row + 1 < rows {
-                values[(2 * text_row + 1) * cols + c]
-            } else {
-                0.0
-            };
-            let cell = &mut buf[(inner.x + label_w + c as u16, y0 + text_row as u16)];
-            match (t.signed_color(top), t.signed_color(bottom)) {
-                (Some(fg), Some(bg)) => {
-                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
-                }
-                _ => {
-                    let level = (top.abs() + bottom.abs()) / 2.0;
-                    cell.set_char(t.heat(level).0).set_style(Style::default());
-                }
-            }
-        }
-    }
+    draw_stacked(
+        &values,
+        (rows, cols),
+        (inner.x + label_w, y0),
+        buf,
+        |v| t.signed_color(v),
+        |top, bottom| t.heat((top.abs() + bottom.abs()) / 2.0).0,
+    );
     // Labels: which tokens a row holds (CLS, then where even patch-grid rows start).
     for text_row in 0..rows.div_ceil(2) {
         let first = 2 * text_row * m.tokens / rows;

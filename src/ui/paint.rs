@@ -2,7 +2,7 @@
 //! shows two pixels stacked ('▀' with the upper pixel as foreground and the lower as
 //! background). Without colour, a shading character of the brightness stands in.
 
-use ratatui::buffer::Buffer;
+use ratatui::buffer::{Buffer, Cell};
 use ratatui::style::{Color, Style};
 
 use super::theme::{ColorMode, Theme, HEAT_RAMP};
@@ -22,7 +22,8 @@ pub fn pixel_color(mode: ColorMode, r: u8, g: u8, b: u8) -> Option<Color> {
 
 pub type Rgb = (u8, u8, u8);
 
-fn luminance(p: Rgb) -> f64 {
+/// Perceived brightness of a pixel in [0, 1] (Rec. 601 weights).
+pub fn luminance(p: Rgb) -> f64 {
     (0.299 * f64::from(p.0) + 0.587 * f64::from(p.1) + 0.114 * f64::from(p.2)) / 255.0
 }
 
@@ -49,20 +50,12 @@ pub fn draw_rgb(
             } else {
                 (0, 0, 0)
             };
-            let cell = &mut buf[(cx, cy)];
-            match (
+            set_half_block(
+                &mut buf[(cx, cy)],
                 pixel_color(t.mode, top.0, top.1, top.2),
                 pixel_color(t.mode, bottom.0, bottom.1, bottom.2),
-            ) {
-                (Some(fg), Some(bg)) => {
-                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
-                }
-                _ => {
-                    let level = (luminance(top) + luminance(bottom)) / 2.0;
-                    cell.set_char(HEAT_RAMP[(level * 4.0).round() as usize])
-                        .set_style(Style::default());
-                }
-            }
+                || HEAT_RAMP[((luminance(top) + luminance(bottom)) / 2.0 * 4.0).round() as usize],
+            );
         }
     }
 }
@@ -97,24 +90,20 @@ pub fn draw_image_half(t: &Theme, pixels: &[u8], x0: u16, y0: u16, buf: &mut Buf
     draw_rgb(t, IMAGE_SIZE / 2, IMAGE_SIZE / 2, mean, (x0, y0), buf);
 }
 
-/// A `grid` x `grid` map of levels in [0, 1], each value `cell_w` cells wide and
-/// `cell_h` rows tall, in the heat colours (shading without colour).
-pub fn draw_level_map(
-    t: &Theme,
-    levels: &[f64],
+/// Fills each of `values` (a `grid` x `grid` map, row-major) as a block of
+/// `cell_w` x `cell_h` cells with the character and style `paint` gives it; cells
+/// outside the buffer are skipped.
+fn fill_cells(
+    values: &[f64],
     grid: usize,
     (cell_w, cell_h): (u16, u16),
     (x0, y0): (u16, u16),
     buf: &mut Buffer,
+    paint: impl Fn(f64) -> (char, Style),
 ) {
     let area = buf.area;
-    for (i, &level) in levels.iter().enumerate().take(grid * grid) {
-        let (ch, style) = t.heat(level);
-        let ch = if t.mode == ColorMode::NoColor {
-            ch
-        } else {
-            '█'
-        };
+    for (i, &v) in values.iter().enumerate().take(grid * grid) {
+        let (ch, style) = paint(v);
         for dy in 0..cell_h {
             for dx in 0..cell_w {
                 let (x, y) = (
@@ -129,6 +118,27 @@ pub fn draw_level_map(
     }
 }
 
+/// A `grid` x `grid` map of levels in [0, 1], each value `cell_w` cells wide and
+/// `cell_h` rows tall, in the heat colours (shading without colour).
+pub fn draw_level_map(
+    t: &Theme,
+    levels: &[f64],
+    grid: usize,
+    cell: (u16, u16),
+    origin: (u16, u16),
+    buf: &mut Buffer,
+) {
+    fill_cells(levels, grid, cell, origin, buf, |level| {
+        let (ch, style) = t.heat(level);
+        let ch = if t.mode == ColorMode::NoColor {
+            ch
+        } else {
+            '█'
+        };
+        (ch, style)
+    });
+}
+
 /// A `grid` x `grid` map of values in [-1, 1] (cosine similarities) on a blue-dark-red
 /// scale, each value `cell_w` x `cell_h` cells; without colour, shading of the value
 /// mapped from [-1, 1] to [0, 1].
@@ -136,26 +146,64 @@ pub fn draw_signed_map(
     t: &Theme,
     values: &[f64],
     grid: usize,
-    (cell_w, cell_h): (u16, u16),
-    (x0, y0): (u16, u16),
+    cell: (u16, u16),
+    origin: (u16, u16),
     buf: &mut Buffer,
 ) {
-    let area = buf.area;
-    for (i, &v) in values.iter().enumerate().take(grid * grid) {
-        let (ch, style) = match t.signed_color(v) {
+    fill_cells(values, grid, cell, origin, buf, |v| {
+        match t.signed_color(v) {
             Some(c) => ('█', Style::default().fg(c)),
             None => (t.heat((v + 1.0) / 2.0).0, Style::default()),
-        };
-        for dy in 0..cell_h {
-            for dx in 0..cell_w {
-                let (x, y) = (
-                    x0 + (i % grid) as u16 * cell_w + dx,
-                    y0 + (i / grid) as u16 * cell_h + dy,
-                );
-                if x < area.right() && y < area.bottom() {
-                    buf[(x, y)].set_char(ch).set_style(style);
-                }
+        }
+    });
+}
+
+/// One cell showing two stacked values: '▀' with the upper colour as foreground and
+/// the lower as background; where either has no colour, the character `shade` gives.
+pub fn set_half_block(
+    cell: &mut Cell,
+    top: Option<Color>,
+    bottom: Option<Color>,
+    shade: impl FnOnce() -> char,
+) {
+    match (top, bottom) {
+        (Some(fg), Some(bg)) => {
+            cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
+        }
+        _ => {
+            cell.set_char(shade()).set_style(Style::default());
+        }
+    }
+}
+
+/// A `rows` x `cols` matrix (row-major) at one cell per column and two rows per text
+/// row: text row r shows rows 2r (upper half) and 2r + 1 (lower; 0 past the last row).
+/// `colour` gives a value's colour; `shade` the character for a pair where there is
+/// none. Cells outside the buffer are skipped.
+pub fn draw_stacked(
+    values: &[f64],
+    (rows, cols): (usize, usize),
+    (x0, y0): (u16, u16),
+    buf: &mut Buffer,
+    colour: impl Fn(f64) -> Option<Color>,
+    shade: impl Fn(f64, f64) -> char,
+) {
+    let area = buf.area;
+    for text_row in 0..rows.div_ceil(2) {
+        for col in 0..cols {
+            let (x, y) = (x0 + col as u16, y0 + text_row as u16);
+            if x >= area.right() || y >= area.bottom() {
+                continue;
             }
+            let top = values[2 * text_row * cols + col];
+            let bottom = if 2 * text_row + 1 < rows {
+                values[(2 * text_row + 1) * cols + col]
+            } else {
+                0.0
+            };
+            set_half_block(&mut buf[(x, y)], colour(top), colour(bottom), || {
+                shade(top, bottom)
+            });
         }
     }
 }
@@ -166,33 +214,17 @@ pub fn draw_signed_half(
     t: &Theme,
     values: &[f64],
     grid: usize,
-    (x0, y0): (u16, u16),
+    origin: (u16, u16),
     buf: &mut Buffer,
 ) {
-    let area = buf.area;
-    for row in 0..grid.div_ceil(2) {
-        for col in 0..grid {
-            let (x, y) = (x0 + col as u16, y0 + row as u16);
-            if x >= area.right() || y >= area.bottom() {
-                continue;
-            }
-            let top = values[2 * row * grid + col];
-            let bottom = values
-                .get((2 * row + 1) * grid + col)
-                .copied()
-                .unwrap_or(0.0);
-            let cell = &mut buf[(x, y)];
-            match (t.signed_color(top), t.signed_color(bottom)) {
-                (Some(fg), Some(bg)) => {
-                    cell.set_char('▀').set_style(Style::default().fg(fg).bg(bg));
-                }
-                _ => {
-                    let level = ((top + bottom) / 2.0 + 1.0) / 2.0;
-                    cell.set_char(t.heat(level).0).set_style(Style::default());
-                }
-            }
-        }
-    }
+    draw_stacked(
+        values,
+        (grid, grid),
+        origin,
+        buf,
+        |v| t.signed_color(v),
+        |top, bottom| t.heat(((top + bottom) / 2.0 + 1.0) / 2.0).0,
+    );
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use ratatui::widgets::{Paragraph, Widget};
 
 use super::app::App;
 use super::paint::{
-    draw_image, draw_rgb, draw_signed_half, draw_signed_map, image_pixel, pixel_color, Rgb,
+    draw_image, draw_rgb, draw_signed_half, draw_signed_map, image_pixel, luminance, pixel_color,
+    Rgb,
 };
 use super::view::{note, panel, probe_tab};
 use crate::config::IMAGE_SIZE;
@@ -214,12 +215,7 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         let (x, y) = ((i % s.size) as u16, (i / s.size) as u16);
         let (ch, style) = match pixel_color(t.mode, p.0, p.1, p.2) {
             Some(c) => ('█', Style::default().fg(c)),
-            None => {
-                let lum =
-                    (0.299 * f64::from(p.0) + 0.587 * f64::from(p.1) + 0.114 * f64::from(p.2))
-                        / 255.0;
-                (t.heat(lum).0, Style::default())
-            }
+            None => (t.heat(luminance(*p)).0, Style::default()),
         };
         for dy in 0..2 {
             for dx in 0..zoom {
