@@ -671,6 +671,12 @@ impl App {
         }
     }
 
+    /// The raw bytes (3 x 32 x 32) of test image `i`, if the run recorded it.
+    pub fn test_image(&self, i: usize) -> Option<&[u8]> {
+        self.test_pixels
+            .get(i * crate::data::IMAGE_BYTES..(i + 1) * crate::data::IMAGE_BYTES)
+    }
+
     /// Class names of the data set (empty before the run starts).
     pub fn class_names(&self) -> &[String] {
         self.info.as_ref().map_or(&[], |i| &i.class_names)

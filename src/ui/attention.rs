@@ -237,9 +237,7 @@ fn render_image_panel(
     let inner = block.inner(area);
     block.render(area, buf);
     let grid = (m.tokens - 1).isqrt();
-    let pixels = app
-        .test_pixels
-        .get(image * crate::data::IMAGE_BYTES..(image + 1) * crate::data::IMAGE_BYTES);
+    let pixels = app.test_image(image);
     let needed_w = 32 + 2 + 2 * grid as u16 + 2 + 2 * grid as u16;
     if inner.width < needed_w || inner.height < 17 {
         Paragraph::new(Line::styled(

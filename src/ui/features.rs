@@ -160,10 +160,7 @@ fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         );
         return;
     }
-    if let Some(px) = app
-        .test_pixels
-        .get(s.image * crate::data::IMAGE_BYTES..(s.image + 1) * crate::data::IMAGE_BYTES)
-    {
+    if let Some(px) = app.test_image(s.image) {
         draw_image(t, px, inner.x, inner.y, buf);
     }
     let hidden = s.probe.hidden_state(s.image, s.layer);

@@ -17,7 +17,6 @@ use super::paint::{
 };
 use super::view::{note, panel, probe_tab};
 use crate::config::IMAGE_SIZE;
-use crate::data::IMAGE_BYTES;
 use crate::features::{cosine_map, pca};
 use crate::probe::ProbeSnapshot;
 
@@ -377,9 +376,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     };
     let shown = Shown {
         probe,
-        pixels: app
-            .test_pixels
-            .get(image * IMAGE_BYTES..(image + 1) * IMAGE_BYTES),
+        pixels: app.test_image(image),
         patch,
         grid,
         size: IMAGE_SIZE / grid,
@@ -415,6 +412,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::IMAGE_BYTES;
     use candle_core::{Device, Tensor};
 
     #[test]

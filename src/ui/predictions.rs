@@ -13,7 +13,6 @@ use super::app::{App, PredictionFilter};
 use super::paint::{draw_image, draw_image_half};
 use super::theme::ColorMode;
 use super::view::{bar, note, panel};
-use crate::data::IMAGE_BYTES;
 use crate::events::EvalRecord;
 use crate::predictions::{Flip, Predictions};
 
@@ -76,11 +75,6 @@ fn class_name(app: &App, k: usize) -> String {
         .unwrap_or_else(|| format!("class {k}"))
 }
 
-fn pixels(app: &App, image: usize) -> Option<&[u8]> {
-    app.test_pixels
-        .get(image * IMAGE_BYTES..(image + 1) * IMAGE_BYTES)
-}
-
 fn render_grid(
     app: &App,
     now: &Predictions,
@@ -117,7 +111,7 @@ fn render_grid(
         if x + TILE_W > inner.right() + 1 || y + TILE_H > inner.bottom() + 1 {
             continue;
         }
-        if let Some(px) = pixels(app, image) {
+        if let Some(px) = app.test_image(image) {
             draw_image_half(t, px, x, y, buf);
         }
         let label = usize::from(app.test_labels[image]);
@@ -162,7 +156,7 @@ fn render_selected(app: &App, now: &Predictions, image: usize, area: Rect, buf: 
         buf,
     );
     let image_w = if inner.width >= 32 + 22 && inner.height >= 16 {
-        if let Some(px) = pixels(app, image) {
+        if let Some(px) = app.test_image(image) {
             draw_image(t, px, inner.x, inner.y, buf);
         }
         34
