@@ -151,15 +151,11 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     // At least 2,000 images, so a short run still times evaluation over many batches.
     let rounds = 2000usize.div_ceil(eval_batch * eval_workers.lanes()).max(2);
     let t = Instant::now();
+    let lanes: Vec<usize> = (0..eval_workers.lanes()).collect();
     for _ in 0..rounds {
-        let jobs: Vec<Box<dyn FnOnce() -> candle_core::Result<()> + Send>> = (0..eval_workers
-            .lanes())
-            .map(|_| {
-                Box::new(|| model.forward(&images)?.to_vec2::<f32>().map(drop))
-                    as Box<dyn FnOnce() -> candle_core::Result<()> + Send>
-            })
-            .collect();
-        eval_workers.run(jobs)?;
+        eval_workers.map(&lanes, |_| {
+            model.forward(&images)?.to_vec2::<f32>().map(drop)
+        })?;
     }
     let reps = rounds * eval_workers.lanes();
     let eval_images_per_sec = (eval_batch * reps) as f64 / t.elapsed().as_secs_f64();

@@ -472,16 +472,19 @@ impl Workers {
         self.pools.len()
     }
 
-    /// Runs `jobs` side by side, one per lane (at most `lanes()` of them), in order.
-    pub fn run<T: Send>(
+    /// `f` of each of `items` (at most `lanes()` of them), side by side, one per lane;
+    /// the results in the items' order.
+    pub fn map<I: Sync, T: Send>(
         &self,
-        jobs: Vec<Box<dyn FnOnce() -> Result<T> + Send + '_>>,
+        items: &[I],
+        f: impl Fn(&I) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
+        let f = &f;
         std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .into_iter()
+            let handles: Vec<_> = items
+                .iter()
                 .zip(&self.pools)
-                .map(|(job, pool)| scope.spawn(move || pool.install(job)))
+                .map(|(item, pool)| scope.spawn(move || pool.install(|| f(item))))
                 .collect();
             handles
                 .into_iter()
@@ -571,15 +574,9 @@ pub fn forward_backward(
     let (mut loss_sum, mut correct) = (0.0, 0);
     let (mut forward_secs, mut backward_secs) = (0.0, 0.0);
     for round in ranges.chunks(workers.lanes()) {
-        let jobs: Vec<Box<dyn FnOnce() -> Result<MicroResult> + Send>> = round
-            .iter()
-            .map(|range| {
-                let range = range.clone();
-                Box::new(move || micro_step(model, vars, (pixels, labels), range, smoothing))
-                    as Box<dyn FnOnce() -> Result<MicroResult> + Send>
-            })
-            .collect();
-        let results = workers.run(jobs)?;
+        let results = workers.map(round, |range| {
+            micro_step(model, vars, (pixels, labels), range.clone(), smoothing)
+        })?;
         forward_secs += results.iter().map(|r| r.forward_secs).fold(0.0, f64::max);
         backward_secs += results.iter().map(|r| r.backward_secs).fold(0.0, f64::max);
         for result in results {

@@ -299,14 +299,10 @@ impl Trainer {
         let workers = Workers::new(threads, threads);
         let (model, norm, smoothing) = (&model, &self.norm, self.config.train.label_smoothing);
         for round in chunks.chunks(workers.lanes()) {
-            let jobs: Vec<Box<dyn FnOnce() -> candle_core::Result<EvalChunk> + Send>> = round
-                .iter()
-                .map(|&chunk| {
-                    Box::new(move || eval_chunk(model, test, norm, chunk, recorded, smoothing))
-                        as Box<dyn FnOnce() -> candle_core::Result<EvalChunk> + Send>
-                })
-                .collect();
-            for part in workers.run(jobs)? {
+            let parts = workers.map(round, |&chunk| {
+                eval_chunk(model, test, norm, chunk, recorded, smoothing)
+            })?;
+            for part in parts {
                 loss_sum += part.loss_sum;
                 probabilities.extend(part.probabilities);
                 for (&p, &l) in part.predicted.iter().zip(&part.labels) {
