@@ -246,13 +246,16 @@ mod tests {
         let run = RunDir::create(tmp.path(), None, &crate::config::Config::default()).unwrap();
         let line = r#"{"kind":"train","step":1,"epoch":1,"loss":2.0,"accuracy":0.1,"lr":0.001,"images_per_sec":1.0,"step_ms":1.0,"wall_secs":1.0}"#;
         std::fs::write(run.file(METRICS_FILE), format!("{line}\n")).unwrap();
-        let old = std::time::SystemTime::now() - STALL_AFTER * 2;
-        std::fs::File::options()
-            .append(true)
-            .open(run.file(METRICS_FILE))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        // The metrics file last written long ago.
+        let make_quiet = || {
+            std::fs::File::options()
+                .append(true)
+                .open(run.file(METRICS_FILE))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - STALL_AFTER * 2)
+                .unwrap();
+        };
+        make_quiet();
         let mut follower = Follower::new(run.clone());
         assert!(matches!(follower.start().unwrap()[0], Event::Started(_)));
         let events = follower.poll();
@@ -275,12 +278,7 @@ mod tests {
             "2026-01-01T00:00:00Z finished at step 2: all 1 epochs done\n",
         )
         .unwrap();
-        std::fs::File::options()
-            .append(true)
-            .open(run.file(METRICS_FILE))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        make_quiet();
         let mut viewer = Follower::new(run);
         viewer.start().unwrap();
         let events = viewer.poll();
