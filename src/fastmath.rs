@@ -17,7 +17,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5 * 2^23: `f32::round` is a library
     // call on baseline x86-64 (no SSE4.1) and would stop the loop vectorising.
     const ROUNDER: f32 = 12_582_912.0;
-    let n = (x * LOG2_E + ROUNDER) - ROUNDER;
+    let shifted = x * LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes expf polynomial for e^r - 1 - r on |r| <= ln2 / 2.
     let mut p = 1.987_569_1e-4_f32;
@@ -27,8 +28,15 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    // 2^n through the exponent bits; n is within [-126, 127] after the clamp.
-    let y = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n through the exponent bits; n is within [-126, 127] after the clamp. At
+    // 1.5 * 2^23 one ulp is 1, so n is also in `shifted`'s low mantissa bits: read from
+    // there, not with `n as i32`, whose saturating conversion compiles to scalar code
+    // per lane and stopped these loops vectorising.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUNDER.to_bits())
+        .wrapping_add(127);
+    let y = e * f32::from_bits(biased << 23);
     // Flush what would be subnormal to zero: arithmetic on subnormals is ~100x slower.
     if x < -87.0 {
         0.0

@@ -220,7 +220,57 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mut capture: Option<&mut Capture>) -> Result<Tensor> {
+    /// The block as one fused op ([`crate::ops::block`]), or layer by layer when the
+    /// probes capture what is inside.
+    fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
+        match capture {
+            None => crate::ops::block(x, &self.packed_params()?, self.shape()),
+            capture => self.forward_ops(x, capture),
+        }
+    }
+
+    pub fn shape(&self) -> crate::ops::BlockShape {
+        crate::ops::BlockShape {
+            dim: self.norm1.gamma.elem_count(),
+            heads: self.attn.heads,
+            mlp_dim: self.mlp.fc1.bias.elem_count(),
+            eps: self.norm1.eps,
+        }
+    }
+
+    /// The parameters in one vector, as [`crate::ops::BlockShape::param_lens`] orders
+    /// them. The copy is differentiable: gradients flow back to each parameter.
+    pub fn packed_params(&self) -> Result<Tensor> {
+        let linears = [
+            &self.attn.qkv,
+            &self.attn.proj,
+            &self.mlp.fc1,
+            &self.mlp.fc2,
+        ];
+        let [qkv_w, proj_w, fc1_w, fc2_w] = linears.map(|l| l.weight.flatten_all());
+        Tensor::cat(
+            &[
+                &self.norm1.gamma,
+                &self.norm1.beta,
+                &qkv_w?,
+                &self.attn.qkv.bias,
+                &proj_w?,
+                &self.attn.proj.bias,
+                &self.norm2.gamma,
+                &self.norm2.beta,
+                &fc1_w?,
+                &self.mlp.fc1.bias,
+                &fc2_w?,
+                &self.mlp.fc2.bias,
+            ],
+            0,
+        )
+    }
+
+    /// The block layer by layer (a fused op per layer), capturing LayerNorms,
+    /// attention weights and the output when asked: the reference for the fused
+    /// block, and what the probes run.
+    pub fn forward_ops(&self, x: &Tensor, mut capture: Option<&mut Capture>) -> Result<Tensor> {
         let h = self.norm1.forward_captured(x, capture.as_deref_mut())?;
         let x = (x + self.attn.forward(&h, capture.as_deref_mut())?)?;
         let h = self.norm2.forward_captured(&x, capture.as_deref_mut())?;

@@ -21,6 +21,9 @@ use candle_core::{
 };
 use num_traits::Float;
 
+mod block;
+pub use block::{block, BlockShape};
+
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -34,6 +37,8 @@ pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'st
     fn erf(self) -> Self;
     /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
     fn fast_exp(self) -> Self;
+    /// The pool of freed buffers of this type.
+    fn pool() -> &'static BufferPool<Self>;
 }
 
 impl Real for f32 {
@@ -45,6 +50,10 @@ impl Real for f32 {
     fn fast_exp(self) -> Self {
         crate::fastmath::exp(self)
     }
+    fn pool() -> &'static BufferPool<Self> {
+        static POOL: BufferPool<f32> = BufferPool::new();
+        &POOL
+    }
 }
 
 impl Real for f64 {
@@ -55,6 +64,85 @@ impl Real for f64 {
     #[inline(always)]
     fn fast_exp(self) -> Self {
         self.exp()
+    }
+    fn pool() -> &'static BufferPool<Self> {
+        static POOL: BufferPool<f64> = BufferPool::new();
+        &POOL
+    }
+}
+
+/// Freed work buffers kept for reuse. A training step fills the same few dozen
+/// activation buffers of the same sizes every time; taken from here they are
+/// overwritten as they are, where a fresh allocation would be zero-filled first (a
+/// whole extra pass over memory).
+pub struct BufferPool<T> {
+    free: std::sync::Mutex<Vec<Vec<T>>>,
+}
+
+/// Buffers kept at most: more than one step's activations of the default model on
+/// two lanes; beyond that, freed buffers go back to the allocator.
+const POOLED_BUFFERS: usize = 256;
+
+impl<T: Real> BufferPool<T> {
+    const fn new() -> Self {
+        Self {
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer of `len` values with unspecified contents: the smallest free one that
+    /// holds `len`, else a new one.
+    fn take(&self, len: usize) -> Vec<T> {
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (free.iter().enumerate())
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        match reused {
+            Some(mut buffer) => {
+                buffer.resize(len, T::zero());
+                buffer
+            }
+            None => vec![T::zero(); len],
+        }
+    }
+
+    fn give(&self, buffer: Vec<T>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOLED_BUFFERS && buffer.capacity() > 0 {
+            free.push(buffer);
+        }
+    }
+}
+
+/// A work buffer from [`BufferPool`] that goes back to it when dropped.
+struct Buffer<T: Real>(Vec<T>);
+
+impl<T: Real> Buffer<T> {
+    fn new(len: usize) -> Self {
+        Self(T::pool().take(len))
+    }
+}
+
+impl<T: Real> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        T::pool().give(std::mem::take(&mut self.0));
+    }
+}
+
+impl<T: Real> std::ops::Deref for Buffer<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Real> std::ops::DerefMut for Buffer<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.0
     }
 }
 
@@ -233,23 +321,22 @@ fn row_sum<T: Real>(row: &[T]) -> T {
 
 fn softmax_rows<T: Real>(x: &[T], dim: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("a float");
-    let mut out = vec![T::zero(); x.len()];
-    par_rows(&mut out, dim, |rows, dst| {
-        softmax_chunk(&x[rows.start * dim..rows.end * dim], dst, dim, scale);
-    });
+    let mut out = x.to_vec();
+    par_rows(&mut out, dim, |_, rows| softmax_in_place(rows, dim, scale));
     out
 }
 
 kernel! {
-fn softmax_chunk<T: Real>(src: &[T], dst: &mut [T], dim: usize, scale: T) {
-    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-        let max = row_max(src);
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = ((s - max) * scale).fast_exp();
+/// Replaces each row of `dim` values x by softmax(scale · x).
+fn softmax_in_place<T: Real>(rows: &mut [T], dim: usize, scale: T) {
+    for row in rows.chunks_exact_mut(dim) {
+        let max = row_max(row);
+        for v in row.iter_mut() {
+            *v = ((*v - max) * scale).fast_exp();
         }
-        let inv = T::one() / row_sum(dst);
-        for d in dst.iter_mut() {
-            *d = *d * inv;
+        let inv = T::one() / row_sum(row);
+        for v in row.iter_mut() {
+            *v = *v * inv;
         }
     }
 }
@@ -302,10 +389,9 @@ impl CustomOp2 for SoftmaxGrad {
         let dim = l1.dims().last().copied().unwrap_or(1).max(1);
         fn run<T: Real>(y: &[T], g: &[T], dim: usize, scale: f64) -> Vec<T> {
             let s = T::from(scale).expect("a float");
-            let mut out = vec![T::zero(); y.len()];
+            let mut out = g.to_vec();
             par_rows(&mut out, dim, |rows, dst| {
-                let span = rows.start * dim..rows.end * dim;
-                softmax_grad_chunk(&y[span.clone()], &g[span], dst, dim, s);
+                softmax_grad_in_place(&y[rows.start * dim..rows.end * dim], dst, dim, s);
             });
             out
         }
@@ -321,12 +407,9 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 kernel! {
-fn softmax_grad_chunk<T: Real>(y: &[T], g: &[T], dst: &mut [T], dim: usize, s: T) {
-    for ((y, g), d) in y
-        .chunks_exact(dim)
-        .zip(g.chunks_exact(dim))
-        .zip(dst.chunks_exact_mut(dim))
-    {
+/// Replaces each row of the gradient `g` of y = softmax(s · x) by the gradient of x.
+fn softmax_grad_in_place<T: Real>(y: &[T], g: &mut [T], dim: usize, s: T) {
+    for (y, g) in y.chunks_exact(dim).zip(g.chunks_exact_mut(dim)) {
         let mut lanes = [T::zero(); LANES];
         let mut yc = y.chunks_exact(LANES);
         let mut gc = g.chunks_exact(LANES);
@@ -341,8 +424,8 @@ fn softmax_grad_chunk<T: Real>(y: &[T], g: &[T], dst: &mut [T], dim: usize, s: T
             .zip(gc.remainder())
             .fold(T::zero(), |a, (&y, &g)| a + y * g);
         let dot = lanes.iter().fold(tail, |a, &v| a + v);
-        for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
-            *d = s * y * (g - dot);
+        for (g, &y) in g.iter_mut().zip(y) {
+            *g = s * y * (*g - dot);
         }
     }
 }
@@ -385,13 +468,18 @@ fn lane_sum<T: Real>(len: usize, term: impl Fn(usize) -> T) -> T {
 }
 
 fn layer_norm_rows<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    layer_norm_into(x, gamma, beta, eps, &mut out);
+    out
+}
+
+/// LayerNorm of the rows of `x` into `out` (same length).
+fn layer_norm_into<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64, out: &mut [T]) {
     let dim = gamma.len();
     let eps = T::from(eps).expect("a float");
-    let mut out = vec![T::zero(); x.len()];
-    par_rows(&mut out, dim, |rows, dst| {
+    par_rows(out, dim, |rows, dst| {
         layer_norm_chunk(&x[rows.start * dim..rows.end * dim], dst, gamma, beta, eps);
     });
-    out
 }
 
 kernel! {
@@ -467,54 +555,75 @@ struct LayerNormGrad {
 }
 
 fn layer_norm_grad<T: Real>(x: &[T], gamma: &[T], g: &[T], eps: f64) -> Vec<T> {
-    let dim = gamma.len();
-    let rows = x.len() / dim.max(1);
-    let eps = T::from(eps).expect("a float");
-    let n = T::from(dim).expect("a float");
-    let mut out = vec![T::zero(); x.len() + 2 * dim];
-    let (dx, _) = out.split_at_mut(x.len());
-    par_rows(dx, dim, |rows, dst| {
-        let span = rows.start * dim..rows.end * dim;
-        layer_norm_dx_chunk(&x[span.clone()], &g[span], gamma, dst, eps, n);
-    });
-    let sums = par_row_sums(rows, 2 * dim, |rows, partial| {
-        let span = rows.start * dim..rows.end * dim;
-        layer_norm_param_chunk(&x[span.clone()], &g[span], partial, eps);
-    });
-    out[x.len()..].copy_from_slice(&sums);
+    let mut out = vec![T::zero(); x.len() + 2 * gamma.len()];
+    let (dx, params) = out.split_at_mut(x.len());
+    layer_norm_grads_into(x, gamma, g, eps, dx, params);
     out
 }
 
-kernel! {
-fn layer_norm_dx_chunk<T: Real>(x: &[T], g: &[T], gamma: &[T], dst: &mut [T], eps: T, n: T) {
+/// LayerNorm's gradients for input rows `x` and output gradient `g`: dx is added
+/// into `dx` (a residual stream's gradient can already be there); [dgamma | dbeta]
+/// are written into `params`. One pass: blocks of rows in parallel, each adding its
+/// rows' dgamma and dbeta into its own partial sums, summed in order at the end.
+fn layer_norm_grads_into<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    g: &[T],
+    eps: f64,
+    dx: &mut [T],
+    params: &mut [T],
+) {
+    use rayon::prelude::*;
     let dim = gamma.len();
-    for ((x, g), d) in x
-        .chunks_exact(dim)
-        .zip(g.chunks_exact(dim))
-        .zip(dst.chunks_exact_mut(dim))
-    {
-        let (mean, inv) = row_moments(x, eps);
-        let sum_gx = lane_sum(dim, |i| g[i] * gamma[i]);
-        let sum_gx_xhat = lane_sum(dim, |i| g[i] * gamma[i] * (x[i] - mean) * inv);
-        let (mean_gx, mean_gx_xhat) = (sum_gx / n, sum_gx_xhat / n);
-        for (((d, &x), &g), &gm) in d.iter_mut().zip(x).zip(g).zip(gamma) {
-            let x_hat = (x - mean) * inv;
-            *d = (g * gm - mean_gx - x_hat * mean_gx_xhat) * inv;
+    let rows = x.len() / dim.max(1);
+    let eps = T::from(eps).expect("a float");
+    let mut partials = vec![T::zero(); rows.div_ceil(BLOCK_ROWS) * 2 * dim];
+    let block = BLOCK_ROWS * dim;
+    dx.par_chunks_mut(block)
+        .zip(partials.par_chunks_mut(2 * dim))
+        .enumerate()
+        .for_each(|(b, (dst, partial))| {
+            let span = b * block..b * block + dst.len();
+            layer_norm_grad_chunk(&x[span.clone()], &g[span], gamma, dst, partial, eps);
+        });
+    params.fill(T::zero());
+    for partial in partials.chunks_exact(2 * dim) {
+        for (t, &p) in params.iter_mut().zip(partial) {
+            *t += p;
         }
     }
 }
-}
 
 kernel! {
-/// Adds each row's g * x_hat and g into `partial` = [dgamma | dbeta].
-fn layer_norm_param_chunk<T: Real>(x: &[T], g: &[T], partial: &mut [T], eps: T) {
-    let dim = partial.len() / 2;
+/// For rows `x` and gradients `g`: adds dx into `dx`, and each row's g · x_hat and g
+/// into `partial` = [dgamma | dbeta].
+fn layer_norm_grad_chunk<T: Real>(
+    x: &[T],
+    g: &[T],
+    gamma: &[T],
+    dx: &mut [T],
+    partial: &mut [T],
+    eps: T,
+) {
+    let dim = gamma.len();
+    let n = T::from(dim).expect("a float");
     let (dgamma, dbeta) = partial.split_at_mut(dim);
-    for (x, g) in x.chunks_exact(dim).zip(g.chunks_exact(dim)) {
+    for ((x, g), dx) in x
+        .chunks_exact(dim)
+        .zip(g.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+    {
         let (mean, inv) = row_moments(x, eps);
-        for (((dg, db), &x), &g) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(x).zip(g) {
-            *dg += g * (x - mean) * inv;
-            *db += g;
+        let mean_gx = lane_sum(dim, |i| g[i] * gamma[i]) / n;
+        let mean_gx_xhat = lane_sum(dim, |i| g[i] * gamma[i] * (x[i] - mean) * inv) / n;
+        // Equal lengths, stated, so the loop runs without bounds checks.
+        let (gamma, dgamma, dbeta) = (&gamma[..dim], &mut dgamma[..dim], &mut dbeta[..dim]);
+        let (x, g, dx) = (&x[..dim], &g[..dim], &mut dx[..dim]);
+        for i in 0..dim {
+            let x_hat = (x[i] - mean) * inv;
+            dx[i] += (g[i] * gamma[i] - mean_gx - x_hat * mean_gx_xhat) * inv;
+            dgamma[i] += g[i] * x_hat;
+            dbeta[i] += g[i];
         }
     }
 }
@@ -569,21 +678,33 @@ const ELEMENT_CHUNK: usize = 4096;
 
 fn gelu_values<T: Real>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    let len = out.len();
-    par_rows(
-        &mut out[..len - len % ELEMENT_CHUNK],
-        ELEMENT_CHUNK,
-        |chunks, dst| {
-            gelu_chunk(
-                &x[chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK],
-                dst,
-            )
-        },
-    );
-    for i in len - len % ELEMENT_CHUNK..len {
-        out[i] = gelu_at(x[i]);
-    }
+    gelu_into(x, &mut out);
     out
+}
+
+/// Runs an element-wise kernel over chunks of `out` in parallel: `f(span, dst)` fills
+/// `dst` = `out[span]`.
+fn par_elements<T: Send + Sync>(out: &mut [T], f: impl Fn(Range<usize>, &mut [T]) + Sync) {
+    let len = out.len();
+    let (whole, tail) = out.split_at_mut(len - len % ELEMENT_CHUNK);
+    par_rows(whole, ELEMENT_CHUNK, |chunks, dst| {
+        f(
+            chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK,
+            dst,
+        )
+    });
+    f(len - tail.len()..len, tail);
+}
+
+fn gelu_into<T: Real>(x: &[T], out: &mut [T]) {
+    par_elements(out, |span, dst| gelu_chunk(&x[span], dst));
+}
+
+/// g · GELU'(x) into `out`, with y = GELU(x).
+fn gelu_grad_into<T: Real>(x: &[T], y: &[T], g: &[T], out: &mut [T]) {
+    par_elements(out, |span, dst| {
+        gelu_grad_chunk(&x[span.clone()], &y[span.clone()], &g[span], dst)
+    });
 }
 
 impl CustomOp1 for Gelu {
@@ -624,9 +745,20 @@ fn gelu_at<T: Real>(x: T) -> T {
     half * x * (T::one() + (x * inv_sqrt2).erf())
 }
 
+/// Values per step of the element-wise kernels: several vectors whose long polynomial
+/// chains are independent, so the CPU overlaps them instead of waiting on one.
+const INTERLEAVE: usize = 32;
+
 kernel! {
 fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
+    let mut s = src.chunks_exact(INTERLEAVE);
+    let mut d = dst.chunks_exact_mut(INTERLEAVE);
+    for (s, d) in (&mut s).zip(&mut d) {
+        for (d, &v) in d.iter_mut().zip(s) {
+            *d = gelu_at(v);
+        }
+    }
+    for (d, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
         *d = gelu_at(v);
     }
 }
@@ -660,18 +792,7 @@ impl CustomOp3 for GeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(x: &[T], y: &[T], g: &[T]) -> Vec<T> {
             let mut out = vec![T::zero(); x.len()];
-            let len = out.len();
-            par_rows(
-                &mut out[..len - len % ELEMENT_CHUNK],
-                ELEMENT_CHUNK,
-                |chunks, dst| {
-                    let span = chunks.start * ELEMENT_CHUNK..chunks.end * ELEMENT_CHUNK;
-                    gelu_grad_chunk(&x[span.clone()], &y[span.clone()], &g[span], dst);
-                },
-            );
-            for i in len - len % ELEMENT_CHUNK..len {
-                out[i] = gelu_grad_at(x[i], y[i], g[i]);
-            }
+            gelu_grad_into(x, y, g, &mut out);
             out
         }
         let out = by_dtype!(self.name(), run, (s1, l1), (s2, l2), (s3, l3));
@@ -784,6 +905,11 @@ impl AttentionShape {
     fn dim(&self) -> usize {
         self.heads * self.head_dim
     }
+
+    /// Values of the weights P of all images and heads.
+    fn weights_len(&self) -> usize {
+        self.batch * self.heads * self.tokens * self.tokens
+    }
 }
 
 /// A pointer that tasks share, each writing only its own (image, head) block.
@@ -809,13 +935,13 @@ fn attention_weights<T: Real>(
     let base = b * t * d3;
     let q = qkv[base + h * hd..].as_ptr();
     let k = qkv[base + s.dim() + h * hd..].as_ptr();
-    let mut scores = vec![T::zero(); t * t];
+    assert_eq!(p.len(), t * t, "one t x t matrix");
     // SAFETY: q and k rows are `d3` apart, hd values each, t rows, all inside qkv;
-    // `scores` is a local t x t buffer.
+    // `p` is t x t (checked).
     unsafe {
         product(
             (t, t, hd),
-            scores.as_mut_ptr(),
+            p.as_mut_ptr(),
             (t, 1),
             q,
             (d3, 1),
@@ -824,112 +950,150 @@ fn attention_weights<T: Real>(
             IN_TASK,
         );
     }
-    softmax_chunk(&scores, p, t, scale);
+    softmax_in_place(p, t, scale);
 }
 
 fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
-    use rayon::prelude::*;
-    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
-    let scale = T::from(scale).expect("a float");
-    let mut out = vec![T::zero(); s.batch * t * d];
-    let dst = Shared(out.as_mut_ptr());
-    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / s.heads, task % s.heads);
-        let mut p = vec![T::zero(); t * t];
-        attention_weights(qkv, s, b, h, scale, &mut p);
-        let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
-        // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
-        unsafe {
-            let o = dst.get().add(b * t * d + h * hd);
-            product(
-                (t, hd, t),
-                o,
-                (d, 1),
-                p.as_ptr(),
-                (t, 1),
-                v,
-                (d3, 1),
-                IN_TASK,
-            );
-        }
-    });
+    let mut out = vec![T::zero(); s.batch * s.tokens * s.dim()];
+    let mut weights = vec![T::zero(); s.weights_len()];
+    attention_forward_into(qkv, s, scale, &mut out, &mut weights);
     out
 }
 
-fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
+/// Attention of every (image, head) into `out` (B, T, H·d), keeping the weights P in
+/// `weights` (B, H, T, T).
+fn attention_forward_into<T: Real>(
+    qkv: &[T],
+    s: AttentionShape,
+    scale: f64,
+    out: &mut [T],
+    weights: &mut [T],
+) {
     use rayon::prelude::*;
     let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
     let scale = T::from(scale).expect("a float");
+    let dst = Shared(out.as_mut_ptr());
+    weights
+        .par_chunks_exact_mut(t * t)
+        .enumerate()
+        .for_each(|(task, p)| {
+            let (b, h) = (task / s.heads, task % s.heads);
+            attention_weights(qkv, s, b, h, scale, p);
+            let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
+            // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
+            unsafe {
+                let o = dst.get().add(b * t * d + h * hd);
+                product(
+                    (t, hd, t),
+                    o,
+                    (d, 1),
+                    p.as_ptr(),
+                    (t, 1),
+                    v,
+                    (d3, 1),
+                    IN_TASK,
+                );
+            }
+        });
+}
+
+fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut dqkv = vec![T::zero(); qkv.len()];
-    let dst = Shared(dqkv.as_mut_ptr());
-    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / s.heads, task % s.heads);
-        let mut p = vec![T::zero(); t * t];
-        attention_weights(qkv, s, b, h, scale, &mut p);
-        let base = b * t * d3;
-        let (q, k, v) = (
-            qkv[base + h * hd..].as_ptr(),
-            qkv[base + d + h * hd..].as_ptr(),
-            qkv[base + 2 * d + h * hd..].as_ptr(),
-        );
-        let dy = grad[b * t * d + h * hd..].as_ptr();
-        let mut dp = vec![T::zero(); t * t];
-        let mut ds = vec![T::zero(); t * t];
-        // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
-        // columns of head h for image b in dqkv.
-        unsafe {
-            let out = dst.get().add(base + h * hd);
-            // dV = Pᵀ dY
-            product(
-                (t, hd, t),
-                out.add(2 * d),
-                (d3, 1),
-                p.as_ptr(),
-                (1, t),
-                dy,
-                (d, 1),
-                IN_TASK,
-            );
-            // dP = dY Vᵀ
-            product(
-                (t, t, hd),
-                dp.as_mut_ptr(),
-                (t, 1),
-                dy,
-                (d, 1),
-                v,
-                (1, d3),
-                IN_TASK,
-            );
-        }
-        // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
-        softmax_grad_chunk(&p, &dp, &mut ds, t, scale);
-        unsafe {
-            let out = dst.get().add(base + h * hd);
-            // dQ = dS K, dK = dSᵀ Q
-            product(
-                (t, hd, t),
-                out,
-                (d3, 1),
-                ds.as_ptr(),
-                (t, 1),
-                k,
-                (d3, 1),
-                IN_TASK,
-            );
-            product(
-                (t, hd, t),
-                out.add(d),
-                (d3, 1),
-                ds.as_ptr(),
-                (1, t),
-                q,
-                (d3, 1),
-                IN_TASK,
-            );
-        }
-    });
+    attention_backward_into(qkv, grad, s, scale, None, &mut dqkv);
     dqkv
+}
+
+/// The gradient of the packed projections into `dqkv` (every value written), from
+/// the weights kept by the forward pass, or recomputed when `weights` is None.
+fn attention_backward_into<T: Real>(
+    qkv: &[T],
+    grad: &[T],
+    s: AttentionShape,
+    scale: f64,
+    weights: Option<&[T]>,
+    dqkv: &mut [T],
+) {
+    use rayon::prelude::*;
+    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    let scale = T::from(scale).expect("a float");
+    let dst = Shared(dqkv.as_mut_ptr());
+    // Two t x t work matrices per rayon job (not per task): dP, then dS in its place;
+    // and P where it is recomputed.
+    let work = || (vec![T::zero(); t * t], vec![T::zero(); t * t]);
+    let tasks = 0..s.batch * s.heads;
+    tasks
+        .into_par_iter()
+        .for_each_init(work, |(dp, recomputed), task| {
+            let (b, h) = (task / s.heads, task % s.heads);
+            let p = match weights {
+                Some(w) => &w[task * t * t..(task + 1) * t * t],
+                None => {
+                    attention_weights(qkv, s, b, h, scale, recomputed);
+                    &recomputed[..]
+                }
+            };
+            let base = b * t * d3;
+            let (q, k, v) = (
+                qkv[base + h * hd..].as_ptr(),
+                qkv[base + d + h * hd..].as_ptr(),
+                qkv[base + 2 * d + h * hd..].as_ptr(),
+            );
+            let dy = grad[b * t * d + h * hd..].as_ptr();
+            // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
+            // columns of head h for image b in dqkv.
+            unsafe {
+                let out = dst.get().add(base + h * hd);
+                // dV = Pᵀ dY
+                product(
+                    (t, hd, t),
+                    out.add(2 * d),
+                    (d3, 1),
+                    p.as_ptr(),
+                    (1, t),
+                    dy,
+                    (d, 1),
+                    IN_TASK,
+                );
+                // dP = dY Vᵀ
+                product(
+                    (t, t, hd),
+                    dp.as_mut_ptr(),
+                    (t, 1),
+                    dy,
+                    (d, 1),
+                    v,
+                    (1, d3),
+                    IN_TASK,
+                );
+            }
+            // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in dP's place.
+            softmax_grad_in_place(p, dp, t, scale);
+            let ds = dp;
+            unsafe {
+                let out = dst.get().add(base + h * hd);
+                // dQ = dS K, dK = dSᵀ Q
+                product(
+                    (t, hd, t),
+                    out,
+                    (d3, 1),
+                    ds.as_ptr(),
+                    (t, 1),
+                    k,
+                    (d3, 1),
+                    IN_TASK,
+                );
+                product(
+                    (t, hd, t),
+                    out.add(d),
+                    (d3, 1),
+                    ds.as_ptr(),
+                    (1, t),
+                    q,
+                    (d3, 1),
+                    IN_TASK,
+                );
+            }
+        });
 }
 
 impl CustomOp1 for Attention {
@@ -1028,12 +1192,25 @@ fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
 struct Linear;
 
 fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    let mut y = Vec::new();
+    linear_into(x, w, b, None, &mut y);
+    y
+}
+
+/// y = residual + x Wᵀ + b into `y` (its old contents are replaced, its capacity kept):
+/// the bias (and residual) rows first, then the product added onto them, so there is
+/// no zero fill and no separate pass for the bias.
+fn linear_into<T: Real>(x: &[T], w: &[T], b: &[T], residual: Option<&[T]>, y: &mut Vec<T>) {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
-    // The bias first, then the product added onto it.
-    let mut y: Vec<T> = Vec::with_capacity(rows * out_dim);
-    for _ in 0..rows {
-        y.extend_from_slice(b);
+    y.clear();
+    match residual {
+        Some(r) => {
+            for row in r.chunks_exact(out_dim) {
+                y.extend(row.iter().zip(b).map(|(&r, &b)| r + b));
+            }
+        }
+        None => (0..rows).for_each(|_| y.extend_from_slice(b)),
     }
     // SAFETY: y is rows x out_dim, x rows x in_dim, w out_dim x in_dim (read as Wᵀ).
     unsafe {
@@ -1048,30 +1225,47 @@ fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
             (true, gemm_parallelism()),
         );
     }
-    y
 }
 
 /// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.
 fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T> {
-    let in_dim = w.len() / out_dim.max(1);
-    let rows = x.len() / in_dim.max(1);
     let (nx, nw) = (x.len(), w.len());
     let mut out = vec![T::zero(); nx + nw + out_dim];
     let (dx, rest) = out.split_at_mut(nx);
     let (dw, db) = rest.split_at_mut(nw);
-    // SAFETY: each destination is its own part of `out`; shapes as in the forward pass.
+    linear_grads_into(x, w, g, Some(dx), dw, db);
+    out
+}
+
+/// The gradients of y = x Wᵀ + b for the gradient g of y, each written over its
+/// destination: dx = g W (when wanted), dW = gᵀ x, db = the column sums of g.
+fn linear_grads_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: &mut [T],
+) {
+    let out_dim = db.len();
+    let in_dim = w.len() / out_dim.max(1);
+    let rows = x.len() / in_dim.max(1);
+    // SAFETY: each destination is its own slice of the size its shape needs; shapes
+    // as in the forward pass.
     unsafe {
-        // dx = g W: (rows x out) · (out x in)
-        product(
-            (rows, in_dim, out_dim),
-            dx.as_mut_ptr(),
-            (in_dim, 1),
-            g.as_ptr(),
-            (out_dim, 1),
-            w.as_ptr(),
-            (in_dim, 1),
-            (false, gemm_parallelism()),
-        );
+        if let Some(dx) = dx {
+            // dx = g W: (rows x out) · (out x in)
+            product(
+                (rows, in_dim, out_dim),
+                dx.as_mut_ptr(),
+                (in_dim, 1),
+                g.as_ptr(),
+                (out_dim, 1),
+                w.as_ptr(),
+                (in_dim, 1),
+                (false, gemm_parallelism()),
+            );
+        }
         // dW = gᵀ x: (out x rows) · (rows x in)
         product(
             (out_dim, in_dim, rows),
@@ -1087,7 +1281,6 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T>
     db.copy_from_slice(&par_row_sums(rows, out_dim, |range, partial| {
         add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
     }));
-    out
 }
 
 impl CustomOp3 for Linear {

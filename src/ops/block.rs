@@ -1,0 +1,384 @@
+//! A whole pre-norm transformer block, x + MHSA(LN(x)) then x + MLP(LN(x)), as one
+//! op with its own backward: what training and evaluation run.
+//!
+//! With one op per layer, candle's backward still zero-fills a gradient slot for every
+//! node of the graph, adds each gradient into it, and copies the packed gradients of
+//! each op apart: about a fifth of a training step. As one op per block the graph has
+//! a node per block; the activations backward needs (LayerNorm outputs, projections,
+//! attention weights, the MLP's hidden layer) are kept by the op itself in buffers
+//! reused from step to step ([`super::BufferPool`]), and the backward pass is the
+//! chain rule written out, the residual gradients added in place.
+//!
+//! The per-layer ops (`model::Block::forward_ops`) are the reference the tests compare
+//! against, forward and every gradient.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{
+    attention_backward_into, attention_forward_into, contiguous, gelu_grad_into, gelu_into,
+    layer_norm_grads_into, layer_norm_into, linear_grads_into, linear_into, AttentionShape, Buffer,
+    Real,
+};
+
+/// The sizes of one block. Its parameters travel packed in one vector, in the order
+/// of [`BlockShape::param_lens`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockShape {
+    pub dim: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    /// LayerNorm's epsilon (both norms).
+    pub eps: f64,
+}
+
+impl BlockShape {
+    /// Lengths of the packed parameters: norm1 γ, β; qkv W (3D x D), b; proj W (D x D),
+    /// b; norm2 γ, β; fc1 W (M x D), b; fc2 W (D x M), b. Weights are row-major, as
+    /// stored (out x in).
+    pub fn param_lens(&self) -> [usize; 12] {
+        let (d, m) = (self.dim, self.mlp_dim);
+        [d, d, 3 * d * d, 3 * d, d * d, d, d, d, m * d, m, d * m, d]
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.param_lens().iter().sum()
+    }
+
+    fn attention(&self, batch: usize, tokens: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            tokens,
+            heads: self.heads,
+            head_dim: self.dim / self.heads,
+        }
+    }
+
+    /// 1/√d_k.
+    fn scale(&self) -> f64 {
+        1.0 / ((self.dim / self.heads) as f64).sqrt()
+    }
+}
+
+/// `values` cut into consecutive pieces of `lens`.
+fn pieces<T, const N: usize>(mut values: &[T], lens: [usize; N]) -> [&[T]; N] {
+    lens.map(|len| {
+        let (piece, rest) = values.split_at(len);
+        values = rest;
+        piece
+    })
+}
+
+/// `values` cut into consecutive mutable pieces of `lens`.
+fn pieces_mut<T, const N: usize>(mut values: &mut [T], lens: [usize; N]) -> [&mut [T]; N] {
+    lens.map(|len| {
+        let (piece, rest) = std::mem::take(&mut values).split_at_mut(len);
+        values = rest;
+        piece
+    })
+}
+
+/// What the forward pass keeps for the backward pass, for rows = batch x tokens.
+struct Activations<T: Real> {
+    /// LN1(x): rows x D.
+    h1: Buffer<T>,
+    /// The packed q|k|v projections: rows x 3D.
+    qkv: Buffer<T>,
+    /// softmax(QKᵀ/√d_k) per image and head: batch x H x T x T.
+    weights: Buffer<T>,
+    /// The heads' outputs, concatenated: rows x D.
+    heads_out: Buffer<T>,
+    /// x + attention: rows x D.
+    x2: Buffer<T>,
+    /// LN2(x2): rows x D.
+    h2: Buffer<T>,
+    /// fc1's output before GELU: rows x M.
+    u: Buffer<T>,
+    /// GELU(u): rows x M.
+    g: Buffer<T>,
+}
+
+/// The block's output for input rows `x` (batch x tokens x D), and its activations.
+fn block_forward<T: Real>(
+    x: &[T],
+    params: &[T],
+    s: BlockShape,
+    (batch, tokens): (usize, usize),
+) -> (Vec<T>, Activations<T>) {
+    let rows = batch * tokens;
+    let (d, m) = (s.dim, s.mlp_dim);
+    let [n1g, n1b, qkv_w, qkv_b, proj_w, proj_b, n2g, n2b, fc1_w, fc1_b, fc2_w, fc2_b] =
+        pieces(params, s.param_lens());
+    let attention = s.attention(batch, tokens);
+    let mut a = Activations {
+        h1: Buffer::new(rows * d),
+        qkv: Buffer::new(rows * 3 * d),
+        weights: Buffer::new(attention.weights_len()),
+        heads_out: Buffer::new(rows * d),
+        x2: Buffer::new(rows * d),
+        h2: Buffer::new(rows * d),
+        u: Buffer::new(rows * m),
+        g: Buffer::new(rows * m),
+    };
+    layer_norm_into(x, n1g, n1b, s.eps, &mut a.h1);
+    linear_into(&a.h1, qkv_w, qkv_b, None, &mut a.qkv);
+    attention_forward_into(
+        &a.qkv,
+        attention,
+        s.scale(),
+        &mut a.heads_out,
+        &mut a.weights,
+    );
+    linear_into(&a.heads_out, proj_w, proj_b, Some(x), &mut a.x2);
+    layer_norm_into(&a.x2, n2g, n2b, s.eps, &mut a.h2);
+    linear_into(&a.h2, fc1_w, fc1_b, None, &mut a.u);
+    gelu_into(&a.u, &mut a.g);
+    let mut y = Vec::with_capacity(rows * d);
+    linear_into(&a.g, fc2_w, fc2_b, Some(&a.x2), &mut y);
+    (y, a)
+}
+
+/// [dx | d(packed parameters)] for the gradient `dy` of the block's output.
+fn block_backward<T: Real>(
+    x: &[T],
+    params: &[T],
+    dy: &[T],
+    a: &Activations<T>,
+    s: BlockShape,
+    (batch, tokens): (usize, usize),
+) -> Vec<T> {
+    let rows = batch * tokens;
+    let (d, m) = (s.dim, s.mlp_dim);
+    let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _] = pieces(params, s.param_lens());
+    // The output: dx first, which starts as the residual stream's gradient.
+    let mut out = Vec::with_capacity(rows * d + s.param_count());
+    out.extend_from_slice(dy);
+    out.resize(rows * d + s.param_count(), T::zero());
+    let (dx, dparams) = out.split_at_mut(rows * d);
+    // LayerNorm's γ and β are adjacent: their gradients are one piece each.
+    let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b] =
+        pieces_mut(
+            dparams,
+            [2 * d, 3 * d * d, 3 * d, d * d, d, 2 * d, m * d, m, d * m, d],
+        );
+    let (mut dg, mut du) = (Buffer::new(rows * m), Buffer::new(rows * m));
+    let mut d_rows = Buffer::new(rows * d);
+    let mut dqkv = Buffer::new(rows * 3 * d);
+    // MLP: y = x2 + fc2(GELU(fc1(LN2(x2)))); dx (still dx2 here) gains LN2's part.
+    linear_grads_into(&a.g, fc2_w, dy, Some(&mut dg[..]), d_fc2_w, d_fc2_b);
+    gelu_grad_into(&a.u, &a.g, &dg, &mut du);
+    linear_grads_into(&a.h2, fc1_w, &du, Some(&mut d_rows[..]), d_fc1_w, d_fc1_b);
+    layer_norm_grads_into(&a.x2, n2g, &d_rows, s.eps, dx, d_norm2);
+    // Attention: x2 = x + proj(heads(qkv(LN1(x)))); dx gains LN1's part.
+    linear_grads_into(
+        &a.heads_out,
+        proj_w,
+        dx,
+        Some(&mut d_rows[..]),
+        d_proj_w,
+        d_proj_b,
+    );
+    let attention = s.attention(batch, tokens);
+    attention_backward_into(
+        &a.qkv,
+        &d_rows,
+        attention,
+        s.scale(),
+        Some(&a.weights),
+        &mut dqkv,
+    );
+    linear_grads_into(&a.h1, qkv_w, &dqkv, Some(&mut d_rows[..]), d_qkv_w, d_qkv_b);
+    layer_norm_grads_into(x, n1g, &d_rows, s.eps, dx, d_norm1);
+    out
+}
+
+/// Activations kept between a forward pass and its backward pass, type-erased
+/// (`Activations<f32>` or `Activations<f64>`).
+type Kept = Arc<Mutex<Option<Box<dyn Any + Send>>>>;
+
+/// The block as a candle op on (x, packed parameters).
+struct BlockOp {
+    shape: BlockShape,
+    /// Whether a backward pass can follow (an input tracks gradients): only then are
+    /// the activations kept.
+    keep: bool,
+    kept: Kept,
+}
+
+/// Checks x (batch, tokens, dim) and the packed parameters; returns (batch, tokens).
+fn check(s: BlockShape, x: &Layout, params: &Layout, name: &str) -> Result<(usize, usize)> {
+    let (batch, tokens, dim) = match x.dims() {
+        [b, t, d] => (*b, *t, *d),
+        dims => bail!("{name}: expects x of (batch, tokens, dim), got {dims:?}"),
+    };
+    if dim != s.dim || s.heads == 0 || dim % s.heads != 0 {
+        bail!(
+            "{name}: x has {dim} channels for a block of dim {} and {} heads",
+            s.dim,
+            s.heads
+        );
+    }
+    if params.shape().elem_count() != s.param_count() {
+        bail!(
+            "{name}: {} packed parameters for a block that has {}",
+            params.shape().elem_count(),
+            s.param_count()
+        );
+    }
+    Ok((batch, tokens))
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "transformer-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let sizes = check(self.shape, l1, l2, name)?;
+        fn forward<T: Real>(op: &BlockOp, x: &[T], params: &[T], sizes: (usize, usize)) -> Vec<T> {
+            let (y, activations) = block_forward(x, params, op.shape, sizes);
+            if op.keep {
+                *op.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(activations));
+            }
+            y
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(forward(
+                self,
+                contiguous(x, l1, name)?,
+                contiguous(p, l2, name)?,
+                sizes,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(forward(
+                self,
+                contiguous(x, l1, name)?,
+                contiguous(p, l2, name)?,
+                sizes,
+            )),
+            _ => bail!("{name}: inputs must both be f32 or both f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = BlockGrad {
+            shape: self.shape,
+            kept: self.kept.clone(),
+        };
+        let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &op)?;
+        let n = x.elem_count();
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(
+                packed
+                    .narrow(0, n, params.elem_count())?
+                    .reshape(params.shape())?,
+            ),
+        ))
+    }
+}
+
+/// The block's gradients from the activations its forward pass kept, packed as
+/// [dx | d(packed parameters)]. It uses the activations up, so their buffers are
+/// free again as soon as the block's backward pass is done.
+struct BlockGrad {
+    shape: BlockShape,
+    kept: Kept,
+}
+
+impl CustomOp3 for BlockGrad {
+    fn name(&self) -> &'static str {
+        "transformer-block-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let sizes = check(self.shape, l1, l2, name)?;
+        if l3.dims() != l1.dims() {
+            bail!(
+                "{name}: gradient of shape {:?} for x {:?}",
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(kept) = kept else {
+            bail!("{name}: no activations kept (one backward pass per forward pass)");
+        };
+        fn run<T: Real>(
+            kept: Box<dyn Any + Send>,
+            (x, params, dy): (&[T], &[T], &[T]),
+            s: BlockShape,
+            sizes: (usize, usize),
+        ) -> Result<Vec<T>> {
+            match kept.downcast::<Activations<T>>() {
+                Ok(a) => Ok(block_backward(x, params, dy, &a, s, sizes)),
+                Err(_) => bail!("transformer-block-grad: activations of another type"),
+            }
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(run(
+                kept,
+                (
+                    contiguous(x, l1, name)?,
+                    contiguous(p, l2, name)?,
+                    contiguous(g, l3, name)?,
+                ),
+                self.shape,
+                sizes,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(run(
+                kept,
+                (
+                    contiguous(x, l1, name)?,
+                    contiguous(p, l2, name)?,
+                    contiguous(g, l3, name)?,
+                ),
+                self.shape,
+                sizes,
+            )?),
+            _ => bail!("{name}: inputs must all be f32 or all f64"),
+        };
+        Ok((
+            out,
+            Shape::from(l1.shape().elem_count() + self.shape.param_count()),
+        ))
+    }
+}
+
+/// One pre-norm transformer block on x (batch, tokens, dim), its parameters packed
+/// in one vector as [`BlockShape::param_lens`] lists them, fused, with backward.
+pub fn block(x: &Tensor, params: &Tensor, shape: BlockShape) -> Result<Tensor> {
+    let keep = x.track_op() || params.track_op();
+    x.contiguous()?.apply_op2(
+        &params.contiguous()?,
+        BlockOp {
+            shape,
+            keep,
+            kept: Kept::default(),
+        },
+    )
+}
