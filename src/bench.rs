@@ -34,8 +34,12 @@ pub struct BenchReport {
     pub timed_steps: usize,
     /// Matrix-product FLOPs of one image's forward pass, in GFLOP.
     pub forward_gflop_per_image: f64,
-    /// f32 matrix products at the model's linear-layer shapes, in GFLOP/s.
+    /// f32 matrix products at the model's linear-layer shapes as training runs them
+    /// (a tile of rows, one single-threaded product per core, all cores at once), in
+    /// GFLOP/s: the machine's limit for this model.
     pub matmul_gflops: f64,
+    /// Rows of each of those products.
+    pub matmul_rows: usize,
     pub train_images_per_sec: f64,
     /// Training counts 3x the forward FLOPs (forward, and twice that for backward).
     pub train_gflops: f64,
@@ -60,35 +64,40 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The machine's f32 matrix-product speed at the shapes of the model's linear layers:
-/// the best of three trials of `reps` products per shape (the machine is shared).
-fn matmul_gflops(config: &Config, reps: usize) -> candle_core::Result<f64> {
+/// The machine's own f32 matrix-product speed at the shapes of the model's linear
+/// layers, run as training runs them: one tile of rows, a single-threaded product on
+/// every lane (one per core) at once. The best of three trials per shape (the machine
+/// is shared); about 1 GFLOP per lane and trial.
+/// Returns (GFLOP/s, rows per product).
+fn matmul_gflops(config: &Config, workers: &Workers) -> candle_core::Result<(f64, usize)> {
     let m = &config.model;
-    let rows = config.train.batch_size * m.tokens();
+    let micro = match config.train.micro_batch_size {
+        0 => config.train.batch_size,
+        n => n.min(config.train.batch_size),
+    };
+    let rows = crate::ops::TILE_IMAGES.min(micro.max(1)) * m.tokens();
     let shapes = [
         (m.dim, 3 * m.dim),
         (m.dim, m.dim),
         (m.dim, m.mlp_dim),
         (m.mlp_dim, m.dim),
     ];
-    let mut flops = 0.0;
-    let mut secs = 0.0;
+    let lanes: Vec<usize> = (0..workers.lanes()).collect();
+    let (mut flops, mut secs) = (0.0, 0.0);
     for (k, n) in shapes {
-        let a = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)?;
-        let b = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        a.matmul(&b.t()?)?; // warm-up
+        let per_product = (2 * rows * k * n) as f64;
+        let reps = (1e9 / per_product).ceil() as usize;
+        crate::ops::time_products(rows, k, n, 1); // warm-up
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let t = Instant::now();
-            for _ in 0..reps {
-                a.matmul(&b.t()?)?;
-            }
+            workers.map(&lanes, |_| Ok(crate::ops::time_products(rows, k, n, reps)))?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         secs += best;
-        flops += (2 * rows * k * n * reps) as f64;
+        flops += per_product * (reps * lanes.len()) as f64;
     }
-    Ok(flops / secs / 1e9)
+    Ok((flops / secs / 1e9, rows))
 }
 
 pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<BenchReport> {
@@ -183,7 +192,7 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
         probe_bytes as f64 / 1e6 * 3.6e6 / probe_every_ms
     };
 
-    let peak = matmul_gflops(config, 20)?;
+    let (peak, matmul_rows) = matmul_gflops(config, &eval_workers)?;
     let fwd = forward_flops_per_image(m);
     let train_gflops = train_images_per_sec * 3.0 * fwd / 1e9;
     let eval_gflops = eval_images_per_sec * fwd / 1e9;
@@ -207,6 +216,7 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
         timed_steps: steps,
         forward_gflop_per_image: fwd / 1e9,
         matmul_gflops: peak,
+        matmul_rows,
         train_images_per_sec,
         train_gflops,
         train_percent_of_matmul: 100.0 * train_gflops / peak,
@@ -236,7 +246,7 @@ impl BenchReport {
             "model        {}\n\
              parameters   {}\n\
              threads      {}\n\
-             matmul       {:.1} GFLOP/s (f32, the model's linear-layer shapes, batch {})\n\
+             matmul       {:.1} GFLOP/s (f32, the model's linear-layer shapes, {} rows per product, one per core at once)\n\
              train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {} in micro-batches of {}, {} timed steps after {} warm-up)\n\
              eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
@@ -246,7 +256,7 @@ impl BenchReport {
             self.parameters,
             self.threads,
             self.matmul_gflops,
-            self.batch_size,
+            self.matmul_rows,
             self.train_images_per_sec,
             self.train_gflops,
             self.train_percent_of_matmul,

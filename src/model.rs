@@ -987,6 +987,142 @@ mod tests {
         }
     }
 
+    /// Random (batch, tokens, dim) f64 activations.
+    fn random_rows(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = shape.0 * shape.1 * shape.2;
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
+        let cfg = tiny_config();
+        let state = ModelState::new(&cfg, 11, DType::F64).unwrap();
+        let block = &state.model.blocks[1];
+        // 9 images: two whole tiles and one of a single image.
+        let images = 2 * crate::ops::TILE_IMAGES + 1;
+        let x = Var::from_tensor(&random_rows((images, 5, cfg.dim), 12)).unwrap();
+        let weights = random_rows((images, 5, cfg.dim), 13);
+        let fused = block.forward(x.as_tensor(), None).unwrap();
+        let layered = block.forward_ops(x.as_tensor(), None).unwrap();
+        let (a, b) = (values(&fused), values(&layered));
+        for (i, (f, l)) in a.iter().zip(&b).enumerate() {
+            assert!((f - l).abs() < 1e-12, "output {i}: {f} vs {l}");
+        }
+        // Evaluation keeps no activations and reuses one tile's buffers: same values.
+        let detached = block.forward(&x.as_tensor().detach(), None).unwrap();
+        assert_eq!(values(&detached), a);
+        let grads_of = |y: Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_fused, g_layered) = (grads_of(fused), grads_of(layered));
+        let params = [
+            ("x", x.as_tensor()),
+            ("norm1.gamma", &block.norm1.gamma),
+            ("norm1.beta", &block.norm1.beta),
+            ("qkv.weight", &block.attn.qkv.weight),
+            ("qkv.bias", &block.attn.qkv.bias),
+            ("proj.weight", &block.attn.proj.weight),
+            ("proj.bias", &block.attn.proj.bias),
+            ("norm2.gamma", &block.norm2.gamma),
+            ("norm2.beta", &block.norm2.beta),
+            ("fc1.weight", &block.mlp.fc1.weight),
+            ("fc1.bias", &block.mlp.fc1.bias),
+            ("fc2.weight", &block.mlp.fc2.weight),
+            ("fc2.bias", &block.mlp.fc2.bias),
+        ];
+        for (name, t) in params {
+            let f = values(
+                g_fused
+                    .get(t)
+                    .unwrap_or_else(|| panic!("{name}: no gradient")),
+            );
+            let l = values(g_layered.get(t).unwrap());
+            assert_eq!(f.len(), t.elem_count(), "{name}");
+            for (i, (f, l)) in f.iter().zip(&l).enumerate() {
+                assert!(
+                    (f - l).abs() < 1e-10 * (1.0 + l.abs()),
+                    "{name}[{i}]: {f} vs {l}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_block_gradient_of_its_input_matches_finite_differences() {
+        let cfg = tiny_config();
+        let state = ModelState::new(&cfg, 14, DType::F64).unwrap();
+        let block = &state.model.blocks[0];
+        let x0 = values(&random_rows((2, 3, cfg.dim), 15));
+        let weights = random_rows((2, 3, cfg.dim), 16);
+        let shape = (2, 3, cfg.dim);
+        let loss = |x: &[f64]| -> f64 {
+            let x = Tensor::from_vec(x.to_vec(), shape, &Device::Cpu).unwrap();
+            (block.forward(&x, None).unwrap() * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let x =
+            Var::from_tensor(&Tensor::from_vec(x0.clone(), shape, &Device::Cpu).unwrap()).unwrap();
+        let grads = (block.forward(x.as_tensor(), None).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let analytic = values(grads.get(x.as_tensor()).unwrap());
+        for i in 0..x0.len() {
+            let h = 1e-6;
+            let (mut up, mut down) = (x0.clone(), x0.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "x[{i}]: backprop {} vs finite difference {numeric}",
+                analytic[i]
+            );
+        }
+    }
+
+    #[test]
+    fn fused_block_rejects_bad_inputs_and_a_second_backward() {
+        let cfg = tiny_config();
+        let state = ModelState::new(&cfg, 17, DType::F64).unwrap();
+        let block = &state.model.blocks[0];
+        let params = block.packed_params().unwrap();
+        let x = random_rows((2, 3, cfg.dim), 18);
+        let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+        let short = params.narrow(0, 0, params.elem_count() - 1).unwrap();
+        assert!(err(crate::ops::block(&x, &short, block.shape())).contains("packed parameters"));
+        let narrow_x = random_rows((2, 3, cfg.dim + 1), 19);
+        assert!(err(crate::ops::block(&narrow_x, &params, block.shape())).contains("channels"));
+        let f32_x = x.to_dtype(DType::F32).unwrap();
+        assert!(err(crate::ops::block(&f32_x, &params, block.shape())).contains("f32"));
+        // The activations are used up by the first backward pass.
+        let v = Var::from_tensor(&x).unwrap();
+        let loss = block
+            .forward(v.as_tensor(), None)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(loss.backward().is_ok());
+        let second = loss.backward().map(drop).unwrap_err().to_string();
+        assert!(
+            second.contains("one backward pass per forward pass"),
+            "{second}"
+        );
+    }
+
     #[test]
     fn micro_batches_give_the_whole_batch_gradient() {
         let cfg = tiny_config();

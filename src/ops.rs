@@ -22,7 +22,7 @@ use candle_core::{
 use num_traits::Float;
 
 mod block;
-pub use block::{block, BlockShape};
+pub use block::{block, BlockShape, TILE_IMAGES};
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
@@ -90,59 +90,61 @@ impl<T: Real> BufferPool<T> {
         }
     }
 
-    /// A buffer of `len` values with unspecified contents: the smallest free one that
-    /// holds `len`, else a new one.
+    /// A vector of at least `len` values with unspecified contents: the shortest free
+    /// one that is long enough, else a new one. Vectors stay at their full length in
+    /// the pool, so handing one out never writes to it.
     fn take(&self, len: usize) -> Vec<T> {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             let best = (free.iter().enumerate())
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
                 .map(|(i, _)| i);
             best.map(|i| free.swap_remove(i))
         };
-        match reused {
-            Some(mut buffer) => {
-                buffer.resize(len, T::zero());
-                buffer
-            }
-            None => vec![T::zero(); len],
-        }
+        reused.unwrap_or_else(|| vec![T::zero(); len])
     }
 
     fn give(&self, buffer: Vec<T>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOLED_BUFFERS && buffer.capacity() > 0 {
+        if free.len() < POOLED_BUFFERS && !buffer.is_empty() {
             free.push(buffer);
         }
     }
 }
 
-/// A work buffer from [`BufferPool`] that goes back to it when dropped.
-struct Buffer<T: Real>(Vec<T>);
+/// `len` values of work memory from [`BufferPool`], which they go back to when
+/// dropped.
+struct Buffer<T: Real> {
+    data: Vec<T>,
+    len: usize,
+}
 
 impl<T: Real> Buffer<T> {
     fn new(len: usize) -> Self {
-        Self(T::pool().take(len))
+        Self {
+            data: T::pool().take(len),
+            len,
+        }
     }
 }
 
 impl<T: Real> Drop for Buffer<T> {
     fn drop(&mut self) {
-        T::pool().give(std::mem::take(&mut self.0));
+        T::pool().give(std::mem::take(&mut self.data));
     }
 }
 
 impl<T: Real> std::ops::Deref for Buffer<T> {
-    type Target = Vec<T>;
-    fn deref(&self) -> &Vec<T> {
-        &self.0
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.data[..self.len]
     }
 }
 
 impl<T: Real> std::ops::DerefMut for Buffer<T> {
-    fn deref_mut(&mut self) -> &mut Vec<T> {
-        &mut self.0
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.data[..self.len]
     }
 }
 
@@ -562,8 +564,8 @@ fn layer_norm_grad<T: Real>(x: &[T], gamma: &[T], g: &[T], eps: f64) -> Vec<T> {
 }
 
 /// LayerNorm's gradients for input rows `x` and output gradient `g`: dx is added
-/// into `dx` (a residual stream's gradient can already be there); [dgamma | dbeta]
-/// are written into `params`. One pass: blocks of rows in parallel, each adding its
+/// into `dx` (a residual stream's gradient can already be there), [dgamma | dbeta]
+/// into `params`. One pass: blocks of rows in parallel, each adding its
 /// rows' dgamma and dbeta into its own partial sums, summed in order at the end.
 fn layer_norm_grads_into<T: Real>(
     x: &[T],
@@ -586,7 +588,6 @@ fn layer_norm_grads_into<T: Real>(
             let span = b * block..b * block + dst.len();
             layer_norm_grad_chunk(&x[span.clone()], &g[span], gamma, dst, partial, eps);
         });
-    params.fill(T::zero());
     for partial in partials.chunks_exact(2 * dim) {
         for (t, &p) in params.iter_mut().zip(partial) {
             *t += p;
@@ -854,6 +855,35 @@ unsafe fn product<T: Real>(
         false,
         parallelism,
     );
+}
+
+/// Seconds for `reps` f32 products (rows x k) · (k x n) as the fused ops run a linear
+/// layer: on the calling thread, single-threaded, the weights read as Wᵀ. What
+/// `vitscope bench` measures the machine's own limit with.
+pub fn time_products(rows: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| (i % 7) as f32 * 0.25 - 0.75)
+        .collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.125 - 0.25).collect();
+    let mut y = vec![0f32; rows * n];
+    let start = std::time::Instant::now();
+    for _ in 0..reps {
+        // SAFETY: y is rows x n, x rows x k, w n x k, all allocated above.
+        unsafe {
+            product(
+                (rows, n, k),
+                y.as_mut_ptr(),
+                (n, 1),
+                x.as_ptr(),
+                (k, 1),
+                w.as_ptr(),
+                (1, k),
+                IN_TASK,
+            );
+        }
+    }
+    std::hint::black_box(&y);
+    start.elapsed().as_secs_f64()
 }
 
 /// How the attention tasks multiply: overwrite, on the task's own thread (the tasks
@@ -1192,27 +1222,36 @@ fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
 struct Linear;
 
 fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
-    let mut y = Vec::new();
-    linear_into(x, w, b, None, &mut y);
+    let rows = x.len() / (w.len() / b.len().max(1)).max(1);
+    let mut y = Vec::with_capacity(rows * b.len());
+    (0..rows).for_each(|_| y.extend_from_slice(b));
+    linear_into(x, w, b, &mut y, Start::Bias);
     y
 }
 
-/// y = residual + x Wᵀ + b into `y` (its old contents are replaced, its capacity kept):
-/// the bias (and residual) rows first, then the product added onto them, so there is
-/// no zero fill and no separate pass for the bias.
-fn linear_into<T: Real>(x: &[T], w: &[T], b: &[T], residual: Option<&[T]>, y: &mut Vec<T>) {
+/// What y holds when [`linear_into`] adds the product to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Start {
+    /// The bias in every row already.
+    Bias,
+    /// A residual stream, which the bias is added to.
+    Residual,
+}
+
+/// y = start + x Wᵀ (+ b) over rows, in place: the rows first hold the bias or a
+/// residual (plus the bias, added here), then the product is added onto them, so
+/// there is no zero fill and no separate pass for the bias.
+fn linear_into<T: Real>(x: &[T], w: &[T], b: &[T], y: &mut [T], start: Start) {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
-    y.clear();
-    match residual {
-        Some(r) => {
-            for row in r.chunks_exact(out_dim) {
-                y.extend(row.iter().zip(b).map(|(&r, &b)| r + b));
-            }
+    assert_eq!(y.len(), rows * out_dim, "linear: output size");
+    if start == Start::Residual {
+        for row in y.chunks_exact_mut(out_dim) {
+            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
         }
-        None => (0..rows).for_each(|_| y.extend_from_slice(b)),
     }
-    // SAFETY: y is rows x out_dim, x rows x in_dim, w out_dim x in_dim (read as Wᵀ).
+    // SAFETY: y is rows x out_dim (checked), x rows x in_dim, w out_dim x in_dim
+    // (read as Wᵀ).
     unsafe {
         product(
             (rows, out_dim, in_dim),
@@ -1227,6 +1266,12 @@ fn linear_into<T: Real>(x: &[T], w: &[T], b: &[T], residual: Option<&[T]>, y: &m
     }
 }
 
+/// Fills each row of `y` with `bias`.
+fn fill_rows<T: Real>(y: &mut [T], bias: &[T]) {
+    y.chunks_exact_mut(bias.len())
+        .for_each(|row| row.copy_from_slice(bias));
+}
+
 /// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.
 fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T> {
     let (nx, nw) = (x.len(), w.len());
@@ -1237,8 +1282,9 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T>
     out
 }
 
-/// The gradients of y = x Wᵀ + b for the gradient g of y, each written over its
-/// destination: dx = g W (when wanted), dW = gᵀ x, db = the column sums of g.
+/// The gradients of y = x Wᵀ + b for the gradient g of y: dx = g W written over `dx`
+/// (when wanted); dW = gᵀ x and db = the column sums of g added into `dw` and `db`, so
+/// that blocks of rows can add up their parts.
 fn linear_grads_into<T: Real>(
     x: &[T],
     w: &[T],
@@ -1250,10 +1296,12 @@ fn linear_grads_into<T: Real>(
     let out_dim = db.len();
     let in_dim = w.len() / out_dim.max(1);
     let rows = x.len() / in_dim.max(1);
-    // SAFETY: each destination is its own slice of the size its shape needs; shapes
-    // as in the forward pass.
+    assert_eq!(dw.len(), w.len(), "linear: weight gradient size");
+    // SAFETY: each destination is its own slice of the size its shape needs (checked);
+    // shapes as in the forward pass.
     unsafe {
         if let Some(dx) = dx {
+            assert_eq!(dx.len(), x.len(), "linear: input gradient size");
             // dx = g W: (rows x out) · (out x in)
             product(
                 (rows, in_dim, out_dim),
@@ -1266,7 +1314,7 @@ fn linear_grads_into<T: Real>(
                 (false, gemm_parallelism()),
             );
         }
-        // dW = gᵀ x: (out x rows) · (rows x in)
+        // dW += gᵀ x: (out x rows) · (rows x in)
         product(
             (out_dim, in_dim, rows),
             dw.as_mut_ptr(),
@@ -1275,12 +1323,13 @@ fn linear_grads_into<T: Real>(
             (1, out_dim),
             x.as_ptr(),
             (in_dim, 1),
-            (false, gemm_parallelism()),
+            (true, gemm_parallelism()),
         );
     }
-    db.copy_from_slice(&par_row_sums(rows, out_dim, |range, partial| {
+    let sums = par_row_sums(rows, out_dim, |range, partial| {
         add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
-    }));
+    });
+    db.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
 }
 
 impl CustomOp3 for Linear {
@@ -1779,6 +1828,20 @@ mod tests {
             "finite differences",
         );
         assert!(linear(x.as_tensor(), &random(&[4, 6], 1), b.as_tensor()).is_err());
+    }
+
+    #[test]
+    fn the_buffer_pool_hands_out_the_shortest_free_buffer_that_fits() {
+        let pool = BufferPool::<f64>::new();
+        for len in [30, 10, 20] {
+            pool.give(vec![len as f64; len]);
+        }
+        // Handed out as they are (no zero fill), at their full length.
+        assert_eq!(pool.take(15), vec![20.0; 20]);
+        assert_eq!(pool.take(5), vec![10.0; 10]);
+        assert_eq!(pool.take(31), vec![0.0; 31], "none fits: a new one");
+        assert_eq!(pool.take(30).len(), 30);
+        assert!(pool.free.lock().unwrap().is_empty());
     }
 
     #[test]
