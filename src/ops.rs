@@ -34,21 +34,22 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
     /// erf: vectorisable for f32 ([`crate::fastmath`], within 3e-7), exact for f64.
-    fn erf(self) -> Self;
+    /// `FMA`: fused multiply-adds (only in kernels compiled for them, see `kernel!`).
+    fn erf<const FMA: bool>(self) -> Self;
     /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
-    fn fast_exp(self) -> Self;
+    fn fast_exp<const FMA: bool>(self) -> Self;
     /// The pool of freed buffers of this type.
     fn pool() -> &'static BufferPool<Self>;
 }
 
 impl Real for f32 {
     #[inline(always)]
-    fn erf(self) -> Self {
-        crate::fastmath::erf(self)
+    fn erf<const FMA: bool>(self) -> Self {
+        crate::fastmath::erf::<FMA>(self)
     }
     #[inline(always)]
-    fn fast_exp(self) -> Self {
-        crate::fastmath::exp(self)
+    fn fast_exp<const FMA: bool>(self) -> Self {
+        crate::fastmath::exp::<FMA>(self)
     }
     fn pool() -> &'static BufferPool<Self> {
         static POOL: BufferPool<f32> = BufferPool::new();
@@ -58,11 +59,11 @@ impl Real for f32 {
 
 impl Real for f64 {
     #[inline(always)]
-    fn erf(self) -> Self {
+    fn erf<const FMA: bool>(self) -> Self {
         libm::erf(self)
     }
     #[inline(always)]
-    fn fast_exp(self) -> Self {
+    fn fast_exp<const FMA: bool>(self) -> Self {
         self.exp()
     }
     fn pool() -> &'static BufferPool<Self> {
@@ -189,18 +190,20 @@ fn wide_vectors() -> bool {
 }
 
 /// Defines a kernel function compiled twice: for the baseline target (SSE2) and for
-/// AVX2 + FMA, picked at run time. The loops vectorise twice as wide in the second.
+/// AVX2 + FMA, picked at run time. The loops vectorise twice as wide in the second,
+/// and the body's `FMA` (a const generic it can pass on to [`Real::erf`] and
+/// [`Real::fast_exp`]) is true there, for fused multiply-adds.
 macro_rules! kernel {
     ($(#[$meta:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         fn $name<T: Real>($($arg: $ty),*) {
             #[inline(always)]
-            fn body<T: Real>($($arg: $ty),*) $body
+            fn body<T: Real, const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide<T: Real>($($arg: $ty),*) {
-                    body($($arg),*)
+                    body::<T, true>($($arg),*)
                 }
                 if wide_vectors() {
                     // SAFETY: taken only when the CPU has AVX2 and FMA.
@@ -208,7 +211,7 @@ macro_rules! kernel {
                     return;
                 }
             }
-            body($($arg),*)
+            body::<T, false>($($arg),*)
         }
     };
 }
@@ -334,7 +337,7 @@ fn softmax_in_place<T: Real>(rows: &mut [T], dim: usize, scale: T) {
     for row in rows.chunks_exact_mut(dim) {
         let max = row_max(row);
         for v in row.iter_mut() {
-            *v = ((*v - max) * scale).fast_exp();
+            *v = ((*v - max) * scale).fast_exp::<FMA>();
         }
         let inv = T::one() / row_sum(row);
         for v in row.iter_mut() {
@@ -730,20 +733,20 @@ impl CustomOp1 for Gelu {
 /// g * GELU'(x) = g * (Φ(x) + x φ(x)), with Φ(x) = y / x from the forward output
 /// y = x Φ(x): one exp instead of erf's two polynomials and exp again.
 #[inline(always)]
-fn gelu_grad_at<T: Real>(x: T, y: T, g: T) -> T {
+fn gelu_grad_at<T: Real, const FMA: bool>(x: T, y: T, g: T) -> T {
     let half = T::from(0.5).expect("a float");
     let inv_sqrt_2pi = T::from(0.398_942_280_401_432_7).expect("a float");
     let cdf = if x == T::zero() { half } else { y / x };
-    let pdf = inv_sqrt_2pi * (-half * x * x).fast_exp();
+    let pdf = inv_sqrt_2pi * (-half * x * x).fast_exp::<FMA>();
     g * (cdf + x * pdf)
 }
 
 /// GELU(x) = x Φ(x) = 0.5 x (1 + erf(x / √2)).
 #[inline(always)]
-fn gelu_at<T: Real>(x: T) -> T {
+fn gelu_at<T: Real, const FMA: bool>(x: T) -> T {
     let half = T::from(0.5).expect("a float");
     let inv_sqrt2 = T::from(std::f64::consts::FRAC_1_SQRT_2).expect("a float");
-    half * x * (T::one() + (x * inv_sqrt2).erf())
+    half * x * (T::one() + (x * inv_sqrt2).erf::<FMA>())
 }
 
 /// Values per step of the element-wise kernels: several vectors whose long polynomial
@@ -756,11 +759,11 @@ fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
     let mut d = dst.chunks_exact_mut(INTERLEAVE);
     for (s, d) in (&mut s).zip(&mut d) {
         for (d, &v) in d.iter_mut().zip(s) {
-            *d = gelu_at(v);
+            *d = gelu_at::<T, FMA>(v);
         }
     }
     for (d, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d = gelu_at(v);
+        *d = gelu_at::<T, FMA>(v);
     }
 }
 }
@@ -768,7 +771,7 @@ fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
 kernel! {
 fn gelu_grad_chunk<T: Real>(x: &[T], y: &[T], g: &[T], dst: &mut [T]) {
     for (((d, &x), &y), &g) in dst.iter_mut().zip(x).zip(y).zip(g) {
-        *d = gelu_grad_at(x, y, g);
+        *d = gelu_grad_at::<T, FMA>(x, y, g);
     }
 }
 }
