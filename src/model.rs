@@ -5,7 +5,9 @@
 //! Pre-norm blocks: x + MHSA(LN(x)), then x + MLP(LN(x)); a final LayerNorm; a linear
 //! head on the CLS token. candle-nn 0.11's fused `softmax_last_dim` and `layer_norm`
 //! have no backward, so LayerNorm and the attention softmax are our own fused ops with
-//! a backward ([`crate::ops`]); their composed versions here are the reference.
+//! a backward ([`crate::ops`]); their composed versions here are the reference. Without
+//! a capture, each block runs as one fused op (`crate::ops::block`), checked against
+//! the same block layer by layer (`Block::forward_ops`).
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -602,7 +604,7 @@ fn micro_step(
 /// Forward and backward over a batch of normalised images (B, 3, 32, 32) in
 /// micro-batches of at most `micro` images, summing gradients. The loss is a mean, so
 /// this is the whole batch's gradient, for a fraction of the activation memory (the
-/// autograd graph of the default model holds about 7 MB per image). Micro-batches run
+/// default model keeps about 2 MB per image for its backward pass). Micro-batches run
 /// side by side on the `workers`' lanes; the sums are taken in batch order, so the
 /// result does not depend on which finished first. The reported times are wall
 /// times (the slowest lane of each round).

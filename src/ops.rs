@@ -13,6 +13,10 @@
 //! element by element on one thread, which made summing bias gradients the most
 //! expensive part of a step, and every node of candle's graph costs a zero-filled
 //! gradient slot and an add, which one op per layer avoids.
+//!
+//! Training and evaluation run each transformer block as one op ([`block`]), built
+//! from the same kernels; the per-layer ops above are its reference and what the
+//! probes run, as they record what is inside a block.
 
 use std::ops::Range;
 
@@ -749,20 +753,9 @@ fn gelu_at<T: Real, const FMA: bool>(x: T) -> T {
     half * x * (T::one() + (x * inv_sqrt2).erf::<FMA>())
 }
 
-/// Values per step of the element-wise kernels: several vectors whose long polynomial
-/// chains are independent, so the CPU overlaps them instead of waiting on one.
-const INTERLEAVE: usize = 32;
-
 kernel! {
 fn gelu_chunk<T: Real>(src: &[T], dst: &mut [T]) {
-    let mut s = src.chunks_exact(INTERLEAVE);
-    let mut d = dst.chunks_exact_mut(INTERLEAVE);
-    for (s, d) in (&mut s).zip(&mut d) {
-        for (d, &v) in d.iter_mut().zip(s) {
-            *d = gelu_at::<T, FMA>(v);
-        }
-    }
-    for (d, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
+    for (d, &v) in dst.iter_mut().zip(src) {
         *d = gelu_at::<T, FMA>(v);
     }
 }
@@ -1004,6 +997,10 @@ fn attention_forward_into<T: Real>(
 ) {
     use rayon::prelude::*;
     let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    // The tasks write through a shared pointer: the sizes are checked, not assumed.
+    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
+    assert_eq!(out.len(), s.batch * t * d, "attention: output size");
+    assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
     let scale = T::from(scale).expect("a float");
     let dst = Shared(out.as_mut_ptr());
     weights
@@ -1048,6 +1045,18 @@ fn attention_backward_into<T: Real>(
 ) {
     use rayon::prelude::*;
     let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    // The tasks write through a shared pointer: the sizes are checked, not assumed.
+    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
+    assert_eq!(dqkv.len(), qkv.len(), "attention: gradient size");
+    assert_eq!(
+        grad.len(),
+        s.batch * t * d,
+        "attention: output gradient size"
+    );
+    assert!(
+        weights.is_none_or(|w| w.len() == s.weights_len()),
+        "attention: weights size"
+    );
     let scale = T::from(scale).expect("a float");
     let dst = Shared(dqkv.as_mut_ptr());
     // Two t x t work matrices per rayon job (not per task): dP, then dS in its place;
