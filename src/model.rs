@@ -1061,20 +1061,9 @@ mod tests {
         let cfg = tiny_config();
         let state = ModelState::new(&cfg, 14, DType::F64).unwrap();
         let block = &state.model.blocks[0];
-        let x0 = values(&random_rows((2, 3, cfg.dim), 15));
+        let x0 = random_rows((2, 3, cfg.dim), 15);
         let weights = random_rows((2, 3, cfg.dim), 16);
-        let shape = (2, 3, cfg.dim);
-        let loss = |x: &[f64]| -> f64 {
-            let x = Tensor::from_vec(x.to_vec(), shape, &Device::Cpu).unwrap();
-            (block.forward(&x, None).unwrap() * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let x =
-            Var::from_tensor(&Tensor::from_vec(x0.clone(), shape, &Device::Cpu).unwrap()).unwrap();
+        let x = Var::from_tensor(&x0).unwrap();
         let grads = (block.forward(x.as_tensor(), None).unwrap() * &weights)
             .unwrap()
             .sum_all()
@@ -1082,16 +1071,16 @@ mod tests {
             .backward()
             .unwrap();
         let analytic = values(grads.get(x.as_tensor()).unwrap());
-        for i in 0..x0.len() {
-            let h = 1e-6;
-            let (mut up, mut down) = (x0.clone(), x0.clone());
-            up[i] += h;
-            down[i] -= h;
-            let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+        let numeric = crate::ops::tests::numeric_gradient(
+            &values(&x0),
+            &[2, 3, cfg.dim],
+            |t| block.forward(t, None).unwrap(),
+            &weights,
+        );
+        for (i, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
             assert!(
-                (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
-                "x[{i}]: backprop {} vs finite difference {numeric}",
-                analytic[i]
+                (a - n).abs() < 1e-6 * (1.0 + n.abs()),
+                "x[{i}]: backprop {a} vs finite difference {n}"
             );
         }
     }

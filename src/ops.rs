@@ -25,9 +25,6 @@ use candle_core::{
 };
 use num_traits::Float;
 
-mod block;
-pub use block::{block, BlockShape, TILE_IMAGES};
-
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -284,6 +281,11 @@ macro_rules! by_dtype {
         }
     };
 }
+
+// The fused transformer block, built from the kernels below (declared after the
+// macros above, which it uses).
+mod block;
+pub use block::{block, BlockShape, TILE_IMAGES};
 
 // ---------------------------------------------------------------- softmax
 
@@ -1431,7 +1433,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{layer_norm_composed, softmax_last_dim};
     use candle_core::{DType, Device, Var, D};
@@ -1573,7 +1575,7 @@ mod tests {
     }
 
     /// d/dx of sum(weights * f(x)) by central differences, per element.
-    fn numeric_gradient(
+    pub(crate) fn numeric_gradient(
         x0: &[f64],
         shape: &[usize],
         f: impl Fn(&Tensor) -> Tensor,

@@ -328,21 +328,12 @@ impl CustomOp2 for BlockOp {
             }
             y
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(forward(
-                self,
-                contiguous(x, l1, name)?,
-                contiguous(p, l2, name)?,
-                sizes,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(forward(
-                self,
-                contiguous(x, l1, name)?,
-                contiguous(p, l2, name)?,
-                sizes,
-            )),
-            _ => bail!("{name}: inputs must both be f32 or both f64"),
-        };
+        let out = by_dtype!(
+            name,
+            |x, params| forward(self, x, params, sizes),
+            (s1, l1),
+            (s2, l2)
+        );
         Ok((out, l1.shape().clone()))
     }
 
