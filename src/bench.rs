@@ -154,20 +154,16 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let model = state.model.detached();
     let images = Tensor::randn(0f32, 1.0, (eval_batch, 3, 32, 32), &Device::Cpu)?;
     model.forward(&images)?; // warm-up
-                             // As the trainer evaluates: batches side by side, one per core.
+                             // As the trainer evaluates: batches shared out over the lanes, one per core. At
+                             // least 2,000 images, so a short run still times evaluation over many batches.
     let threads = candle_core::utils::get_num_threads();
     let eval_workers = Workers::new(threads, threads);
-    // At least 2,000 images, so a short run still times evaluation over many batches.
-    let rounds = 2000usize.div_ceil(eval_batch * eval_workers.lanes()).max(2);
+    let batches: Vec<usize> = (0..2000usize.div_ceil(eval_batch).max(2 * threads)).collect();
     let t = Instant::now();
-    let lanes: Vec<usize> = (0..eval_workers.lanes()).collect();
-    for _ in 0..rounds {
-        eval_workers.map(&lanes, |_| {
-            model.forward(&images)?.to_vec2::<f32>().map(drop)
-        })?;
-    }
-    let reps = rounds * eval_workers.lanes();
-    let eval_images_per_sec = (eval_batch * reps) as f64 / t.elapsed().as_secs_f64();
+    eval_workers.map(&batches, |_| {
+        model.forward(&images)?.to_vec2::<f32>().map(drop)
+    })?;
+    let eval_images_per_sec = (eval_batch * batches.len()) as f64 / t.elapsed().as_secs_f64();
 
     let probes = ProbeSet::new(&data.train, config.probe.images, &norm);
     let detached = state.model.detached();

@@ -524,30 +524,60 @@ impl Workers {
         self.pools.len()
     }
 
-    /// `f` of each of `items` (at most `lanes()` of them), side by side, one per lane;
-    /// the results in the items' order.
+    /// `f` of each of `items`, on all lanes at once: each lane takes the next item not
+    /// yet taken until none is left, so a lane that finishes early does not wait for
+    /// the others until the very end. The results come back in the items' order; the
+    /// first error (in item order) is returned, and the lanes stop taking items.
     pub fn map<I: Sync, T: Send>(
         &self,
         items: &[I],
         f: impl Fn(&I) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        let f = &f;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = items
-                .iter()
-                .zip(&self.pools)
-                .map(|(item, pool)| scope.spawn(move || pool.install(|| f(item))))
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+        let (f, next, failed) = (&f, &next, &failed);
+        let lane = move || {
+            let mut done = Vec::new();
+            while !failed.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let result = f(item);
+                failed.fetch_or(result.is_err(), Ordering::Relaxed);
+                done.push((i, result));
+            }
+            done
+        };
+        let per_lane = std::thread::scope(|scope| {
+            let handles: Vec<_> = (self.pools.iter().take(items.len()))
+                .map(|pool| scope.spawn(move || pool.install(lane)))
                 .collect();
             handles
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .map_err(|_| candle_core::Error::Msg("a worker thread panicked".into()))?
+                        .map_err(|_| candle_core::Error::Msg("a worker thread panicked".into()))
                 })
-                .collect()
-        })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut slots: Vec<Option<Result<T>>> = items.iter().map(|_| None).collect();
+        for (i, result) in per_lane.into_iter().flatten() {
+            slots[i] = Some(result);
+        }
+        // In order: the first error, or all results (an item is only left undone
+        // after an error).
+        slots
+            .into_iter()
+            .map_while(|slot| slot)
+            .collect::<Result<Vec<T>>>()
+            .and_then(|done| match done.len() == items.len() {
+                true => Ok(done),
+                false => Err(candle_core::Error::Msg("a work item was not run".into())),
+            })
     }
 }
+
+/// Micro-batches handed to the lanes at once, per lane.
+const MICRO_BATCHES_PER_LANE: usize = 8;
 
 /// One micro-batch's share of a step.
 struct MicroResult {
@@ -605,9 +635,9 @@ fn micro_step(
 /// micro-batches of at most `micro` images, summing gradients. The loss is a mean, so
 /// this is the whole batch's gradient, for a fraction of the activation memory (the
 /// default model keeps about 2 MB per image for its backward pass). Micro-batches run
-/// side by side on the `workers`' lanes; the sums are taken in batch order, so the
-/// result does not depend on which finished first. The reported times are wall
-/// times (the slowest lane of each round).
+/// side by side on the `workers`' lanes, each lane taking the next one as it
+/// finishes; the sums are taken in batch order, so the result does not depend on
+/// which finished first. The reported times are a lane's mean time per phase.
 pub fn forward_backward(
     model: &VisionTransformer,
     vars: &[Var],
@@ -625,15 +655,18 @@ pub fn forward_backward(
     let mut total: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss_sum, mut correct) = (0.0, 0);
     let (mut forward_secs, mut backward_secs) = (0.0, 0.0);
-    for round in ranges.chunks(workers.lanes()) {
-        let results = workers.map(round, |range| {
+    let lanes = workers.lanes().min(ranges.len()).max(1);
+    // A few micro-batches per lane at a time, so that tiny micro-batches do not hold
+    // every gradient at once.
+    for part in ranges.chunks(MICRO_BATCHES_PER_LANE * lanes) {
+        let results = workers.map(part, |range| {
             micro_step(model, vars, (pixels, labels), range.clone(), smoothing)
         })?;
-        forward_secs += results.iter().map(|r| r.forward_secs).fold(0.0, f64::max);
-        backward_secs += results.iter().map(|r| r.backward_secs).fold(0.0, f64::max);
         for result in results {
             loss_sum += result.loss;
             correct += result.correct;
+            forward_secs += result.forward_secs / lanes as f64;
+            backward_secs += result.backward_secs / lanes as f64;
             for (slot, g) in total.iter_mut().zip(result.grads) {
                 if let Some(g) = g {
                     *slot = Some(match slot.take() {
@@ -1112,6 +1145,29 @@ mod tests {
             second.contains("one backward pass per forward pass"),
             "{second}"
         );
+    }
+
+    #[test]
+    fn workers_run_every_item_once_in_order_on_all_lanes_and_report_the_first_error() {
+        let workers = Workers::new(2, 2);
+        let items: Vec<usize> = (0..25).collect();
+        let squares = workers.map(&items, |&i| Ok(i * i)).unwrap();
+        assert_eq!(squares, items.iter().map(|i| i * i).collect::<Vec<_>>());
+        // Slow items: both lanes take some.
+        let lanes = workers
+            .map(&items, |_| {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                Ok(std::thread::current().name().unwrap_or("").to_string())
+            })
+            .unwrap();
+        let distinct: std::collections::BTreeSet<_> = lanes.iter().collect();
+        assert_eq!(distinct.len(), 2, "{distinct:?}");
+        let failing = workers.map(&items, |&i| match i {
+            7 | 19 => Err(candle_core::Error::Msg(format!("item {i} failed"))),
+            i => Ok(i),
+        });
+        assert!(failing.unwrap_err().to_string().contains("item 7 failed"));
+        assert!(workers.map(&items[..0], |&i| Ok(i)).unwrap().is_empty());
     }
 
     #[test]

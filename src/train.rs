@@ -298,16 +298,15 @@ impl Trainer {
         let threads = candle_core::utils::get_num_threads();
         let workers = Workers::new(threads, threads);
         let (model, norm, smoothing) = (&model, &self.norm, self.config.train.label_smoothing);
-        for round in chunks.chunks(workers.lanes()) {
-            let parts = workers.map(round, |&chunk| {
-                eval_chunk(model, test, norm, chunk, recorded, smoothing)
-            })?;
-            for part in parts {
-                loss_sum += part.loss_sum;
-                probabilities.extend(part.probabilities);
-                for (&p, &l) in part.predicted.iter().zip(&part.labels) {
-                    confusion[l as usize][p as usize] += 1;
-                }
+        // All batches at once: each holds only its predictions, and the lanes
+        // never wait for each other until the last one.
+        for part in workers.map(&chunks, |&chunk| {
+            eval_chunk(model, test, norm, chunk, recorded, smoothing)
+        })? {
+            loss_sum += part.loss_sum;
+            probabilities.extend(part.probabilities);
+            for (&p, &l) in part.predicted.iter().zip(&part.labels) {
+                confusion[l as usize][p as usize] += 1;
             }
         }
         let secs = start.elapsed().as_secs_f64();
