@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{ModelConfig, CHANNELS, IMAGE_SIZE};
 use crate::data::{mix_seed, NUM_CLASSES};
+use crate::ops::BlockOutput;
 
 /// Intermediate tensors recorded by a forward pass (all detached from the graph).
 #[derive(Debug, Default)]
@@ -226,9 +227,14 @@ impl Block {
     /// probes capture what is inside.
     fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
         match capture {
-            None => crate::ops::block(x, &self.packed_params()?, self.shape()),
+            None => self.forward_fused(x, BlockOutput::AllTokens),
             capture => self.forward_ops(x, capture),
         }
+    }
+
+    /// The fused block, with every token's output or (the last block) only CLS's.
+    pub fn forward_fused(&self, x: &Tensor, output: BlockOutput) -> Result<Tensor> {
+        crate::ops::block(x, &self.packed_params()?, self.shape(), output)
     }
 
     pub fn shape(&self) -> crate::ops::BlockShape {
@@ -345,8 +351,13 @@ impl VisionTransformer {
         if let Some(c) = capture.as_deref_mut() {
             c.hidden.push(x.detach());
         }
-        for block in &self.blocks {
-            x = block.forward(&x, capture.as_deref_mut())?;
+        let last = self.blocks.len().saturating_sub(1);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = match capture.as_deref_mut() {
+                // The head reads only CLS: the last block computes nothing else.
+                None if i == last => block.forward_fused(&x, BlockOutput::ClsOnly)?,
+                capture => block.forward(&x, capture)?,
+            };
         }
         let x = self.norm.forward_captured(&x, capture)?;
         self.head.forward(&x.i((.., 0))?)
@@ -1090,6 +1101,57 @@ mod tests {
     }
 
     #[test]
+    fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
+        let cfg = tiny_config();
+        let state = ModelState::new(&cfg, 21, DType::F64).unwrap();
+        let block = &state.model.blocks[1];
+        let images = 2 * crate::ops::TILE_IMAGES + 1;
+        let x = Var::from_tensor(&random_rows((images, 5, cfg.dim), 22)).unwrap();
+        let weights = random_rows((images, 1, cfg.dim), 23);
+        let cls = block
+            .forward_fused(x.as_tensor(), BlockOutput::ClsOnly)
+            .unwrap();
+        assert_eq!(cls.dims(), &[images, 1, cfg.dim]);
+        let all = block
+            .forward_fused(x.as_tensor(), BlockOutput::AllTokens)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap();
+        let (a, b) = (values(&cls), values(&all));
+        for (i, (c, f)) in a.iter().zip(&b).enumerate() {
+            assert!((c - f).abs() < 1e-12, "CLS output {i}: {c} vs {f}");
+        }
+        let detached = block
+            .forward_fused(&x.as_tensor().detach(), BlockOutput::ClsOnly)
+            .unwrap();
+        assert_eq!(values(&detached), a);
+        let grads_of = |y: Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_cls, g_all) = (grads_of(cls), grads_of(all));
+        let mut checked = 0;
+        for t in [x.as_tensor(), &block.attn.qkv.weight, &block.norm1.gamma]
+            .into_iter()
+            .chain([&block.mlp.fc2.bias, &block.attn.proj.weight])
+        {
+            let (c, f) = (values(g_cls.get(t).unwrap()), values(g_all.get(t).unwrap()));
+            for (i, (c, f)) in c.iter().zip(&f).enumerate() {
+                assert!(
+                    (c - f).abs() < 1e-10 * (1.0 + f.abs()),
+                    "gradient {i}: {c} vs {f}"
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 5);
+    }
+
+    #[test]
     fn fused_block_gradient_of_its_input_matches_finite_differences() {
         let cfg = tiny_config();
         let state = ModelState::new(&cfg, 14, DType::F64).unwrap();
@@ -1127,11 +1189,29 @@ mod tests {
         let x = random_rows((2, 3, cfg.dim), 18);
         let err = |r: Result<Tensor>| r.unwrap_err().to_string();
         let short = params.narrow(0, 0, params.elem_count() - 1).unwrap();
-        assert!(err(crate::ops::block(&x, &short, block.shape())).contains("packed parameters"));
+        assert!(err(crate::ops::block(
+            &x,
+            &short,
+            block.shape(),
+            BlockOutput::AllTokens
+        ))
+        .contains("packed parameters"));
         let narrow_x = random_rows((2, 3, cfg.dim + 1), 19);
-        assert!(err(crate::ops::block(&narrow_x, &params, block.shape())).contains("channels"));
+        assert!(err(crate::ops::block(
+            &narrow_x,
+            &params,
+            block.shape(),
+            BlockOutput::AllTokens
+        ))
+        .contains("channels"));
         let f32_x = x.to_dtype(DType::F32).unwrap();
-        assert!(err(crate::ops::block(&f32_x, &params, block.shape())).contains("f32"));
+        assert!(err(crate::ops::block(
+            &f32_x,
+            &params,
+            block.shape(),
+            BlockOutput::AllTokens
+        ))
+        .contains("f32"));
         // The activations are used up by the first backward pass.
         let v = Var::from_tensor(&x).unwrap();
         let loss = block

@@ -285,7 +285,7 @@ macro_rules! by_dtype {
 // The fused transformer block, built from the kernels below (declared after the
 // macros above, which it uses).
 mod block;
-pub use block::{block, BlockShape, TILE_IMAGES};
+pub use block::{block, BlockOutput, BlockShape, TILE_IMAGES};
 
 // ---------------------------------------------------------------- softmax
 
@@ -908,6 +908,9 @@ struct Attention {
 struct AttentionShape {
     batch: usize,
     tokens: usize,
+    /// The first `queries` tokens of each image are the queries (all of them but in
+    /// the last block, where only CLS is read).
+    queries: usize,
     heads: usize,
     head_dim: usize,
 }
@@ -925,6 +928,7 @@ impl AttentionShape {
         Ok(Self {
             batch,
             tokens,
+            queries: tokens,
             heads,
             head_dim: packed / (3 * heads),
         })
@@ -934,9 +938,14 @@ impl AttentionShape {
         self.heads * self.head_dim
     }
 
-    /// Values of the weights P of all images and heads.
+    /// Values of the weights P of all images and heads (queries x tokens each).
     fn weights_len(&self) -> usize {
-        self.batch * self.heads * self.tokens * self.tokens
+        self.batch * self.heads * self.queries * self.tokens
+    }
+
+    /// Values of the output (or its gradient): queries x H·d per image.
+    fn out_len(&self) -> usize {
+        self.batch * self.queries * self.dim()
     }
 }
 
@@ -950,7 +959,7 @@ impl<T> Shared<T> {
     }
 }
 
-/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (T x T).
+/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (queries x T).
 fn attention_weights<T: Real>(
     qkv: &[T],
     s: AttentionShape,
@@ -959,16 +968,16 @@ fn attention_weights<T: Real>(
     scale: T,
     p: &mut [T],
 ) {
-    let (t, hd, d3) = (s.tokens, s.head_dim, 3 * s.dim());
+    let (t, nq, hd, d3) = (s.tokens, s.queries, s.head_dim, 3 * s.dim());
     let base = b * t * d3;
     let q = qkv[base + h * hd..].as_ptr();
     let k = qkv[base + s.dim() + h * hd..].as_ptr();
-    assert_eq!(p.len(), t * t, "one t x t matrix");
+    assert_eq!(p.len(), nq * t, "one queries x t matrix");
     // SAFETY: q and k rows are `d3` apart, hd values each, t rows, all inside qkv;
-    // `p` is t x t (checked).
+    // `p` is queries x t (checked).
     unsafe {
         product(
-            (t, t, hd),
+            (nq, t, hd),
             p.as_mut_ptr(),
             (t, 1),
             q,
@@ -982,14 +991,14 @@ fn attention_weights<T: Real>(
 }
 
 fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
-    let mut out = vec![T::zero(); s.batch * s.tokens * s.dim()];
+    let mut out = vec![T::zero(); s.out_len()];
     let mut weights = vec![T::zero(); s.weights_len()];
     attention_forward_into(qkv, s, scale, &mut out, &mut weights);
     out
 }
 
-/// Attention of every (image, head) into `out` (B, T, H·d), keeping the weights P in
-/// `weights` (B, H, T, T).
+/// Attention of every (image, head) into `out` (B, queries, H·d), keeping the weights
+/// P in `weights` (B, H, queries, T).
 fn attention_forward_into<T: Real>(
     qkv: &[T],
     s: AttentionShape,
@@ -998,15 +1007,15 @@ fn attention_forward_into<T: Real>(
     weights: &mut [T],
 ) {
     use rayon::prelude::*;
-    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
     // The tasks write through a shared pointer: the sizes are checked, not assumed.
     assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
-    assert_eq!(out.len(), s.batch * t * d, "attention: output size");
+    assert_eq!(out.len(), s.out_len(), "attention: output size");
     assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
     let scale = T::from(scale).expect("a float");
     let dst = Shared(out.as_mut_ptr());
     weights
-        .par_chunks_exact_mut(t * t)
+        .par_chunks_exact_mut(nq * t)
         .enumerate()
         .for_each(|(task, p)| {
             let (b, h) = (task / s.heads, task % s.heads);
@@ -1014,9 +1023,9 @@ fn attention_forward_into<T: Real>(
             let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
             // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
             unsafe {
-                let o = dst.get().add(b * t * d + h * hd);
+                let o = dst.get().add(b * nq * d + h * hd);
                 product(
-                    (t, hd, t),
+                    (nq, hd, t),
                     o,
                     (d, 1),
                     p.as_ptr(),
@@ -1046,31 +1055,28 @@ fn attention_backward_into<T: Real>(
     dqkv: &mut [T],
 ) {
     use rayon::prelude::*;
-    let (t, hd, d, d3) = (s.tokens, s.head_dim, s.dim(), 3 * s.dim());
+    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
     // The tasks write through a shared pointer: the sizes are checked, not assumed.
     assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
     assert_eq!(dqkv.len(), qkv.len(), "attention: gradient size");
-    assert_eq!(
-        grad.len(),
-        s.batch * t * d,
-        "attention: output gradient size"
-    );
+    assert!(nq <= t, "attention: more queries than tokens");
+    assert_eq!(grad.len(), s.out_len(), "attention: output gradient size");
     assert!(
         weights.is_none_or(|w| w.len() == s.weights_len()),
         "attention: weights size"
     );
     let scale = T::from(scale).expect("a float");
     let dst = Shared(dqkv.as_mut_ptr());
-    // Two t x t work matrices per rayon job (not per task): dP, then dS in its place;
-    // and P where it is recomputed.
-    let work = || (vec![T::zero(); t * t], vec![T::zero(); t * t]);
+    // Two queries x t work matrices per rayon job (not per task): dP, then dS in its
+    // place; and P where it is recomputed.
+    let work = || (vec![T::zero(); nq * t], vec![T::zero(); nq * t]);
     let tasks = 0..s.batch * s.heads;
     tasks
         .into_par_iter()
         .for_each_init(work, |(dp, recomputed), task| {
             let (b, h) = (task / s.heads, task % s.heads);
             let p = match weights {
-                Some(w) => &w[task * t * t..(task + 1) * t * t],
+                Some(w) => &w[task * nq * t..(task + 1) * nq * t],
                 None => {
                     attention_weights(qkv, s, b, h, scale, recomputed);
                     &recomputed[..]
@@ -1082,14 +1088,14 @@ fn attention_backward_into<T: Real>(
                 qkv[base + d + h * hd..].as_ptr(),
                 qkv[base + 2 * d + h * hd..].as_ptr(),
             );
-            let dy = grad[b * t * d + h * hd..].as_ptr();
+            let dy = grad[b * nq * d + h * hd..].as_ptr();
             // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
             // columns of head h for image b in dqkv.
             unsafe {
                 let out = dst.get().add(base + h * hd);
                 // dV = Pᵀ dY
                 product(
-                    (t, hd, t),
+                    (t, hd, nq),
                     out.add(2 * d),
                     (d3, 1),
                     p.as_ptr(),
@@ -1100,7 +1106,7 @@ fn attention_backward_into<T: Real>(
                 );
                 // dP = dY Vᵀ
                 product(
-                    (t, t, hd),
+                    (nq, t, hd),
                     dp.as_mut_ptr(),
                     (t, 1),
                     dy,
@@ -1115,9 +1121,9 @@ fn attention_backward_into<T: Real>(
             let ds = dp;
             unsafe {
                 let out = dst.get().add(base + h * hd);
-                // dQ = dS K, dK = dSᵀ Q
+                // dQ = dS K, dK = dSᵀ Q; tokens that are no query get no dQ.
                 product(
-                    (t, hd, t),
+                    (nq, hd, t),
                     out,
                     (d3, 1),
                     ds.as_ptr(),
@@ -1126,8 +1132,11 @@ fn attention_backward_into<T: Real>(
                     (d3, 1),
                     IN_TASK,
                 );
+                for row in nq..t {
+                    std::ptr::write_bytes(out.add(row * d3), 0, hd);
+                }
                 product(
-                    (t, hd, t),
+                    (t, hd, nq),
                     out.add(d),
                     (d3, 1),
                     ds.as_ptr(),

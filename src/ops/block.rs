@@ -48,10 +48,11 @@ impl BlockShape {
         self.param_lens().iter().sum()
     }
 
-    fn attention(&self, batch: usize, tokens: usize) -> AttentionShape {
+    fn attention(&self, batch: usize, z: Sizes) -> AttentionShape {
         AttentionShape {
             batch,
-            tokens,
+            tokens: z.tokens,
+            queries: z.queries,
             heads: self.heads,
             head_dim: self.dim / self.heads,
         }
@@ -61,6 +62,27 @@ impl BlockShape {
     fn scale(&self) -> f64 {
         1.0 / ((self.dim / self.heads) as f64).sqrt()
     }
+}
+
+/// Which tokens' outputs a block computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlockOutput {
+    /// Every token: (batch, tokens, dim).
+    AllTokens,
+    /// Only CLS, token 0: (batch, 1, dim). The last block's other outputs are read by
+    /// nothing (the head reads CLS), so it computes keys and values for every token but
+    /// queries, the projection and the MLP for CLS alone, and its backward pass only
+    /// what flows back from CLS. Logits and gradients are the same as with every token.
+    ClsOnly,
+}
+
+/// A call's sizes: images, tokens per image, and query tokens per image (the first
+/// ones), whose outputs are computed.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    tokens: usize,
+    queries: usize,
 }
 
 /// `values` cut into consecutive pieces of `lens`.
@@ -87,40 +109,40 @@ fn pieces_mut<T, const N: usize>(mut values: &mut [T], lens: [usize; N]) -> [&mu
 /// 1 MB of intermediate values, a micro-batch of 32 images ten times the L2 cache.
 pub const TILE_IMAGES: usize = 4;
 
-/// What the forward pass keeps for the backward pass, for `rows` token rows (the
-/// whole batch when kept, one tile's when only evaluating).
+/// What the forward pass keeps for the backward pass (for the whole batch when kept,
+/// for one tile when only evaluating).
 struct Activations<T: Real> {
-    /// LN1(x): rows x D.
+    /// LN1(x): tokens x D per image.
     h1: Buffer<T>,
-    /// The packed q|k|v projections: rows x 3D.
+    /// The packed q|k|v projections: tokens x 3D per image.
     qkv: Buffer<T>,
-    /// softmax(QKᵀ/√d_k) per image and head: images x H x T x T.
+    /// softmax(QKᵀ/√d_k) per image and head: queries x tokens.
     weights: Buffer<T>,
-    /// The heads' outputs, concatenated: rows x D.
+    /// From here on, queries rows per image. The heads' outputs, concatenated: D.
     heads_out: Buffer<T>,
-    /// x + attention: rows x D.
+    /// x + attention: D.
     x2: Buffer<T>,
-    /// LN2(x2): rows x D.
+    /// LN2(x2): D.
     h2: Buffer<T>,
-    /// fc1's output before GELU: rows x M.
+    /// fc1's output before GELU: M.
     u: Buffer<T>,
-    /// GELU(u): rows x M.
+    /// GELU(u): M.
     g: Buffer<T>,
 }
 
 impl<T: Real> Activations<T> {
-    fn new(s: BlockShape, images: usize, tokens: usize) -> Self {
-        let rows = images * tokens;
+    fn new(s: BlockShape, images: usize, z: Sizes) -> Self {
+        let (rows, queries) = (images * z.tokens, images * z.queries);
         let (d, m) = (s.dim, s.mlp_dim);
         Self {
             h1: Buffer::new(rows * d),
             qkv: Buffer::new(rows * 3 * d),
-            weights: Buffer::new(s.attention(images, tokens).weights_len()),
-            heads_out: Buffer::new(rows * d),
-            x2: Buffer::new(rows * d),
-            h2: Buffer::new(rows * d),
-            u: Buffer::new(rows * m),
-            g: Buffer::new(rows * m),
+            weights: Buffer::new(s.attention(images, z).weights_len()),
+            heads_out: Buffer::new(queries * d),
+            x2: Buffer::new(queries * d),
+            h2: Buffer::new(queries * d),
+            u: Buffer::new(queries * m),
+            g: Buffer::new(queries * m),
         }
     }
 }
@@ -137,30 +159,44 @@ fn span(rows: &Range<usize>, width: usize) -> Range<usize> {
     rows.start * width..rows.end * width
 }
 
-/// The block's output for input rows `x` (batch x tokens x D), and its activations
-/// when `keep` (else only a tile's worth of buffers is used, and freed).
+/// Images `first..first + images` as rows of `per_image` rows each.
+fn image_rows(first: usize, images: usize, per_image: usize) -> Range<usize> {
+    first * per_image..(first + images) * per_image
+}
+
+/// The block's output for input rows `x` (batch x tokens x D): queries x D per image,
+/// and its activations when `keep` (else only a tile's worth of buffers is used, and
+/// freed).
 fn block_forward<T: Real>(
     x: &[T],
     params: &[T],
     s: BlockShape,
-    (batch, tokens): (usize, usize),
+    z: Sizes,
     keep: bool,
 ) -> (Vec<T>, Option<Activations<T>>) {
-    let (d, m) = (s.dim, s.mlp_dim);
+    let (d, m, t, nq) = (s.dim, s.mlp_dim, z.tokens, z.queries);
     let [n1g, n1b, qkv_w, qkv_b, proj_w, proj_b, n2g, n2b, fc1_w, fc1_b, fc2_w, fc2_b] =
         pieces(params, s.param_lens());
-    let kept_images = if keep { batch } else { TILE_IMAGES.min(batch) };
-    let mut a = Activations::new(s, kept_images, tokens);
-    let mut y = Vec::with_capacity(batch * tokens * d);
-    for (first, images) in tiles(batch) {
-        let r = first * tokens..(first + images) * tokens;
-        // Where this tile's rows are in the activations.
-        let k = if keep { r.clone() } else { 0..r.len() };
-        let attention = s.attention(images, tokens);
-        let weights = span(
-            &(k.start / tokens..k.end / tokens),
-            s.heads * tokens * tokens,
+    let kept_images = if keep {
+        z.batch
+    } else {
+        TILE_IMAGES.min(z.batch)
+    };
+    let mut a = Activations::new(s, kept_images, z);
+    let mut y = Vec::with_capacity(z.batch * nq * d);
+    for (first, images) in tiles(z.batch) {
+        // The tile's images in the input, and where they are in the activations.
+        let kept_first = if keep { first } else { 0 };
+        let (r, k) = (
+            image_rows(first, images, t),
+            image_rows(kept_first, images, t),
         );
+        let (rq, kq) = (
+            image_rows(first, images, nq),
+            image_rows(kept_first, images, nq),
+        );
+        let attention = s.attention(images, z);
+        let weights = span(&k, s.heads * nq);
         layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&k, d)]);
         let qkv = &mut a.qkv[span(&k, 3 * d)];
         fill_rows(qkv, qkv_b);
@@ -169,105 +205,112 @@ fn block_forward<T: Real>(
             &a.qkv[span(&k, 3 * d)],
             attention,
             s.scale(),
-            &mut a.heads_out[span(&k, d)],
+            &mut a.heads_out[span(&kq, d)],
             &mut a.weights[weights],
         );
-        let x2 = &mut a.x2[span(&k, d)];
-        x2.copy_from_slice(&x[span(&r, d)]);
+        // The residual stream of the query tokens: the first nq rows of each image.
+        let x2 = &mut a.x2[span(&kq, d)];
+        for (image, x2) in x2.chunks_exact_mut(nq * d).enumerate() {
+            let start = (r.start + image * t) * d;
+            x2.copy_from_slice(&x[start..start + nq * d]);
+        }
         linear_into(
-            &a.heads_out[span(&k, d)],
+            &a.heads_out[span(&kq, d)],
             proj_w,
             proj_b,
             x2,
             Start::Residual,
         );
-        layer_norm_into(&a.x2[span(&k, d)], n2g, n2b, s.eps, &mut a.h2[span(&k, d)]);
-        let u = &mut a.u[span(&k, m)];
+        layer_norm_into(
+            &a.x2[span(&kq, d)],
+            n2g,
+            n2b,
+            s.eps,
+            &mut a.h2[span(&kq, d)],
+        );
+        let u = &mut a.u[span(&kq, m)];
         fill_rows(u, fc1_b);
-        linear_into(&a.h2[span(&k, d)], fc1_w, fc1_b, u, Start::Bias);
-        gelu_into(&a.u[span(&k, m)], &mut a.g[span(&k, m)]);
-        y.extend_from_slice(&a.x2[span(&k, d)]);
+        linear_into(&a.h2[span(&kq, d)], fc1_w, fc1_b, u, Start::Bias);
+        gelu_into(&a.u[span(&kq, m)], &mut a.g[span(&kq, m)]);
+        y.extend_from_slice(&a.x2[span(&kq, d)]);
         linear_into(
-            &a.g[span(&k, m)],
+            &a.g[span(&kq, m)],
             fc2_w,
             fc2_b,
-            &mut y[span(&r, d)],
+            &mut y[span(&rq, d)],
             Start::Residual,
         );
     }
     (y, keep.then_some(a))
 }
 
-/// [dx | d(packed parameters)] for the gradient `dy` of the block's output, tile by
-/// tile; the parameter gradients add up over the tiles.
+/// [dx | d(packed parameters)] for the gradient `dy` of the block's output (queries x
+/// D per image), tile by tile; the parameter gradients add up over the tiles.
 fn block_backward<T: Real>(
     x: &[T],
     params: &[T],
     dy: &[T],
     a: &Activations<T>,
     s: BlockShape,
-    (batch, tokens): (usize, usize),
+    z: Sizes,
 ) -> Vec<T> {
-    let rows = batch * tokens;
-    let (d, m) = (s.dim, s.mlp_dim);
+    let (d, m, t, nq) = (s.dim, s.mlp_dim, z.tokens, z.queries);
     let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _] = pieces(params, s.param_lens());
-    // The output: dx first, which starts as the residual stream's gradient.
-    let mut out = Vec::with_capacity(rows * d + s.param_count());
-    out.extend_from_slice(dy);
-    out.resize(rows * d + s.param_count(), T::zero());
-    let (dx, dparams) = out.split_at_mut(rows * d);
+    let mut dparams = vec![T::zero(); s.param_count()];
     // LayerNorm's γ and β are adjacent: their gradients are one piece each.
     let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b] =
         pieces_mut(
-            dparams,
+            &mut dparams,
             [2 * d, 3 * d * d, 3 * d, d * d, d, 2 * d, m * d, m, d * m, d],
         );
+    // dx, tile by tile, then the parameter gradients.
+    let mut out = Vec::with_capacity(z.batch * t * d + s.param_count());
     // One tile's work buffers.
-    let tile_rows = TILE_IMAGES.min(batch) * tokens;
-    let (mut dg, mut du) = (Buffer::new(tile_rows * m), Buffer::new(tile_rows * m));
-    let mut d_rows = Buffer::new(tile_rows * d);
-    let mut dqkv = Buffer::new(tile_rows * 3 * d);
-    for (first, images) in tiles(batch) {
-        let r = first * tokens..(first + images) * tokens;
-        let t = 0..r.len();
-        let (dg, du) = (&mut dg[span(&t, m)], &mut du[span(&t, m)]);
-        let (d_rows, dqkv) = (&mut d_rows[span(&t, d)], &mut dqkv[span(&t, 3 * d)]);
-        // MLP: y = x2 + fc2(GELU(fc1(LN2(x2)))); dx (still dx2 here) gains LN2's part.
-        let g = &a.g[span(&r, m)];
-        linear_grads_into(g, fc2_w, &dy[span(&r, d)], Some(dg), d_fc2_w, d_fc2_b);
-        gelu_grad_into(&a.u[span(&r, m)], g, dg, du);
-        linear_grads_into(
-            &a.h2[span(&r, d)],
-            fc1_w,
-            du,
-            Some(d_rows),
-            d_fc1_w,
-            d_fc1_b,
-        );
-        let dx = &mut dx[span(&r, d)];
-        layer_norm_grads_into(&a.x2[span(&r, d)], n2g, d_rows, s.eps, dx, d_norm2);
-        // Attention: x2 = x + proj(heads(qkv(LN1(x)))); dx gains LN1's part.
-        let heads_out = &a.heads_out[span(&r, d)];
-        linear_grads_into(heads_out, proj_w, dx, Some(d_rows), d_proj_w, d_proj_b);
-        let weights = span(&(first..first + images), s.heads * tokens * tokens);
+    let tile_images = TILE_IMAGES.min(z.batch);
+    let (mut dg, mut du) = (
+        Buffer::new(tile_images * nq * m),
+        Buffer::new(tile_images * nq * m),
+    );
+    let mut dx2 = Buffer::new(tile_images * nq * d);
+    let mut d_rows = Buffer::new(tile_images * t * d);
+    let mut dqkv = Buffer::new(tile_images * t * 3 * d);
+    for (first, images) in tiles(z.batch) {
+        let (r, rq) = (image_rows(first, images, t), image_rows(first, images, nq));
+        let (tq, tt) = (0..images * nq, 0..images * t);
+        let (dg, du) = (&mut dg[span(&tq, m)], &mut du[span(&tq, m)]);
+        let (dx2, dqkv) = (&mut dx2[span(&tq, d)], &mut dqkv[span(&tt, 3 * d)]);
+        // MLP: y = x2 + fc2(GELU(fc1(LN2(x2)))); dx2 starts as the residual's dy.
+        let g = &a.g[span(&rq, m)];
+        let dy = &dy[span(&rq, d)];
+        dx2.copy_from_slice(dy);
+        linear_grads_into(g, fc2_w, dy, Some(dg), d_fc2_w, d_fc2_b);
+        gelu_grad_into(&a.u[span(&rq, m)], g, dg, du);
+        let dh2 = &mut d_rows[span(&tq, d)];
+        linear_grads_into(&a.h2[span(&rq, d)], fc1_w, du, Some(dh2), d_fc1_w, d_fc1_b);
+        layer_norm_grads_into(&a.x2[span(&rq, d)], n2g, dh2, s.eps, dx2, d_norm2);
+        // Attention: x2 = x + proj(heads(qkv(LN1(x)))) for the query tokens.
+        let d_heads = &mut d_rows[span(&tq, d)];
+        let heads_out = &a.heads_out[span(&rq, d)];
+        linear_grads_into(heads_out, proj_w, dx2, Some(d_heads), d_proj_w, d_proj_b);
         attention_backward_into(
             &a.qkv[span(&r, 3 * d)],
-            d_rows,
-            s.attention(images, tokens),
+            d_heads,
+            s.attention(images, z),
             s.scale(),
-            Some(&a.weights[weights]),
+            Some(&a.weights[span(&r, s.heads * nq)]),
             dqkv,
         );
-        linear_grads_into(
-            &a.h1[span(&r, d)],
-            qkv_w,
-            dqkv,
-            Some(d_rows),
-            d_qkv_w,
-            d_qkv_b,
-        );
-        layer_norm_grads_into(&x[span(&r, d)], n1g, d_rows, s.eps, dx, d_norm1);
+        let dh1 = &mut d_rows[span(&tt, d)];
+        linear_grads_into(&a.h1[span(&r, d)], qkv_w, dqkv, Some(dh1), d_qkv_w, d_qkv_b);
+        // dx: the residual's dx2 at the query tokens, plus LN1's part everywhere.
+        for dx2 in dx2.chunks_exact(nq * d) {
+            out.extend_from_slice(dx2);
+            out.resize(out.len() + (t - nq) * d, T::zero());
+        }
+        let dx = &mut out[span(&r, d)];
+        layer_norm_grads_into(&x[span(&r, d)], n1g, dh1, s.eps, dx, d_norm1);
     }
+    out.extend_from_slice(&dparams);
     out
 }
 
@@ -278,14 +321,21 @@ type Kept = Arc<Mutex<Option<Box<dyn Any + Send>>>>;
 /// The block as a candle op on (x, packed parameters).
 struct BlockOp {
     shape: BlockShape,
+    output: BlockOutput,
     /// Whether a backward pass can follow (an input tracks gradients): only then are
     /// the activations kept.
     keep: bool,
     kept: Kept,
 }
 
-/// Checks x (batch, tokens, dim) and the packed parameters; returns (batch, tokens).
-fn check(s: BlockShape, x: &Layout, params: &Layout, name: &str) -> Result<(usize, usize)> {
+/// Checks x (batch, tokens, dim) and the packed parameters; returns the sizes.
+fn check(
+    s: BlockShape,
+    output: BlockOutput,
+    x: &Layout,
+    params: &Layout,
+    name: &str,
+) -> Result<Sizes> {
     let (batch, tokens, dim) = match x.dims() {
         [b, t, d] => (*b, *t, *d),
         dims => bail!("{name}: expects x of (batch, tokens, dim), got {dims:?}"),
@@ -304,7 +354,15 @@ fn check(s: BlockShape, x: &Layout, params: &Layout, name: &str) -> Result<(usiz
             s.param_count()
         );
     }
-    Ok((batch, tokens))
+    let queries = match output {
+        BlockOutput::AllTokens => tokens,
+        BlockOutput::ClsOnly => tokens.min(1),
+    };
+    Ok(Sizes {
+        batch,
+        tokens,
+        queries,
+    })
 }
 
 impl CustomOp2 for BlockOp {
@@ -320,9 +378,9 @@ impl CustomOp2 for BlockOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let sizes = check(self.shape, l1, l2, name)?;
-        fn forward<T: Real>(op: &BlockOp, x: &[T], params: &[T], sizes: (usize, usize)) -> Vec<T> {
-            let (y, activations) = block_forward(x, params, op.shape, sizes, op.keep);
+        let z = check(self.shape, self.output, l1, l2, name)?;
+        fn forward<T: Real>(op: &BlockOp, x: &[T], params: &[T], z: Sizes) -> Vec<T> {
+            let (y, activations) = block_forward(x, params, op.shape, z, op.keep);
             if let Some(activations) = activations {
                 *op.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(activations));
             }
@@ -330,11 +388,11 @@ impl CustomOp2 for BlockOp {
         }
         let out = by_dtype!(
             name,
-            |x, params| forward(self, x, params, sizes),
+            |x, params| forward(self, x, params, z),
             (s1, l1),
             (s2, l2)
         );
-        Ok((out, l1.shape().clone()))
+        Ok((out, Shape::from((z.batch, z.queries, self.shape.dim))))
     }
 
     fn bwd(
@@ -346,6 +404,7 @@ impl CustomOp2 for BlockOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = BlockGrad {
             shape: self.shape,
+            output: self.output,
             kept: self.kept.clone(),
         };
         let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &op)?;
@@ -366,6 +425,7 @@ impl CustomOp2 for BlockOp {
 /// free again as soon as the block's backward pass is done.
 struct BlockGrad {
     shape: BlockShape,
+    output: BlockOutput,
     kept: Kept,
 }
 
@@ -384,8 +444,8 @@ impl CustomOp3 for BlockGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let sizes = check(self.shape, l1, l2, name)?;
-        if l3.dims() != l1.dims() {
+        let z = check(self.shape, self.output, l1, l2, name)?;
+        if l3.dims() != [z.batch, z.queries, self.shape.dim] {
             bail!(
                 "{name}: gradient of shape {:?} for x {:?}",
                 l3.dims(),
@@ -400,10 +460,10 @@ impl CustomOp3 for BlockGrad {
             kept: Box<dyn Any + Send>,
             (x, params, dy): (&[T], &[T], &[T]),
             s: BlockShape,
-            sizes: (usize, usize),
+            z: Sizes,
         ) -> Result<Vec<T>> {
             match kept.downcast::<Activations<T>>() {
-                Ok(a) => Ok(block_backward(x, params, dy, &a, s, sizes)),
+                Ok(a) => Ok(block_backward(x, params, dy, &a, s, z)),
                 Err(_) => bail!("transformer-block-grad: activations of another type"),
             }
         }
@@ -416,7 +476,7 @@ impl CustomOp3 for BlockGrad {
                     contiguous(g, l3, name)?,
                 ),
                 self.shape,
-                sizes,
+                z,
             )?),
             (CpuStorage::F64(x), CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(run(
                 kept,
@@ -426,7 +486,7 @@ impl CustomOp3 for BlockGrad {
                     contiguous(g, l3, name)?,
                 ),
                 self.shape,
-                sizes,
+                z,
             )?),
             _ => bail!("{name}: inputs must all be f32 or all f64"),
         };
@@ -438,13 +498,20 @@ impl CustomOp3 for BlockGrad {
 }
 
 /// One pre-norm transformer block on x (batch, tokens, dim), its parameters packed
-/// in one vector as [`BlockShape::param_lens`] lists them, fused, with backward.
-pub fn block(x: &Tensor, params: &Tensor, shape: BlockShape) -> Result<Tensor> {
+/// in one vector as [`BlockShape::param_lens`] lists them, fused, with backward. The
+/// output is (batch, tokens, dim), or (batch, 1, dim) for [`BlockOutput::ClsOnly`].
+pub fn block(
+    x: &Tensor,
+    params: &Tensor,
+    shape: BlockShape,
+    output: BlockOutput,
+) -> Result<Tensor> {
     let keep = x.track_op() || params.track_op();
     x.contiguous()?.apply_op2(
         &params.contiguous()?,
         BlockOp {
             shape,
+            output,
             keep,
             kept: Kept::default(),
         },
