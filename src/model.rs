@@ -703,8 +703,9 @@ pub fn correct_predictions(logits: &Tensor, labels: &[u32]) -> Result<usize> {
     Ok(predicted.iter().zip(labels).filter(|(p, l)| p == l).count())
 }
 
-/// Multiply-adds x 2 of one image's forward pass (the matrix products only; the
-/// element-wise work is a few percent more).
+/// Multiply-adds x 2 of one image's forward pass as it runs (the matrix products
+/// only; the element-wise work is a few percent more). The last block computes keys
+/// and values for every token but the rest for CLS alone, and is counted so.
 pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
     let (t, d, m, h, hd) = (
         cfg.tokens() as f64,
@@ -714,11 +715,15 @@ pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
         cfg.head_dim() as f64,
     );
     let patch = 2.0 * cfg.patches() as f64 * cfg.patch_values() as f64 * d;
-    let per_block = 2.0 * t * d * 3.0 * d // qkv
-        + 2.0 * 2.0 * h * t * t * hd // QK^T and weights . V
-        + 2.0 * t * d * d // projection
-        + 2.0 * 2.0 * t * d * m; // MLP
-    patch + cfg.depth as f64 * per_block + 2.0 * d * NUM_CLASSES as f64
+    // A block whose outputs are computed for `queries` tokens.
+    let block = |queries: f64| {
+        2.0 * t * d * 3.0 * d // qkv, every token
+            + 2.0 * 2.0 * h * queries * t * hd // Q Kᵀ and weights · V
+            + 2.0 * queries * d * d // projection
+            + 2.0 * 2.0 * queries * d * m // MLP
+    };
+    let blocks = (cfg.depth - 1) as f64 * block(t) + block(1.0);
+    patch + blocks + 2.0 * d * NUM_CLASSES as f64
 }
 
 /// Normalised images as a (B, 3, 32, 32) tensor of `dtype`.
@@ -1224,6 +1229,21 @@ mod tests {
         assert!(
             second.contains("one backward pass per forward pass"),
             "{second}"
+        );
+    }
+
+    #[test]
+    fn forward_flops_count_the_products_as_they_run() {
+        // Default model: 65 tokens of 96, 3 heads of 32, MLP 192, 64 patches of 48.
+        let patch = 2 * 64 * 48 * 96;
+        let qkv = 2 * 65 * 96 * 288;
+        let full_block = qkv + 4 * 3 * 65 * 65 * 32 + 2 * 65 * 96 * 96 + 4 * 65 * 96 * 192;
+        let cls_block = qkv + 4 * 3 * 65 * 32 + 2 * 96 * 96 + 4 * 96 * 192;
+        let expected = patch + 5 * full_block + cls_block + 2 * 96 * 10;
+        assert_eq!(expected, 60_338_304);
+        assert_eq!(
+            forward_flops_per_image(&Config::default().model),
+            expected as f64
         );
     }
 
