@@ -1209,6 +1209,9 @@ mod tests {
             BlockOutput::AllTokens
         ))
         .contains("channels"));
+        let no_tokens = random_rows((2, 0, cfg.dim), 20);
+        let cls = BlockOutput::ClsOnly;
+        assert!(err(crate::ops::block(&no_tokens, &params, block.shape(), cls)).contains("token"));
         let f32_x = x.to_dtype(DType::F32).unwrap();
         assert!(err(crate::ops::block(
             &f32_x,

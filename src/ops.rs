@@ -922,8 +922,11 @@ impl AttentionShape {
             [b, t, c] => (*b, *t, *c),
             _ => bail!("{name}: expects (batch, tokens, 3 * dim), got {dims:?}"),
         };
-        if heads == 0 || packed % (3 * heads) != 0 {
+        if heads == 0 || packed % (3 * heads) != 0 || packed == 0 {
             bail!("{name}: {packed} values per token do not split into q, k, v for {heads} heads");
+        }
+        if tokens == 0 {
+            bail!("{name}: expects at least one token");
         }
         Ok(Self {
             batch,
@@ -1800,6 +1803,10 @@ pub(crate) mod tests {
         assert!(
             attention(&random(&[2, 3, 10], 1), 2, 1.0).is_err(),
             "10 values do not split into 3 x 2 heads"
+        );
+        assert!(
+            attention(&random(&[2, 0, 12], 1), 2, 1.0).is_err(),
+            "no tokens"
         );
     }
 

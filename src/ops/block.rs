@@ -354,9 +354,12 @@ fn check(
             s.param_count()
         );
     }
+    if tokens == 0 {
+        bail!("{name}: expects at least one token (CLS)");
+    }
     let queries = match output {
         BlockOutput::AllTokens => tokens,
-        BlockOutput::ClsOnly => tokens.min(1),
+        BlockOutput::ClsOnly => 1,
     };
     Ok(Sizes {
         batch,
