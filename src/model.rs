@@ -1046,24 +1046,29 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    #[test]
-    fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 11, DType::F64).unwrap();
-        let block = &state.model.blocks[1];
-        // 9 images: two whole tiles and one of a single image.
+    /// Runs `a` and `b` (two ways of computing the same thing from a block's input) on
+    /// 9 images (two whole tiles and one of a single image), and checks that their
+    /// outputs agree, that `a` detached (evaluation: no activations kept, one tile's
+    /// buffers reused) gives the same values, and that the gradients of x and of all 12
+    /// parameters agree.
+    fn assert_same_block_function(
+        block: &Block,
+        seed: u64,
+        a: impl Fn(&Tensor) -> Tensor,
+        b: impl Fn(&Tensor) -> Tensor,
+    ) {
         let images = 2 * crate::ops::TILE_IMAGES + 1;
-        let x = Var::from_tensor(&random_rows((images, 5, cfg.dim), 12)).unwrap();
-        let weights = random_rows((images, 5, cfg.dim), 13);
-        let fused = block.forward(x.as_tensor(), None).unwrap();
-        let layered = block.forward_ops(x.as_tensor(), None).unwrap();
-        let (a, b) = (values(&fused), values(&layered));
-        for (i, (f, l)) in a.iter().zip(&b).enumerate() {
-            assert!((f - l).abs() < 1e-12, "output {i}: {f} vs {l}");
+        let dim = block.shape().dim;
+        let x = Var::from_tensor(&random_rows((images, 5, dim), seed)).unwrap();
+        let (ya, yb) = (a(x.as_tensor()), b(x.as_tensor()));
+        assert_eq!(ya.dims(), yb.dims());
+        let (va, vb) = (values(&ya), values(&yb));
+        for (i, (u, v)) in va.iter().zip(&vb).enumerate() {
+            assert!((u - v).abs() < 1e-12, "output {i}: {u} vs {v}");
         }
-        // Evaluation keeps no activations and reuses one tile's buffers: same values.
-        let detached = block.forward(&x.as_tensor().detach(), None).unwrap();
-        assert_eq!(values(&detached), a);
+        assert_eq!(values(&a(&x.as_tensor().detach())), va);
+        let (n, t, _) = ya.dims3().unwrap();
+        let weights = random_rows((n, t, dim), seed + 1);
         let grads_of = |y: Tensor| {
             (y * &weights)
                 .unwrap()
@@ -1072,8 +1077,8 @@ mod tests {
                 .backward()
                 .unwrap()
         };
-        let (g_fused, g_layered) = (grads_of(fused), grads_of(layered));
-        let params = [
+        let (ga, gb) = (grads_of(ya), grads_of(yb));
+        let inputs = [
             ("x", x.as_tensor()),
             ("norm1.gamma", &block.norm1.gamma),
             ("norm1.beta", &block.norm1.beta),
@@ -1088,72 +1093,43 @@ mod tests {
             ("fc2.weight", &block.mlp.fc2.weight),
             ("fc2.bias", &block.mlp.fc2.bias),
         ];
-        for (name, t) in params {
-            let f = values(
-                g_fused
-                    .get(t)
-                    .unwrap_or_else(|| panic!("{name}: no gradient")),
-            );
-            let l = values(g_layered.get(t).unwrap());
-            assert_eq!(f.len(), t.elem_count(), "{name}");
-            for (i, (f, l)) in f.iter().zip(&l).enumerate() {
+        for (name, t) in inputs {
+            let gradient = |g: &candle_core::backprop::GradStore| {
+                values(g.get(t).unwrap_or_else(|| panic!("{name}: no gradient")))
+            };
+            let (u, v) = (gradient(&ga), gradient(&gb));
+            assert_eq!(u.len(), t.elem_count(), "{name}");
+            for (i, (u, v)) in u.iter().zip(&v).enumerate() {
                 assert!(
-                    (f - l).abs() < 1e-10 * (1.0 + l.abs()),
-                    "{name}[{i}]: {f} vs {l}"
+                    (u - v).abs() < 1e-10 * (1.0 + v.abs()),
+                    "{name}[{i}]: {u} vs {v}"
                 );
             }
         }
     }
 
     #[test]
-    fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 21, DType::F64).unwrap();
+    fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
+        let state = ModelState::new(&tiny_config(), 11, DType::F64).unwrap();
         let block = &state.model.blocks[1];
-        let images = 2 * crate::ops::TILE_IMAGES + 1;
-        let x = Var::from_tensor(&random_rows((images, 5, cfg.dim), 22)).unwrap();
-        let weights = random_rows((images, 1, cfg.dim), 23);
-        let cls = block
-            .forward_fused(x.as_tensor(), BlockOutput::ClsOnly)
-            .unwrap();
-        assert_eq!(cls.dims(), &[images, 1, cfg.dim]);
-        let all = block
-            .forward_fused(x.as_tensor(), BlockOutput::AllTokens)
-            .unwrap()
-            .narrow(1, 0, 1)
-            .unwrap();
-        let (a, b) = (values(&cls), values(&all));
-        for (i, (c, f)) in a.iter().zip(&b).enumerate() {
-            assert!((c - f).abs() < 1e-12, "CLS output {i}: {c} vs {f}");
-        }
-        let detached = block
-            .forward_fused(&x.as_tensor().detach(), BlockOutput::ClsOnly)
-            .unwrap();
-        assert_eq!(values(&detached), a);
-        let grads_of = |y: Tensor| {
-            (y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (g_cls, g_all) = (grads_of(cls), grads_of(all));
-        let mut checked = 0;
-        for t in [x.as_tensor(), &block.attn.qkv.weight, &block.norm1.gamma]
-            .into_iter()
-            .chain([&block.mlp.fc2.bias, &block.attn.proj.weight])
-        {
-            let (c, f) = (values(g_cls.get(t).unwrap()), values(g_all.get(t).unwrap()));
-            for (i, (c, f)) in c.iter().zip(&f).enumerate() {
-                assert!(
-                    (c - f).abs() < 1e-10 * (1.0 + f.abs()),
-                    "gradient {i}: {c} vs {f}"
-                );
-            }
-            checked += 1;
-        }
-        assert_eq!(checked, 5);
+        assert_same_block_function(
+            block,
+            12,
+            |x| block.forward(x, None).unwrap(),
+            |x| block.forward_ops(x, None).unwrap(),
+        );
+    }
+
+    #[test]
+    fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
+        let state = ModelState::new(&tiny_config(), 21, DType::F64).unwrap();
+        let block = &state.model.blocks[1];
+        let cls = |x: &Tensor| block.forward_fused(x, BlockOutput::ClsOnly).unwrap();
+        assert_eq!(cls(&random_rows((3, 5, 8), 1)).dims(), &[3, 1, 8]);
+        assert_same_block_function(block, 22, cls, |x| {
+            let all = block.forward_fused(x, BlockOutput::AllTokens).unwrap();
+            all.narrow(1, 0, 1).unwrap()
+        });
     }
 
     #[test]
