@@ -354,7 +354,7 @@ impl VisionTransformer {
         let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
             x = match capture.as_deref_mut() {
-                // The head reads only CLS: the last block computes nothing else.
+                // The head reads only CLS: the last block computes only what CLS needs.
                 None if i == last => block.forward_fused(&x, BlockOutput::ClsOnly)?,
                 capture => block.forward(&x, capture)?,
             };
