@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
-use crate::model::{forward_backward, forward_flops_per_image, ModelState, Workers};
+use crate::model::{
+    forward_backward, forward_flops_per_image, micro_batch_len, ModelState, Workers,
+};
 use crate::optim::AdamW;
 use crate::probe::ProbeSet;
 
@@ -71,11 +73,8 @@ fn ms_since(t: Instant) -> f64 {
 /// Returns (GFLOP/s, rows per product).
 fn matmul_gflops(config: &Config, workers: &Workers) -> candle_core::Result<(f64, usize)> {
     let m = &config.model;
-    let micro = match config.train.micro_batch_size {
-        0 => config.train.batch_size,
-        n => n.min(config.train.batch_size),
-    };
-    let rows = crate::ops::TILE_IMAGES.min(micro.max(1)) * m.tokens();
+    let micro = micro_batch_len(config.train.batch_size, config.train.micro_batch_size);
+    let rows = crate::ops::TILE_IMAGES.min(micro) * m.tokens();
     let shapes = [
         (m.dim, 3 * m.dim),
         (m.dim, m.dim),

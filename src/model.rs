@@ -522,13 +522,9 @@ impl Workers {
 
     /// As many lanes as a batch has micro-batches, up to the tensor threads.
     pub fn for_batches(batch_size: usize, micro_batch_size: usize) -> Self {
-        let micro = if micro_batch_size == 0 {
-            batch_size
-        } else {
-            micro_batch_size.min(batch_size)
-        };
+        let micro = micro_batch_len(batch_size, micro_batch_size);
         let threads = candle_core::utils::get_num_threads();
-        Self::new(threads, batch_size.div_ceil(micro.max(1)))
+        Self::new(threads, batch_size.div_ceil(micro))
     }
 
     pub fn lanes(&self) -> usize {
@@ -585,6 +581,16 @@ impl Workers {
                 false => Err(candle_core::Error::Msg("a work item was not run".into())),
             })
     }
+}
+
+/// Images per micro-batch for `train.micro_batch_size` = `micro` (0: the whole batch),
+/// at least 1.
+pub fn micro_batch_len(batch: usize, micro: usize) -> usize {
+    match micro {
+        0 => batch,
+        n => n.min(batch),
+    }
+    .max(1)
 }
 
 /// Micro-batches handed to the lanes at once, per lane.
@@ -658,7 +664,7 @@ pub fn forward_backward(
     workers: &Workers,
 ) -> Result<StepResult> {
     let batch = labels.len();
-    let micro = if micro == 0 { batch } else { micro.min(batch) }.max(1);
+    let micro = micro_batch_len(batch, micro);
     let ranges: Vec<std::ops::Range<usize>> = (0..batch)
         .step_by(micro)
         .map(|start| start..(start + micro).min(batch))
