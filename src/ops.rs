@@ -243,40 +243,75 @@ fn par_row_sums<T: Real>(
     total
 }
 
+/// What a kernel returns: its output, or its output or an error.
+trait KernelOutput<T> {
+    fn into_result(self) -> Result<Vec<T>>;
+}
+
+impl<T> KernelOutput<T> for Vec<T> {
+    fn into_result(self) -> Result<Vec<T>> {
+        Ok(self)
+    }
+}
+
+impl<T> KernelOutput<T> for Result<Vec<T>> {
+    fn into_result(self) -> Result<Vec<T>> {
+        self
+    }
+}
+
 /// Runs a kernel on one, two or three contiguous inputs of one float type, f32 or
-/// f64: `$f` is expanded once per type, so one closure serves both. Bails out of the
-/// calling function (naming the op) on other types, mixed types or strided inputs.
+/// f64: `$f` is expanded once per type, so one closure serves both; it returns a
+/// vector, or a `Result` of one ([`KernelOutput`]). Bails out of the calling function
+/// (naming the op) on other types, mixed types, strided inputs or the kernel's error.
 macro_rules! by_dtype {
+    (@run $f:expr, $($input:expr),+) => {
+        crate::ops::KernelOutput::into_result(($f)($($input),+))?
+    };
     ($name:expr, $f:expr, ($s1:expr, $l1:expr)) => {
         match $s1 {
-            CpuStorage::F32(a) => CpuStorage::F32(($f)(contiguous(a, $l1, $name)?)),
-            CpuStorage::F64(a) => CpuStorage::F64(($f)(contiguous(a, $l1, $name)?)),
+            CpuStorage::F32(a) => {
+                CpuStorage::F32(by_dtype!(@run $f, contiguous(a, $l1, $name)?))
+            }
+            CpuStorage::F64(a) => {
+                CpuStorage::F64(by_dtype!(@run $f, contiguous(a, $l1, $name)?))
+            }
             _ => bail!("{}: expects f32 or f64", $name),
         }
     };
     ($name:expr, $f:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr)) => {
         match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(($f)(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(($f)(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
-            }
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(by_dtype!(
+                @run $f,
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(by_dtype!(
+                @run $f,
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?
+            )),
             _ => bail!("{}: inputs must all be f32 or all f64", $name),
         }
     };
     ($name:expr, $f:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr)) => {
         match ($s1, $s2, $s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(($f)(
-                contiguous(a, $l1, $name)?,
-                contiguous(b, $l2, $name)?,
-                contiguous(c, $l3, $name)?,
-            )),
-            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(($f)(
-                contiguous(a, $l1, $name)?,
-                contiguous(b, $l2, $name)?,
-                contiguous(c, $l3, $name)?,
-            )),
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                CpuStorage::F32(by_dtype!(
+                    @run $f,
+                    contiguous(a, $l1, $name)?,
+                    contiguous(b, $l2, $name)?,
+                    contiguous(c, $l3, $name)?
+                ))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                CpuStorage::F64(by_dtype!(
+                    @run $f,
+                    contiguous(a, $l1, $name)?,
+                    contiguous(b, $l2, $name)?,
+                    contiguous(c, $l3, $name)?
+                ))
+            }
             _ => bail!("{}: inputs must all be f32 or all f64", $name),
         }
     };

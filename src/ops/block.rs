@@ -470,29 +470,14 @@ impl CustomOp3 for BlockGrad {
                 Err(_) => bail!("transformer-block-grad: activations of another type"),
             }
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(run(
-                kept,
-                (
-                    contiguous(x, l1, name)?,
-                    contiguous(p, l2, name)?,
-                    contiguous(g, l3, name)?,
-                ),
-                self.shape,
-                z,
-            )?),
-            (CpuStorage::F64(x), CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(run(
-                kept,
-                (
-                    contiguous(x, l1, name)?,
-                    contiguous(p, l2, name)?,
-                    contiguous(g, l3, name)?,
-                ),
-                self.shape,
-                z,
-            )?),
-            _ => bail!("{name}: inputs must all be f32 or all f64"),
-        };
+        let shape = self.shape;
+        let out = by_dtype!(
+            name,
+            |x, params, dy| run(kept, (x, params, dy), shape, z),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
         Ok((
             out,
             Shape::from(l1.shape().elem_count() + self.shape.param_count()),
