@@ -746,6 +746,7 @@ pub fn images_tensor(pixels: Vec<f32>, batch: usize, dtype: DType) -> Result<Ten
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::ops::tests::weighted_grads;
 
     pub fn tiny_config() -> ModelConfig {
         let mut cfg = Config::default().model;
@@ -1075,15 +1076,7 @@ mod tests {
         assert_eq!(values(&a(&x.as_tensor().detach())), va);
         let (n, t, _) = ya.dims3().unwrap();
         let weights = random_rows((n, t, dim), seed + 1);
-        let grads_of = |y: Tensor| {
-            (y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (ga, gb) = (grads_of(ya), grads_of(yb));
+        let (ga, gb) = (weighted_grads(ya, &weights), weighted_grads(yb, &weights));
         let inputs = [
             ("x", x.as_tensor()),
             ("norm1.gamma", &block.norm1.gamma),
@@ -1146,12 +1139,7 @@ mod tests {
         let x0 = random_rows((2, 3, cfg.dim), 15);
         let weights = random_rows((2, 3, cfg.dim), 16);
         let x = Var::from_tensor(&x0).unwrap();
-        let grads = (block.forward(x.as_tensor(), None).unwrap() * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_grads(block.forward(x.as_tensor(), None).unwrap(), &weights);
         let analytic = values(grads.get(x.as_tensor()).unwrap());
         let numeric = crate::ops::tests::numeric_gradient(
             &values(&x0),

@@ -1520,18 +1520,8 @@ pub(crate) mod tests {
         let fused = scaled_softmax(x.as_tensor(), scale).unwrap();
         let composed = softmax_last_dim(&x.as_tensor().affine(scale, 0.0).unwrap()).unwrap();
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_comp = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = weighted_grads(fused, &weights);
+        let g_comp = weighted_grads(composed, &weights);
         let (a, b) = (
             g_fused.get(x.as_tensor()).unwrap(),
             g_comp.get(x.as_tensor()).unwrap(),
@@ -1560,18 +1550,8 @@ pub(crate) mod tests {
         let composed =
             layer_norm_composed(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), eps).unwrap();
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_comp = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = weighted_grads(fused, &weights);
+        let g_comp = weighted_grads(composed, &weights);
         for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
             let (a, b) = (
                 g_fused.get(v.as_tensor()).unwrap(),
@@ -1600,12 +1580,7 @@ pub(crate) mod tests {
         let x =
             Var::from_tensor(&Tensor::from_vec(x0.clone(), (2, 5), &Device::Cpu).unwrap()).unwrap();
         let y = layer_norm(x.as_tensor(), &gamma, &beta, 1e-5).unwrap();
-        let grads = (y * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_grads(y, &weights);
         let analytic = values(grads.get(x.as_tensor()).unwrap());
         for i in 0..x0.len() {
             let h = 1e-6;
@@ -1619,6 +1594,16 @@ pub(crate) mod tests {
                 analytic[i]
             );
         }
+    }
+
+    /// The gradients of sum(weights * y).
+    pub(crate) fn weighted_grads(y: Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+        (y * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
     }
 
     /// d/dx of sum(weights * f(x)) by central differences, per element.
@@ -1657,18 +1642,8 @@ pub(crate) mod tests {
         let fused = gelu(x.as_tensor()).unwrap();
         let reference = x.as_tensor().gelu_erf().unwrap();
         assert_close(&values(&fused), &values(&reference), 1e-12, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = weighted_grads(fused, &weights);
+        let g_ref = weighted_grads(reference, &weights);
         let analytic = values(g_fused.get(x.as_tensor()).unwrap());
         // candle's own GELU gradient is computed differently: equal to ~1e-8.
         assert_close(
@@ -1680,12 +1655,7 @@ pub(crate) mod tests {
         let small = random(&[2, 5], 13);
         let w = random(&[2, 5], 14);
         let v = Var::from_tensor(&small).unwrap();
-        let grads = (gelu(v.as_tensor()).unwrap() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_grads(gelu(v.as_tensor()).unwrap(), &w);
         let numeric = numeric_gradient(&values(&small), &[2, 5], |t| gelu(t).unwrap(), &w);
         assert_close(
             &values(grads.get(v.as_tensor()).unwrap()),
@@ -1732,12 +1702,7 @@ pub(crate) mod tests {
         let x0 = random(&[2, 6], 18);
         let w = random(&[2, 6], 19);
         let v = Var::from_tensor(&x0).unwrap();
-        let grads = (scaled_softmax(v.as_tensor(), 0.7).unwrap() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_grads(scaled_softmax(v.as_tensor(), 0.7).unwrap(), &w);
         let numeric = numeric_gradient(
             &values(&x0),
             &[2, 6],
@@ -1787,18 +1752,8 @@ pub(crate) mod tests {
         let fused = attention(qkv.as_tensor(), 2, scale).unwrap();
         let composed = attention_composed(qkv.as_tensor(), 2, scale);
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_comp = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = weighted_grads(fused, &weights);
+        let g_comp = weighted_grads(composed, &weights);
         assert_close(
             &values(g_fused.get(qkv.as_tensor()).unwrap()),
             &values(g_comp.get(qkv.as_tensor()).unwrap()),
@@ -1809,12 +1764,7 @@ pub(crate) mod tests {
         let small = random(&[1, 3, 12], 23);
         let w = random(&[1, 3, 4], 24);
         let v = Var::from_tensor(&small).unwrap();
-        let grads = (attention(v.as_tensor(), 2, 0.7).unwrap() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_grads(attention(v.as_tensor(), 2, 0.7).unwrap(), &w);
         let numeric = numeric_gradient(
             &values(&small),
             &[1, 3, 12],
@@ -1858,18 +1808,8 @@ pub(crate) mod tests {
         };
         let composed = reference.forward_composed(x.as_tensor()).unwrap();
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_comp = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = weighted_grads(fused, &weights);
+        let g_comp = weighted_grads(composed, &weights);
         for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
             assert_close(
                 &values(g_fused.get(v.as_tensor()).unwrap()),
