@@ -220,27 +220,33 @@ macro_rules! kernel {
 /// Rows per block for reductions over rows: each block sums into its own partial.
 const BLOCK_ROWS: usize = 128;
 
-/// Sums `per_block(rows) -> partial of len` over blocks of rows in parallel, then the
-/// partials in order (deterministic for a given shape).
-fn par_row_sums<T: Real>(
+/// Adds into `total` what `per_block(rows, partial)` sums into a zeroed partial of
+/// `total.len()` values for each block of rows: the blocks run in parallel, their
+/// partials are summed in order (deterministic for a given shape), then added.
+fn add_row_sums<T: Real>(
     rows: usize,
-    len: usize,
+    total: &mut [T],
     per_block: impl Fn(Range<usize>, &mut [T]) + Sync,
-) -> Vec<T> {
-    let blocks = rows.div_ceil(BLOCK_ROWS);
-    let mut partials = vec![T::zero(); blocks * len];
+) {
+    let len = total.len();
+    let mut partials = vec![T::zero(); rows.div_ceil(BLOCK_ROWS) * len];
     par_rows(&mut partials, len, |block_range, out| {
         for (b, partial) in block_range.zip(out.chunks_exact_mut(len)) {
             per_block(b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(rows), partial);
         }
     });
-    let mut total = vec![T::zero(); len];
-    for partial in partials.chunks_exact(len) {
+    let mut sums = vec![T::zero(); len];
+    add_partials(&mut sums, &partials);
+    add_partials(total, &sums);
+}
+
+/// Adds each `total.len()`-long partial of `partials` into `total`, in order.
+fn add_partials<T: Real>(total: &mut [T], partials: &[T]) {
+    for partial in partials.chunks_exact(total.len()) {
         for (t, &p) in total.iter_mut().zip(partial) {
             *t += p;
         }
     }
-    total
 }
 
 /// What a kernel returns: its output, or its output or an error.
@@ -632,11 +638,7 @@ fn layer_norm_grads_into<T: Real>(
             let span = b * block..b * block + dst.len();
             layer_norm_grad_chunk(&x[span.clone()], &g[span], gamma, dst, partial, eps);
         });
-    for partial in partials.chunks_exact(2 * dim) {
-        for (t, &p) in params.iter_mut().zip(partial) {
-            *t += p;
-        }
-    }
+    add_partials(params, &partials);
 }
 
 kernel! {
@@ -1387,10 +1389,9 @@ fn linear_grads_into<T: Real>(
             (true, gemm_parallelism()),
         );
     }
-    let sums = par_row_sums(rows, out_dim, |range, partial| {
+    add_row_sums(rows, db, |range, partial| {
         add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
     });
-    db.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
 }
 
 impl CustomOp3 for Linear {
@@ -1690,11 +1691,16 @@ pub(crate) mod tests {
         let rows: Vec<f64> = (0..1000)
             .flat_map(|r| [f64::from(r), f64::from(r) + 1.0, f64::from(r) + 2.0])
             .collect();
-        let sums = par_row_sums(1000, 3, |range, partial| {
+        // Added into what is there.
+        let mut sums = vec![1.0, 2.0, 3.0];
+        add_row_sums(1000, &mut sums, |range, partial| {
             add_rows_chunk(&rows[range.start * 3..range.end * 3], partial);
         });
         let expected: f64 = (0..1000).map(f64::from).sum();
-        assert_eq!(sums, vec![expected, expected + 1000.0, expected + 2000.0]);
+        assert_eq!(
+            sums,
+            vec![expected + 1.0, expected + 1002.0, expected + 2003.0]
+        );
     }
 
     #[test]
