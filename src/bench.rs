@@ -152,12 +152,12 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
     let eval_batch = config.train.eval_batch_size;
     let model = state.model.detached();
     let images = Tensor::randn(0f32, 1.0, (eval_batch, 3, 32, 32), &Device::Cpu)?;
-    model.forward(&images)?; // warm-up
-                             // As the trainer evaluates: batches shared out over the lanes, one per core. At
-                             // least 2,000 images, so a short run still times evaluation over many batches.
-    let threads = candle_core::utils::get_num_threads();
-    let eval_workers = Workers::new(threads, threads);
-    let batches: Vec<usize> = (0..2000usize.div_ceil(eval_batch).max(2 * threads)).collect();
+    // A warm-up, then as the trainer evaluates: batches shared out over the lanes, one
+    // per core. At least 2,000 images, so a short run still times many batches.
+    model.forward(&images)?;
+    let eval_workers = Workers::per_thread();
+    let batches: Vec<usize> =
+        (0..2000usize.div_ceil(eval_batch).max(2 * eval_workers.lanes())).collect();
     let t = Instant::now();
     eval_workers.map(&batches, |_| {
         model.forward(&images)?.to_vec2::<f32>().map(drop)

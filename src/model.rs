@@ -520,6 +520,13 @@ impl Workers {
         Self { pools }
     }
 
+    /// One single-threaded lane per tensor thread: for work items that are many and
+    /// alike, such as evaluation batches.
+    pub fn per_thread() -> Self {
+        let threads = candle_core::utils::get_num_threads();
+        Self::new(threads, threads)
+    }
+
     /// As many lanes as a batch has micro-batches, up to the tensor threads.
     pub fn for_batches(batch_size: usize, micro_batch_size: usize) -> Self {
         let micro = micro_batch_len(batch_size, micro_batch_size);

@@ -294,13 +294,10 @@ impl Trainer {
         let mut probabilities = Vec::with_capacity(recorded * NUM_CLASSES);
         let all: Vec<usize> = (0..test.len()).collect();
         let chunks: Vec<&[usize]> = all.chunks(self.config.train.eval_batch_size).collect();
-        // Batches side by side, one per core (see `Workers`).
-        let threads = candle_core::utils::get_num_threads();
-        let workers = Workers::new(threads, threads);
+        // All batches shared out over one lane per core at once: each holds only its
+        // predictions, and the lanes never wait for each other until the last one.
         let (model, norm, smoothing) = (&model, &self.norm, self.config.train.label_smoothing);
-        // All batches at once: each holds only its predictions, and the lanes
-        // never wait for each other until the last one.
-        for part in workers.map(&chunks, |&chunk| {
+        for part in Workers::per_thread().map(&chunks, |&chunk| {
             eval_chunk(model, test, norm, chunk, recorded, smoothing)
         })? {
             loss_sum += part.loss_sum;
