@@ -1286,8 +1286,7 @@ struct Linear;
 
 fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let rows = x.len() / (w.len() / b.len().max(1)).max(1);
-    let mut y = Vec::with_capacity(rows * b.len());
-    (0..rows).for_each(|_| y.extend_from_slice(b));
+    let mut y = b.repeat(rows);
     linear_into(x, w, b, &mut y, Start::Bias);
     y
 }
