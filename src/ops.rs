@@ -32,6 +32,18 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [
     }
 }
 
+/// The gradients packed one after another in `packed` (1-D, as the backward ops
+/// return them), cut apart into tensors of `shapes`, in order.
+fn unpack<const N: usize>(packed: &Tensor, shapes: [&Shape; N]) -> [Result<Tensor>; N] {
+    let mut start = 0;
+    shapes.map(|shape| {
+        let len = shape.elem_count();
+        let piece = packed.narrow(0, start, len).and_then(|p| p.reshape(shape));
+        start += len;
+        piece
+    })
+}
+
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
     /// erf: vectorisable for f32 ([`crate::fastmath`], within 3e-7), exact for f64.
@@ -583,17 +595,13 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dim = gamma.elem_count();
-        let n = x.elem_count();
         let packed = x.apply_op3_no_bwd(
             &gamma.contiguous()?,
             &grad.contiguous()?,
             &LayerNormGrad { eps: self.eps },
         )?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, dim)?.reshape(gamma.shape())?;
-        let dbeta = packed.narrow(0, n + dim, dim)?.reshape(gamma.shape())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        let [dx, dgamma, dbeta] = unpack(&packed, [x.shape(), gamma.shape(), gamma.shape()]);
+        Ok((Some(dx?), Some(dgamma?), Some(dbeta?)))
     }
 }
 
@@ -1431,13 +1439,9 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (nx, nw, nb) = (x.elem_count(), w.elem_count(), b.elem_count());
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearGrad)?;
-        Ok((
-            Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?),
-            Some(packed.narrow(0, nx, nw)?.reshape(w.shape())?),
-            Some(packed.narrow(0, nx + nw, nb)?.reshape(b.shape())?),
-        ))
+        let [dx, dw, db] = unpack(&packed, [x.shape(), w.shape(), b.shape()]);
+        Ok((Some(dx?), Some(dw?), Some(db?)))
     }
 }
 

@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::{
     attention_backward_into, attention_forward_into, contiguous, fill_rows, gelu_grad_into,
-    gelu_into, layer_norm_grads_into, layer_norm_into, linear_grads_into, linear_into,
+    gelu_into, layer_norm_grads_into, layer_norm_into, linear_grads_into, linear_into, unpack,
     AttentionShape, Buffer, Real, Start,
 };
 
@@ -411,15 +411,8 @@ impl CustomOp2 for BlockOp {
             kept: self.kept.clone(),
         };
         let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &op)?;
-        let n = x.elem_count();
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(
-                packed
-                    .narrow(0, n, params.elem_count())?
-                    .reshape(params.shape())?,
-            ),
-        ))
+        let [dx, dparams] = unpack(&packed, [x.shape(), params.shape()]);
+        Ok((Some(dx?), Some(dparams?)))
     }
 }
 
