@@ -1,5 +1,6 @@
 //! Checkpoints: one safetensors file holding the weights (`model.<name>`), the AdamW
-//! moments (`optim.m.<name>`, `optim.v.<name>`) and, as JSON metadata, the step, seed
+//! moments (`optim.m.<name>`, `optim.v.<name>`), the weights' moving average if there
+//! is one (`ema.<name>`) and, as JSON metadata, the step, seed
 //! and timing state that make a resume continue exactly. Written atomically.
 
 use std::collections::HashMap;
@@ -8,6 +9,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::ema::Ema;
 use crate::model::ModelState;
 use crate::optim::AdamW;
 use crate::run::{write_atomic, RunError};
@@ -39,6 +41,7 @@ pub fn save(
     path: &Path,
     model: &ModelState,
     optimizer: &AdamW,
+    ema: Option<&Ema>,
     state: &TrainState,
 ) -> Result<(), RunError> {
     let mut tensors: Vec<(String, Tensor)> = model
@@ -52,6 +55,7 @@ pub fn save(
             .into_iter()
             .map(|(k, t)| (format!("optim.{k}"), t)),
     );
+    tensors.extend(ema.map(Ema::tensors).unwrap_or_default());
     let metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         (
@@ -65,11 +69,12 @@ pub fn save(
     write_atomic(path, &bytes)
 }
 
-/// Loads a checkpoint into `model` and `optimizer`, which must have the same shapes.
+/// Loads a checkpoint into `model`, `optimizer` and `ema`, which must have the same shapes.
 pub fn load(
     path: &Path,
     model: &ModelState,
     optimizer: &mut AdamW,
+    ema: Option<&Ema>,
 ) -> Result<TrainState, RunError> {
     let bytes =
         std::fs::read(path).map_err(|e| bad(path, format!("cannot read checkpoint: {e}")))?;
@@ -118,5 +123,8 @@ pub fn load(
     optimizer
         .load_state(optimizer_steps, |k| tensors.remove(&format!("optim.{k}")))
         .map_err(|e| bad(path, e))?;
+    if let Some(ema) = ema {
+        ema.load(|k| tensors.remove(k)).map_err(|e| bad(path, e))?;
+    }
     Ok(state)
 }

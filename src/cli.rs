@@ -85,9 +85,13 @@ pub struct TrainArgs {
     /// Continue the run in RUN_DIR from its last checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
-    /// Number of epochs (train.epochs).
+    /// Number of epochs (train.epochs); without --budget, it also turns the time budget off.
     #[arg(long, value_name = "N")]
     pub epochs: Option<usize>,
+    /// Wall-clock budget for training and evaluations, e.g. 60m or 1h30m (train.budget;
+    /// "" = none): the run measures its speed over the first steps and fits in it.
+    #[arg(long, value_name = "DURATION")]
+    pub budget: Option<String>,
     /// Stop after N steps in total (train.max_steps).
     #[arg(long, value_name = "N")]
     pub max_steps: Option<usize>,
@@ -137,6 +141,12 @@ impl TrainArgs {
         }
         if let Some(n) = self.epochs {
             sets.push(format!("train.epochs={n}"));
+            if self.budget.is_none() {
+                sets.push("train.budget=\"\"".into());
+            }
+        }
+        if let Some(b) = &self.budget {
+            sets.push(format!("train.budget={}", toml_string(b)));
         }
         if let Some(n) = self.max_steps {
             sets.push(format!("train.max_steps={n}"));
@@ -162,10 +172,11 @@ impl TrainArgs {
                 return Err("--config cannot be combined with --resume: the run keeps its own config.toml; change settings with --set".into());
             }
             let run = RunDir::open(path).map_err(|e| e.to_string())?;
-            let config = Config::load(Some(&run.file(crate::run::CONFIG_FILE)), &sets)
+            let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets)
                 .map_err(|e| e.to_string())?;
             crate::sys::set_threads(config.train.threads)?;
-            run.write_config(&config).map_err(|e| e.to_string())?;
+            // The trainer writes the config once the checkpoint has loaded into it: a
+            // refused resume leaves the run as it was.
             return Ok((config, run, true));
         }
         let config =
@@ -283,7 +294,7 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
         sets.push("ui.color=\"none\"".into());
     }
     let config =
-        Config::load(Some(&run.file(crate::run::CONFIG_FILE)), &sets).map_err(|e| e.to_string())?;
+        Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets).map_err(|e| e.to_string())?;
     if !std::io::stdout().is_terminal() {
         let mut follower = crate::follow::Follower::new(run);
         let mut events = follower.start().map_err(|e| e.to_string())?;

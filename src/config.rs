@@ -11,6 +11,20 @@ use serde::{Deserialize, Serialize};
 /// The defaults, exactly as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// What runs written before these keys existed did: applied to a run's config.toml
+/// where the key is missing ([`Config::load_run`]).
+pub const RUN_LEGACY_TOML: &str = r#"
+[model]
+init = "trunc_normal"
+[train]
+budget = ""
+schedule_steps = 0
+ema_decay = 0.0
+[data]
+trivial_augment = false
+random_erasing = 0.0
+"#;
+
 /// Side of the (square, RGB) input images: CIFAR-10's size.
 pub const IMAGE_SIZE: usize = 32;
 /// Colour channels of the input images.
@@ -65,10 +79,13 @@ pub struct ModelConfig {
     pub heads: usize,
     pub mlp_dim: usize,
     pub layer_norm_eps: f64,
+    pub init: String,
     pub init_std: f64,
 }
 
 impl ModelConfig {
+    pub const INITS: [&'static str; 2] = ["trunc_normal", "pytorch"];
+
     /// Patches per image side.
     pub fn grid(&self) -> usize {
         IMAGE_SIZE / self.patch_size
@@ -99,6 +116,8 @@ impl ModelConfig {
 pub struct TrainConfig {
     pub epochs: usize,
     pub max_steps: usize,
+    pub budget: String,
+    pub schedule_steps: usize,
     pub batch_size: usize,
     pub micro_batch_size: usize,
     pub lr: f64,
@@ -109,10 +128,46 @@ pub struct TrainConfig {
     pub beta2: f64,
     pub adam_eps: f64,
     pub label_smoothing: f64,
+    pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every_steps: usize,
     pub eval_batch_size: usize,
     pub threads: usize,
+}
+
+impl TrainConfig {
+    /// The time budget in seconds (None when `budget` is empty).
+    pub fn budget_secs(&self) -> Result<Option<f64>, String> {
+        let text = self.budget.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match humantime::parse_duration(text) {
+            Ok(d) if d.as_secs_f64() >= 1.0 && d.as_secs() <= 366 * 86_400 => {
+                Ok(Some(d.as_secs_f64()))
+            }
+            Ok(_) => Err("must be between 1s and a year".into()),
+            Err(e) => Err(format!("expected a duration such as 60m or 1h30m ({e})")),
+        }
+    }
+
+    /// The optimizer step the run ends at: all epochs, or `max_steps` if that is sooner.
+    pub fn final_step(&self, steps_per_epoch: u64) -> u64 {
+        let all = (self.epochs as u64).saturating_mul(steps_per_epoch);
+        match self.max_steps {
+            0 => all,
+            m => all.min(m as u64),
+        }
+    }
+
+    /// The learning-rate schedule's horizon: `schedule_steps` when set (a budgeted run
+    /// fixes it), else all epochs.
+    pub fn schedule_steps(&self, steps_per_epoch: u64) -> u64 {
+        match self.schedule_steps {
+            0 => (self.epochs as u64).saturating_mul(steps_per_epoch),
+            s => s as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -144,6 +199,8 @@ pub struct DataConfig {
     pub download_md5: String,
     pub augment: bool,
     pub crop_padding: usize,
+    pub trivial_augment: bool,
+    pub random_erasing: f64,
     pub synthetic_train_size: usize,
     pub synthetic_test_size: usize,
 }
@@ -203,6 +260,34 @@ impl Config {
         Self::from_sources(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), sets)
     }
 
+    /// A run directory's `config.toml`, overlaid by `sets`. Keys the file lacks because
+    /// it was written before they existed take the value that reproduces that run
+    /// ([`RUN_LEGACY_TOML`]), not today's default, so an old run resumes as it trained.
+    pub fn load_run(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut file = parse_table(&name, &text)?;
+        let legacy = parse_table("RUN_LEGACY_TOML", RUN_LEGACY_TOML)?;
+        for (section, keys) in &legacy {
+            let (Some(keys), Some(toml::Value::Table(have))) =
+                (keys.as_table(), file.get_mut(section.as_str()))
+            else {
+                continue;
+            };
+            for (key, value) in keys {
+                have.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+        let merged = toml::to_string(&file).map_err(|e| ConfigError::Read {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_sources(Some((&name, &merged)), sets)
+    }
+
     /// Like [`Config::load`] with the file's text given directly as (name, text).
     pub fn from_sources(file: Option<(&str, &str)>, sets: &[String]) -> Result<Self, ConfigError> {
         let mut table = parse_table("config/default.toml", DEFAULT_TOML)?;
@@ -260,6 +345,12 @@ impl Config {
         )?;
         positive("model.layer_norm_eps", m.layer_norm_eps)?;
         non_negative("model.init_std", m.init_std)?;
+        check(
+            ModelConfig::INITS.contains(&m.init.as_str()),
+            "model.init",
+            format!("{:?}", m.init),
+            &format!("expected one of {}", ModelConfig::INITS.join(", ")),
+        )?;
 
         let t = &self.train;
         check(t.epochs > 0, "train.epochs", t.epochs, "must be at least 1")?;
@@ -269,6 +360,13 @@ impl Config {
             t.batch_size,
             "must be at least 1",
         )?;
+        if let Err(reason) = t.budget_secs() {
+            return Err(ConfigError::Invalid {
+                key: "train.budget".into(),
+                value: format!("{:?}", t.budget),
+                reason,
+            });
+        }
         positive("train.lr", t.lr)?;
         non_negative("train.min_lr", t.min_lr)?;
         check(
@@ -289,6 +387,12 @@ impl Config {
             "must be in [0, 1)",
         )?;
         check(
+            (0.0..1.0).contains(&t.ema_decay),
+            "train.ema_decay",
+            t.ema_decay,
+            "must be in [0, 1) (0 = off)",
+        )?;
+        check(
             t.eval_batch_size > 0,
             "train.eval_batch_size",
             t.eval_batch_size,
@@ -296,6 +400,12 @@ impl Config {
         )?;
 
         let d = &self.data;
+        check(
+            (0.0..=1.0).contains(&d.random_erasing),
+            "data.random_erasing",
+            d.random_erasing,
+            "must be a probability in [0, 1]",
+        )?;
         check(
             d.crop_padding <= IMAGE_SIZE / 2,
             "data.crop_padding",
@@ -554,6 +664,57 @@ mod tests {
         assert!((c.train.lr - 1e-3).abs() < 1e-12);
         assert!((c.train.label_smoothing - 0.1).abs() < 1e-12);
         assert!((c.train.weight_decay - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_quick_demo_and_budgets_parse() {
+        let quick = Config::load(Some(Path::new("config/quick.toml")), &[]).unwrap();
+        assert_eq!(quick.train.budget_secs(), Ok(Some(600.0)));
+        assert_eq!(Config::default().train.budget_secs(), Ok(Some(3600.0)));
+        let c = Config::from_sources(None, &sets(&["train.budget=\"1h30m\""])).unwrap();
+        assert_eq!(c.train.budget_secs(), Ok(Some(5400.0)));
+        let c = Config::from_sources(None, &sets(&["train.budget=\"\""])).unwrap();
+        assert_eq!(c.train.budget_secs(), Ok(None));
+        for bad in ["soon", "0s", "-5m", "9999999h"] {
+            let err = Config::from_sources(None, &sets(&[&format!("train.budget=\"{bad}\"")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("`train.budget` = "), "{bad}: {err}");
+        }
+        let err = Config::from_sources(None, &sets(&["model.init=xavier"])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected one of trunc_normal, pytorch"),
+            "{err}"
+        );
+        let err = Config::from_sources(None, &sets(&["data.random_erasing=1.5"])).unwrap_err();
+        assert!(err.to_string().contains("data.random_erasing"), "{err}");
+    }
+
+    #[test]
+    fn a_run_written_before_new_keys_keeps_their_old_behaviour() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        // Today's defaults without the keys added since (as an older run wrote them).
+        let mut old: toml::Table = Config::default().to_toml().parse().unwrap();
+        for (section, key) in [
+            ("model", "init"),
+            ("train", "budget"),
+            ("train", "schedule_steps"),
+            ("train", "ema_decay"),
+            ("data", "trivial_augment"),
+            ("data", "random_erasing"),
+        ] {
+            old[section].as_table_mut().unwrap().remove(key);
+        }
+        std::fs::write(&path, toml::to_string(&old).unwrap()).unwrap();
+        let c = Config::load_run(&path, &[]).unwrap();
+        assert_eq!(c.model.init, "trunc_normal");
+        assert_eq!(c.train.budget_secs(), Ok(None));
+        assert!(!c.data.trivial_augment);
+        // A key the run has is kept, and --set still wins.
+        let c = Config::load_run(&path, &sets(&["model.init=pytorch"])).unwrap();
+        assert_eq!(c.model.init, "pytorch");
     }
 
     #[test]

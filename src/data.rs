@@ -1,6 +1,7 @@
 //! Data sets held as bytes (u8, 3 x 32 x 32, channel-major), turned into normalised
 //! f32 batches one batch at a time, with seeded augmentation.
 
+pub mod augment;
 pub mod batch;
 pub mod cifar;
 pub mod download;

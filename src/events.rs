@@ -101,14 +101,19 @@ pub struct RunInfo {
     pub test_images: usize,
     pub steps_per_epoch: u64,
     pub epochs: u64,
-    /// The step the run stops at (epochs x steps per epoch, or train.max_steps).
+    /// The step the run stops at (epochs x steps per epoch, or train.max_steps);
+    /// a budgeted run moves it once it has measured its speed ([`Event::Sized`]).
     pub final_step: u64,
+    /// `train.budget` in seconds, if the run has one.
+    pub budget_secs: Option<f64>,
     /// Steps already done when this process started (non-zero after a resume).
     pub start_step: u64,
     /// Training time already spent before this process started, in seconds.
     pub start_wall_secs: f64,
     pub parameters: usize,
     pub device: String,
+    /// The weights evaluations, probes and predictions use ("raw weights", "EMA weights (0.999)").
+    pub weights: String,
     /// The first test images, raw (images x 3 x 32 x 32 bytes), and their labels: the
     /// probe images are the first of them; the Predictions tab pages through them all.
     pub test_pixels: Vec<u8>,
@@ -130,6 +135,8 @@ pub enum Event {
         path: PathBuf,
     },
     Log(String),
+    /// A budgeted run measured its speed and fixed its length.
+    Sized(crate::budget::Sizing),
     /// The run ended normally; `reason` says why (all epochs done, max steps, stopped).
     Finished {
         step: u64,

@@ -44,19 +44,10 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
             format!("synthetic shapes, seed {}", config.train.seed),
         ),
     };
-    let plan = BatchPlan {
-        seed: config.train.seed,
-        batch_size: config.train.batch_size,
-        train_len: train_images,
-        augment: false,
-        crop_padding: 0,
-    };
+    let plan = BatchPlan::from_config(config, train_images);
     let steps_per_epoch = plan.steps_per_epoch().max(1);
     let epochs = config.train.epochs as u64;
-    let mut final_step = epochs * steps_per_epoch;
-    if config.train.max_steps > 0 {
-        final_step = final_step.min(config.train.max_steps as u64);
-    }
+    let final_step = config.train.final_step(steps_per_epoch);
     RunInfo {
         run_dir: run.path().to_path_buf(),
         dataset: config.data.dataset.name().to_string(),
@@ -67,6 +58,8 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
         steps_per_epoch,
         epochs,
         final_step,
+        budget_secs: config.train.budget_secs().ok().flatten(),
+        weights: crate::train::weights_label(config.train.ema_decay),
         start_step,
         start_wall_secs: 0.0,
         parameters: 0,

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::data::LoadProgress;
-use crate::events::{Event, RunInfo, TrainRecord};
+use crate::events::{EvalRecord, Event, RunInfo, TrainRecord};
+use crate::milestones::{self, clock};
 
 pub struct HeadlessPrinter<W: Write> {
     out: W,
@@ -19,18 +20,8 @@ pub struct HeadlessPrinter<W: Write> {
     window_secs: f64,
     last_download_decile: Option<u64>,
     progress_line_open: bool,
-}
-
-fn human_duration(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "?".into();
-    }
-    let s = secs.round() as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
+    /// This process's evaluations, for the time-to-accuracy lines.
+    evals: Vec<EvalRecord>,
 }
 
 impl<W: Write> HeadlessPrinter<W> {
@@ -45,6 +36,7 @@ impl<W: Write> HeadlessPrinter<W> {
             window_secs: 0.0,
             last_download_decile: None,
             progress_line_open: false,
+            evals: Vec::new(),
         }
     }
 
@@ -89,7 +81,7 @@ impl<W: Write> HeadlessPrinter<W> {
             r.accuracy * 100.0,
             r.lr,
             rate,
-            human_duration(eta)
+            clock(eta)
         )
     }
 
@@ -122,7 +114,9 @@ impl<W: Write> HeadlessPrinter<W> {
 
     pub fn handle(&mut self, event: &Event) {
         match event {
-            Event::Loading(LoadProgress::Downloading { done, total }) => self.download(*done, *total),
+            Event::Loading(LoadProgress::Downloading { done, total }) => {
+                self.download(*done, *total)
+            }
             Event::Loading(LoadProgress::Unpacking) => self.line("unpacking CIFAR-10 ..."),
             Event::Loading(LoadProgress::Reading { file }) => self.line(&format!("reading {file}")),
             Event::Loading(LoadProgress::Message(m)) | Event::Log(m) => self.line(m),
@@ -151,22 +145,68 @@ impl<W: Write> HeadlessPrinter<W> {
                     self.window_secs = 0.0;
                 }
             }
-            Event::Eval(e) => self.line(&format!(
-                "eval  epoch {} (step {}): loss {:.4}  accuracy {:.2}%  best {:.2}% (epoch {})  {:.0} img/s",
-                e.epoch,
-                e.step,
-                e.loss,
-                e.accuracy * 100.0,
-                e.best_accuracy * 100.0,
-                e.best_epoch,
-                e.images_per_sec
-            )),
+            Event::Eval(e) => {
+                let weights = match self.info.as_ref() {
+                    Some(i) if i.weights != "raw weights" => format!("  ({})", i.weights),
+                    _ => String::new(),
+                };
+                self.line(&format!(
+                    "eval  epoch {} (step {}): loss {:.4}  accuracy {:.2}%  best {:.2}% (epoch {})  {:.0} img/s  at {}{weights}",
+                    e.epoch,
+                    e.step,
+                    e.loss,
+                    e.accuracy * 100.0,
+                    e.best_accuracy * 100.0,
+                    e.best_epoch,
+                    e.images_per_sec,
+                    clock(e.wall_secs)
+                ));
+                let before = milestones::reached(&self.evals).len();
+                self.evals.push(e.clone());
+                let levels: Vec<String> = milestones::reached(&self.evals)
+                    .into_iter()
+                    .skip(before)
+                    .filter(|m| m.level >= 30)
+                    .map(|m| format!("{}%", m.level))
+                    .collect();
+                if !levels.is_empty() {
+                    self.line(&format!(
+                        "reached {} test accuracy at {} (epoch {}, step {})",
+                        levels.join(", "),
+                        clock(e.wall_secs),
+                        e.epoch,
+                        e.step
+                    ));
+                }
+            }
+            Event::Sized(s) => {
+                if let Some(info) = self.info.as_mut() {
+                    info.final_step = s.final_step;
+                    info.epochs = s.epochs;
+                }
+            }
             Event::Checkpoint { step, path } => {
                 self.line(&format!("checkpoint at step {step}: {}", path.display()));
             }
             Event::Finished { step, reason } => {
-                let dir = self.info.as_ref().map(|i| i.run_dir.display().to_string()).unwrap_or_default();
-                self.line(&format!("finished at step {step} ({reason}); run directory: {dir}"));
+                let dir = self
+                    .info
+                    .as_ref()
+                    .map(|i| i.run_dir.display().to_string())
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "finished at step {step} ({reason}); run directory: {dir}"
+                ));
+                if let Some(best) = milestones::best(&self.evals) {
+                    self.line(&format!(
+                        "best test accuracy {:.2}% at {} (epoch {}, step {}); time to accuracy: {}",
+                        best.accuracy * 100.0,
+                        clock(best.wall_secs),
+                        best.epoch,
+                        best.step,
+                        milestones::summary(&self.evals)
+                    ));
+                }
             }
             // Errors go to stderr, from the caller that joins the trainer.
             Event::Failed(_) => {}
@@ -203,10 +243,12 @@ mod tests {
             steps_per_epoch: 10,
             epochs: 2,
             final_step: 20,
+            budget_secs: None,
             start_step: 0,
             start_wall_secs: 0.0,
             parameters: 1234,
             device: "cpu".into(),
+            weights: "raw weights".into(),
             test_pixels: vec![],
             test_labels: vec![],
         }
@@ -258,10 +300,36 @@ mod tests {
     }
 
     #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_duration(42.4), "42s");
-        assert_eq!(human_duration(125.0), "2m05s");
-        assert_eq!(human_duration(7300.0), "2h01m");
-        assert_eq!(human_duration(f64::NAN), "?");
+    fn evaluations_print_levels_reached_and_the_end_gives_the_best() {
+        let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
+        p.handle(&Event::Started(info()));
+        for (epoch, accuracy, secs) in [(1, 0.25, 100.0), (2, 0.41, 200.0), (3, 0.38, 300.0)] {
+            p.handle(&Event::Eval(EvalRecord {
+                step: epoch * 10,
+                epoch,
+                loss: 1.0,
+                accuracy,
+                per_class_accuracy: vec![],
+                confusion: vec![],
+                images_per_sec: 100.0,
+                wall_secs: secs,
+                best_accuracy: accuracy,
+                best_epoch: epoch,
+            }));
+        }
+        p.handle(&Event::Finished {
+            step: 30,
+            reason: "done".into(),
+        });
+        let text = String::from_utf8(p.into_inner()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[3], "reached 30%, 40% test accuracy at 3m20s (epoch 2, step 20)",
+            "{text}"
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some("best test accuracy 41.00% at 3m20s (epoch 2, step 20); time to accuracy: 30% 3m20s · 40% 3m20s")
+        );
     }
 }

@@ -9,15 +9,18 @@
 
 pub mod attention;
 pub mod bench;
+pub mod budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod ema;
 pub mod events;
 pub mod fastmath;
 pub mod features;
 pub mod follow;
 pub mod headless;
+pub mod milestones;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -144,7 +144,7 @@ impl RunDir {
     }
 
     pub fn read_config(&self) -> Result<Config, RunError> {
-        Ok(Config::load(Some(&self.file(CONFIG_FILE)), &[])?)
+        Ok(Config::load_run(&self.file(CONFIG_FILE), &[])?)
     }
 
     /// Opens a file for appending whole lines.

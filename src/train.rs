@@ -10,10 +10,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Var};
 
+use crate::budget;
 use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
 use crate::data::batch::{images_f32, BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
+use crate::ema::Ema;
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::model::{
     forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, ModelState,
@@ -69,16 +71,22 @@ pub fn train(
     sink: &mut dyn Sink,
     control: &Receiver<Control>,
 ) -> Result<Outcome, TrainError> {
-    let result = Trainer::prepare(config, run, resume, sink).and_then(|mut t| t.run(sink, control));
+    // A run refused while preparing (bad data, a checkpoint that does not fit) is left
+    // exactly as it was; errors once training has begun are logged in the run too.
+    let result = match Trainer::prepare(config, run, resume, sink) {
+        Ok(mut trainer) => trainer.run(sink, control).inspect_err(|e| {
+            if let Ok(mut log) = run.appender(LOG_FILE) {
+                let _ = log.append(&format!("{} error: {e}", timestamp()));
+            }
+        }),
+        Err(e) => Err(e),
+    };
     match &result {
         Ok(outcome) => sink.send(Event::Finished {
             step: outcome.step,
             reason: outcome.reason.clone(),
         }),
         Err(e) => {
-            if let Ok(mut log) = run.appender(LOG_FILE) {
-                let _ = log.append(&format!("{} error: {e}", timestamp()));
-            }
             sink.send(Event::Phase(Phase::Failed));
             sink.send(Event::Failed(e.to_string()));
         }
@@ -128,6 +136,15 @@ fn eval_chunk(
     })
 }
 
+/// Which weights evaluations, probes and predictions show, in words.
+pub fn weights_label(ema_decay: f64) -> String {
+    if ema_decay > 0.0 {
+        format!("EMA weights ({ema_decay})")
+    } else {
+        "raw weights".into()
+    }
+}
+
 struct Trainer {
     config: Config,
     run: RunDir,
@@ -138,6 +155,8 @@ struct Trainer {
     state: ModelState,
     vars: Vec<Var>,
     optimizer: AdamW,
+    /// The weights' moving average, when `train.ema_decay` > 0.
+    ema: Option<Ema>,
     progress: TrainState,
     info: RunInfo,
     metrics: LineAppender,
@@ -163,16 +182,14 @@ impl Trainer {
             )));
         }
         let norm = Normalizer::from_split(&data.train);
-        let plan = BatchPlan {
-            seed: config.train.seed,
-            batch_size: config.train.batch_size,
-            train_len,
-            augment: config.data.augment,
-            crop_padding: config.data.crop_padding,
-        };
+        let plan = BatchPlan::from_config(config, train_len);
         let probes = ProbeSet::new(&data.test, config.probe.images, &norm);
         let state = ModelState::new(&config.model, config.train.seed, DType::F32)?;
         let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+        let ema = match config.train.ema_decay {
+            d if d > 0.0 => Some(Ema::new(&config.model, d, &state)?),
+            _ => None,
+        };
         let mut progress = TrainState {
             step: 0,
             seed: config.train.seed,
@@ -183,7 +200,7 @@ impl Trainer {
         let checkpoint_path = run.checkpoint_path();
         let mut last_checkpoint = None;
         if resume && checkpoint_path.exists() {
-            progress = checkpoint::load(&checkpoint_path, &state, &mut optimizer)?;
+            progress = checkpoint::load(&checkpoint_path, &state, &mut optimizer, ema.as_ref())?;
             last_checkpoint = Some(progress.step);
             let msg = format!(
                 "resumed from {} at step {}",
@@ -194,6 +211,10 @@ impl Trainer {
             sink.send(Event::Log(msg));
         } else if resume {
             sink.send(Event::Log("no checkpoint yet: starting from step 0".into()));
+        }
+        if resume {
+            // Only now that the checkpoint fits the model: `--set` changes become the run's.
+            run.write_config(config)?;
         }
         // Lines and probes past the checkpoint belong to work that is about to be redone.
         run.truncate_after(progress.step)?;
@@ -211,10 +232,11 @@ impl Trainer {
 
         let steps_per_epoch = plan.steps_per_epoch();
         let epochs = config.train.epochs as u64;
-        let mut final_step = epochs * steps_per_epoch;
-        if config.train.max_steps > 0 {
-            final_step = final_step.min(config.train.max_steps as u64);
-        }
+        let final_step = config.train.final_step(steps_per_epoch);
+        let budget_secs = config
+            .train
+            .budget_secs()
+            .map_err(|e| TrainError::Invalid(format!("`train.budget`: {e}")))?;
         let info = RunInfo {
             run_dir: run.path().to_path_buf(),
             dataset: config.data.dataset.name().to_string(),
@@ -225,10 +247,12 @@ impl Trainer {
             steps_per_epoch,
             epochs,
             final_step,
+            budget_secs,
             start_step: progress.step,
             start_wall_secs: progress.wall_secs,
             parameters: state.parameter_count(),
             device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+            weights: weights_label(config.train.ema_decay),
             test_pixels,
             test_labels,
         };
@@ -244,10 +268,75 @@ impl Trainer {
             vars: state.named_vars().into_iter().map(|(_, v)| v).collect(),
             state,
             optimizer,
+            ema,
             progress,
             info,
             last_checkpoint,
         })
+    }
+
+    /// A budgeted run not yet sized (a resumed one already sized keeps its plan).
+    fn needs_sizing(&self) -> bool {
+        self.info.budget_secs.is_some() && self.config.train.schedule_steps == 0
+    }
+
+    /// Fixes the step count from the measured speed: checkpoint first, then the config,
+    /// so that a run killed in between resumes from a state that agrees with its config.
+    fn apply_budget(&mut self, sink: &mut dyn Sink, secs_per_step: f64) -> Result<(), TrainError> {
+        let Some(budget) = self.info.budget_secs else {
+            return Ok(());
+        };
+        let eval_secs = self.time_evaluation()?;
+        let sizing = budget::size(
+            budget,
+            self.progress.step,
+            self.progress.wall_secs,
+            secs_per_step,
+            eval_secs,
+            self.info.steps_per_epoch,
+        );
+        let t = &mut self.config.train;
+        // The schedule spans the budget; a max_steps the user set still stops it sooner.
+        t.schedule_steps = sizing.final_step.max(1) as usize;
+        t.epochs = sizing.epochs.max(1) as usize;
+        if t.max_steps == 0 || t.max_steps as u64 > sizing.final_step {
+            t.max_steps = sizing.final_step as usize;
+        }
+        self.info.final_step = t.final_step(self.info.steps_per_epoch);
+        self.info.epochs = sizing.epochs.max(1);
+        self.save_checkpoint(sink)?;
+        self.run.write_config(&self.config)?;
+        self.message(
+            sink,
+            format!(
+                "budget {}: {:.3} s a step, {:.1} s an evaluation: {} steps ({} epochs), planned {}",
+                humantime::format_duration(std::time::Duration::from_secs(budget as u64)),
+                secs_per_step,
+                eval_secs,
+                sizing.final_step,
+                sizing.epochs,
+                crate::milestones::clock(sizing.planned_secs),
+            ),
+        )?;
+        sink.send(Event::Sized(sizing));
+        Ok(())
+    }
+
+    /// Seconds one evaluation of the whole test set takes, timed on its first images.
+    fn time_evaluation(&self) -> Result<f64, TrainError> {
+        let test = &self.data.test;
+        let sample: Vec<usize> = (0..test.len().min(1000)).collect();
+        if sample.is_empty() {
+            return Ok(0.0);
+        }
+        let model = self.shown_model();
+        let chunks: Vec<&[usize]> = sample.chunks(self.config.train.eval_batch_size).collect();
+        let (model, norm) = (&model, &self.norm);
+        let start = Instant::now();
+        Workers::per_thread().map(&chunks, |&chunk| {
+            eval_chunk(model, test, norm, chunk, 0, 0.0)
+        })?;
+        Ok(start.elapsed().as_secs_f64() * test.len() as f64 / sample.len() as f64)
     }
 
     fn epoch_of(&self, completed_steps: u64) -> u64 {
@@ -263,7 +352,13 @@ impl Trainer {
 
     fn save_checkpoint(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
         let path = self.run.checkpoint_path();
-        checkpoint::save(&path, &self.state, &self.optimizer, &self.progress)?;
+        checkpoint::save(
+            &path,
+            &self.state,
+            &self.optimizer,
+            self.ema.as_ref(),
+            &self.progress,
+        )?;
         self.last_checkpoint = Some(self.progress.step);
         sink.send(Event::Checkpoint {
             step: self.progress.step,
@@ -272,8 +367,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// The weights evaluations, probes and predictions use: the average when there is one.
+    fn shown_model(&self) -> VisionTransformer {
+        self.ema
+            .as_ref()
+            .map_or(&self.state, |e| &e.state)
+            .model
+            .detached()
+    }
+
     fn probe(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
-        let model = self.state.model.detached();
+        let model = self.shown_model();
         let step = self.progress.step;
         let snapshot =
             self.probes
@@ -286,7 +390,7 @@ impl Trainer {
     fn evaluate(&mut self, sink: &mut dyn Sink) -> Result<EvalRecord, TrainError> {
         sink.send(Event::Phase(Phase::Evaluating));
         let start = Instant::now();
-        let model: VisionTransformer = self.state.model.detached();
+        let model = self.shown_model();
         let test = &self.data.test;
         let mut confusion = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
         let mut loss_sum = 0.0;
@@ -407,32 +511,47 @@ impl Trainer {
         control: &Receiver<Control>,
     ) -> Result<Outcome, TrainError> {
         sink.send(Event::Started(self.info.clone()));
-        let (start, end) = (self.progress.step, self.info.final_step);
+        let start = self.progress.step;
         self.message(
             sink,
             format!(
-                "{} on {} ({} train / {} test images), {} parameters, steps {start}..{end}",
+                "{} on {} ({} train / {} test images), {} parameters, steps {start}..{}{}",
                 self.info.run_dir.display(),
                 self.info.data_source,
                 self.info.train_images,
                 self.info.test_images,
-                self.info.parameters
+                self.info.parameters,
+                self.info.final_step,
+                match self.info.budget_secs {
+                    Some(_) if self.needs_sizing() => " until the budget is measured",
+                    _ => "",
+                }
             ),
         )?;
         sink.send(Event::Phase(Phase::Training));
         if start == 0 {
             self.probe(sink)?;
         }
+        // Open-ended: a budget may move the end; dropping the receiver stops the thread.
         let batches = self
             .plan
-            .prefetch(Arc::clone(&self.data), self.norm, start, end);
+            .prefetch(Arc::clone(&self.data), self.norm, start, u64::MAX);
         let cfg = self.config.train.clone();
         let workers = Workers::for_batches(cfg.batch_size, cfg.micro_batch_size);
         let spe = self.info.steps_per_epoch;
-        let total_schedule = self.info.epochs * spe;
         let mut last_eval = None;
         let mut stopped = false;
-        while self.progress.step < end {
+        // A budgeted run measures steps start+SETTLE.. start+SETTLE+MEASURE, then sizes itself.
+        let mut measured_secs = 0.0;
+        let (measure_from, measure_to) = (
+            start + budget::SETTLE_STEPS,
+            start + budget::SETTLE_STEPS + budget::MEASURE_STEPS,
+        );
+        if self.needs_sizing() && self.config.train.max_steps == 0 {
+            // Until measured, a budgeted run's length is open; epochs do not bound it.
+            self.info.final_step = self.info.final_step.max(measure_to);
+        }
+        while self.progress.step < self.info.final_step {
             if self.handle_controls(sink, control)? {
                 stopped = true;
                 break;
@@ -465,13 +584,25 @@ impl Trainer {
                 });
             }
             let correct = step_result.correct;
-            let lr = learning_rate(&cfg, self.progress.step, total_schedule);
+            let horizon = self.config.train.schedule_steps(spe);
+            let lr = learning_rate(&cfg, self.progress.step, horizon);
             self.optimizer.step(&step_result.grads, lr)?;
+            if let Some(ema) = &self.ema {
+                ema.update(&self.state, self.progress.step + 1)?;
+            }
             drop(step_result);
             let secs = started.elapsed().as_secs_f64();
             self.progress.step += 1;
             self.progress.wall_secs += secs;
             let step = self.progress.step;
+            if self.needs_sizing() {
+                if step > measure_from {
+                    measured_secs += secs;
+                }
+                if step == measure_to {
+                    self.apply_budget(sink, measured_secs / budget::MEASURE_STEPS as f64)?;
+                }
+            }
             let record = TrainRecord {
                 step,
                 epoch: self.epoch_of(step),
@@ -510,10 +641,18 @@ impl Trainer {
         let step = self.progress.step;
         let reason = if stopped {
             "stopped on request".to_string()
+        } else if let (Some(budget), true) = (
+            self.info.budget_secs,
+            step as usize == self.config.train.schedule_steps,
+        ) {
+            format!(
+                "the {} budget's {step} steps done",
+                humantime::format_duration(std::time::Duration::from_secs(budget as u64))
+            )
         } else if step >= self.info.epochs * spe {
             format!("all {} epochs done", self.info.epochs)
         } else {
-            format!("reached train.max_steps = {}", cfg.max_steps)
+            format!("reached train.max_steps = {}", self.config.train.max_steps)
         };
         if !stopped && last_eval.as_ref().is_none_or(|e| e.step != step) && step > start {
             // Ended inside an epoch (max_steps): evaluate where it stands.

@@ -207,6 +207,35 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
         "x.toml",
     ]);
     assert!(stderr_line(&out).contains("--config cannot be combined with --resume"));
+    // A resume whose model no longer fits the checkpoint is refused, and the run is
+    // left byte for byte as it was (its config.toml is not rewritten).
+    let contents = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = walk(dir)
+            .into_iter()
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = contents(&run);
+    let out = vitscope(&[
+        "train",
+        "--headless",
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "model.dim=48",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_line(&out).contains("the model expects"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert!(
+        contents(&run) == before,
+        "a refused resume changed the run directory"
+    );
     let out = vitscope(&[
         "train",
         "--headless",

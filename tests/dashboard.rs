@@ -42,10 +42,12 @@ fn info() -> RunInfo {
         steps_per_epoch: 390,
         epochs: 10,
         final_step: 3900,
+        budget_secs: None,
         start_step: 0,
         start_wall_secs: 0.0,
         parameters: 460_906,
         device: "cpu (2 threads)".into(),
+        weights: "raw weights".into(),
         test_pixels: vec![],
         test_labels: vec![],
     }

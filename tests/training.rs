@@ -213,3 +213,51 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         .unwrap()
         .contains("error: the loss became"));
 }
+
+#[test]
+fn a_budget_sizes_the_run_records_it_and_the_record_replays_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Warm-up outlasts the measurement, so the steps before sizing do not depend on
+    // the schedule's horizon and a fresh run from the recorded config replays it.
+    let config = tiny_config(&["train.budget=\"4s\"", "train.warmup_steps=60"]);
+    let run = RunDir::create(tmp.path(), Some(&tmp.path().join("budget")), &config).unwrap();
+    let events = run_to_end(&config, &run, false);
+    let sized = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Sized(s) => Some(*s),
+            _ => None,
+        })
+        .expect("the run sized itself");
+    // More than the measurement and several epochs of 20 steps fit in 4 s.
+    assert!(sized.final_step > 100, "{sized:?}");
+    assert!(
+        matches!(events.last(), Some(Event::Finished { step, .. }) if *step == sized.final_step)
+    );
+    let recorded = run.read_config().unwrap();
+    assert_eq!(recorded.train.max_steps as u64, sized.final_step);
+    assert_eq!(recorded.train.schedule_steps as u64, sized.final_step);
+    assert_eq!(recorded.train.epochs as u64, sized.final_step.div_ceil(20));
+    let evals: Vec<_> = run
+        .read_metrics()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricRecord::Eval(e) => Some(e),
+            MetricRecord::Train(_) => None,
+        })
+        .collect();
+    assert_eq!(evals.len() as u64, sized.final_step.div_ceil(20));
+    let spent = evals.last().unwrap().wall_secs;
+    assert!(
+        spent <= 4.0 * 1.5,
+        "training and evaluations took {spent} s of a 4 s budget"
+    );
+
+    let replay = RunDir::create(tmp.path(), Some(&tmp.path().join("replay")), &recorded).unwrap();
+    let replayed = run_to_end(&recorded, &replay, false);
+    assert!(
+        !replayed.iter().any(|e| matches!(e, Event::Sized(_))),
+        "sized only once"
+    );
+    assert_eq!(train_losses(&replay), train_losses(&run));
+}

@@ -1,5 +1,6 @@
 //! From bytes to training batches: a seeded order per epoch, seeded augmentation per
-//! step (random crop of the zero-padded image, horizontal flip), normalisation by the
+//! step (random crop of the zero-padded image, horizontal flip, then optionally
+//! TrivialAugment and random erasing from [`super::augment`]), normalisation by the
 //! training set's channel statistics, all done one batch at a time on a prefetch thread.
 //!
 //! Every random choice is a function of (seed, epoch) or (seed, step), so any step's
@@ -12,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use super::augment::{self, Image};
 use super::{mix_seed, Dataset, Split, IMAGE_BYTES};
 use crate::config::{CHANNELS, IMAGE_SIZE};
 
@@ -86,6 +88,7 @@ pub fn images_f32(split: &Split, indices: &[usize], norm: &Normalizer) -> Vec<f3
 
 /// Crop with offset (dx, dy) from the image zero-padded by the crop padding, then
 /// optionally flip left-right, then normalise.
+#[cfg(test)]
 fn augment_into(
     src: &[u8],
     dx: isize,
@@ -94,19 +97,38 @@ fn augment_into(
     table: &[[f32; 256]; CHANNELS],
     out: &mut [f32],
 ) {
+    let mut img: Image = [0; IMAGE_BYTES];
+    crop_flip_bytes(src, dx, dy, flip, &mut img);
+    normalise_into(&img, table, out);
+}
+
+fn normalise_into(img: &Image, table: &[[f32; 256]; CHANNELS], out: &mut [f32]) {
+    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    for (c, (o, i)) in out
+        .chunks_exact_mut(plane)
+        .zip(img.chunks_exact(plane))
+        .enumerate()
+    {
+        o.iter_mut()
+            .zip(i)
+            .for_each(|(o, &b)| *o = table[c][usize::from(b)]);
+    }
+}
+
+/// The cropped, flipped image as bytes (padding is black).
+fn crop_flip_bytes(src: &[u8], dx: isize, dy: isize, flip: bool, out: &mut [u8]) {
     let n = IMAGE_SIZE as isize;
     for c in 0..CHANNELS {
         for y in 0..n {
             let sy = y + dy;
             for x in 0..n {
                 let sx = if flip { n - 1 - x } else { x } + dx;
-                let byte = if (0..n).contains(&sy) && (0..n).contains(&sx) {
-                    src[(c * IMAGE_SIZE) * IMAGE_SIZE + (sy * n + sx) as usize]
-                } else {
-                    0
-                };
                 out[(c * IMAGE_SIZE) * IMAGE_SIZE + (y * n + x) as usize] =
-                    table[c][usize::from(byte)];
+                    if (0..n).contains(&sy) && (0..n).contains(&sx) {
+                        src[(c * IMAGE_SIZE) * IMAGE_SIZE + (sy * n + sx) as usize]
+                    } else {
+                        0
+                    };
             }
         }
     }
@@ -137,9 +159,26 @@ pub struct BatchPlan {
     pub train_len: usize,
     pub augment: bool,
     pub crop_padding: usize,
+    /// TrivialAugment (wide) on each image after crop and flip.
+    pub trivial_augment: bool,
+    /// Probability of erasing a random rectangle (to the mean colour) of each image.
+    pub random_erasing: f64,
 }
 
 impl BatchPlan {
+    /// The plan a configuration asks for over a training set of `train_len` images.
+    pub fn from_config(config: &crate::config::Config, train_len: usize) -> Self {
+        Self {
+            seed: config.train.seed,
+            batch_size: config.train.batch_size,
+            train_len,
+            augment: config.data.augment,
+            crop_padding: config.data.crop_padding,
+            trivial_augment: config.data.trivial_augment,
+            random_erasing: config.data.random_erasing,
+        }
+    }
+
     /// Full batches per epoch (the last partial batch is dropped so every step is the same size).
     pub fn steps_per_epoch(&self) -> u64 {
         (self.train_len / self.batch_size) as u64
@@ -177,7 +216,23 @@ impl BatchPlan {
             } else {
                 (0, 0, false)
             };
-            augment_into(split.image(index as usize), dx, dy, flip, table, out);
+            let mut img: Image = [0; IMAGE_BYTES];
+            crop_flip_bytes(split.image(index as usize), dx, dy, flip, &mut img);
+            // Draws for these come after crop and flip, so runs without them keep their stream.
+            if self.trivial_augment {
+                augment::trivial_augment(&mut img, &mut rng);
+            }
+            normalise_into(&img, table, out);
+            if self.random_erasing > 0.0 && rng.random_bool(self.random_erasing.min(1.0)) {
+                if let Some((top, left, h, w)) = augment::erasing_box(&mut rng) {
+                    // Zero after normalisation is the training set's mean colour.
+                    for plane in out.chunks_exact_mut(IMAGE_SIZE * IMAGE_SIZE) {
+                        for row in top..top + h {
+                            plane[row * IMAGE_SIZE + left..row * IMAGE_SIZE + left + w].fill(0.0);
+                        }
+                    }
+                }
+            }
         }
         Batch {
             step,
@@ -234,6 +289,8 @@ mod tests {
             train_len: 40,
             augment,
             crop_padding: 4,
+            trivial_augment: false,
+            random_erasing: 0.0,
         }
     }
 
@@ -308,6 +365,36 @@ mod tests {
             plain.pixels[..IMAGE_BYTES],
             images_f32(&set.train, &[first], &norm)[..]
         );
+    }
+
+    #[test]
+    fn trivial_augment_and_erasing_are_seeded_per_step_and_keep_the_plain_stream() {
+        let set = Arc::new(synthetic::generate(3, 40, 4));
+        let norm = Normalizer::from_split(&set.train);
+        let table = norm.table();
+        let plain = plan(true);
+        let strong = BatchPlan {
+            trivial_augment: true,
+            random_erasing: 1.0,
+            ..plain
+        };
+        let order = plain.epoch_order(0);
+        let a = strong.build(&set.train, &table, &order, 2);
+        assert_eq!(a.pixels, strong.build(&set.train, &table, &order, 2).pixels);
+        assert_ne!(a.pixels, plain.build(&set.train, &table, &order, 2).pixels);
+        // Erasing always fires at p = 1: every image has a rectangle at the mean (0.0).
+        for image in a.pixels.chunks_exact(IMAGE_BYTES) {
+            assert!(image.iter().filter(|&&v| v == 0.0).count() >= 3 * 6);
+        }
+        // A run resumed at step 5 gets the same augmented batches as one that ran through.
+        let through: Vec<Batch> = strong.prefetch(set.clone(), norm, 0, 10).iter().collect();
+        let resumed: Vec<Batch> = strong.prefetch(set.clone(), norm, 5, 10).iter().collect();
+        for (r, t) in resumed.iter().zip(&through[5..]) {
+            assert_eq!(
+                (r.step, &r.pixels, &r.labels),
+                (t.step, &t.pixels, &t.labels)
+            );
+        }
     }
 
     #[test]

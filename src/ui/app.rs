@@ -357,6 +357,12 @@ impl App {
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
             Event::Log(line) => self.push_log(line),
+            Event::Sized(sizing) => {
+                if let Some(info) = self.info.as_mut() {
+                    info.final_step = sizing.final_step;
+                    info.epochs = sizing.epochs;
+                }
+            }
             Event::Finished { step, reason } => {
                 self.finished = Some(format!("finished at step {step}: {reason}"));
                 self.phase = Phase::Finished;

@@ -265,6 +265,9 @@ pub fn eta(app: &App) -> Option<(f64, f64)> {
 }
 
 fn duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "-".into();
+    }
     let s = secs.max(0.0).round() as u64;
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
@@ -340,6 +343,10 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
             "cpu mem",
             format!("{cpu} {mem}"),
         ),
+        Line::from(vec![
+            Span::styled(format!("{:<10}", "reached"), t.dim()),
+            Span::raw(crate::milestones::summary(&app.evals)),
+        ]),
     ];
     Paragraph::new(lines).block(block).render(area, buf);
 }
@@ -370,6 +377,23 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
             Span::raw(format!(" {:>5.1}%  {tail}", ratio * 100.0)),
         ])
     };
+    // A budgeted run: where the projected end falls against the budget.
+    let budget = info.budget_secs.map_or(String::new(), |b| {
+        let spent = app
+            .train
+            .last()
+            .map_or(info.start_wall_secs, |r| r.wall_secs);
+        let projected = match (app.phase, eta.map(|e| e.1)) {
+            (Phase::Finished, _) => spent,
+            (_, Some(left)) => spent + left,
+            _ => f64::NAN,
+        };
+        format!(
+            "  budget {} · projected {}",
+            duration(b),
+            duration(projected)
+        )
+    });
     let lines = vec![
         row(
             format!("epoch {epoch}/{}", info.epochs),
@@ -379,7 +403,7 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
         row(
             format!("run {step}/{}", info.final_step),
             step as f64 / info.final_step.max(1) as f64,
-            eta_text(eta.map(|e| e.1)),
+            eta_text(eta.map(|e| e.1)) + &budget,
         ),
     ];
     Paragraph::new(lines).render(area, buf);

@@ -126,6 +126,10 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
     if let Some(info) = &app.info {
         spans.push(sep.clone());
         spans.push(Span::raw(info.device.clone()));
+        if info.weights != "raw weights" {
+            spans.push(sep.clone());
+            spans.push(Span::styled(info.weights.clone(), t.accent()));
+        }
     }
     spans.push(sep);
     spans.push(Span::styled(app.run_name.clone(), t.dim()));

@@ -17,6 +17,7 @@ pub fn tiny_sets() -> Vec<String> {
         "model.mlp_dim=64",
         "train.batch_size=32",
         "train.warmup_steps=20",
+        "train.budget=\"\"",
         "train.eval_batch_size=100",
         "probe.every_steps=10",
         "probe.images=2",
