@@ -121,14 +121,18 @@ impl<W: Write> HeadlessPrinter<W> {
             Event::Loading(LoadProgress::Reading { file }) => self.line(&format!("reading {file}")),
             Event::Loading(LoadProgress::Message(m)) | Event::Log(m) => self.line(m),
             Event::Started(info) => {
-                self.line(&format!(
-                    "{}: {} epochs x {} steps of {} images, {} parameters, {}",
-                    info.dataset,
-                    info.epochs,
+                let epochs = format!(
+                    "{} steps of {} images",
                     info.steps_per_epoch,
-                    info.train_images / info.steps_per_epoch.max(1) as usize,
-                    info.parameters,
-                    info.device
+                    info.train_images / info.steps_per_epoch.max(1) as usize
+                );
+                let length = match info.budget_secs {
+                    Some(b) => format!("a {} budget of epochs of {epochs}", clock(b)),
+                    None => format!("{} epochs x {epochs}", info.epochs),
+                };
+                self.line(&format!(
+                    "{}: {length}, {} parameters, {}",
+                    info.dataset, info.parameters, info.device
                 ));
                 self.info = Some(info.clone());
             }

@@ -136,15 +136,6 @@ fn eval_chunk(
     })
 }
 
-/// Which weights evaluations, probes and predictions show, in words.
-pub fn weights_label(ema_decay: f64) -> String {
-    if ema_decay > 0.0 {
-        format!("EMA weights ({ema_decay})")
-    } else {
-        "raw weights".into()
-    }
-}
-
 struct Trainer {
     config: Config,
     run: RunDir,
@@ -252,7 +243,7 @@ impl Trainer {
             start_wall_secs: progress.wall_secs,
             parameters: state.parameter_count(),
             device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
-            weights: weights_label(config.train.ema_decay),
+            weights: crate::ema::weights_label(config.train.ema_decay),
             test_pixels,
             test_labels,
         };

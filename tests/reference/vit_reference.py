@@ -8,7 +8,7 @@ per step, label smoothing, crop of the zero-padded image + flip, normalisation b
 training set's channel statistics, last partial batch dropped), PyTorch's own code for
 every piece. `--init` picks PyTorch's nn.Linear default or timm's truncated normal.
 
-    python3 tests/reference/vit_reference.py --data DIR --epochs 3 --init pytorch
+    python3 tests/reference/vit_reference.py --data DIR --epochs 10 --init pytorch
 """
 import argparse
 import math
@@ -71,7 +71,8 @@ class ViT(nn.Module):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=10, help="the schedule's length")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (0 = all)")
     ap.add_argument("--init", default="pytorch", choices=["pytorch", "trunc_normal"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
@@ -105,7 +106,7 @@ def main():
 
     padded = np.pad(xtr, ((0, 0), (0, 0), (4, 4), (4, 4)))
     step, t0 = 0, time.time()
-    for epoch in range(1, a.epochs + 1):
+    for epoch in range(1, (a.stop_after or a.epochs) + 1):
         model.train()
         order = rng.permutation(len(ytr))
         for i in range(spe):
