@@ -27,6 +27,16 @@ fn train_losses(run: &RunDir) -> Vec<(u64, f64)> {
         .collect()
 }
 
+fn eval_records(run: &RunDir) -> Vec<vitscope::events::EvalRecord> {
+    run.read_metrics()
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricRecord::Eval(e) => Some(e),
+            MetricRecord::Train(_) => None,
+        })
+        .collect()
+}
+
 #[test]
 fn learns_the_synthetic_shapes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -40,14 +50,7 @@ fn learns_the_synthetic_shapes() {
     let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
     assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
 
-    let evals: Vec<_> = run
-        .read_metrics()
-        .into_iter()
-        .filter_map(|m| match m {
-            MetricRecord::Eval(e) => Some(e),
-            MetricRecord::Train(_) => None,
-        })
-        .collect();
+    let evals = eval_records(&run);
     assert_eq!(evals.len(), 15);
     let final_eval = evals.last().unwrap();
     assert!(
@@ -238,14 +241,7 @@ fn a_budget_sizes_the_run_records_it_and_the_record_replays_it() {
     assert_eq!(recorded.train.max_steps as u64, sized.final_step);
     assert_eq!(recorded.train.schedule_steps as u64, sized.final_step);
     assert_eq!(recorded.train.epochs as u64, sized.final_step.div_ceil(20));
-    let evals: Vec<_> = run
-        .read_metrics()
-        .into_iter()
-        .filter_map(|m| match m {
-            MetricRecord::Eval(e) => Some(e),
-            MetricRecord::Train(_) => None,
-        })
-        .collect();
+    let evals = eval_records(&run);
     assert_eq!(evals.len() as u64, sized.final_step.div_ceil(20));
     let spent = evals.last().unwrap().wall_secs;
     assert!(
