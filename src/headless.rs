@@ -308,18 +308,9 @@ mod tests {
         let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
         p.handle(&Event::Started(info()));
         for (epoch, accuracy, secs) in [(1, 0.25, 100.0), (2, 0.41, 200.0), (3, 0.38, 300.0)] {
-            p.handle(&Event::Eval(EvalRecord {
-                step: epoch * 10,
-                epoch,
-                loss: 1.0,
-                accuracy,
-                per_class_accuracy: vec![],
-                confusion: vec![],
-                images_per_sec: 100.0,
-                wall_secs: secs,
-                best_accuracy: accuracy,
-                best_epoch: epoch,
-            }));
+            p.handle(&Event::Eval(crate::milestones::test_eval(
+                epoch, accuracy, secs,
+            )));
         }
         p.handle(&Event::Finished {
             step: 30,

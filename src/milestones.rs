@@ -68,24 +68,27 @@ pub fn summary(evals: &[EvalRecord]) -> String {
     }
 }
 
+/// An evaluation record with only what the time-to-accuracy code reads (step = 10 per epoch).
+#[cfg(test)]
+pub(crate) fn test_eval(epoch: u64, accuracy: f64, wall_secs: f64) -> EvalRecord {
+    EvalRecord {
+        step: epoch * 10,
+        epoch,
+        loss: 1.0,
+        accuracy,
+        per_class_accuracy: vec![],
+        confusion: vec![],
+        images_per_sec: 1.0,
+        wall_secs,
+        best_accuracy: accuracy,
+        best_epoch: epoch,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn eval(epoch: u64, accuracy: f64, wall_secs: f64) -> EvalRecord {
-        EvalRecord {
-            step: epoch * 10,
-            epoch,
-            loss: 1.0,
-            accuracy,
-            per_class_accuracy: vec![],
-            confusion: vec![],
-            images_per_sec: 1.0,
-            wall_secs,
-            best_accuracy: accuracy,
-            best_epoch: epoch,
-        }
-    }
+    use test_eval as eval;
 
     #[test]
     fn levels_come_from_the_first_evaluation_that_reached_them() {
