@@ -1,4 +1,5 @@
-//! Measures of attention matrices: per-head statistics and attention rollout.
+//! Measures of attention matrices: per-head statistics, attention rollout, and the
+//! scales that turn weights into shades.
 //!
 //! A matrix is row-major (tokens x tokens), token 0 the CLS token and tokens 1.. the
 //! patches in row-major grid order; row i is where query i puts its weight.
@@ -119,6 +120,79 @@ pub fn head_average(heads: &[&[f32]], tokens: usize) -> Vec<f64> {
     out
 }
 
+/// How attention weights become shades. Trained attention is heavy-tailed: relative
+/// to the map's largest weight most cells are nearly black, so each query's own
+/// pattern and a log scale are a key away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scale {
+    /// Each weight over the largest in the map.
+    #[default]
+    MapMax,
+    /// Each weight over the largest in its row: every query's own pattern.
+    RowMax,
+    /// log10 of the weight, from 1/T·10⁻² (black) to 1 (full).
+    Log,
+}
+
+impl Scale {
+    pub fn next(self) -> Self {
+        match self {
+            Self::MapMax => Self::RowMax,
+            Self::RowMax => Self::Log,
+            Self::Log => Self::MapMax,
+        }
+    }
+
+    /// A short name for headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MapMax => "map max",
+            Self::RowMax => "row max",
+            Self::Log => "log",
+        }
+    }
+
+    /// The smallest weight the log scale shows above black, for `tokens` keys.
+    pub fn log_floor(tokens: usize) -> f64 {
+        0.01 / tokens.max(1) as f64
+    }
+
+    /// Levels in [0, 1] of `values` (`rows` x `cols`, row-major) that are weights over
+    /// `tokens` keys.
+    pub fn levels(self, values: &[f64], (rows, cols): (usize, usize), tokens: usize) -> Vec<f64> {
+        let over = |v: f64, max: f64| if max > 0.0 { v / max } else { 0.0 };
+        let largest = |vs: &[f64]| vs.iter().copied().fold(0.0, f64::max);
+        let values = &values[..(rows * cols).min(values.len())];
+        match self {
+            Self::MapMax => {
+                let max = largest(values);
+                values.iter().map(|&v| over(v, max)).collect()
+            }
+            Self::RowMax => values
+                .chunks(cols.max(1))
+                .flat_map(|row| {
+                    let max = largest(row);
+                    row.iter().map(move |&v| over(v, max))
+                })
+                .collect(),
+            Self::Log => {
+                let floor = Self::log_floor(tokens).log10();
+                values
+                    .iter()
+                    .map(|&v| {
+                        let level = (v.max(f64::MIN_POSITIVE).log10() - floor) / -floor;
+                        if level.is_finite() {
+                            level.clamp(0.0, 1.0)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +270,29 @@ mod tests {
         let a = [1.0f32, 0.0, 0.0, 1.0];
         let b = [0.0f32, 1.0, 1.0, 0.0];
         assert_eq!(head_average(&[&a, &b], 2), vec![0.5; 4]);
+    }
+
+    #[test]
+    fn scales_map_weights_to_levels() {
+        // Two rows over 4 keys: one peaked, one flat.
+        let w = [0.7, 0.1, 0.1, 0.1, 0.25, 0.25, 0.25, 0.25];
+        let map = Scale::MapMax.levels(&w, (2, 4), 4);
+        assert_eq!(map[0], 1.0);
+        assert!((map[4] - 0.25 / 0.7).abs() < 1e-12);
+        let row = Scale::RowMax.levels(&w, (2, 4), 4);
+        assert_eq!((row[0], row[4], row[7]), (1.0, 1.0, 1.0));
+        assert!((row[1] - 0.1 / 0.7).abs() < 1e-12);
+        // Log: 1 is full, the floor 1/T·10⁻² and below are black, a decade is 1/3.5.
+        let log = Scale::Log.levels(&[1.0, 0.0025, 0.0, 0.1, f64::NAN], (1, 5), 4);
+        assert!(
+            (log[0] - 1.0).abs() < 1e-12 && log[1].abs() < 1e-12,
+            "{log:?}"
+        );
+        assert_eq!(log[2], 0.0);
+        let decade = 1.0 / -(Scale::log_floor(4).log10());
+        assert!((log[3] - (1.0 - decade)).abs() < 1e-12, "{log:?}");
+        assert_eq!(log[4], 0.0);
+        assert_eq!(Scale::MapMax.levels(&[0.0; 4], (2, 2), 2), vec![0.0; 4]);
+        assert_eq!(Scale::MapMax.next().next().next(), Scale::MapMax);
     }
 }

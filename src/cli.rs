@@ -48,6 +48,9 @@ pub struct ViewArgs {
     /// No colours: charts stay readable through their markers.
     #[arg(long)]
     pub no_color: bool,
+    /// Colours: auto (from NO_COLOR, COLORTERM, TERM), truecolor, 256 or none (ui.color).
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "truecolor", "256", "none"])]
+    pub color: Option<String>,
     /// Override a display setting, e.g. --set ui.markers=block (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -79,6 +82,9 @@ pub struct TrainArgs {
     /// No colours in the dashboard: charts stay readable through their markers (also NO_COLOR).
     #[arg(long)]
     pub no_color: bool,
+    /// Colours: auto (from NO_COLOR, COLORTERM, TERM), truecolor, 256 or none (ui.color).
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "truecolor", "256", "none"])]
+    pub color: Option<String>,
     /// Directory for this run (default: <run.dir>/<timestamp>).
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub run_dir: Option<PathBuf>,
@@ -156,6 +162,9 @@ impl TrainArgs {
         }
         if let Some(n) = self.threads {
             sets.push(format!("train.threads={n}"));
+        }
+        if let Some(mode) = &self.color {
+            sets.push(format!("ui.color=\"{mode}\""));
         }
         if self.no_color {
             sets.push("ui.color=\"none\"".into());
@@ -252,11 +261,10 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())
 }
 
-fn theme_for(config: &Config) -> Theme {
-    let no_color = std::env::var("NO_COLOR").ok();
-    let colorterm = std::env::var("COLORTERM").ok();
-    let mode = ColorMode::detect(&config.ui.color, no_color.as_deref(), colorterm.as_deref());
-    Theme::new(mode, &config.ui.markers)
+/// The theme, and why it has its colour mode.
+fn theme_for(config: &Config) -> (Theme, String) {
+    let (mode, why) = ColorMode::detect(&config.ui.color, |name| std::env::var(name).ok());
+    (Theme::new(mode, &config.ui.markers), why)
 }
 
 fn run_name(run: &RunDir) -> String {
@@ -271,7 +279,9 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
     let (config, run, resume) = args.prepare_run()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
-    let app = App::new(Mode::Live, theme_for(&config), run_name(&run), &config);
+    let (theme, why) = theme_for(&config);
+    let mut app = App::new(Mode::Live, theme, run_name(&run), &config);
+    app.color_note = why;
     let shown = crate::ui::run(app, rx, Some(control.clone()), &config.ui);
     // However the dashboard ended, the trainer stops cleanly (checkpoint) before we exit.
     let _ = control.send(Control::Stop);
@@ -290,6 +300,9 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
 pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
     let run = RunDir::open(&args.run_dir).map_err(|e| e.to_string())?;
     let mut sets = args.set.clone();
+    if let Some(mode) = &args.color {
+        sets.insert(0, format!("ui.color=\"{mode}\""));
+    }
     if args.no_color {
         sets.push("ui.color=\"none\"".into());
     }
@@ -319,7 +332,9 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let name = run_name(&run);
     crate::follow::spawn(run, tx, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    let app = App::new(Mode::View, theme_for(&config), name, &config);
+    let (theme, why) = theme_for(&config);
+    let mut app = App::new(Mode::View, theme, name, &config);
+    app.color_note = why;
     let (_, stats) =
         crate::ui::run(app, rx, None, &config.ui).map_err(|e| format!("terminal error: {e}"))?;
     eprintln!("{}", stats.summary());

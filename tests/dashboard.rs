@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::backend::TestBackend;
+use ratatui::style::Color;
 use ratatui::Terminal;
 use std::sync::Arc;
 use vitscope::config::Config;
@@ -503,6 +504,79 @@ fn attention_keys_choose_layer_head_image_query_and_probe() {
     // The statistics table lists every head with its measures.
     let s = screen(&a, 200, 60);
     assert!(s.contains("L5 H2") || s.contains("L1 H2  entropy"), "{s}");
+}
+
+/// The colours (foreground and background) of the cells in `area` of the screen.
+fn colours(app: &App, (w, h): (u16, u16), area: ratatui::layout::Rect) -> Vec<Vec<Color>> {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
+    let buf = terminal.backend().buffer();
+    (area.y..area.bottom())
+        .map(|y| {
+            (area.x..area.right())
+                .flat_map(|x| [buf[(x, y)].fg, buf[(x, y)].bg])
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn attention_shades_follow_the_chosen_scale() {
+    use std::collections::HashSet;
+    // The 65 x 65 matrix: 65 columns from x = 5, 33 text rows from y = 6 at 200x60.
+    let heat = ratatui::layout::Rect::new(5, 6, 65, 33);
+    let full = Color::Rgb(253, 231, 37);
+    let mut a = attention_app(ColorMode::TrueColor);
+    let distinct = |a: &App| {
+        colours(a, (200, 60), heat)
+            .concat()
+            .into_iter()
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let map_max = distinct(&a);
+    assert!(map_max >= 32, "{map_max} colours in truecolor");
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("shade: map max") && s.contains("(÷ largest in the map)"),
+        "{s}"
+    );
+    // Relative to the map's largest weight, one cell is full; not in every row.
+    let rows = colours(&a, (200, 60), heat);
+    let fulls = rows.concat().iter().filter(|&&c| c == full).count();
+    assert!((1..rows.len()).contains(&fulls), "{fulls}");
+    a.on_key(key(KeyCode::Char('v')));
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("shade: row max") && s.contains("(÷ largest in each row)"),
+        "{s}"
+    );
+    // Each query's row has its own full cell: every text row holds two matrix rows
+    // (the last only one), so at least one full colour per row, and two in most.
+    let rows = colours(&a, (200, 60), heat);
+    assert!(rows.iter().all(|r| r.contains(&full)));
+    let fulls = rows.concat().iter().filter(|&&c| c == full).count();
+    assert!(fulls >= 65, "{fulls}");
+    a.on_key(key(KeyCode::Char('v')));
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.contains("shade: log") && s.contains("2e-4") && s.contains("(log10 scale)"),
+        "{s}"
+    );
+    let log = distinct(&a);
+    assert!(log > map_max, "log {log} vs map max {map_max} colours");
+    a.on_key(key(KeyCode::Char('v')));
+    assert!(screen(&a, 200, 60).contains("shade: map max"));
+    // In 256 colours, at least 16 steps show where the weights spread over the scale.
+    let mut c = attention_app(ColorMode::Ansi256);
+    c.on_key(key(KeyCode::Char('v')));
+    c.on_key(key(KeyCode::Char('v')));
+    let steps = colours(&c, (200, 60), heat)
+        .concat()
+        .into_iter()
+        .collect::<HashSet<_>>()
+        .len();
+    assert!(steps >= 16, "{steps} colours in 256-colour mode");
 }
 
 /// A probe with hidden states that grow and sharpen with depth (one outlier channel),

@@ -94,6 +94,8 @@ pub struct AttentionView {
     pub query: usize,
     /// Show attention rollout instead of the selected head's raw weights.
     pub rollout: bool,
+    /// How weights become shades, in the matrix, the thumbnails and the overlays.
+    pub scale: crate::attention::Scale,
 }
 
 /// The Features tab's view settings.
@@ -192,6 +194,8 @@ pub const FULL_PROBES_KEPT: usize = 32;
 pub struct App {
     pub mode: Mode,
     pub theme: Theme,
+    /// Why the theme has its colour mode (the help screen says it).
+    pub color_note: String,
     pub run_name: String,
     pub dataset: String,
     pub tab: Tab,
@@ -241,6 +245,7 @@ impl App {
     pub fn new(mode: Mode, theme: Theme, run_name: String, config: &Config) -> Self {
         Self {
             mode,
+            color_note: String::new(),
             theme,
             run_name,
             dataset: config.data.dataset.name().to_string(),
@@ -261,6 +266,7 @@ impl App {
                 head: 0,
                 query: 0,
                 rollout: false,
+                scale: crate::attention::Scale::default(),
             },
             features: FeaturesView {
                 layer: 0,
@@ -470,6 +476,7 @@ impl App {
             | Action::QueryUp
             | Action::QueryDown
             | Action::ToggleRollout
+            | Action::CycleScale
             | Action::ScrollBack
             | Action::ScrollForward
             | Action::PageUp
@@ -553,6 +560,7 @@ impl App {
             Action::QueryUp => view.query = view.query.saturating_sub(1),
             Action::QueryDown => view.query = (view.query + 1).min(tokens.saturating_sub(1)),
             Action::ToggleRollout => view.rollout = !view.rollout,
+            Action::CycleScale => view.scale = view.scale.next(),
             _ => {}
         }
     }

@@ -11,7 +11,7 @@ use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragrap
 use super::app::App;
 use super::paint::{draw_image, draw_level_map, draw_stacked};
 use super::theme::{ColorMode, Series, Theme};
-use crate::attention::{head_average, head_stats, rollout, HeadStats};
+use crate::attention::{head_average, head_stats, rollout, HeadStats, Scale};
 use crate::config::IMAGE_SIZE;
 use crate::probe::ProbeSnapshot;
 
@@ -84,24 +84,59 @@ fn token_name(token: usize, grid: usize) -> String {
 
 /// Half-block heatmap: each text row shows two matrix rows (upper half = fg, lower =
 /// bg); without colour, one shading character of the two rows' mean.
-/// `grid` is `(values, rows, cols)` as [`shrink`] returns it; shades are relative to `max`.
+/// `grid` is `(values, rows, cols)` as [`shrink`] returns it, shaded on `scale` for
+/// weights over `tokens` keys.
 fn draw_half_blocks(
     t: &Theme,
     grid: &(Vec<f64>, usize, usize),
-    max: f64,
+    (scale, tokens): (Scale, usize),
     x0: u16,
     y0: u16,
     buf: &mut Buffer,
 ) {
-    let level = |v: f64| if max > 0.0 { v / max } else { 0.0 };
+    let levels = scale.levels(&grid.0, (grid.1, grid.2), tokens);
     draw_stacked(
-        &grid.0,
+        &levels,
         (grid.1, grid.2),
         (x0, y0),
         buf,
-        |v| t.heat_color(level(v)),
-        |top, bottom| t.heat((level(top) + level(bottom)) / 2.0).0,
+        |level| t.heat_color(level),
+        |top, bottom| t.heat((top + bottom) / 2.0).0,
     );
+}
+
+/// The legend of a scale: the shades from black to full and what their ends mean.
+fn scale_legend(t: &Theme, scale: Scale, max: f64, tokens: usize) -> Line<'static> {
+    let (low, high, note) = match scale {
+        Scale::MapMax => (
+            "0 ".to_string(),
+            format!(" {max:.3}"),
+            " (÷ largest in the map)",
+        ),
+        Scale::RowMax => (
+            "0 ".to_string(),
+            " row max".to_string(),
+            " (÷ largest in each row)",
+        ),
+        Scale::Log => (
+            format!("{:.0e} ", Scale::log_floor(tokens)),
+            " 1".to_string(),
+            " (log10 scale)",
+        ),
+    };
+    let mut legend = vec![Span::styled(low, t.dim())];
+    for i in 0..=8 {
+        let (ch, style) = t.heat(f64::from(i) / 8.0);
+        let ch = if t.mode == ColorMode::NoColor {
+            ch
+        } else {
+            '█'
+        };
+        legend.push(Span::styled(ch.to_string(), style));
+    }
+    legend.push(Span::styled(high, t.dim()));
+    legend.push(Span::styled(note, t.dim()));
+    Line::from(legend)
 }
 
 fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, buf: &mut Buffer) {
@@ -134,7 +169,15 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     let shrunk = shrink(matrix, tokens, tokens, avail_rows, avail_cols);
     let (rows, cols) = (shrunk.1, shrunk.2);
     let max = shrunk.0.iter().copied().fold(0.0, f64::max);
-    draw_half_blocks(t, &shrunk, max, inner.x + label_w, inner.y + 1, buf);
+    let scale = app.attention.scale;
+    draw_half_blocks(
+        t,
+        &shrunk,
+        (scale, tokens),
+        inner.x + label_w,
+        inner.y + 1,
+        buf,
+    );
     // Column labels: CLS, then where each grid row of patches starts.
     let grid_side = (tokens - 1).isqrt().max(1);
     let mut header = vec![' '; avail_cols];
@@ -183,21 +226,7 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
             .render(Rect::new(inner.x, inner.y + 1 + tr as u16, label_w, 1), buf);
     }
     // Colour scale.
-    let mut legend = vec![Span::styled("0 ", t.dim())];
-    for i in 0..=8 {
-        let (ch, style) = t.heat(f64::from(i) / 8.0);
-        let ch = if t.mode == ColorMode::NoColor {
-            ch
-        } else {
-            '█'
-        };
-        legend.push(Span::styled(ch.to_string(), style));
-    }
-    legend.push(Span::styled(
-        format!(" {max:.3} (shade relative to the largest weight)"),
-        t.dim(),
-    ));
-    Paragraph::new(Line::from(legend)).render(
+    Paragraph::new(scale_legend(t, scale, max, tokens)).render(
         Rect::new(
             inner.x + label_w,
             inner.y + inner.height - 1,
@@ -208,14 +237,30 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     );
 }
 
-/// An 8x8 map of weights over the patches, each patch 2 cells wide, shaded relative to
-/// the largest.
-fn draw_patch_map(t: &Theme, weights: &[f64], grid: usize, x0: u16, y0: u16, buf: &mut Buffer) {
-    let max = weights.iter().copied().fold(0.0, f64::max);
-    let levels: Vec<f64> = weights
-        .iter()
-        .map(|&w| if max > 0.0 { w / max } else { 0.0 })
-        .collect();
+/// A query's weights on the patches as a grid x grid map, each patch 2 cells wide,
+/// shaded on the tab's scale: relative to the whole matrix's largest weight, to the
+/// largest patch weight of this row, or on the log scale.
+fn draw_patch_map(
+    t: &Theme,
+    weights: &[f64],
+    (scale, matrix_max, tokens): (Scale, f64, usize),
+    grid: usize,
+    (x0, y0): (u16, u16),
+    buf: &mut Buffer,
+) {
+    let levels = match scale {
+        Scale::MapMax => weights
+            .iter()
+            .map(|&w| {
+                if matrix_max > 0.0 {
+                    w / matrix_max
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+        _ => scale.levels(weights, (1, weights.len()), tokens),
+    };
     draw_level_map(t, &levels, grid, (2, 1), (x0, y0), buf);
 }
 
@@ -255,8 +300,14 @@ fn render_image_panel(
     }
     let row = |q: usize| -> Vec<f64> { matrix[q * m.tokens + 1..(q + 1) * m.tokens].to_vec() };
     let map_x = inner.x + 34;
-    draw_patch_map(t, &row(query), grid, map_x, inner.y, buf);
-    draw_patch_map(t, &row(0), grid, map_x + 2 * grid as u16 + 2, inner.y, buf);
+    let shading = (
+        app.attention.scale,
+        matrix.iter().copied().fold(0.0, f64::max),
+        m.tokens,
+    );
+    draw_patch_map(t, &row(query), shading, grid, (map_x, inner.y), buf);
+    let cls_x = map_x + 2 * grid as u16 + 2;
+    draw_patch_map(t, &row(0), shading, grid, (cls_x, inner.y), buf);
     let label = app.test_labels.get(image).map_or(String::new(), |&l| {
         let name = app
             .class_names()
@@ -455,13 +506,12 @@ fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buf
                 .map(|&x| f64::from(x))
                 .collect();
             let shrunk = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w - 1);
-            let max = shrunk.0.iter().copied().fold(0.0, f64::max);
             let x0 = inner.x + (h * (cell_w + 1)) as u16;
             let y0 = inner.y + (l * cell_h) as u16;
             let selected = l == app.attention.layer && h == app.attention.head;
             let mark = Span::styled(if selected { "▶" } else { " " }, t.accent());
             Paragraph::new(Line::from(mark)).render(Rect::new(x0, y0, 1, 1), buf);
-            draw_half_blocks(t, &shrunk, max, x0 + 1, y0, buf);
+            draw_half_blocks(t, &shrunk, (app.attention.scale, m.tokens), x0 + 1, y0, buf);
         }
     }
 }
@@ -490,7 +540,12 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Line::styled("softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row", t.dim()),
         Line::from(vec![
             Span::styled(if app.attention.rollout { "rollout " } else { "raw weights " }, t.accent()),
-            Span::raw(format!("│ step {} (epoch {}) │ {position}", meta.step, meta.epoch)),
+            Span::raw(format!(
+                "│ shade: {} │ step {} (epoch {}) │ {position}",
+                app.attention.scale.name(),
+                meta.step,
+                meta.epoch
+            )),
         ]),
     ])
     .render(header, buf);

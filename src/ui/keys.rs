@@ -33,6 +33,7 @@ pub enum Action {
     QueryUp,
     QueryDown,
     ToggleRollout,
+    CycleScale,
     ScrollBack,
     ScrollForward,
     PageUp,
@@ -338,6 +339,14 @@ pub const KEYS: &[Binding] = &[
         Scope::Attention,
         "raw weights / attention rollout",
         "rollout",
+    ),
+    bind(
+        &[KeyCode::Char('v')],
+        "v",
+        Action::CycleScale,
+        Scope::Attention,
+        "shade scale: map max / row max / log",
+        "scale",
     ),
     bind(
         &[KeyCode::Char(',')],

@@ -177,7 +177,8 @@ pub fn set_half_block(
 }
 
 /// A `rows` x `cols` matrix (row-major) at one cell per column and two rows per text
-/// row: text row r shows rows 2r (upper half) and 2r + 1 (lower; 0 past the last row).
+/// row: text row r shows rows 2r (upper half) and 2r + 1 (lower; the background past
+/// the last row).
 /// `colour` gives a value's colour; `shade` the character for a pair where there is
 /// none. Cells outside the buffer are skipped.
 pub fn draw_stacked(
@@ -196,14 +197,17 @@ pub fn draw_stacked(
                 continue;
             }
             let top = values[2 * text_row * cols + col];
-            let bottom = if 2 * text_row + 1 < rows {
-                values[(2 * text_row + 1) * cols + col]
+            if 2 * text_row + 1 < rows {
+                let bottom = values[(2 * text_row + 1) * cols + col];
+                set_half_block(&mut buf[(x, y)], colour(top), colour(bottom), || {
+                    shade(top, bottom)
+                });
             } else {
-                0.0
-            };
-            set_half_block(&mut buf[(x, y)], colour(top), colour(bottom), || {
-                shade(top, bottom)
-            });
+                // An odd last row: its upper half only, over the terminal's background.
+                set_half_block(&mut buf[(x, y)], colour(top), Some(Color::Reset), || {
+                    shade(top, 0.0)
+                });
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColorMode {
@@ -11,19 +12,59 @@ pub enum ColorMode {
     NoColor,
 }
 
+/// TERM values whose terminals take 24-bit colour: the `*-direct` terminfo entries
+/// and terminals that always do. TERM is what SSH forwards (COLORTERM is not, unless
+/// both ends are configured to), so over SSH it is often the only sign.
+const TRUECOLOR_TERMS: [&str; 7] = [
+    "xterm-kitty",
+    "alacritty",
+    "foot",
+    "foot-extra",
+    "wezterm",
+    "xterm-ghostty",
+    "contour",
+];
+
+/// TERM_PROGRAM values of local terminals with 24-bit colour.
+const TRUECOLOR_PROGRAMS: [&str; 4] = ["iTerm.app", "WezTerm", "vscode", "ghostty"];
+
 impl ColorMode {
-    /// Resolves `ui.color` ("auto", "truecolor", "256", "none") against the environment:
-    /// NO_COLOR (any non-empty value) turns colour off; COLORTERM=truecolor|24bit turns
-    /// truecolor on.
-    pub fn detect(setting: &str, no_color: Option<&str>, colorterm: Option<&str>) -> Self {
+    /// Resolves `ui.color` ("auto", "truecolor", "256", "none") against the environment
+    /// (`var` reads a variable), with a note on why, for the help screen: NO_COLOR (any
+    /// non-empty value) turns colour off; COLORTERM=truecolor|24bit, a TERM of a
+    /// direct-colour terminal, or TERM_PROGRAM of one turn truecolor on.
+    pub fn detect(setting: &str, var: impl Fn(&str) -> Option<String>) -> (Self, String) {
+        let var = |name: &str| var(name).filter(|v| !v.is_empty());
         match setting {
-            "truecolor" => Self::TrueColor,
-            "256" => Self::Ansi256,
-            "none" => Self::NoColor,
-            _ if no_color.is_some_and(|v| !v.is_empty()) => Self::NoColor,
-            _ if colorterm.is_some_and(|v| v == "truecolor" || v == "24bit") => Self::TrueColor,
-            _ => Self::Ansi256,
+            "truecolor" => return (Self::TrueColor, "set by ui.color / --color".into()),
+            "256" => return (Self::Ansi256, "set by ui.color / --color".into()),
+            "none" => return (Self::NoColor, "set by ui.color / --color".into()),
+            _ => {}
         }
+        if var("NO_COLOR").is_some() {
+            return (Self::NoColor, "NO_COLOR is set".into());
+        }
+        if let Some(v) = var("COLORTERM").filter(|v| v == "truecolor" || v == "24bit") {
+            return (Self::TrueColor, format!("COLORTERM={v}"));
+        }
+        let term = var("TERM");
+        if let Some(t) = term
+            .as_ref()
+            .filter(|t| t.ends_with("-direct") || TRUECOLOR_TERMS.contains(&t.as_str()))
+        {
+            return (Self::TrueColor, format!("TERM={t}"));
+        }
+        if let Some(p) = var("TERM_PROGRAM").filter(|p| TRUECOLOR_PROGRAMS.contains(&p.as_str())) {
+            return (Self::TrueColor, format!("TERM_PROGRAM={p}"));
+        }
+        let seen = match term {
+            Some(t) => format!("TERM={t}"),
+            None => "TERM unset".into(),
+        };
+        (
+            Self::Ansi256,
+            format!("no sign of truecolor: COLORTERM unset, {seen}"),
+        )
     }
 
     pub fn label(self) -> &'static str {
@@ -150,13 +191,9 @@ impl Theme {
     }
 
     /// A heatmap cell for `level` in [0, 1]: a shading character that reads without
-    /// colour, coloured along a dark-blue to yellow ramp where colour is available.
+    /// colour, coloured along the heat ramp where colour is available.
     pub fn heat(&self, level: f64) -> (char, Style) {
-        let level = if level.is_finite() {
-            level.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let level = unit(level);
         let symbol = HEAT_RAMP[(level * (HEAT_RAMP.len() - 1) as f64).round() as usize];
         (
             symbol,
@@ -165,30 +202,25 @@ impl Theme {
         )
     }
 
-    /// The colour of `level` in [0, 1] on a viridis-like ramp; `None` without colour.
+    /// The colour of `level` in [0, 1] on viridis (dark purple to yellow, perceptually
+    /// uniform): interpolated in truecolor, in
+    /// [`PALETTE_STEPS`] fixed colours of a 256-colour terminal otherwise; `None` without colour.
     pub fn heat_color(&self, level: f64) -> Option<Color> {
-        let level = if level.is_finite() {
-            level.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        let stops: [(f64, (u8, u8, u8), u8); 5] = [
-            (0.0, (40, 20, 70), 53),
-            (0.25, (50, 80, 140), 61),
-            (0.5, (30, 150, 140), 36),
-            (0.75, (120, 200, 80), 113),
-            (1.0, (250, 230, 40), 226),
-        ];
-        let stop = stops
-            .iter()
-            .rev()
-            .find(|s| level >= s.0)
-            .unwrap_or(&stops[0]);
-        self.pick(stop.1, stop.2)
+        let level = unit(level);
+        match self.mode {
+            ColorMode::NoColor => None,
+            ColorMode::TrueColor => Some(rgb(heat_rgb(level))),
+            ColorMode::Ansi256 => {
+                static STEPS: OnceLock<Vec<u8>> = OnceLock::new();
+                let steps = STEPS.get_or_init(|| palette_steps(heat_rgb, PALETTE_STEPS));
+                Some(Color::Indexed(step_of(level, steps)))
+            }
+        }
     }
 
-    /// The colour of `value` in [-1, 1] on a blue (-1), near-black (0), red (+1) scale:
-    /// the sign reads at a glance and zero recedes. `None` without colour.
+    /// The colour of `value` in [-1, 1] on a blue (-1), dark grey (0), red (+1) scale:
+    /// the sign reads at a glance and zero recedes. Interpolated in truecolor, in
+    /// steps of fixed colours in 256 colours; `None` without colour.
     pub fn signed_color(&self, value: f64) -> Option<Color> {
         let v = if value.is_finite() {
             value.clamp(-1.0, 1.0)
@@ -197,24 +229,17 @@ impl Theme {
         };
         match self.mode {
             ColorMode::NoColor => None,
-            ColorMode::TrueColor => {
-                let (lo, hi) = ((60.0, 130.0, 255.0), (255.0, 80.0, 60.0));
-                let base = 30.0;
-                let to = if v < 0.0 { lo } else { hi };
-                let a = v.abs();
-                let mix = |c: f64| (base + (c - base) * a).round() as u8;
-                Some(Color::Rgb(mix(to.0), mix(to.1), mix(to.2)))
-            }
+            ColorMode::TrueColor => Some(rgb(signed_rgb((v + 1.0) / 2.0))),
             ColorMode::Ansi256 => {
-                // Five steps each way from a dark grey.
-                const BLUES: [u8; 5] = [236, 17, 19, 27, 33];
-                const REDS: [u8; 5] = [236, 52, 88, 160, 196];
-                let step = (v.abs() * 4.0).round() as usize;
-                Some(Color::Indexed(if v < 0.0 {
-                    BLUES[step]
+                static STEPS: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+                let (negative, positive) = STEPS.get_or_init(signed_steps);
+                // The middle step is the same dark grey on both sides.
+                let index = if v < 0.0 {
+                    step_of(-v, negative)
                 } else {
-                    REDS[step]
-                }))
+                    step_of(v, positive)
+                };
+                Some(Color::Indexed(index))
             }
         }
     }
@@ -230,36 +255,203 @@ impl Theme {
     }
 }
 
+/// `level` clamped to [0, 1]; NaN is 0.
+fn unit(level: f64) -> f64 {
+    if level.is_finite() {
+        level.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+fn rgb((r, g, b): (u8, u8, u8)) -> Color {
+    Color::Rgb(r, g, b)
+}
+
+/// The heat ramp at `level` in [0, 1].
+pub fn heat_rgb(level: f64) -> (u8, u8, u8) {
+    colorous::VIRIDIS.eval_continuous(level).as_tuple()
+}
+
+/// The signed ramp at `level` in [0, 1] (value -1 at 0, 0 at 0.5, +1 at 1): from a dark
+/// grey at the middle towards blue below and red above, linear in OKLab so that equal
+/// steps look equal.
+pub fn signed_rgb(level: f64) -> (u8, u8, u8) {
+    const MIDDLE: (u8, u8, u8) = (30, 30, 30);
+    const BLUE: (u8, u8, u8) = (60, 130, 255);
+    const RED: (u8, u8, u8) = (255, 80, 60);
+    let v = level * 2.0 - 1.0;
+    let end = if v < 0.0 { BLUE } else { RED };
+    let (a, b) = (oklab(MIDDLE), oklab(end));
+    let w = v.abs();
+    from_oklab([0, 1, 2].map(|i| a[i] + (b[i] - a[i]) * w))
+}
+
+/// Steps of a ramp in 256 colours. The nearest fixed colour to each point of viridis
+/// gives only 12 different ones (the 6x6x6 cube is coarse in the dark blues and
+/// greens), so each step takes the nearest colour (in OKLab) not used yet that is
+/// lighter than the step before: every step distinct, and lightness still rising.
+/// More steps than 18 start to wander off the ramp's hue.
+const PALETTE_STEPS: usize = 18;
+
+/// A ramp's steps in 256 colours, from level 0 to level 1.
+fn palette_steps(ramp: fn(f64) -> (u8, u8, u8), steps: usize) -> Vec<u8> {
+    // 16..=255: the 6x6x6 cube and the grey ramp; 0..=15 are left out because
+    // terminals theme them.
+    let mut palette: Vec<(u8, [f64; 3])> = (16..=255u8).map(|i| (i, oklab(xterm_rgb(i)))).collect();
+    let mut chosen = Vec::with_capacity(steps);
+    let mut last_lightness = f64::NEG_INFINITY;
+    for i in 0..steps {
+        let target = oklab(ramp(i as f64 / (steps - 1).max(1) as f64));
+        let distance = |c: &[f64; 3]| (0..3).map(|k| (c[k] - target[k]).powi(2)).sum::<f64>();
+        let best = palette
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, c))| c[0] > last_lightness)
+            .min_by(|a, b| distance(&a.1 .1).total_cmp(&distance(&b.1 .1)))
+            .map(|(at, _)| at);
+        let Some(at) = best else { break };
+        let (index, colour) = palette.swap_remove(at);
+        last_lightness = colour[0];
+        chosen.push(index);
+    }
+    chosen
+}
+
+/// The step of `level` in [0, 1] among `steps`.
+fn step_of(level: f64, steps: &[u8]) -> u8 {
+    let i = ((level * steps.len() as f64) as usize).min(steps.len().saturating_sub(1));
+    steps.get(i).copied().unwrap_or(16)
+}
+
+/// The signed ramp in 256 colours: steps outward from the middle each way, so that
+/// lightness rises with |value| on both sides.
+fn signed_steps() -> (Vec<u8>, Vec<u8>) {
+    let half = PALETTE_STEPS / 2;
+    let negative = palette_steps(|t| signed_rgb(0.5 - t / 2.0), half);
+    let positive = palette_steps(|t| signed_rgb(0.5 + t / 2.0), half);
+    (negative, positive)
+}
+
+/// The RGB value of xterm colour `index` (16..=255).
+pub fn xterm_rgb(index: u8) -> (u8, u8, u8) {
+    const CUBE: [u8; 6] = [0, 95, 135, 175, 215, 255];
+    if index >= 232 {
+        let v = 8 + 10 * (index - 232);
+        (v, v, v)
+    } else {
+        let i = usize::from(index.saturating_sub(16));
+        (CUBE[i / 36], CUBE[i / 6 % 6], CUBE[i % 6])
+    }
+}
+
+/// sRGB to OKLab (Björn Ottosson's).
+fn oklab((r, g, b): (u8, u8, u8)) -> [f64; 3] {
+    let linear = |c: u8| {
+        let c = f64::from(c) / 255.0;
+        if c <= 0.04045 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    let (r, g, b) = (linear(r), linear(g), linear(b));
+    let l = (0.412_221_470_8 * r + 0.536_332_536_3 * g + 0.051_445_992_9 * b).cbrt();
+    let m = (0.211_903_498_2 * r + 0.680_699_545_1 * g + 0.107_396_956_6 * b).cbrt();
+    let s = (0.088_302_461_9 * r + 0.281_718_837_6 * g + 0.629_978_700_5 * b).cbrt();
+    [
+        0.210_454_255_3 * l + 0.793_617_785 * m - 0.004_072_046_8 * s,
+        1.977_998_495_1 * l - 2.428_592_205 * m + 0.450_593_709_9 * s,
+        0.025_904_037_1 * l + 0.782_771_766_2 * m - 0.808_675_766 * s,
+    ]
+}
+
+/// OKLab to sRGB, clamped to the gamut.
+fn from_oklab([l, a, b]: [f64; 3]) -> (u8, u8, u8) {
+    let l_ = (l + 0.396_337_777_4 * a + 0.215_803_757_3 * b).powi(3);
+    let m_ = (l - 0.105_561_345_8 * a - 0.063_854_172_8 * b).powi(3);
+    let s_ = (l - 0.089_484_177_5 * a - 1.291_485_548 * b).powi(3);
+    let to_srgb = |c: f64| {
+        let c = c.clamp(0.0, 1.0);
+        let v = if c <= 0.003_130_8 {
+            12.92 * c
+        } else {
+            1.055 * c.powf(1.0 / 2.4) - 0.055
+        };
+        (v * 255.0).round().clamp(0.0, 255.0) as u8
+    };
+    (
+        to_srgb(4.076_741_662_1 * l_ - 3.307_711_591_3 * m_ + 0.230_969_929_2 * s_),
+        to_srgb(-1.268_438_004_6 * l_ + 2.609_757_401_1 * m_ - 0.341_319_396_5 * s_),
+        to_srgb(-0.004_196_086_3 * l_ - 0.703_418_614_7 * m_ + 1.707_614_701 * s_),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn detect(setting: &str, vars: &[(&str, &str)]) -> (ColorMode, String) {
+        ColorMode::detect(setting, |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_string())
+        })
+    }
+
+    fn mode(setting: &str, vars: &[(&str, &str)]) -> ColorMode {
+        detect(setting, vars).0
+    }
+
     #[test]
     fn colour_mode_follows_the_environment_unless_set() {
         assert_eq!(
-            ColorMode::detect("auto", None, Some("truecolor")),
+            mode("auto", &[("COLORTERM", "truecolor")]),
             ColorMode::TrueColor
         );
         assert_eq!(
-            ColorMode::detect("auto", None, Some("24bit")),
+            mode("auto", &[("COLORTERM", "24bit")]),
             ColorMode::TrueColor
         );
-        assert_eq!(ColorMode::detect("auto", None, None), ColorMode::Ansi256);
+        assert_eq!(mode("auto", &[]), ColorMode::Ansi256);
         assert_eq!(
-            ColorMode::detect("auto", Some("1"), Some("truecolor")),
+            mode("auto", &[("NO_COLOR", "1"), ("COLORTERM", "truecolor")]),
+            ColorMode::NoColor
+        );
+        assert_eq!(mode("auto", &[("NO_COLOR", "")]), ColorMode::Ansi256);
+        assert_eq!(
+            mode("none", &[("COLORTERM", "truecolor")]),
             ColorMode::NoColor
         );
         assert_eq!(
-            ColorMode::detect("auto", Some(""), None),
+            mode("truecolor", &[("NO_COLOR", "1")]),
+            ColorMode::TrueColor
+        );
+        assert_eq!(
+            mode("256", &[("COLORTERM", "truecolor")]),
+            ColorMode::Ansi256
+        );
+        // What SSH forwards: TERM alone.
+        for term in ["xterm-direct", "xterm-kitty", "alacritty", "wezterm"] {
+            assert_eq!(
+                detect("auto", &[("TERM", term)]),
+                (ColorMode::TrueColor, format!("TERM={term}"))
+            );
+        }
+        for term in ["xterm-256color", "tmux-256color", "screen", "linux"] {
+            assert_eq!(mode("auto", &[("TERM", term)]), ColorMode::Ansi256);
+        }
+        assert_eq!(
+            mode("auto", &[("TERM_PROGRAM", "iTerm.app")]),
+            ColorMode::TrueColor
+        );
+        assert_eq!(
+            mode("auto", &[("TERM_PROGRAM", "Apple_Terminal")]),
             ColorMode::Ansi256
         );
         assert_eq!(
-            ColorMode::detect("none", None, Some("truecolor")),
-            ColorMode::NoColor
-        );
-        assert_eq!(
-            ColorMode::detect("truecolor", Some("1"), None),
-            ColorMode::TrueColor
+            detect("auto", &[("TERM", "xterm-256color")]).1,
+            "no sign of truecolor: COLORTERM unset, TERM=xterm-256color"
         );
     }
 
@@ -274,16 +466,80 @@ mod tests {
         assert_eq!(t.heat(7.0).0, '█');
         assert_eq!(t.heat(f64::NAN).0, ' ');
         assert_eq!(t.heat(1.0).1.fg, None);
-        let c = Theme::new(ColorMode::Ansi256, "braille");
-        assert_eq!(c.heat(0.0).1.fg, Some(Color::Indexed(53)));
-        assert_eq!(c.heat(1.0).1.fg, Some(Color::Indexed(226)));
-        assert_eq!(c.signed_color(-1.0), Some(Color::Indexed(33)));
-        assert_eq!(c.signed_color(0.0), Some(Color::Indexed(236)));
-        assert_eq!(c.signed_color(3.0), Some(Color::Indexed(196)));
-        let tc = Theme::new(ColorMode::TrueColor, "braille");
-        assert_eq!(tc.signed_color(1.0), Some(Color::Rgb(255, 80, 60)));
-        assert_eq!(tc.signed_color(0.0), Some(Color::Rgb(30, 30, 30)));
         assert_eq!(t.signed_color(0.5), None);
+    }
+
+    fn distinct(colours: impl Iterator<Item = Option<Color>>) -> usize {
+        colours.collect::<std::collections::HashSet<_>>().len()
+    }
+
+    fn lightness(c: Option<Color>) -> f64 {
+        match c {
+            Some(Color::Rgb(r, g, b)) => oklab((r, g, b))[0],
+            Some(Color::Indexed(i)) => oklab(xterm_rgb(i))[0],
+            other => panic!("not a colour: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_heat_ramp_is_continuous_in_truecolor_and_has_many_steps_in_256() {
+        let levels = || (0..=1000).map(|i| f64::from(i) / 1000.0);
+        let tc = Theme::new(ColorMode::TrueColor, "braille");
+        // Viridis' ends; every level its own colour, brighter as the level rises.
+        assert_eq!(tc.heat_color(0.0), Some(Color::Rgb(68, 1, 84)));
+        assert_eq!(tc.heat_color(1.0), Some(Color::Rgb(253, 231, 37)));
+        assert_eq!(tc.heat_color(f64::NAN), tc.heat_color(0.0));
+        assert!(distinct(levels().map(|l| tc.heat_color(l))) > 250);
+        let c = Theme::new(ColorMode::Ansi256, "braille");
+        let steps = distinct(levels().map(|l| c.heat_color(l)));
+        assert!(steps >= 16, "{steps} steps in 256 colours");
+        for ramp in [&tc, &c] {
+            let l: Vec<f64> = levels()
+                .step_by(50)
+                .map(|x| lightness(ramp.heat_color(x)))
+                .collect();
+            assert!(l.windows(2).all(|w| w[1] >= w[0] - 0.01), "{l:?}");
+        }
+        // 256 colours never use the 16 themed ones.
+        assert!(levels().all(|l| matches!(c.heat_color(l), Some(Color::Indexed(i)) if i >= 16)));
+    }
+
+    #[test]
+    fn the_signed_scale_is_dark_at_zero_and_blue_or_red_by_sign() {
+        let values = || (-1000..=1000).map(|i| f64::from(i) / 1000.0);
+        let tc = Theme::new(ColorMode::TrueColor, "braille");
+        assert_eq!(tc.signed_color(0.0), Some(Color::Rgb(30, 30, 30)));
+        let Some(Color::Rgb(r, _, b)) = tc.signed_color(-1.0) else {
+            panic!()
+        };
+        assert!(b > 200 && r < 100);
+        let Some(Color::Rgb(r, _, b)) = tc.signed_color(3.0) else {
+            panic!()
+        };
+        assert!(r > 200 && b < 100);
+        assert!(distinct(values().map(|v| tc.signed_color(v))) > 250);
+        // Lightness grows with |value| both ways.
+        for sign in [-1.0, 1.0] {
+            let l: Vec<f64> = (0..=10)
+                .map(|i| lightness(tc.signed_color(sign * f64::from(i) / 10.0)))
+                .collect();
+            assert!(l.windows(2).all(|w| w[1] > w[0]), "{l:?}");
+        }
+        let c = Theme::new(ColorMode::Ansi256, "braille");
+        let steps = distinct(values().map(|v| c.signed_color(v)));
+        assert!(steps >= 16, "{steps} steps in 256 colours");
+    }
+
+    #[test]
+    fn oklab_round_trips_and_the_palette_is_xterms() {
+        for c in [(0, 0, 0), (255, 255, 255), (30, 30, 30), (200, 10, 90)] {
+            assert_eq!(from_oklab(oklab(c)), c);
+        }
+        assert_eq!(xterm_rgb(16), (0, 0, 0));
+        assert_eq!(xterm_rgb(196), (255, 0, 0));
+        assert_eq!(xterm_rgb(231), (255, 255, 255));
+        assert_eq!(xterm_rgb(232), (8, 8, 8));
+        assert_eq!(xterm_rgb(255), (238, 238, 238));
     }
 
     #[test]

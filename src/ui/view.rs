@@ -313,7 +313,7 @@ fn render_help(app: &App, area: Rect, buf: &mut Buffer) {
         .iter()
         .filter(|b| scopes.contains(&b.scope) || b.scope == Scope::Popup)
         .collect();
-    let rect = centered(area, 64, keys.len() as u16 + 3);
+    let rect = centered(area, 64, keys.len() as u16 + 6);
     Clear.render(rect, buf);
     let mut lines: Vec<Line> = keys
         .iter()
@@ -324,6 +324,20 @@ fn render_help(app: &App, area: Rect, buf: &mut Buffer) {
             ])
         })
         .collect();
+    lines.push(Line::raw(""));
+    let why = if app.color_note.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", app.color_note)
+    };
+    lines.push(Line::from(vec![
+        Span::styled(" colours  ", t.dim()),
+        Span::raw(format!("{}{why}", t.mode.label())),
+    ]));
+    lines.push(Line::styled(
+        "          change: --color truecolor|256|none, or ui.color",
+        t.dim(),
+    ));
     lines.push(Line::styled(" Esc closes this help", t.dim()));
     Paragraph::new(lines)
         .block(Block::default().borders(Borders::ALL).title(" Keys "))
