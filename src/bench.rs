@@ -63,6 +63,10 @@ pub struct BenchReport {
     /// Probe bytes per hour of training at that interval, in MB.
     pub probe_mb_per_hour: f64,
     pub probe_every_steps: usize,
+    /// What `crate::memory::estimate` expected the benchmark to need, in MB.
+    pub memory_estimate_mb: f64,
+    /// The benchmark's measured peak resident memory, in MB (Linux; 0 elsewhere).
+    pub peak_rss_mb: f64,
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -102,7 +106,14 @@ fn matmul_gflops(config: &Config, workers: &Workers) -> candle_core::Result<(f64
     Ok((flops / secs / 1e9, rows))
 }
 
-pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<BenchReport> {
+/// Times `steps` training steps after `warmup`; `memory_estimate` (bytes) is reported
+/// beside the measured peak.
+pub fn run(
+    config: &Config,
+    warmup: usize,
+    steps: usize,
+    memory_estimate: f64,
+) -> candle_core::Result<BenchReport> {
     let m = &config.model;
     let batch = config.train.batch_size;
     let state = ModelState::new(m, config.train.seed, DType::F32)?;
@@ -227,6 +238,8 @@ pub fn run(config: &Config, warmup: usize, steps: usize) -> candle_core::Result<
         probe_mb_per_hour,
         probe_every_steps: config.probe.every_steps,
         augmentation: augmentation_words(&config.data),
+        memory_estimate_mb: memory_estimate / 1e6,
+        peak_rss_mb: crate::sys::peak_rss_bytes().map_or(0.0, |b| b as f64 / 1e6),
     })
 }
 
@@ -263,7 +276,8 @@ impl BenchReport {
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
              data thread  {:.0} images/s alone ({}; it runs beside training, {:.1}x ahead)\n\
              forward cost {:.4} GFLOP per image (matrix products)\n\
-             probes       {:.1} ms and {:.2} MB each; every {} steps: {:.3}% of training time, {:.1} MB per hour",
+             probes       {:.1} ms and {:.2} MB each; every {} steps: {:.3}% of training time, {:.1} MB per hour\n\
+             memory       {:.0} MB peak resident, {:.0} MB estimated before the run",
             self.model,
             self.parameters,
             self.threads,
@@ -298,6 +312,8 @@ impl BenchReport {
             self.probe_every_steps,
             self.probe_overhead_percent,
             self.probe_mb_per_hour,
+            self.peak_rss_mb,
+            self.memory_estimate_mb,
         )
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::events::{Control, Event};
 use crate::headless::HeadlessPrinter;
+use crate::memory::Workload;
 use crate::run::RunDir;
 use crate::ui::app::{App, Mode};
 use crate::ui::theme::{ColorMode, Theme};
@@ -173,8 +174,9 @@ impl TrainArgs {
         sets
     }
 
-    /// Resolves the configuration and the run directory (created, or opened to resume).
-    pub fn prepare_run(&self) -> Result<(Config, RunDir, bool), String> {
+    /// Resolves the configuration and the run directory (created, or opened to resume),
+    /// refusing a configuration that will not fit in memory before anything is written.
+    pub fn prepare_run(&self, workload: Workload) -> Result<(Config, RunDir, bool), String> {
         let sets = self.flag_sets();
         if let Some(path) = &self.resume {
             if self.config.config.is_some() {
@@ -184,6 +186,7 @@ impl TrainArgs {
             let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets)
                 .map_err(|e| e.to_string())?;
             crate::sys::set_threads(config.train.threads)?;
+            fits_in_memory(&config, workload)?;
             // The trainer writes the config once the checkpoint has loaded into it: a
             // refused resume leaves the run as it was.
             return Ok((config, run, true));
@@ -191,15 +194,22 @@ impl TrainArgs {
         let config =
             Config::load(self.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
         crate::sys::set_threads(config.train.threads)?;
+        fits_in_memory(&config, workload)?;
         let run = RunDir::create(Path::new(&config.run.dir), self.run_dir.as_deref(), &config)
             .map_err(|e| e.to_string())?;
         Ok((config, run, false))
     }
 }
 
+/// The memory estimate of `config`, refused when more than the machine has available.
+fn fits_in_memory(config: &Config, workload: Workload) -> Result<crate::memory::Estimate, String> {
+    let threads = candle_core::utils::get_num_threads();
+    crate::memory::check(config, workload, threads, crate::memory::available_bytes())
+}
+
 /// Runs training with plain-text progress; Ctrl-C stops cleanly with a checkpoint.
 pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
-    let (config, run, resume) = args.prepare_run()?;
+    let (config, run, resume) = args.prepare_run(Workload::Headless)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -253,8 +263,14 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
     let outcome = handle
         .join()
         .map_err(|_| "the trainer thread panicked".to_string())?;
-    if let Some(peak) = crate::sys::peak_rss_bytes() {
-        println!("peak memory (RSS): {:.0} MB", peak as f64 / 1e6);
+    if let (Ok(_), Some(peak)) = (&outcome, crate::sys::peak_rss_bytes()) {
+        let threads = candle_core::utils::get_num_threads();
+        let estimate = crate::memory::estimate(&config, Workload::Headless, threads).total();
+        println!(
+            "peak memory (RSS): {:.0} MB (estimated before training: {:.0} MB)",
+            peak as f64 / 1e6,
+            estimate / 1e6
+        );
     }
     outcome
         .map(|_| ExitCode::SUCCESS)
@@ -276,7 +292,7 @@ fn run_name(run: &RunDir) -> String {
 
 /// Trains with the dashboard on screen; the trainer runs on its own thread.
 pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
-    let (config, run, resume) = args.prepare_run()?;
+    let (config, run, resume) = args.prepare_run(Workload::Dashboard)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
     let (theme, why) = theme_for(&config);
@@ -351,7 +367,8 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
-    let report = crate::bench::run(&config, args.warmup, args.steps)
+    let estimate = fits_in_memory(&config, Workload::Bench)?;
+    let report = crate::bench::run(&config, args.warmup, args.steps, estimate.total())
         .map_err(|e| format!("benchmark failed: {e}"))?;
     if args.json {
         println!(

@@ -29,6 +29,9 @@ random_erasing = 0.0
 pub const IMAGE_SIZE: usize = 32;
 /// Colour channels of the input images.
 pub const CHANNELS: usize = 3;
+/// More histogram bins than this is finer than any terminal or picture shows, and
+/// every probe of a run keeps its histograms in the dashboard.
+pub const MAX_HISTOGRAM_BINS: usize = 4096;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -434,10 +437,10 @@ impl Config {
         let p = &self.probe;
         check(p.images > 0, "probe.images", p.images, "must be at least 1")?;
         check(
-            p.histogram_bins >= 2,
+            (2..=MAX_HISTOGRAM_BINS).contains(&p.histogram_bins),
             "probe.histogram_bins",
             p.histogram_bins,
-            "must be at least 2",
+            &format!("must be between 2 and {MAX_HISTOGRAM_BINS}"),
         )?;
         positive("probe.histogram_range", p.histogram_range)?;
         let u = &self.ui;

@@ -20,6 +20,7 @@ pub mod fastmath;
 pub mod features;
 pub mod follow;
 pub mod headless;
+pub mod memory;
 pub mod milestones;
 pub mod model;
 pub mod ops;

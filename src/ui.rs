@@ -190,6 +190,8 @@ async fn event_loop(
                 let before = app.process;
                 app.process.cpu_percent = cpu.sample().map(|p| p.round());
                 app.process.rss_bytes = crate::sys::rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
+                app.process.peak_rss_bytes =
+                    crate::sys::peak_rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
                 if app.process != before && !app.engine_done {
                     data_dirty = true;
                 }

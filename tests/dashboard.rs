@@ -108,6 +108,8 @@ fn training_app(steps: u64, mode: ColorMode) -> App {
     a.process = ProcessStats {
         cpu_percent: Some(198.0),
         rss_bytes: Some(612_000_000),
+        peak_rss_bytes: Some(640_000_000),
+        estimate_bytes: Some(700_000_000),
     };
     a
 }

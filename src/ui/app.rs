@@ -184,6 +184,9 @@ pub struct TrainingView {
 pub struct ProcessStats {
     pub cpu_percent: Option<f64>,
     pub rss_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    /// What [`crate::memory::estimate`] expected this process to need, in bytes.
+    pub estimate_bytes: Option<u64>,
 }
 
 pub const LOG_LINES: usize = 500;
@@ -297,7 +300,14 @@ impl App {
                 zoomed: false,
                 recent_steps: config.ui.recent_steps,
             },
-            process: ProcessStats::default(),
+            process: ProcessStats {
+                estimate_bytes: (mode == Mode::Live).then(|| {
+                    let threads = candle_core::utils::get_num_threads();
+                    crate::memory::estimate(config, crate::memory::Workload::Dashboard, threads)
+                        .total() as u64
+                }),
+                ..ProcessStats::default()
+            },
             stopping: false,
             quit_requested: false,
             engine_done: false,

@@ -313,10 +313,13 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
         .process
         .cpu_percent
         .map_or("-".to_string(), |c| format!("{c:.0}%"));
-    let mem = app
-        .process
-        .rss_bytes
-        .map_or("-".to_string(), |b| format!("{:.0}MB", b as f64 / 1e6));
+    // The peak, which is what the estimate made before training promised.
+    let mb = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1e6));
+    let mem = format!(
+        "{}/{} MB",
+        mb(app.process.peak_rss_bytes),
+        mb(app.process.estimate_bytes)
+    );
     let lines = vec![
         pair(
             "loss",
@@ -339,9 +342,9 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
         ),
         pair(
             "images/s",
-            format!("{:.0}", last.images_per_sec),
-            "cpu mem",
-            format!("{cpu} {mem}"),
+            format!("{:.0}  cpu {cpu}", last.images_per_sec),
+            "peak/est",
+            mem,
         ),
         Line::from(vec![
             Span::styled(format!("{:<10}", "reached"), t.dim()),
