@@ -215,7 +215,7 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
         .build()
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(1024);
-    let (handle, control) = crate::train::spawn(config.clone(), run, resume, Box::new(tx));
+    let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
     let stdout = std::io::stdout();
     let is_terminal = stdout.is_terminal();
     let mut printer = HeadlessPrinter::new(
@@ -263,6 +263,9 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
     let outcome = handle
         .join()
         .map_err(|_| "the trainer thread panicked".to_string())?;
+    if !resume {
+        run.discard_unstarted();
+    }
     if let (Ok(_), Some(peak)) = (&outcome, crate::sys::peak_rss_bytes()) {
         let threads = candle_core::utils::get_num_threads();
         let estimate = crate::memory::estimate(&config, Workload::Headless, threads).total();
@@ -304,9 +307,12 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
     let outcome = handle
         .join()
         .map_err(|_| "the trainer thread panicked".to_string())?;
+    let discarded = !resume && run.discard_unstarted();
     let (_, stats) = shown.map_err(|e| format!("terminal error: {e}"))?;
     eprintln!("{}", stats.summary());
-    println!("run directory: {}", run.path().display());
+    if !discarded {
+        println!("run directory: {}", run.path().display());
+    }
     outcome
         .map(|_| ExitCode::SUCCESS)
         .map_err(|e| e.to_string())
@@ -381,12 +387,42 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Help and version as clap prints them; a usage error as its first line and a pointer
+/// to --help (clap adds the whole usage to some), with clap's exit status 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.use_stderr() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("error");
+    eprintln!("{first}");
+    eprintln!("For more information, try '--help'.");
+    ExitCode::from(2)
+}
+
 /// The binary's entry point: parse, run, and turn any error into one line on stderr.
 pub fn main() -> ExitCode {
     crate::sys::tune_allocator();
     // Panics still restore the terminal and print a readable report.
     let _ = color_eyre::install();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let train = |args: &TrainArgs| {
         if args.headless || !std::io::stdout().is_terminal() {
             train_headless(args)

@@ -72,6 +72,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
+    /// The folders [`RunDir::create`] made, outermost first (none for an opened run).
+    made: Vec<PathBuf>,
 }
 
 impl RunDir {
@@ -103,10 +105,23 @@ impl RunDir {
                 candidate
             }
         };
-        std::fs::create_dir_all(path.join(PROBES_DIR))
+        let probes = path.join(PROBES_DIR);
+        let made: Vec<PathBuf> = {
+            let mut missing: Vec<PathBuf> = probes
+                .ancestors()
+                .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+                .map(Path::to_path_buf)
+                .collect();
+            missing.reverse();
+            missing
+        };
+        std::fs::create_dir_all(&probes)
             .map_err(|e| io_error(&path, format!("cannot create: {e}")))?;
-        let run = Self { path };
-        run.write_config(config)?;
+        let run = Self { path, made };
+        if let Err(e) = run.write_config(config) {
+            run.discard_unstarted();
+            return Err(e);
+        }
         Ok(run)
     }
 
@@ -120,7 +135,29 @@ impl RunDir {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            made: Vec::new(),
         })
+    }
+
+    /// Removes what [`RunDir::create`] made when the run never trained (no metrics, no
+    /// checkpoint): a start that failed, say on missing data, leaves nothing behind.
+    /// Files it did not write and folders that hold anything else stay. Returns whether
+    /// the run directory is gone. Does nothing for an opened run.
+    pub fn discard_unstarted(&self) -> bool {
+        let trained = [METRICS_FILE, CHECKPOINT_FILE]
+            .iter()
+            .any(|f| std::fs::metadata(self.file(f)).is_ok_and(|m| m.len() > 0));
+        if self.made.is_empty() || trained {
+            return false;
+        }
+        for file in [CONFIG_FILE, LOG_FILE, METRICS_FILE] {
+            let _ = std::fs::remove_file(self.file(file));
+        }
+        // Innermost first; a folder that is not empty is kept.
+        for dir in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        !self.path.exists()
     }
 
     pub fn path(&self) -> &Path {
@@ -420,5 +457,36 @@ mod tests {
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
         let err = write_atomic(&tmp.path().join("missing").join("y"), b"z").unwrap_err();
         assert!(err.to_string().contains("cannot write"), "{err}");
+    }
+
+    #[test]
+    fn a_run_that_never_trained_is_removed_with_the_folders_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        // Timestamped under a parent that did not exist: both go.
+        let parent = tmp.path().join("a/runs");
+        let run = RunDir::create(&parent, None, &config).unwrap();
+        std::fs::write(run.file(LOG_FILE), "started\n").unwrap();
+        assert!(run.discard_unstarted());
+        assert!(!tmp.path().join("a").exists());
+        // An existing folder given with --run-dir stays, with the user's own files.
+        let mine = tmp.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+        let run = RunDir::create(tmp.path(), Some(&mine), &config).unwrap();
+        run.discard_unstarted();
+        let left: Vec<_> = std::fs::read_dir(&mine)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+        // A run with metrics stays whole; an opened run is never removed.
+        let trained = RunDir::create(tmp.path(), Some(&tmp.path().join("t")), &config).unwrap();
+        std::fs::write(trained.file(METRICS_FILE), "{}\n").unwrap();
+        assert!(!trained.discard_unstarted());
+        assert!(trained.file(CONFIG_FILE).exists());
+        std::fs::remove_file(trained.file(METRICS_FILE)).unwrap();
+        assert!(!RunDir::open(trained.path()).unwrap().discard_unstarted());
+        assert!(trained.file(CONFIG_FILE).exists());
     }
 }
