@@ -114,6 +114,28 @@ fn training_app(steps: u64, mode: ColorMode) -> App {
     a
 }
 
+#[test]
+fn a_budgeted_run_shows_budget_projection_and_milestones_at_80x24() {
+    let mut a = app(ColorMode::Ansi256);
+    let mut run = info();
+    run.budget_secs = Some(3600.0);
+    a.on_event(Event::Started(run));
+    a.on_event(Event::Phase(Phase::Training));
+    for step in 1..=800 {
+        a.on_event(Event::Train(train_record(step)));
+        if step % 390 == 0 {
+            a.on_event(Event::Eval(eval_record(step / 390)));
+        }
+    }
+    let s = screen(&a, 80, 24);
+    let run_row = s.lines().find(|l| l.starts_with("run 800/")).unwrap();
+    assert!(
+        run_row.contains("budget 1h") && run_row.contains("projected"),
+        "{s}"
+    );
+    assert!(s.contains("reached "), "{s}");
+}
+
 fn key(c: KeyCode) -> KeyEvent {
     KeyEvent::new(c, KeyModifiers::NONE)
 }

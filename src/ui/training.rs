@@ -351,6 +351,12 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
             Span::raw(crate::milestones::summary(&app.evals)),
         ]),
     ];
+    let mut lines = lines;
+    // Too short for every row (80x24): the learning rate has its own chart, so its row
+    // gives way to when the run reached each accuracy.
+    if (block.inner(area).height as usize) < lines.len() {
+        lines.remove(3);
+    }
     Paragraph::new(lines).block(block).render(area, buf);
 }
 
@@ -372,8 +378,7 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
         Phase::Failed | Phase::Stalled => "-".to_string(),
         _ => secs.map_or("ETA -".to_string(), |s| format!("ETA {}", duration(s))),
     };
-    let width = (area.width as usize).saturating_sub(44).clamp(4, 120);
-    let row = |label: String, ratio: f64, tail: String| {
+    let row = |label: String, ratio: f64, tail: String, width: usize| {
         Line::from(vec![
             Span::styled(format!("{label:<14}"), t.dim()),
             Span::styled(bar(ratio, width), t.gauge()),
@@ -397,16 +402,28 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
             duration(projected)
         )
     });
+    let tails = [
+        eta_text(eta.map(|e| e.0)),
+        eta_text(eta.map(|e| e.1)) + &budget,
+    ];
+    // The bars give way to the text: label 14, percentage 9, then the longer tail.
+    let longest = tails.iter().map(|t| t.chars().count()).max().unwrap_or(0);
+    let width = (area.width as usize)
+        .saturating_sub(14 + 9 + longest)
+        .clamp(4, 120);
+    let [epoch_tail, run_tail] = tails;
     let lines = vec![
         row(
             format!("epoch {epoch}/{}", info.epochs),
             in_epoch as f64 / spe as f64,
-            eta_text(eta.map(|e| e.0)),
+            epoch_tail,
+            width,
         ),
         row(
             format!("run {step}/{}", info.final_step),
             step as f64 / info.final_step.max(1) as f64,
-            eta_text(eta.map(|e| e.1)) + &budget,
+            run_tail,
+            width,
         ),
     ];
     Paragraph::new(lines).render(area, buf);

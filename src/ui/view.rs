@@ -315,31 +315,29 @@ fn render_help(app: &App, area: Rect, buf: &mut Buffer) {
         .collect();
     let rect = centered(area, 64, keys.len() as u16 + 6);
     Clear.render(rect, buf);
-    let mut lines: Vec<Line> = keys
-        .iter()
-        .map(|b| {
-            Line::from(vec![
-                Span::styled(format!(" {:<9}", b.label), t.key()),
-                Span::raw(b.description),
-            ])
-        })
-        .collect();
-    lines.push(Line::raw(""));
+    // The colour mode first: on a small screen the end of the list is cut off.
     let why = if app.color_note.is_empty() {
         String::new()
     } else {
         format!(" ({})", app.color_note)
     };
-    lines.push(Line::from(vec![
-        Span::styled(" colours  ", t.dim()),
-        Span::raw(format!("{}{why}", t.mode.label())),
-    ]));
-    lines.push(Line::styled(
-        "          change: --color truecolor|256|none, or ui.color",
-        t.dim(),
-    ));
+    let mut lines = vec![
+        Line::from(vec![
+            Span::styled(" colours  ", t.dim()),
+            Span::raw(format!("{}{why}; ", t.mode.label())),
+            Span::styled("--color truecolor|256|none or ui.color changes it", t.dim()),
+        ]),
+        Line::raw(""),
+    ];
+    lines.extend(keys.iter().map(|b| {
+        Line::from(vec![
+            Span::styled(format!(" {:<9}", b.label), t.key()),
+            Span::raw(b.description),
+        ])
+    }));
     lines.push(Line::styled(" Esc closes this help", t.dim()));
     Paragraph::new(lines)
+        .wrap(Wrap { trim: false })
         .block(Block::default().borders(Borders::ALL).title(" Keys "))
         .render(rect, buf);
 }
