@@ -249,5 +249,16 @@ fn bad_inputs_fail_in_a_few_lines_and_touch_nothing() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+    // Viewing a good run and a damaged one only reads them.
+    for run in ["runs/done", "runs/damaged"] {
+        let out = vitscope(root, &["view", run]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("step"));
+        assert!(tree(root) == before, "view {run} changed files");
+    }
     assert!(cases.len() >= 38, "{}", cases.len());
 }
