@@ -39,6 +39,35 @@ pub enum Command {
     /// Open the dashboard over a run directory: follows a run that is being written,
     /// replays a finished or killed one. Never writes into it.
     View(ViewArgs),
+    /// Render what the tabs show as PNG pictures and an animated GIF of the LayerNorm
+    /// distributions, from a run directory's files.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The run directory.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// What to export (all of them, with an index.html, when none is named).
+    #[arg(value_name = "WHAT", value_parser = ["layernorm-gif", "attention", "features", "patches", "predictions", "curves"])]
+    pub what: Vec<String>,
+    /// Folder to write into (default: <run name>-export in the current folder).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The probe step to show (default: the latest).
+    #[arg(long, value_name = "N")]
+    pub step: Option<u64>,
+    /// The probe image.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub image: usize,
+    /// The LayerNorm of the GIF (0 = block 0's first), the block of the attention
+    /// pictures, the hidden state of the features (0 = embeddings).
+    #[arg(long, value_name = "L", default_value_t = 0)]
+    pub layer: usize,
+    /// The attention head.
+    #[arg(long, value_name = "H", default_value_t = 0)]
+    pub head: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -363,6 +392,41 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes the pictures and lists them with their sizes.
+pub fn export(args: &ExportArgs) -> Result<ExitCode, String> {
+    let whats = args
+        .what
+        .iter()
+        .map(|w| crate::export::What::parse(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let name = args
+            .run_dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+        PathBuf::from(format!("{name}-export"))
+    });
+    let choice = crate::export::Choice {
+        step: args.step,
+        image: args.image,
+        layer: args.layer,
+        head: args.head,
+    };
+    let t = std::time::Instant::now();
+    let written = crate::export::export(&args.run_dir, &out, &whats, &choice)?;
+    let total: usize = written.iter().map(|w| w.bytes).sum();
+    for w in &written {
+        println!("{:>9} bytes  {}  ({})", w.bytes, w.path.display(), w.what);
+    }
+    println!(
+        "{} files, {:.2} MB, in {:.2} s",
+        written.len(),
+        total as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
     let mut sets = args.config.set.clone();
     if let Some(n) = args.threads {
@@ -433,6 +497,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Bench(args)) => bench(args),
         Some(Command::View(args)) => view(args),
+        Some(Command::Export(args)) => export(args),
         Some(Command::Train(args)) => train(args),
         None => train(&cli.train),
     };

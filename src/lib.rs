@@ -16,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod ema;
 pub mod events;
+pub mod export;
 pub mod fastmath;
 pub mod features;
 pub mod follow;

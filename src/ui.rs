@@ -122,6 +122,8 @@ async fn event_loop(
     let mut data_dirty = false;
     let mut last_draw: Option<Instant> = None;
     let mut engine_open = true;
+    // Exports run on their own thread and report here.
+    let (export_tx, mut export_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let send = |c: Control| {
         if let Some(tx) = &control {
             let _ = tx.send(c);
@@ -175,10 +177,31 @@ async fn event_loop(
                     input_dirty = true;
                 }
             },
+            Some(message) = export_rx.recv() => {
+                app.push_log(message.clone());
+                app.notice = Some(message);
+                input_dirty = true;
+            },
             Some(term) = input.recv() => match term {
                 TermEvent::Key(key) if key.kind != KeyEventKind::Release => {
                     if let Some(c) = app.on_key(key) {
                         send(c);
+                    }
+                    if let Some(request) = app.export_request.take() {
+                        app.notice = Some(format!("exporting {} …", request.what.name()));
+                        let tx = export_tx.clone();
+                        std::thread::spawn(move || {
+                            let result = crate::export::export(&request.run_dir, &request.out, &[request.what], &request.choice);
+                            let _ = tx.send(match result {
+                                Ok(files) => format!(
+                                    "exported {} file{} to {}",
+                                    files.len(),
+                                    if files.len() == 1 { "" } else { "s" },
+                                    request.out.display()
+                                ),
+                                Err(e) => format!("export failed: {e}"),
+                            });
+                        });
                     }
                     input_dirty = true;
                 }

@@ -530,6 +530,34 @@ fn attention_keys_choose_layer_head_image_query_and_probe() {
     assert!(s.contains("L5 H2") || s.contains("L1 H2  entropy"), "{s}");
 }
 
+#[test]
+fn the_export_key_asks_for_what_the_tab_shows() {
+    use vitscope::export::What;
+    let mut empty = app(ColorMode::Ansi256);
+    empty.on_key(key(KeyCode::Char('e')));
+    assert!(empty.export_request.is_none());
+    assert!(screen(&empty, 200, 60).contains("nothing to export yet"));
+    let mut a = attention_app(ColorMode::Ansi256);
+    for c in ['j', 'l', 'n', ',', 'e'] {
+        a.on_key(key(KeyCode::Char(c)));
+    }
+    let r = a.export_request.take().unwrap();
+    assert_eq!(r.what, What::Attention);
+    assert_eq!(
+        (r.choice.layer, r.choice.head, r.choice.image, r.choice.step),
+        (1, 1, 1, Some(250))
+    );
+    assert_eq!(r.out, PathBuf::from("2026-11-28T12-00-00-export"));
+    a.on_key(key(KeyCode::Char('1')));
+    a.on_key(key(KeyCode::Char('e')));
+    assert_eq!(a.export_request.take().unwrap().what, What::Curves);
+    // The notice shows in the status line until the next key.
+    a.notice = Some("exported 3 files to x-export".into());
+    assert!(screen(&a, 200, 60).contains("exported 3 files to x-export"));
+    a.on_key(key(KeyCode::Char('2')));
+    assert!(!screen(&a, 200, 60).contains("exported 3 files"));
+}
+
 /// The colours (foreground and background) of the cells in `area` of the screen.
 fn colours(app: &App, (w, h): (u16, u16), area: ratatui::layout::Rect) -> Vec<Vec<Color>> {
     let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();

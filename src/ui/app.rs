@@ -77,6 +77,15 @@ pub enum LnSource {
     Beta,
 }
 
+/// Pictures to render for the user, as `vitscope export` would.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub run_dir: std::path::PathBuf,
+    pub out: std::path::PathBuf,
+    pub what: crate::export::What,
+    pub choice: crate::export::Choice,
+}
+
 /// The LayerNorm tab's view settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerNormView {
@@ -199,6 +208,10 @@ pub struct App {
     pub theme: Theme,
     /// Why the theme has its colour mode (the help screen says it).
     pub color_note: String,
+    /// An export the `e` key asked for, for the event loop to run off this thread.
+    pub export_request: Option<ExportRequest>,
+    /// A one-off message for the status line (where an export went), until the next key.
+    pub notice: Option<String>,
     pub run_name: String,
     pub dataset: String,
     pub tab: Tab,
@@ -249,6 +262,8 @@ impl App {
         Self {
             mode,
             color_note: String::new(),
+            export_request: None,
+            notice: None,
             theme,
             run_name,
             dataset: config.data.dataset.name().to_string(),
@@ -319,7 +334,7 @@ impl App {
         self.quit_requested && (self.engine_done || self.mode == Mode::View || !self.stopping)
     }
 
-    fn push_log(&mut self, line: String) {
+    pub fn push_log(&mut self, line: String) {
         if self.log.len() == LOG_LINES {
             self.log.pop_front();
         }
@@ -409,6 +424,7 @@ impl App {
     /// Applies a key. Returns a control message for the trainer, if any.
     pub fn on_key(&mut self, key: KeyEvent) -> Option<Control> {
         let action = action_for(key, &self.scopes())?;
+        self.notice = None;
         let training_runs = self.mode == Mode::Live && !self.engine_done;
         match action {
             Action::Interrupt => {
@@ -459,6 +475,12 @@ impl App {
                 };
             }
             Action::SaveNow => return Some(Control::SaveNow),
+            Action::Export => {
+                self.export_request = self.export_for_view();
+                if self.export_request.is_none() {
+                    self.notice = Some("nothing to export yet".into());
+                }
+            }
             Action::NextImage | Action::PrevImage if self.tab.shows_probes() => {
                 let images = self.full_probes.back().map_or(1, |p| p.meta.images.max(1));
                 self.probe_image = if action == Action::NextImage {
@@ -533,6 +555,36 @@ impl App {
     pub fn probe_position(&self) -> Option<(usize, usize)> {
         let n = self.probe_metas.len();
         (n > 0).then(|| (self.probe_scrub.unwrap_or(n - 1).min(n - 1), n))
+    }
+
+    /// The pictures of what this tab shows, at the shown probe, image, layer and head,
+    /// into `<run name>-export` in the current folder.
+    pub fn export_for_view(&self) -> Option<ExportRequest> {
+        use crate::export::What;
+        let run_dir = self.info.as_ref()?.run_dir.clone();
+        let step = self.shown_probe().map(|m| m.step);
+        let (what, layer) = match self.tab {
+            Tab::Training => (What::Curves, 0),
+            Tab::LayerNorm => (What::LayerNormGif, self.layernorm.selected),
+            Tab::Attention => (What::Attention, self.attention.layer),
+            Tab::Features => (What::Features, self.features.layer),
+            Tab::Patches => (What::Patches, 0),
+            Tab::Predictions => (What::Predictions, 0),
+        };
+        if self.tab.shows_probes() && step.is_none() {
+            return None;
+        }
+        Some(ExportRequest {
+            run_dir,
+            out: std::path::PathBuf::from(format!("{}-export", self.run_name)),
+            what,
+            choice: crate::export::Choice {
+                step,
+                image: self.probe_image,
+                layer,
+                head: self.attention.head,
+            },
+        })
     }
 
     /// The shown probe in full, if it is still in memory.

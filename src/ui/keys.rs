@@ -9,6 +9,7 @@ pub enum Action {
     GoToTab(usize),
     TogglePause,
     SaveNow,
+    Export,
     Help,
     ShowLog,
     Quit,
@@ -147,6 +148,14 @@ pub const KEYS: &[Binding] = &[
         Scope::Live,
         "save a checkpoint now",
         "save",
+    ),
+    bind(
+        &[KeyCode::Char('e')],
+        "e",
+        Action::Export,
+        Scope::Global,
+        "export this view as PNG/GIF into <run>-export/",
+        "export",
     ),
     bind(
         &[KeyCode::Char('y')],
@@ -679,6 +688,35 @@ pub fn footer(scopes: &[Scope]) -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// Columns one footer entry takes: " key what ".
+pub fn footer_width(entry: (&str, &str)) -> usize {
+    entry.0.chars().count() + entry.1.chars().count() + 3
+}
+
+/// The footer's entries that fit in `width` columns: help and quit always (they
+/// lead to everything else), then the others in table order as far as they go.
+pub fn footer_fitting(scopes: &[Scope], width: usize) -> Vec<(&'static str, &'static str)> {
+    let all = footer(scopes);
+    let essential = |e: &(&str, &str)| e.1 == "help" || e.1 == "quit";
+    let mut room = width.saturating_sub(
+        all.iter()
+            .filter(|e| essential(e))
+            .map(|e| footer_width(*e))
+            .sum(),
+    );
+    all.iter()
+        .copied()
+        .filter(|e| {
+            if essential(e) {
+                return true;
+            }
+            let fits = footer_width(*e) <= room;
+            room = if fits { room - footer_width(*e) } else { 0 };
+            fits
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,5 +783,17 @@ mod tests {
         assert_eq!(f.first(), Some(&("space", "pause")));
         assert!(f.contains(&("q", "quit")));
         assert!(!footer(&[Scope::Global]).iter().any(|(k, _)| *k == "space"));
+    }
+
+    #[test]
+    fn a_narrow_footer_keeps_help_and_quit() {
+        let scopes = [Scope::Global, Scope::Live, Scope::Attention];
+        let all = footer(&scopes);
+        let narrow = footer_fitting(&scopes, 60);
+        assert!(narrow.len() < all.len());
+        assert!(narrow.iter().map(|e| footer_width(*e)).sum::<usize>() <= 60);
+        assert_eq!(&narrow[narrow.len() - 2..], &[("?", "help"), ("q", "quit")]);
+        assert_eq!(narrow[0], all[0]);
+        assert_eq!(footer_fitting(&scopes, 500), all);
     }
 }

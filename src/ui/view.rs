@@ -8,7 +8,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::app::{App, Mode, Popup, Tab};
-use super::keys::{footer, Scope, KEYS};
+use super::keys::{footer_fitting, Scope, KEYS};
 use super::{attention, features, layernorm, patches, predictions, training};
 use crate::data::LoadProgress;
 use crate::events::Phase;
@@ -113,6 +113,10 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
     let sep = Span::styled(" │ ", t.dim());
     let (label, style) = phase_label(app);
     let mut spans = vec![Span::styled(format!("● {label}"), style)];
+    if let Some(notice) = &app.notice {
+        spans.push(sep.clone());
+        spans.push(Span::styled(notice.clone(), t.accent()));
+    }
     if let Some(info) = &app.info {
         let step = app.train.last().map_or(info.start_step, |r| r.step);
         let epoch = app.train.last().map_or(1, |r| r.epoch);
@@ -139,7 +143,7 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
 fn render_footer(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let mut spans = Vec::new();
-    for (key, what) in footer(&app.scopes()) {
+    for (key, what) in footer_fitting(&app.scopes(), area.width as usize) {
         spans.push(Span::styled(format!(" {key}"), t.key()));
         spans.push(Span::styled(format!(" {what} "), t.dim()));
     }

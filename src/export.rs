@@ -1,0 +1,284 @@
+//! `vitscope export`: real-resolution pictures of what the tabs show, rendered from a
+//! run directory's files (never from the terminal): PNG for stills, an animated GIF
+//! for the LayerNorm distributions over training, and an index.html with captions.
+//! Nothing is written into the run directory unless `--out` points there.
+
+pub mod canvas;
+pub mod layernorm;
+pub mod pictures;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::events::{EvalRecord, MetricRecord, TrainRecord};
+use crate::probe::ProbeSnapshot;
+use crate::run::RunDir;
+
+/// What can be exported; none named means all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    LayerNormGif,
+    Attention,
+    Features,
+    Patches,
+    Predictions,
+    Curves,
+}
+
+impl What {
+    pub const ALL: [What; 6] = [
+        What::LayerNormGif,
+        What::Attention,
+        What::Features,
+        What::Patches,
+        What::Predictions,
+        What::Curves,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            What::LayerNormGif => "layernorm-gif",
+            What::Attention => "attention",
+            What::Features => "features",
+            What::Patches => "patches",
+            What::Predictions => "predictions",
+            What::Curves => "curves",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown export `{name}`: expected {}", names.join(", "))
+            })
+    }
+}
+
+/// Which step, image, layer and head to show.
+#[derive(Debug, Clone, Default)]
+pub struct Choice {
+    /// The probe step (default: the latest probe).
+    pub step: Option<u64>,
+    /// The probe image.
+    pub image: usize,
+    /// The LayerNorm (for the GIF) or block (for attention).
+    pub layer: usize,
+    pub head: usize,
+}
+
+/// One picture, ready to write.
+pub struct Picture {
+    pub file: String,
+    pub caption: String,
+    pub bytes: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    /// Frames of an animation (1 for a still), and its length in hundredths of a second.
+    pub frames: usize,
+    pub duration_cs: u64,
+}
+
+impl Picture {
+    /// "720x420 GIF, 71 frames, 12.5 s" or "680x590 PNG".
+    pub fn describe(&self) -> String {
+        if self.frames > 1 {
+            format!(
+                "{}x{} GIF, {} frames, {:.1} s",
+                self.width,
+                self.height,
+                self.frames,
+                self.duration_cs as f64 / 100.0
+            )
+        } else {
+            format!("{}x{} PNG", self.width, self.height)
+        }
+    }
+}
+
+/// A file written: where, how many bytes, and what it is.
+pub struct Written {
+    pub path: PathBuf,
+    pub bytes: usize,
+    pub what: String,
+}
+
+/// What the pictures are drawn from: a run directory's files, read once.
+pub struct Source {
+    pub config: Config,
+    pub train: Vec<TrainRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub probe_files: Vec<(u64, PathBuf)>,
+    pub run: RunDir,
+    pub class_names: Vec<String>,
+    /// The first test images (3 x 32 x 32 bytes each) and their labels.
+    pub test_pixels: Vec<u8>,
+    pub test_labels: Vec<u8>,
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let run = RunDir::open(path).map_err(|e| e.to_string())?;
+        let config =
+            Config::load_run(&run.file(crate::run::CONFIG_FILE), &[]).map_err(|e| e.to_string())?;
+        let (mut train, mut evals) = (Vec::new(), Vec::new());
+        for record in run.read_metrics() {
+            match record {
+                MetricRecord::Train(r) => train.push(r),
+                MetricRecord::Eval(r) => evals.push(r),
+            }
+        }
+        let info = crate::follow::run_info(&run, &config, 0);
+        let (test_pixels, test_labels) = run.read_test_images().unwrap_or_default();
+        Ok(Self {
+            config,
+            train,
+            evals,
+            probe_files: run.probe_files(),
+            run,
+            class_names: info.class_names,
+            test_pixels,
+            test_labels,
+        })
+    }
+
+    /// The probe at `step`, or the latest.
+    pub fn probe(&self, step: Option<u64>) -> Result<ProbeSnapshot, String> {
+        let step = match step {
+            Some(s) => {
+                if !self.probe_files.iter().any(|(p, _)| *p == s) {
+                    let near = self
+                        .probe_files
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .min_by_key(|p| p.abs_diff(s));
+                    return Err(format!(
+                        "--step {s}: no probe at that step{}",
+                        near.map_or(String::new(), |n| format!(" (nearest: {n})"))
+                    ));
+                }
+                s
+            }
+            None => self.probe_files.last().map(|(s, _)| *s).ok_or_else(|| {
+                format!("{}: the run has no probes yet", self.run.path().display())
+            })?,
+        };
+        self.run.read_probe(step).map_err(|e| e.to_string())
+    }
+
+    /// The raw bytes of test image `i`, if recorded.
+    pub fn test_image(&self, i: usize) -> Option<&[u8]> {
+        let n = crate::data::IMAGE_BYTES;
+        self.test_pixels.get(i * n..(i + 1) * n)
+    }
+}
+
+/// The pictures of `what`.
+pub fn render(source: &Source, what: What, choice: &Choice) -> Result<Vec<Picture>, String> {
+    match what {
+        What::LayerNormGif => layernorm::gif(source, choice).map(|p| vec![p]),
+        What::Attention => pictures::attention(source, choice),
+        What::Features => pictures::features(source, choice),
+        What::Patches => pictures::patches(source, choice),
+        What::Predictions => pictures::predictions(source),
+        What::Curves => pictures::curves(source).map(|p| vec![p]),
+    }
+}
+
+/// Renders `whats` (all when empty) from the run at `run_dir` into `out` (created);
+/// with all of them, also an index.html. Returns the files written.
+pub fn export(
+    run_dir: &Path,
+    out: &Path,
+    whats: &[What],
+    choice: &Choice,
+) -> Result<Vec<Written>, String> {
+    let source = Source::open(run_dir)?;
+    let all = whats.is_empty();
+    let whats: Vec<What> = if all {
+        What::ALL.to_vec()
+    } else {
+        whats.to_vec()
+    };
+    let mut pictures = Vec::new();
+    for what in whats {
+        pictures.extend(render(&source, what, choice)?);
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    let mut written = Vec::new();
+    for p in &pictures {
+        let path = out.join(&p.file);
+        crate::run::write_atomic(&path, &p.bytes).map_err(|e| e.to_string())?;
+        written.push(Written {
+            path,
+            bytes: p.bytes.len(),
+            what: p.describe(),
+        });
+    }
+    if all {
+        let html = index_html(&source, &pictures);
+        let path = out.join("index.html");
+        crate::run::write_atomic(&path, html.as_bytes()).map_err(|e| e.to_string())?;
+        written.push(Written {
+            path,
+            bytes: html.len(),
+            what: "HTML".into(),
+        });
+    }
+    Ok(written)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn index_html(source: &Source, pictures: &[Picture]) -> String {
+    let name = source
+        .run
+        .path()
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let best = source
+        .evals
+        .iter()
+        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+        .map_or(String::new(), |e| {
+            format!(
+                " · best test accuracy {:.2}% (epoch {})",
+                e.accuracy * 100.0,
+                e.epoch
+            )
+        });
+    let m = &source.config.model;
+    let mut html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vitscope · {n}</title>\n\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}figure{{margin:2em 0}}\
+         img{{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}}figcaption{{color:#444}}</style>\n\
+         </head><body>\n<h1>vitscope · {n}</h1>\n<p>ViT patch {p}, dim {d}, depth {l}, {h} heads, MLP {mlp} on {ds}{best}.</p>\n",
+        n = escape(&name),
+        p = m.patch_size,
+        d = m.dim,
+        l = m.depth,
+        h = m.heads,
+        mlp = m.mlp_dim,
+        ds = source.config.data.dataset.name(),
+    );
+    for p in pictures {
+        html.push_str(&format!(
+            "<figure><img src=\"{}\" width=\"{}\" alt=\"{}\"><figcaption>{} <small>({}, {})</small></figcaption></figure>\n",
+            escape(&p.file),
+            p.width,
+            escape(&p.caption),
+            escape(&p.caption),
+            escape(&p.file),
+            p.describe()
+        ));
+    }
+    html.push_str("</body></html>\n");
+    html
+}

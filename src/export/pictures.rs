@@ -1,0 +1,815 @@
+//! The still pictures: attention, features, patches, predictions and curves, each
+//! drawn from the run's recorded probes, predictions and metrics.
+
+use super::canvas::{Canvas, Rgb, BLACK, BLUE, GREEN, GREY, LIGHT, ORANGE, RED, WHITE};
+use super::{Choice, Picture, Source};
+use crate::config::IMAGE_SIZE;
+use crate::features::{cosine_map, pca, row_norms, scores_to_rgb};
+use crate::probe::ProbeSnapshot;
+use crate::ui::theme::{heat_rgb, signed_rgb};
+
+/// A value in [-1, 1] on the signed scale (blue, dark grey, red).
+fn signed(v: f64) -> Rgb {
+    signed_rgb((v.clamp(-1.0, 1.0) + 1.0) / 2.0)
+}
+
+fn png(file: String, caption: String, c: &Canvas) -> Result<Picture, String> {
+    Ok(Picture {
+        file,
+        caption,
+        bytes: c.png()?,
+        width: c.width,
+        height: c.height,
+        frames: 1,
+        duration_cs: 0,
+    })
+}
+
+/// The RGB pixel (x, y) of a raw image (three 32 x 32 planes).
+pub fn pixel(image: &[u8], x: usize, y: usize) -> Rgb {
+    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    let i = y * IMAGE_SIZE + x;
+    (image[i], image[plane + i], image[2 * plane + i])
+}
+
+/// A raw image with each pixel a `scale` x `scale` square.
+pub fn draw_image(c: &mut Canvas, image: &[u8], (x0, y0): (i64, i64), scale: i64) {
+    for y in 0..IMAGE_SIZE {
+        for x in 0..IMAGE_SIZE {
+            let p = pixel(image, x, y);
+            c.fill(
+                x0 + x as i64 * scale,
+                y0 + y as i64 * scale,
+                scale,
+                scale,
+                p,
+            );
+        }
+    }
+}
+
+/// A vertical colour bar from `ramp(0)` (bottom) to `ramp(1)` (top) with end labels.
+fn colour_bar(
+    c: &mut Canvas,
+    (x, y, w, h): (i64, i64, i64, i64),
+    ramp: impl Fn(f64) -> Rgb,
+    (lo, hi): (&str, &str),
+) {
+    for i in 0..h {
+        c.fill(x, y + i, w, 1, ramp(1.0 - i as f64 / (h - 1).max(1) as f64));
+    }
+    c.frame(x - 1, y - 1, w + 2, h + 2, GREY);
+    c.text(x + w + 6, y, hi, 1, BLACK);
+    c.text(x + w + 6, y + h - 8, lo, 1, BLACK);
+}
+
+fn check_image(probe: &ProbeSnapshot, choice: &Choice) -> Result<usize, String> {
+    let images = probe.meta.images;
+    if choice.image >= images {
+        return Err(format!(
+            "--image {}: the probes hold {images} images (0 to {})",
+            choice.image,
+            images.saturating_sub(1)
+        ));
+    }
+    Ok(choice.image)
+}
+
+fn token_label(token: usize) -> String {
+    if token == 0 {
+        "CLS".into()
+    } else {
+        format!("p{}", token - 1)
+    }
+}
+
+/// Pixels per matrix cell: about 520 pixels for the whole matrix, at least 4 a cell.
+pub fn attention_cell(tokens: usize) -> i64 {
+    (520 / tokens.max(1)).max(4) as i64
+}
+
+/// Where the attention matrix starts in its picture.
+pub const MATRIX_ORIGIN: (i64, i64) = (60, 60);
+
+pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+    let probe = source.probe(choice.step)?;
+    let m = &probe.meta;
+    let image = check_image(&probe, choice)?;
+    if choice.layer >= m.depth || choice.head >= m.heads {
+        return Err(format!(
+            "--layer {} --head {}: the model has {} blocks and {} heads",
+            choice.layer, choice.head, m.depth, m.heads
+        ));
+    }
+    let (t, grid) = (m.tokens, (m.tokens - 1).isqrt().max(1));
+    let matrix = probe.attention_matrix(image, choice.layer, choice.head);
+    let max = matrix
+        .iter()
+        .copied()
+        .fold(0.0f32, f32::max)
+        .max(f32::MIN_POSITIVE);
+    let cell = attention_cell(t);
+    let (ox, oy) = MATRIX_ORIGIN;
+    let side = cell * t as i64;
+    let mut c = Canvas::new((ox + side + 120) as usize, (oy + side + 30) as usize, WHITE);
+    c.text(
+        ox,
+        10,
+        &format!(
+            "layer {} head {}: softmax(QK^T/sqrt(d_k))",
+            choice.layer, choice.head
+        ),
+        2,
+        BLACK,
+    );
+    c.text(
+        ox,
+        32,
+        &format!(
+            "step {}, epoch {}, image {image}; rows: query, columns: key",
+            m.step, m.epoch
+        ),
+        1,
+        GREY,
+    );
+    for q in 0..t {
+        for k in 0..t {
+            let level = f64::from(matrix[q * t + k] / max);
+            c.fill(
+                ox + k as i64 * cell,
+                oy + q as i64 * cell,
+                cell,
+                cell,
+                heat_rgb(level),
+            );
+        }
+    }
+    // Labels: CLS and the first patch of every other grid row.
+    for token in std::iter::once(0).chain((0..grid).step_by(2).map(|r| 1 + r * grid)) {
+        let at = token as i64 * cell;
+        let label = token_label(token);
+        c.text(
+            ox - 8 - super::canvas::text_width(&label, 1),
+            oy + at,
+            &label,
+            1,
+            BLACK,
+        );
+        c.text(ox + at, oy - 12, &label, 1, BLACK);
+    }
+    colour_bar(
+        &mut c,
+        (ox + side + 20, oy, 24, side),
+        heat_rgb,
+        ("0", &format!("{max:.3}")),
+    );
+    let mut pictures = vec![png(
+        format!("attention-L{}-H{}.png", choice.layer, choice.head),
+        format!(
+            "Attention weights of layer {} head {} for probe image {image} at step {}: row i is where query token i (CLS first, then the {} patches row by row) puts its weight; colour relative to the largest weight, {max:.3}",
+            choice.layer, choice.head, m.step, t - 1
+        ),
+        &c,
+    )?];
+
+    // Every layer and head, each matrix at 2 pixels a cell.
+    let thumb = 2 * t as i64;
+    let (gx, gy) = (50, 50);
+    let mut g = Canvas::new(
+        (gx + m.heads as i64 * (thumb + 10) + 10) as usize,
+        (gy + m.depth as i64 * (thumb + 10) + 10) as usize,
+        WHITE,
+    );
+    g.text(
+        gx,
+        10,
+        &format!("all layers (rows) x heads (columns), step {}", m.step),
+        2,
+        BLACK,
+    );
+    for l in 0..m.depth {
+        g.text(
+            8,
+            gy + l as i64 * (thumb + 10) + thumb / 2 - 4,
+            &format!("L{l}"),
+            1,
+            BLACK,
+        );
+        for h in 0..m.heads {
+            let w = probe.attention_matrix(image, l, h);
+            let top = w
+                .iter()
+                .copied()
+                .fold(0.0f32, f32::max)
+                .max(f32::MIN_POSITIVE);
+            let (x0, y0) = (gx + h as i64 * (thumb + 10), gy + l as i64 * (thumb + 10));
+            if l == 0 {
+                g.text(x0 + thumb / 2 - 8, gy - 14, &format!("H{h}"), 1, BLACK);
+            }
+            for q in 0..t {
+                for k in 0..t {
+                    let level = f64::from(w[q * t + k] / top);
+                    g.fill(x0 + 2 * k as i64, y0 + 2 * q as i64, 2, 2, heat_rgb(level));
+                }
+            }
+        }
+    }
+    pictures.push(png(
+        "attention-grid.png".into(),
+        format!("Every layer's and head's attention for probe image {image} at step {}, each relative to its own largest weight", m.step),
+        &g,
+    )?);
+
+    // The image with CLS's weights on its patches laid over it.
+    if let Some(pixels) = source.test_image(image) {
+        let scale = 8;
+        let size = IMAGE_SIZE as i64 * scale;
+        let patch_px = size / grid as i64;
+        let mut o = Canvas::new((3 * size + 80) as usize, (size + 60) as usize, WHITE);
+        o.text(
+            20,
+            10,
+            &format!(
+                "CLS's weights on the patches, layer {} head {}",
+                choice.layer, choice.head
+            ),
+            2,
+            BLACK,
+        );
+        draw_image(&mut o, pixels, (20, 40), scale);
+        let row = &matrix[1..t];
+        let top = row
+            .iter()
+            .copied()
+            .fold(0.0f32, f32::max)
+            .max(f32::MIN_POSITIVE);
+        for y in 0..size {
+            for x in 0..size {
+                let p = (y / patch_px) as usize * grid + (x / patch_px) as usize;
+                let heat = heat_rgb(f64::from(row[p.min(row.len() - 1)] / top));
+                let base = pixel(pixels, (x / scale) as usize, (y / scale) as usize);
+                let mix = |a: u8, b: u8| ((f64::from(a) * 0.45) + (f64::from(b) * 0.55)) as u8;
+                o.set(
+                    40 + size + x,
+                    40 + y,
+                    (
+                        mix(base.0, heat.0),
+                        mix(base.1, heat.1),
+                        mix(base.2, heat.2),
+                    ),
+                );
+                o.set(60 + 2 * size + x, 40 + y, heat);
+            }
+        }
+        pictures.push(png(
+            "attention-overlay.png".into(),
+            format!("Probe image {image}, the CLS token's attention over its patches in layer {} head {} laid over it, and alone (relative to the largest patch weight)", choice.layer, choice.head),
+            &o,
+        )?);
+    }
+    Ok(pictures)
+}
+
+pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+    let probe = source.probe(choice.step)?;
+    let m = &probe.meta;
+    let image = check_image(&probe, choice)?;
+    let layer = choice.layer.min(m.depth);
+    let (t, d, grid) = (m.tokens, m.dim, (m.tokens - 1).isqrt().max(1));
+    let hidden = probe.hidden_state(image, layer);
+    // Token x channel, signed, full colour at the 99th percentile of |x|.
+    let mut magnitudes: Vec<f32> = hidden.iter().map(|v| v.abs()).collect();
+    magnitudes.sort_by(f32::total_cmp);
+    let scale =
+        f64::from(magnitudes[(magnitudes.len() * 99 / 100).min(magnitudes.len() - 1)]).max(1e-12);
+    let cell = 4i64;
+    let mut c = Canvas::new(
+        (60 + d as i64 * cell + 120) as usize,
+        (60 + t as i64 * cell + 20) as usize,
+        WHITE,
+    );
+    let where_ = if layer == 0 {
+        "the embeddings".to_string()
+    } else {
+        format!("block {}", layer - 1)
+    };
+    c.text(
+        60,
+        10,
+        &format!("hidden state after {where_}: tokens x channels"),
+        2,
+        BLACK,
+    );
+    c.text(
+        60,
+        32,
+        &format!(
+            "step {}, image {image}; red > 0 > blue, full at |x| = {scale:.2}",
+            m.step
+        ),
+        1,
+        GREY,
+    );
+    for tok in 0..t {
+        for ch in 0..d {
+            let v = f64::from(hidden[tok * d + ch]) / scale;
+            c.fill(
+                60 + ch as i64 * cell,
+                50 + tok as i64 * cell,
+                cell,
+                cell,
+                signed(v),
+            );
+        }
+    }
+    c.text(20, 50, "CLS", 1, BLACK);
+    colour_bar(
+        &mut c,
+        (60 + d as i64 * cell + 20, 50, 20, t as i64 * cell),
+        |l| signed(l * 2.0 - 1.0),
+        (&format!("{:.1}", -scale), &format!("{scale:.1}")),
+    );
+    let mut pictures = vec![png(
+        format!("features-L{layer}.png"),
+        format!("Probe image {image}'s residual stream after {where_} at step {}: one row per token (CLS first), one column per channel", m.step),
+        &c,
+    )?];
+
+    // Patch-token norms after each block, and the patches' first 3 principal components as RGB.
+    let map = 8 * grid as i64;
+    let mut n = Canvas::new(
+        (20 + (m.depth as i64 + 2) * (map + 16) + 20) as usize,
+        (map + 70) as usize,
+        WHITE,
+    );
+    n.text(
+        20,
+        8,
+        &format!("patch-token norms after each block (own scale), and PCA of layer {layer} as RGB"),
+        1,
+        BLACK,
+    );
+    for l in 0..=m.depth {
+        let norms = row_norms(&probe.hidden_state(image, l)[d..], d);
+        let (lo, hi) = norms
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |a, &v| {
+                (a.0.min(v), a.1.max(v))
+            });
+        let x0 = 20 + l as i64 * (map + 16);
+        for (p, v) in norms.iter().enumerate() {
+            let level = if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+            n.fill(
+                x0 + (p % grid) as i64 * 8,
+                30 + (p / grid) as i64 * 8,
+                8,
+                8,
+                heat_rgb(level),
+            );
+        }
+        n.text(
+            x0,
+            36 + map,
+            &if l == 0 {
+                "emb".to_string()
+            } else {
+                format!("B{}", l - 1)
+            },
+            1,
+            BLACK,
+        );
+    }
+    let rows = &hidden[d..];
+    let colours = scores_to_rgb(&pca(rows, t - 1, d, 3));
+    let x0 = 20 + (m.depth as i64 + 1) * (map + 16) + 10;
+    for (p, &rgb) in colours.iter().enumerate() {
+        n.fill(
+            x0 + (p % grid) as i64 * 8,
+            30 + (p / grid) as i64 * 8,
+            8,
+            8,
+            rgb,
+        );
+    }
+    n.text(x0, 36 + map, &format!("PCA L{layer}"), 1, BLACK);
+    pictures.push(png(
+        "features-norms-pca.png".into(),
+        format!("Norms of the patch tokens of probe image {image} after the embeddings and each block (each map on its own scale), and layer {layer}'s patch tokens projected on their first three principal components as RGB (same colour, similar representation)"),
+        &n,
+    )?);
+    Ok(pictures)
+}
+
+pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+    let probe = source.probe(choice.step)?;
+    let m = &probe.meta;
+    let image = check_image(&probe, choice)?;
+    let grid = (m.tokens - 1).isqrt().max(1);
+    let mut pictures = Vec::new();
+    if let Some(pixels) = source.test_image(image) {
+        let scale = 12;
+        let size = IMAGE_SIZE as i64 * scale;
+        let step = size / grid as i64;
+        let mut c = Canvas::new((size + 40) as usize, (size + 70) as usize, WHITE);
+        c.text(
+            20,
+            10,
+            &format!(
+                "{grid} x {grid} patches of {} x {} pixels, in sequence order",
+                IMAGE_SIZE / grid,
+                IMAGE_SIZE / grid
+            ),
+            1,
+            BLACK,
+        );
+        draw_image(&mut c, pixels, (20, 30), scale);
+        for i in 0..=grid as i64 {
+            c.fill(20 + i * step, 30, 2, size, WHITE);
+            c.fill(20, 30 + i * step, size, 2, WHITE);
+        }
+        for p in 0..grid * grid {
+            let (x, y) = (
+                20 + (p % grid) as i64 * step + 4,
+                30 + (p / grid) as i64 * step + 4,
+            );
+            let label = p.to_string();
+            c.fill(
+                x - 1,
+                y - 1,
+                super::canvas::text_width(&label, 1) + 2,
+                10,
+                BLACK,
+            );
+            c.text(x, y, &label, 1, WHITE);
+        }
+        c.text(
+            20,
+            size + 40,
+            "patch n is token n + 1; CLS is token 0",
+            1,
+            GREY,
+        );
+        pictures.push(png(
+            "patches-grid.png".into(),
+            format!("Probe image {image} cut into {} patches, numbered in the order they enter the transformer (token = number + 1)", grid * grid),
+            &c,
+        )?);
+    }
+    let pos = &probe.position_embedding;
+    if !pos.is_empty() {
+        let cell = 4i64;
+        let mini = grid as i64 * cell;
+        let mut c = Canvas::new(
+            (30 + grid as i64 * (mini + 6) + 100) as usize,
+            (50 + grid as i64 * (mini + 6)) as usize,
+            WHITE,
+        );
+        c.text(
+            20,
+            10,
+            "cosine similarity of each patch's position embedding to all others",
+            1,
+            BLACK,
+        );
+        for p in 0..grid * grid {
+            let sims = cosine_map(pos, m.dim, 1 + p, 1..m.tokens);
+            let (x0, y0) = (
+                20 + (p % grid) as i64 * (mini + 6),
+                30 + (p / grid) as i64 * (mini + 6),
+            );
+            for (q, s) in sims.iter().enumerate() {
+                c.fill(
+                    x0 + (q % grid) as i64 * cell,
+                    y0 + (q / grid) as i64 * cell,
+                    cell,
+                    cell,
+                    signed(*s),
+                );
+            }
+        }
+        colour_bar(
+            &mut c,
+            (
+                30 + grid as i64 * (mini + 6),
+                30,
+                16,
+                grid as i64 * (mini + 6) - 6,
+            ),
+            |l| signed(l * 2.0 - 1.0),
+            ("-1", "1"),
+        );
+        pictures.push(png(
+            "patches-position-similarity.png".into(),
+            format!("Learned position embeddings at step {}: tile (r, c) shows how similar patch (r, c)'s embedding is to every other patch's (red similar, blue opposite)", m.step),
+            &c,
+        )?);
+    }
+    if pictures.is_empty() {
+        return Err("the run recorded neither test images nor position embeddings".into());
+    }
+    Ok(pictures)
+}
+
+/// Tiles in the predictions grid, and the pixels of one tile's image.
+pub const TILES: usize = 32;
+pub const TILE_SCALE: i64 = 4;
+const TILE_COLUMNS: usize = 8;
+const TILE_W: i64 = IMAGE_SIZE as i64 * TILE_SCALE + 16;
+const TILE_H: i64 = IMAGE_SIZE as i64 * TILE_SCALE + 40;
+
+/// Where tile `i`'s image starts.
+pub fn tile_origin(i: usize) -> (i64, i64) {
+    (
+        10 + (i % TILE_COLUMNS) as i64 * TILE_W + 8,
+        40 + (i / TILE_COLUMNS) as i64 * TILE_H + 8,
+    )
+}
+
+pub fn predictions(source: &Source) -> Result<Vec<Picture>, String> {
+    let Some((step, _)) = source.run.prediction_files().last().cloned() else {
+        return Err(format!(
+            "{}: the run has no recorded predictions yet",
+            source.run.path().display()
+        ));
+    };
+    let pred = source
+        .run
+        .read_predictions(step)
+        .map_err(|e| e.to_string())?;
+    let name = |c: usize| {
+        source
+            .class_names
+            .get(c)
+            .cloned()
+            .unwrap_or_else(|| c.to_string())
+    };
+    let shown = TILES.min(pred.len()).min(source.test_labels.len());
+    let mut pictures = Vec::new();
+    if shown > 0 {
+        let rows = shown.div_ceil(TILE_COLUMNS) as i64;
+        let mut c = Canvas::new(
+            (20 + TILE_COLUMNS as i64 * TILE_W) as usize,
+            (50 + rows * TILE_H) as usize,
+            WHITE,
+        );
+        c.text(
+            10,
+            12,
+            &format!(
+                "predictions on the first {shown} test images at step {step} (epoch {})",
+                pred.meta.epoch
+            ),
+            2,
+            BLACK,
+        );
+        for i in 0..shown {
+            let (x, y) = tile_origin(i);
+            let truth = usize::from(source.test_labels[i]);
+            let (best, p) = pred.predicted(i);
+            let colour = if best == truth { GREEN } else { RED };
+            c.fill(
+                x - 3,
+                y - 3,
+                IMAGE_SIZE as i64 * TILE_SCALE + 6,
+                IMAGE_SIZE as i64 * TILE_SCALE + 6,
+                colour,
+            );
+            if let Some(pixels) = source.test_image(i) {
+                draw_image(&mut c, pixels, (x, y), TILE_SCALE);
+            }
+            let below = y + IMAGE_SIZE as i64 * TILE_SCALE + 6;
+            c.text(
+                x,
+                below,
+                &format!("{} {:.0}%", name(best), p * 100.0),
+                1,
+                colour,
+            );
+            c.text(x, below + 11, &format!("true {}", name(truth)), 1, GREY);
+        }
+        pictures.push(png(
+            "predictions-grid.png".into(),
+            format!("The first {shown} test images at 4x with the model's prediction and confidence (green right, red wrong) and the true class, step {step}"),
+            &c,
+        )?);
+    }
+    if let Some(eval) = source.evals.last() {
+        let k = eval.confusion.len();
+        let cell = 44i64;
+        let (ox, oy) = (110, 70);
+        let mut c = Canvas::new(
+            (ox + k as i64 * cell + 260) as usize,
+            (oy + k as i64 * cell + 70) as usize,
+            WHITE,
+        );
+        c.text(
+            10,
+            10,
+            &format!(
+                "confusion matrix, test set, step {} (epoch {}): {:.2}%",
+                eval.step,
+                eval.epoch,
+                eval.accuracy * 100.0
+            ),
+            2,
+            BLACK,
+        );
+        c.text(ox, 40, "predicted ->", 1, GREY);
+        for (t, row) in eval.confusion.iter().enumerate() {
+            let total = row.iter().sum::<u64>().max(1) as f64;
+            let label: String = name(t).chars().take(10).collect();
+            c.text(10, oy + t as i64 * cell + cell / 2 - 4, &label, 1, BLACK);
+            let short: String = name(t).chars().take(5).collect();
+            c.text(ox + t as i64 * cell + 2, oy - 12, &short, 1, BLACK);
+            for (p, &count) in row.iter().enumerate() {
+                let share = count as f64 / total;
+                let bg = heat_rgb(share.sqrt());
+                let (x, y) = (ox + p as i64 * cell, oy + t as i64 * cell);
+                c.fill(x, y, cell - 1, cell - 1, bg);
+                let text = count.to_string();
+                let ink = if share.sqrt() > 0.6 { BLACK } else { WHITE };
+                c.text_centred(x + cell / 2, y + cell / 2 - 4, &text, 1, ink);
+            }
+            // Per-class accuracy as a bar.
+            let acc = eval.per_class_accuracy.get(t).copied().unwrap_or(0.0);
+            let bx = ox + k as i64 * cell + 20;
+            c.fill(
+                bx,
+                oy + t as i64 * cell + 10,
+                (acc * 150.0) as i64,
+                cell - 20,
+                BLUE,
+            );
+            c.text(
+                bx + 156,
+                oy + t as i64 * cell + cell / 2 - 4,
+                &format!("{:.1}%", acc * 100.0),
+                1,
+                BLACK,
+            );
+        }
+        c.text(
+            10,
+            oy + k as i64 * cell + 20,
+            "rows: true class; colour: share of the row (square root); bars: per-class accuracy",
+            1,
+            GREY,
+        );
+        pictures.push(png(
+            "predictions-confusion.png".into(),
+            format!("Confusion matrix over the whole test set at step {} (rows true, columns predicted, counts in the cells) and per-class accuracy", eval.step),
+            &c,
+        )?);
+    }
+    if pictures.is_empty() {
+        return Err("the run has no predictions or evaluations yet".into());
+    }
+    Ok(pictures)
+}
+
+/// A series of a chart: its points, colour, and line width (0 = dots).
+type Series = (Vec<(f64, f64)>, Rgb, i64);
+
+/// A line chart in `area` of `series` (points, colour, width; width 0 = dots), with
+/// the y range's ends labelled.
+fn chart(
+    c: &mut Canvas,
+    (x, y, w, h): (i64, i64, i64, i64),
+    title: &str,
+    series: &[Series],
+    x_max: f64,
+) {
+    c.text(x, y - 20, title, 2, BLACK);
+    c.frame(x, y, w, h, GREY);
+    let values = series
+        .iter()
+        .flat_map(|s| s.0.iter().map(|p| p.1))
+        .filter(|v| v.is_finite());
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |a, v| {
+        (a.0.min(v), a.1.max(v))
+    });
+    if !lo.is_finite() {
+        return;
+    }
+    let (lo, hi) = if hi > lo {
+        (lo, hi)
+    } else {
+        (lo - 1.0, hi + 1.0)
+    };
+    for q in 1..4 {
+        c.fill(x + 1, y + h * q / 4, w - 2, 1, LIGHT);
+    }
+    let label = |v: f64| {
+        if v.abs() < 0.01 && v != 0.0 {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    c.text(
+        x - 8 - super::canvas::text_width(&label(hi), 1),
+        y,
+        &label(hi),
+        1,
+        BLACK,
+    );
+    c.text(
+        x - 8 - super::canvas::text_width(&label(lo), 1),
+        y + h - 8,
+        &label(lo),
+        1,
+        BLACK,
+    );
+    let to_px = |(sx, sy): (f64, f64)| {
+        (
+            x + 1 + (sx / x_max.max(1.0) * (w - 3) as f64) as i64,
+            y + h - 2 - ((sy - lo) / (hi - lo) * (h - 3) as f64) as i64,
+        )
+    };
+    for (points, colour, width) in series {
+        let mut last = None;
+        for &p in points.iter().filter(|p| p.1.is_finite()) {
+            let q = to_px(p);
+            if *width == 0 {
+                c.fill(q.0 - 3, q.1 - 3, 7, 7, *colour);
+            } else if let Some(l) = last {
+                c.line(l, q, *width, *colour);
+            }
+            last = Some(q);
+        }
+    }
+}
+
+/// An exponential moving average, debiased (as the dashboard smooths).
+fn smoothed(values: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
+    let (mut avg, mut weight) = (0.0, 0.0);
+    values
+        .iter()
+        .map(|&(x, v)| {
+            avg = alpha * avg + (1.0 - alpha) * v;
+            weight = alpha * weight + (1.0 - alpha);
+            (x, avg / weight)
+        })
+        .collect()
+}
+
+pub fn curves(source: &Source) -> Result<Picture, String> {
+    if source.train.is_empty() {
+        return Err(format!(
+            "{}: the run has no training records yet",
+            source.run.path().display()
+        ));
+    }
+    let x_max = source.train.last().map_or(1, |r| r.step) as f64;
+    let pts = |f: fn(&crate::events::TrainRecord) -> f64| -> Vec<(f64, f64)> {
+        source.train.iter().map(|r| (r.step as f64, f(r))).collect()
+    };
+    let evals = |f: fn(&crate::events::EvalRecord) -> f64| -> Vec<(f64, f64)> {
+        source.evals.iter().map(|r| (r.step as f64, f(r))).collect()
+    };
+    let (loss, acc) = (pts(|r| r.loss), pts(|r| r.accuracy * 100.0));
+    let mut c = Canvas::new(960, 900, WHITE);
+    let area = |i: i64| (90, 50 + i * 290, 840, 220);
+    chart(
+        &mut c,
+        area(0),
+        "loss: train (grey raw, blue smoothed), test (orange)",
+        &[
+            (loss.clone(), LIGHT, 1),
+            (smoothed(&loss, 0.98), BLUE, 2),
+            (evals(|r| r.loss), ORANGE, 2),
+            (evals(|r| r.loss), ORANGE, 0),
+        ],
+        x_max,
+    );
+    chart(
+        &mut c,
+        area(1),
+        "accuracy %: train (blue, smoothed), test (orange)",
+        &[
+            (smoothed(&acc, 0.98), BLUE, 2),
+            (evals(|r| r.accuracy * 100.0), ORANGE, 2),
+            (evals(|r| r.accuracy * 100.0), ORANGE, 0),
+        ],
+        x_max,
+    );
+    chart(
+        &mut c,
+        area(2),
+        "learning rate",
+        &[(pts(|r| r.lr), GREEN, 2)],
+        x_max,
+    );
+    c.text(
+        90,
+        860,
+        &format!("x: optimizer step, 0 to {x_max:.0}"),
+        1,
+        GREY,
+    );
+    png(
+        "curves.png".into(),
+        format!("Training and test loss, accuracy and the learning rate against the optimizer step ({} steps, {} evaluations)", source.train.len(), source.evals.len()),
+        &c,
+    )
+}

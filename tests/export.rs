@@ -1,0 +1,245 @@
+//! `vitscope export` on a real (tiny) run: every file decodes with the size it states,
+//! the pixels follow the recorded data, and the run directory is left as it was.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use vitscope::export::pictures::{attention_cell, pixel, tile_origin, MATRIX_ORIGIN, TILE_SCALE};
+use vitscope::run::RunDir;
+use vitscope::ui::theme::heat_rgb;
+
+fn vitscope(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(args)
+        .output()
+        .expect("run vitscope")
+}
+
+fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out: Vec<_> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Width, height and RGB bytes of a PNG file.
+fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
+
+fn at(png: &(usize, usize, Vec<u8>), x: i64, y: i64) -> (u8, u8, u8) {
+    let i = (y as usize * png.0 + x as usize) * 3;
+    (png.2[i], png.2[i + 1], png.2[i + 2])
+}
+
+#[test]
+fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args: Vec<String> = ["train", "--headless", "--max-steps", "30", "--run-dir"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    args.push(run.display().to_string());
+    for set in common::tiny_sets() {
+        args.push("--set".into());
+        args.push(set);
+    }
+    let out = vitscope(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = files(&run);
+
+    let dir = tmp.path().join("pictures");
+    let out = vitscope(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(files(&run), before, "export wrote into the run directory");
+
+    // Every listed file decodes with the stated size.
+    let mut listed = 0;
+    for line in stdout.lines().filter(|l| l.contains(" bytes  ")) {
+        let path = line
+            .split_once(" bytes  ")
+            .unwrap()
+            .1
+            .rsplit_once("  (")
+            .unwrap()
+            .0;
+        let what = line.rsplit_once('(').unwrap().1.trim_end_matches(')');
+        let path = Path::new(path);
+        assert_eq!(
+            std::fs::metadata(path).unwrap().len().to_string(),
+            line.split_whitespace().next().unwrap()
+        );
+        if let Some((size, _)) = what.split_once(' ') {
+            let (w, h) = size.split_once('x').unwrap();
+            let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
+            if what.contains("GIF") {
+                let mut options = gif::DecodeOptions::new();
+                options.set_color_output(gif::ColorOutput::RGBA);
+                let mut d = options
+                    .read_info(std::fs::File::open(path).unwrap())
+                    .unwrap();
+                assert_eq!((d.width() as usize, d.height() as usize), (w, h));
+                let mut frames = 0;
+                while d.read_next_frame().unwrap().is_some() {
+                    frames += 1;
+                }
+                let stated: usize = what
+                    .split(", ")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(frames, stated);
+                // One frame per recorded probe.
+                assert_eq!(frames, RunDir::open(&run).unwrap().probe_files().len());
+            } else {
+                let png = decode_png(path);
+                assert_eq!((png.0, png.1), (w, h), "{}", path.display());
+            }
+        }
+        listed += 1;
+    }
+    assert_eq!(listed, 12, "{stdout}");
+    let index = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    for f in [
+        "layernorm-0.gif",
+        "attention-L0-H0.png",
+        "curves.png",
+        "predictions-grid.png",
+        "patches-grid.png",
+        "features-L0.png",
+    ] {
+        assert!(index.contains(f), "{f} not in index.html");
+    }
+
+    // The attention matrix: the brightest cell sits at the largest weight, the
+    // darkest at the smallest, each the ramp's colour of its weight.
+    let run_dir = RunDir::open(&run).unwrap();
+    let step = run_dir.probe_files().last().unwrap().0;
+    let probe = run_dir.read_probe(step).unwrap();
+    let t = probe.meta.tokens;
+    let m = probe.attention_matrix(0, 0, 0);
+    let max = m.iter().copied().fold(0.0f32, f32::max);
+    let png = decode_png(&dir.join("attention-L0-H0.png"));
+    let cell = attention_cell(t);
+    let centre = |i: usize| {
+        let (q, k) = ((i / t) as i64, (i % t) as i64);
+        at(
+            &png,
+            MATRIX_ORIGIN.0 + k * cell + cell / 2,
+            MATRIX_ORIGIN.1 + q * cell + cell / 2,
+        )
+    };
+    let argmax = (0..t * t).max_by(|&a, &b| m[a].total_cmp(&m[b])).unwrap();
+    let argmin = (0..t * t).min_by(|&a, &b| m[a].total_cmp(&m[b])).unwrap();
+    assert_eq!(centre(argmax), heat_rgb(1.0));
+    assert_eq!(centre(argmin), heat_rgb(f64::from(m[argmin] / max)));
+    for (i, &w) in m.iter().enumerate() {
+        if w < max * 0.99 {
+            assert_ne!(centre(i), heat_rgb(1.0), "cell {i}");
+        }
+    }
+
+    // A predictions tile is the test image, each pixel 4 x 4.
+    let (pixels, _) = run_dir.read_test_images().unwrap();
+    let grid = decode_png(&dir.join("predictions-grid.png"));
+    for tile in 0..3 {
+        let image = &pixels[tile * 3072..(tile + 1) * 3072];
+        let (ox, oy) = tile_origin(tile);
+        for y in 0..32 {
+            for x in 0..32 {
+                for (dx, dy) in [(0, 0), (TILE_SCALE - 1, TILE_SCALE - 1)] {
+                    let got = at(
+                        &grid,
+                        ox + x as i64 * TILE_SCALE + dx,
+                        oy + y as i64 * TILE_SCALE + dy,
+                    );
+                    assert_eq!(got, pixel(image, x, y), "tile {tile} pixel ({x}, {y})");
+                }
+            }
+        }
+    }
+
+    // One kind, a chosen layer and head; bad choices are one line.
+    let one = tmp.path().join("one");
+    let out = vitscope(&[
+        "export",
+        run.to_str().unwrap(),
+        "attention",
+        "--layer",
+        "1",
+        "--head",
+        "1",
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(one.join("attention-L1-H1.png").exists() && !one.join("index.html").exists());
+    for bad in [&["--step", "7"][..], &["--layer", "9"], &["--image", "5"]] {
+        let mut a = vec![
+            "export",
+            run.to_str().unwrap(),
+            "attention",
+            "--out",
+            one.to_str().unwrap(),
+        ];
+        a.extend(bad);
+        let out = vitscope(&a);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().count(),
+            1,
+            "{bad:?}"
+        );
+    }
+    let out = vitscope(&["export", run.to_str().unwrap(), "movies"]);
+    assert_eq!(out.status.code(), Some(2));
+}
