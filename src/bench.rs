@@ -202,13 +202,17 @@ pub fn run(
     let n = steps.max(1) as f64;
     Ok(BenchReport {
         model: format!(
-            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens)",
+            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding{})",
             m.patch_size,
             m.dim,
             m.depth,
             m.heads,
             m.mlp_dim,
-            m.tokens()
+            m.tokens(),
+            m.norm,
+            m.norm_kind,
+            m.pos_embed,
+            if m.is_fused() { ", fused blocks" } else { ", layer by layer" }
         ),
         parameters: state.parameter_count(),
         threads: candle_core::utils::get_num_threads(),

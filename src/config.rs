@@ -82,12 +82,23 @@ pub struct ModelConfig {
     pub heads: usize,
     pub mlp_dim: usize,
     pub layer_norm_eps: f64,
+    pub norm: String,
+    pub norm_kind: String,
+    pub pos_embed: String,
     pub init: String,
     pub init_std: f64,
 }
 
 impl ModelConfig {
     pub const INITS: [&'static str; 2] = ["trunc_normal", "pytorch"];
+    pub const NORMS: [&'static str; 3] = ["pre", "post", "none"];
+    pub const NORM_KINDS: [&'static str; 2] = ["layernorm", "rmsnorm"];
+    pub const POS_EMBEDS: [&'static str; 3] = ["learned", "sincos", "none"];
+
+    /// The default block: pre-norm LayerNorm, which the fused block op computes.
+    pub fn is_fused(&self) -> bool {
+        self.norm == "pre" && self.norm_kind == "layernorm"
+    }
 
     /// Patches per image side.
     pub fn grid(&self) -> usize {
@@ -108,7 +119,8 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
     }
-    /// Number of LayerNorms: two per block and the final one.
+    /// Places of norms the probes record: two per block (the residual stream there
+    /// when a variant has none) and the final one.
     pub fn layer_norms(&self) -> usize {
         2 * self.depth + 1
     }
@@ -348,6 +360,35 @@ impl Config {
         )?;
         positive("model.layer_norm_eps", m.layer_norm_eps)?;
         non_negative("model.init_std", m.init_std)?;
+        for (key, value, allowed) in [
+            ("model.norm", &m.norm, &ModelConfig::NORMS[..]),
+            (
+                "model.norm_kind",
+                &m.norm_kind,
+                &ModelConfig::NORM_KINDS[..],
+            ),
+            (
+                "model.pos_embed",
+                &m.pos_embed,
+                &ModelConfig::POS_EMBEDS[..],
+            ),
+        ] {
+            check(
+                allowed.contains(&value.as_str()),
+                key,
+                format!("{value:?}"),
+                &format!("expected one of {}", allowed.join(", ")),
+            )?;
+        }
+        check(
+            m.pos_embed != "sincos" || m.dim.is_multiple_of(4),
+            "model.pos_embed",
+            "\"sincos\"",
+            &format!(
+                "needs model.dim divisible by 4 (a sine and a cosine per row and column); it is {}",
+                m.dim
+            ),
+        )?;
         check(
             ModelConfig::INITS.contains(&m.init.as_str()),
             "model.init",

@@ -132,9 +132,18 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     let classes = f(NUM_CLASSES);
 
     // Parameters, as `ModelState` creates them.
-    let block = 4.0 * d + (3.0 * d * d + 3.0 * d) + (d * d + d) + (mlp * d + mlp) + (d * mlp + d);
+    // A norm: gamma, and beta for LayerNorm; blocks have two unless norm = "none".
+    let norm = if m.norm_kind == "rmsnorm" { d } else { 2.0 * d };
+    let block_norms = if m.norm == "none" { 0.0 } else { 2.0 * norm };
+    let block =
+        block_norms + (3.0 * d * d + 3.0 * d) + (d * d + d) + (mlp * d + mlp) + (d * mlp + d);
+    let position = if m.pos_embed == "learned" {
+        tokens * d
+    } else {
+        0.0
+    };
     let parameters =
-        (patch_values * d + d) + d + tokens * d + depth * block + 2.0 * d + (d * classes + classes);
+        (patch_values * d + d) + d + position + depth * block + norm + (d * classes + classes);
     let micro = micro_batch_len(t.batch_size, t.micro_batch_size);
     let micro_batches = t.batch_size.div_ceil(micro);
     let lanes = f(threads.clamp(1, micro_batches.max(1)));

@@ -18,6 +18,9 @@ use crate::config::{ModelConfig, CHANNELS, IMAGE_SIZE};
 use crate::data::{mix_seed, NUM_CLASSES};
 use crate::ops::BlockOutput;
 
+mod norm;
+pub use norm::{layer_norm_composed, rms_norm, LayerNorm, NormKind};
+
 /// Intermediate tensors recorded by a forward pass (all detached from the graph).
 #[derive(Debug, Default)]
 pub struct Capture {
@@ -71,53 +74,6 @@ impl Linear {
         *out_dims.last_mut().expect("at least one dimension") = self.weight.dim(0)?;
         y.reshape(out_dims)
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    pub gamma: Tensor,
-    pub beta: Tensor,
-    pub eps: f64,
-}
-
-impl LayerNorm {
-    fn new(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            gamma: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
-            beta: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    fn detached(&self) -> Self {
-        Self {
-            gamma: self.gamma.detach(),
-            beta: self.beta.detach(),
-            eps: self.eps,
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm(x, &self.gamma, &self.beta, self.eps)
-    }
-
-    fn forward_captured(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
-        let y = self.forward(x)?;
-        if let Some(c) = capture {
-            c.ln_inputs.push(x.detach());
-            c.ln_outputs.push(y.detach());
-        }
-        Ok(y)
-    }
-}
-
-/// LayerNorm composed from candle ops: the reference for the fused [`crate::ops::layer_norm`].
-pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
-    normed.broadcast_mul(gamma)?.broadcast_add(beta)
 }
 
 /// Softmax over the last dimension composed from candle ops (the max is a constant
@@ -202,32 +158,72 @@ impl Mlp {
     }
 }
 
+/// Where a block's norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// x + MHSA(norm1(x)), then x + MLP(norm2(x)): the ViT's.
+    Pre,
+    /// norm1(x + MHSA(x)), then norm2(x + MLP(x)): the original Transformer's.
+    Post,
+    /// x + MHSA(x), then x + MLP(x).
+    None,
+}
+
+impl Placement {
+    pub fn from_config(name: &str) -> Self {
+        match name {
+            "post" => Self::Post,
+            "none" => Self::None,
+            _ => Self::Pre,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub norm1: LayerNorm,
+    /// None when `placement` is [`Placement::None`].
+    pub norm1: Option<LayerNorm>,
     pub attn: Attention,
-    pub norm2: LayerNorm,
+    pub norm2: Option<LayerNorm>,
     pub mlp: Mlp,
+    pub placement: Placement,
 }
 
 impl Block {
     fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let placement = Placement::from_config(&cfg.norm);
+        let kind = NormKind::from_config(&cfg.norm_kind);
+        let norm = |name: &str| -> Result<Option<LayerNorm>> {
+            match placement {
+                Placement::None => Ok(None),
+                _ => LayerNorm::new(&vb.pp(name), cfg.dim, cfg.layer_norm_eps, kind).map(Some),
+            }
+        };
         Ok(Self {
-            norm1: LayerNorm::new(&vb.pp("norm1"), cfg.dim, cfg.layer_norm_eps)?,
+            norm1: norm("norm1")?,
             attn: Attention::new(&vb.pp("attn"), cfg)?,
-            norm2: LayerNorm::new(&vb.pp("norm2"), cfg.dim, cfg.layer_norm_eps)?,
+            norm2: norm("norm2")?,
             mlp: Mlp {
                 fc1: Linear::new(&vb.pp("mlp").pp("fc1"), cfg.dim, cfg.mlp_dim)?,
                 fc2: Linear::new(&vb.pp("mlp").pp("fc2"), cfg.mlp_dim, cfg.dim)?,
             },
+            placement,
         })
     }
 
-    /// The block as one fused op ([`crate::ops::block`]), or layer by layer when the
-    /// probes capture what is inside.
+    /// Whether the fused block op computes this block: pre-norm LayerNorm only.
+    pub fn is_fused(&self) -> bool {
+        self.placement == Placement::Pre
+            && [&self.norm1, &self.norm2]
+                .iter()
+                .all(|n| n.as_ref().is_some_and(|n| n.kind == NormKind::LayerNorm))
+    }
+
+    /// The block as one fused op ([`crate::ops::block`]) where it can be, else layer by
+    /// layer (variants, and when the probes capture what is inside).
     fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
         match capture {
-            None => self.forward_fused(x, BlockOutput::AllTokens),
+            None if self.is_fused() => self.forward_fused(x, BlockOutput::AllTokens),
             capture => self.forward_ops(x, capture),
         }
     }
@@ -239,16 +235,28 @@ impl Block {
 
     pub fn shape(&self) -> crate::ops::BlockShape {
         crate::ops::BlockShape {
-            dim: self.norm1.gamma.elem_count(),
+            dim: self.attn.proj.bias.elem_count(),
             heads: self.attn.heads,
             mlp_dim: self.mlp.fc1.bias.elem_count(),
-            eps: self.norm1.eps,
+            eps: self.norm1.as_ref().map_or(1e-5, |n| n.eps),
         }
     }
 
     /// The parameters in one vector, as [`crate::ops::BlockShape::param_lens`] orders
-    /// them. The copy is differentiable: gradients flow back to each parameter.
+    /// them. The copy is differentiable: gradients flow back to each parameter. Only
+    /// for a fused block (pre-norm LayerNorm).
     pub fn packed_params(&self) -> Result<Tensor> {
+        let norm = |n: &Option<LayerNorm>| -> Result<(Tensor, Tensor)> {
+            match n {
+                Some(LayerNorm {
+                    gamma,
+                    beta: Some(beta),
+                    ..
+                }) => Ok((gamma.clone(), beta.clone())),
+                _ => candle_core::bail!("only a pre-norm LayerNorm block runs fused"),
+            }
+        };
+        let ((g1, b1), (g2, b2)) = (norm(&self.norm1)?, norm(&self.norm2)?);
         let linears = [
             &self.attn.qkv,
             &self.attn.proj,
@@ -258,14 +266,14 @@ impl Block {
         let [qkv_w, proj_w, fc1_w, fc2_w] = linears.map(|l| l.weight.flatten_all());
         Tensor::cat(
             &[
-                &self.norm1.gamma,
-                &self.norm1.beta,
+                &g1,
+                &b1,
                 &qkv_w?,
                 &self.attn.qkv.bias,
                 &proj_w?,
                 &self.attn.proj.bias,
-                &self.norm2.gamma,
-                &self.norm2.beta,
+                &g2,
+                &b2,
                 &fc1_w?,
                 &self.mlp.fc1.bias,
                 &fc2_w?,
@@ -275,14 +283,27 @@ impl Block {
         )
     }
 
-    /// The block layer by layer (a fused op per layer), capturing LayerNorms,
-    /// attention weights and the output when asked: the reference for the fused
-    /// block, and what the probes run.
+    /// The block layer by layer (a fused op per layer), capturing the norms' inputs and
+    /// outputs (the residual stream at their places without norms), attention weights
+    /// and the output when asked: the reference for the fused block, what the probes
+    /// run, and what the variants train with.
     pub fn forward_ops(&self, x: &Tensor, mut capture: Option<&mut Capture>) -> Result<Tensor> {
-        let h = self.norm1.forward_captured(x, capture.as_deref_mut())?;
-        let x = (x + self.attn.forward(&h, capture.as_deref_mut())?)?;
-        let h = self.norm2.forward_captured(&x, capture.as_deref_mut())?;
-        let x = (&x + self.mlp.forward(&h)?)?;
+        use norm::norm_or_residual;
+        let (n1, n2) = (self.norm1.as_ref(), self.norm2.as_ref());
+        let x = match self.placement {
+            Placement::Pre | Placement::None => {
+                let h = norm_or_residual(n1, x, capture.as_deref_mut())?;
+                let x = (x + self.attn.forward(&h, capture.as_deref_mut())?)?;
+                let h = norm_or_residual(n2, &x, capture.as_deref_mut())?;
+                (&x + self.mlp.forward(&h)?)?
+            }
+            Placement::Post => {
+                let a = (x + self.attn.forward(x, capture.as_deref_mut())?)?;
+                let x = norm_or_residual(n1, &a, capture.as_deref_mut())?;
+                let m = (&x + self.mlp.forward(&x)?)?;
+                norm_or_residual(n2, &m, capture.as_deref_mut())?
+            }
+        };
         if let Some(c) = capture {
             c.hidden.push(x.detach());
         }
@@ -306,7 +327,8 @@ pub struct VisionTransformer {
     pub config: ModelConfig,
     pub patch_embed: Linear,
     pub cls_token: Tensor,
-    pub pos_embed: Tensor,
+    /// (1, tokens, dim): learned (a variable), fixed sine-cosine, or none.
+    pub pos_embed: Option<Tensor>,
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
     pub head: Linear,
@@ -317,19 +339,41 @@ impl VisionTransformer {
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(&vb.pp("blocks").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
+        let pos_embed = match cfg.pos_embed.as_str() {
+            "none" => None,
+            "sincos" => Some(
+                Tensor::from_vec(
+                    sincos_position_embedding(cfg),
+                    (1, cfg.tokens(), cfg.dim),
+                    vb.device(),
+                )?
+                .to_dtype(vb.dtype())?,
+            ),
+            _ => Some(vb.get_with_hints(
+                (1, cfg.tokens(), cfg.dim),
+                "pos_embed",
+                Init::Const(0.0),
+            )?),
+        };
         Ok(Self {
             config: cfg.clone(),
             patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim)?,
             cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?,
-            pos_embed: vb.get_with_hints(
-                (1, cfg.tokens(), cfg.dim),
-                "pos_embed",
-                Init::Const(0.0),
-            )?,
+            pos_embed,
             blocks,
-            norm: LayerNorm::new(&vb.pp("norm"), cfg.dim, cfg.layer_norm_eps)?,
+            norm: LayerNorm::new(
+                &vb.pp("norm"),
+                cfg.dim,
+                cfg.layer_norm_eps,
+                NormKind::from_config(&cfg.norm_kind),
+            )?,
             head: Linear::new(&vb.pp("head"), cfg.dim, NUM_CLASSES)?,
         })
+    }
+
+    /// Whether every block runs as the fused op (the default model).
+    pub fn is_fused(&self) -> bool {
+        self.blocks.iter().all(Block::is_fused)
     }
 
     /// Logits (B, classes) for normalised images (B, 3, 32, 32).
@@ -347,7 +391,10 @@ impl VisionTransformer {
         let patches = patchify(images, self.config.patch_size)?;
         let x = self.patch_embed.forward(&patches)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?;
+        if let Some(pos) = &self.pos_embed {
+            x = x.broadcast_add(pos)?;
+        }
         if let Some(c) = capture.as_deref_mut() {
             c.hidden.push(x.detach());
         }
@@ -355,7 +402,9 @@ impl VisionTransformer {
         for (i, block) in self.blocks.iter().enumerate() {
             x = match capture.as_deref_mut() {
                 // The head reads only CLS: the last block computes only what CLS needs.
-                None if i == last => block.forward_fused(&x, BlockOutput::ClsOnly)?,
+                None if i == last && block.is_fused() => {
+                    block.forward_fused(&x, BlockOutput::ClsOnly)?
+                }
                 capture => block.forward(&x, capture)?,
             };
         }
@@ -370,22 +419,23 @@ impl VisionTransformer {
             config: self.config.clone(),
             patch_embed: self.patch_embed.detached(),
             cls_token: self.cls_token.detach(),
-            pos_embed: self.pos_embed.detach(),
+            pos_embed: self.pos_embed.as_ref().map(Tensor::detach),
             blocks: self
                 .blocks
                 .iter()
                 .map(|b| Block {
-                    norm1: b.norm1.detached(),
+                    norm1: b.norm1.as_ref().map(LayerNorm::detached),
                     attn: Attention {
                         qkv: b.attn.qkv.detached(),
                         proj: b.attn.proj.detached(),
                         ..b.attn.clone()
                     },
-                    norm2: b.norm2.detached(),
+                    norm2: b.norm2.as_ref().map(LayerNorm::detached),
                     mlp: Mlp {
                         fc1: b.mlp.fc1.detached(),
                         fc2: b.mlp.fc2.detached(),
                     },
+                    placement: b.placement,
                 })
                 .collect(),
             norm: self.norm.detached(),
@@ -393,16 +443,51 @@ impl VisionTransformer {
         }
     }
 
-    /// The LayerNorms in capture order, with display names.
-    pub fn layer_norms(&self) -> Vec<(String, &LayerNorm)> {
+    /// The norms' places in capture order, with display names; `None` where a variant
+    /// has no norm (the probes record the residual stream there).
+    pub fn layer_norms(&self) -> Vec<(String, Option<&LayerNorm>)> {
+        let kind = match self.norm.kind {
+            NormKind::LayerNorm => "norm",
+            NormKind::RmsNorm => "rmsnorm",
+        };
         let mut out = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
-            out.push((format!("block {i} norm1 (before attention)"), &b.norm1));
-            out.push((format!("block {i} norm2 (before MLP)"), &b.norm2));
+            let (first, second) = match b.placement {
+                Placement::Pre => ("1 (before attention)", "2 (before MLP)"),
+                Placement::Post => ("1 (after attention + residual)", "2 (after MLP + residual)"),
+                Placement::None => (
+                    "1 place: no norm, residual stream before attention",
+                    "2 place: no norm, residual stream before MLP",
+                ),
+            };
+            out.push((format!("block {i} {kind}{first}"), b.norm1.as_ref()));
+            out.push((format!("block {i} {kind}{second}"), b.norm2.as_ref()));
         }
-        out.push(("final norm (before head)".to_string(), &self.norm));
+        out.push((format!("final {kind} (before head)"), Some(&self.norm)));
         out
     }
+}
+
+/// The fixed 2-D sine-cosine position embedding (as in MAE): for a patch at (row, col),
+/// the first half of the channels encode the row and the second the column, each as
+/// sin and cos of the position at dim/4 frequencies 1/10000^(k/(dim/4)); CLS gets zeros.
+/// Row-major (tokens, dim).
+pub fn sincos_position_embedding(cfg: &ModelConfig) -> Vec<f32> {
+    let (d, grid) = (cfg.dim, cfg.grid());
+    let quarter = (d / 4).max(1);
+    let mut out = vec![0f32; cfg.tokens() * d];
+    for p in 0..grid * grid {
+        let row = &mut out[(p + 1) * d..(p + 2) * d];
+        for (half, pos) in [(0, p / grid), (1, p % grid)] {
+            for k in 0..quarter.min(d / 4) {
+                let omega = 1.0 / 10000f64.powf(k as f64 / quarter as f64);
+                let angle = pos as f64 * omega;
+                row[half * d / 2 + k] = angle.sin() as f32;
+                row[half * d / 2 + quarter + k] = angle.cos() as f32;
+            }
+        }
+    }
+    out
 }
 
 /// The model with its variables, created and initialised deterministically from a seed.
@@ -768,624 +853,4 @@ pub fn images_tensor(pixels: Vec<f32>, batch: usize, dtype: DType) -> Result<Ten
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::ops::tests::weighted_grads;
-
-    pub fn tiny_config() -> ModelConfig {
-        let mut cfg = Config::default().model;
-        cfg.patch_size = 16;
-        cfg.dim = 8;
-        cfg.heads = 2;
-        cfg.depth = 2;
-        cfg.mlp_dim = 12;
-        cfg.init = "trunc_normal".into();
-        cfg.init_std = 0.5;
-        cfg
-    }
-
-    fn random_images(batch: usize, seed: u64, dtype: DType) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let pixels: Vec<f32> = (0..batch * CHANNELS * IMAGE_SIZE * IMAGE_SIZE)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
-        images_tensor(pixels, batch, dtype).unwrap()
-    }
-
-    #[test]
-    fn shapes_of_outputs_and_captures() {
-        let cfg = Config::default().model;
-        let state = ModelState::new(&cfg, 1, DType::F32).unwrap();
-        let images = random_images(2, 1, DType::F32);
-        let mut cap = Capture::default();
-        let logits = state.model.forward_with(&images, Some(&mut cap)).unwrap();
-        assert_eq!(logits.dims(), &[2, 10]);
-        assert_eq!(cap.attention.len(), 6);
-        assert_eq!(cap.attention[0].dims(), &[2, 3, 65, 65]);
-        assert_eq!(cap.hidden.len(), 7);
-        assert_eq!(cap.hidden[6].dims(), &[2, 65, 96]);
-        assert_eq!(cap.ln_inputs.len(), 13);
-        assert_eq!(cap.ln_outputs[12].dims(), &[2, 65, 96]);
-        assert_eq!(state.model.layer_norms().len(), 13);
-        // patch 48x96+96, cls 96, pos 65x96, 6 blocks, final norm 192, head 96x10+10
-        let block = 96 * 288 + 288 + 96 * 96 + 96 + 96 * 192 + 192 + 192 * 96 + 96 + 4 * 96;
-        assert_eq!(
-            state.parameter_count(),
-            48 * 96 + 96 + 96 + 65 * 96 + 6 * block + 192 + 970
-        );
-    }
-
-    #[test]
-    fn attention_rows_sum_to_one() {
-        let state = ModelState::new(&Config::default().model, 2, DType::F32).unwrap();
-        let mut cap = Capture::default();
-        state
-            .model
-            .forward_with(&random_images(2, 2, DType::F32), Some(&mut cap))
-            .unwrap();
-        for att in &cap.attention {
-            let sums: Vec<f32> = att
-                .sum(D::Minus1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert!(
-                sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
-                "row sums {:?}",
-                &sums[..4]
-            );
-            let min: f32 = att
-                .flatten_all()
-                .unwrap()
-                .min(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(min >= 0.0);
-        }
-    }
-
-    #[test]
-    fn layer_norm_output_has_zero_mean_unit_variance_with_identity_affine() {
-        let cfg = Config::default().model;
-        let state = ModelState::new(&cfg, 3, DType::F64).unwrap();
-        let mut cap = Capture::default();
-        state
-            .model
-            .forward_with(&random_images(2, 3, DType::F64), Some(&mut cap))
-            .unwrap();
-        let per_token = |t: &Tensor| -> (Vec<f64>, Vec<f64>) {
-            let mean = t.mean_keepdim(D::Minus1).unwrap();
-            let var = t
-                .broadcast_sub(&mean)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean(D::Minus1)
-                .unwrap();
-            (values(&mean), values(&var))
-        };
-        for (input, output) in cap.ln_inputs.iter().zip(&cap.ln_outputs) {
-            let (_, in_var) = per_token(input);
-            let (out_mean, out_var) = per_token(output);
-            assert!(out_mean.iter().all(|m| m.abs() < 1e-12));
-            // Variance 1, shrunk only by the epsilon under the square root.
-            for (v_in, v_out) in in_var.iter().zip(&out_var) {
-                let expected = v_in / (v_in + cfg.layer_norm_eps);
-                assert!((v_out - expected).abs() < 1e-9, "{v_out} vs {expected}");
-                assert!(*v_out > 0.98);
-            }
-        }
-    }
-
-    #[test]
-    fn patchify_puts_the_expected_pixels_in_each_patch() {
-        let pixels: Vec<f32> = (0..CHANNELS * 32 * 32).map(|i| i as f32).collect();
-        let images = images_tensor(pixels, 1, DType::F32).unwrap();
-        let patches = patchify(&images, 4).unwrap();
-        assert_eq!(patches.dims(), &[1, 64, 48]);
-        let patch: Vec<f32> = patches.i((0, 8 + 3)).unwrap().to_vec1().unwrap(); // grid row 1, col 3
-        for py in 0..4 {
-            for px in 0..4 {
-                for c in 0..3 {
-                    let (y, x) = (4 + py, 12 + px);
-                    assert_eq!(patch[(py * 4 + px) * 3 + c], (c * 1024 + y * 32 + x) as f32);
-                }
-            }
-        }
-    }
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    /// The whole forward pass with plain loops, from the model's own weights.
-    fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
-        let cfg = &m.config;
-        let (p, d, t, grid) = (cfg.patch_size, cfg.dim, cfg.tokens(), cfg.grid());
-        let linear = |l: &Linear, x: &[f64]| -> Vec<f64> {
-            let (w, b) = (values(&l.weight), values(&l.bias));
-            let (o, i) = (b.len(), x.len());
-            (0..o)
-                .map(|r| b[r] + (0..i).map(|c| w[r * i + c] * x[c]).sum::<f64>())
-                .collect()
-        };
-        let layer_norm = |ln: &LayerNorm, x: &[f64]| -> Vec<f64> {
-            let (g, b) = (values(&ln.gamma), values(&ln.beta));
-            let mean = x.iter().sum::<f64>() / x.len() as f64;
-            let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64;
-            x.iter()
-                .enumerate()
-                .map(|(i, v)| g[i] * (v - mean) / (var + ln.eps).sqrt() + b[i])
-                .collect()
-        };
-        let (cls, pos) = (values(&m.cls_token), values(&m.pos_embed));
-        let mut x: Vec<Vec<f64>> = vec![cls.clone()];
-        for gy in 0..grid {
-            for gx in 0..grid {
-                let mut patch = Vec::new();
-                for py in 0..p {
-                    for px in 0..p {
-                        for c in 0..3 {
-                            patch.push(image[c * 1024 + (gy * p + py) * 32 + gx * p + px]);
-                        }
-                    }
-                }
-                x.push(linear(&m.patch_embed, &patch));
-            }
-        }
-        for (i, row) in x.iter_mut().enumerate() {
-            for j in 0..d {
-                row[j] += pos[i * d + j];
-            }
-        }
-        for block in &m.blocks {
-            let h: Vec<Vec<f64>> = x.iter().map(|r| layer_norm(&block.norm1, r)).collect();
-            let qkv: Vec<Vec<f64>> = h.iter().map(|r| linear(&block.attn.qkv, r)).collect();
-            let (heads, hd) = (block.attn.heads, block.attn.head_dim);
-            let mut concat = vec![vec![0.0; d]; t];
-            for head in 0..heads {
-                for i in 0..t {
-                    let q = &qkv[i][head * hd..(head + 1) * hd];
-                    let scores: Vec<f64> = (0..t)
-                        .map(|j| {
-                            let k = &qkv[j][d + head * hd..d + (head + 1) * hd];
-                            q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                    let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let z: f64 = exp.iter().sum();
-                    for j in 0..t {
-                        for e in 0..hd {
-                            concat[i][head * hd + e] += exp[j] / z * qkv[j][2 * d + head * hd + e];
-                        }
-                    }
-                }
-            }
-            for i in 0..t {
-                let a = linear(&block.attn.proj, &concat[i]);
-                for j in 0..d {
-                    x[i][j] += a[j];
-                }
-                let h = layer_norm(&block.norm2, &x[i]);
-                let hidden: Vec<f64> = linear(&block.mlp.fc1, &h)
-                    .iter()
-                    .map(|v| 0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2)))
-                    .collect();
-                let out = linear(&block.mlp.fc2, &hidden);
-                for j in 0..d {
-                    x[i][j] += out[j];
-                }
-            }
-        }
-        linear(&m.head, &layer_norm(&m.norm, &x[0]))
-    }
-
-    /// erf by its Maclaurin series, ample for |x| < 3 at f64.
-    fn libm_erf(x: f64) -> f64 {
-        if x.abs() > 5.0 {
-            return x.signum();
-        }
-        let mut sum = 0.0;
-        let mut term = x;
-        for n in 0..200 {
-            sum += term / (2 * n + 1) as f64;
-            term *= -x * x / (n + 1) as f64;
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    }
-
-    #[test]
-    fn forward_matches_a_hand_computation() {
-        let mut cfg = tiny_config();
-        cfg.patch_size = 8; // 16 patches + CLS
-        let state = ModelState::new(&cfg, 4, DType::F64).unwrap();
-        let images = random_images(2, 4, DType::F64);
-        let logits = values(&state.model.forward(&images).unwrap());
-        for b in 0..2 {
-            let image = values(&images.get(b).unwrap());
-            let expected = naive_logits(&state.model, &image);
-            for (k, e) in expected.iter().enumerate() {
-                let got = logits[b * 10 + k];
-                assert!((got - e).abs() < 1e-9, "image {b} class {k}: {got} vs {e}");
-            }
-        }
-    }
-
-    #[test]
-    fn every_parameter_gets_a_gradient_matching_finite_differences() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 5, DType::F64).unwrap();
-        let images = random_images(3, 5, DType::F64);
-        let labels = [1u32, 7, 3];
-        let loss_of = |m: &VisionTransformer| -> f64 {
-            let logits = m.forward(&images).unwrap();
-            smoothed_cross_entropy(&logits, &labels, 0.1)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let loss =
-            smoothed_cross_entropy(&state.model.forward(&images).unwrap(), &labels, 0.1).unwrap();
-        let grads = loss.backward().unwrap();
-        let mut rng = StdRng::seed_from_u64(6);
-        for (name, var) in state.named_vars() {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let grad = values(grad);
-            assert!(
-                grad.iter().any(|g| g.abs() > 1e-12),
-                "{name}: gradient is all zero"
-            );
-            let original = values(var.as_tensor());
-            for _ in 0..3 {
-                let i = rng.random_range(0..original.len());
-                let h = 1e-5;
-                let probe = |delta: f64| {
-                    let mut v = original.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss_of(&state.model)
-                };
-                let numeric = (probe(h) - probe(-h)) / (2.0 * h);
-                var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
-                assert!(
-                    (numeric - grad[i]).abs() < tolerance,
-                    "{name}[{i}]: backprop {} vs finite difference {numeric}",
-                    grad[i]
-                );
-            }
-        }
-    }
-
-    /// Random (batch, tokens, dim) f64 activations.
-    fn random_rows(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let n = shape.0 * shape.1 * shape.2;
-        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// Runs `a` and `b` (two ways of computing the same thing from a block's input) on
-    /// 9 images (two whole tiles and one of a single image), and checks that their
-    /// outputs agree, that `a` detached (evaluation: no activations kept, one tile's
-    /// buffers reused) gives the same values, and that the gradients of x and of all 12
-    /// parameters agree.
-    fn assert_same_block_function(
-        block: &Block,
-        seed: u64,
-        a: impl Fn(&Tensor) -> Tensor,
-        b: impl Fn(&Tensor) -> Tensor,
-    ) {
-        let images = 2 * crate::ops::TILE_IMAGES + 1;
-        let dim = block.shape().dim;
-        let x = Var::from_tensor(&random_rows((images, 5, dim), seed)).unwrap();
-        let (ya, yb) = (a(x.as_tensor()), b(x.as_tensor()));
-        assert_eq!(ya.dims(), yb.dims());
-        let (va, vb) = (values(&ya), values(&yb));
-        for (i, (u, v)) in va.iter().zip(&vb).enumerate() {
-            assert!((u - v).abs() < 1e-12, "output {i}: {u} vs {v}");
-        }
-        assert_eq!(values(&a(&x.as_tensor().detach())), va);
-        let (n, t, _) = ya.dims3().unwrap();
-        let weights = random_rows((n, t, dim), seed + 1);
-        let (ga, gb) = (weighted_grads(ya, &weights), weighted_grads(yb, &weights));
-        let inputs = [
-            ("x", x.as_tensor()),
-            ("norm1.gamma", &block.norm1.gamma),
-            ("norm1.beta", &block.norm1.beta),
-            ("qkv.weight", &block.attn.qkv.weight),
-            ("qkv.bias", &block.attn.qkv.bias),
-            ("proj.weight", &block.attn.proj.weight),
-            ("proj.bias", &block.attn.proj.bias),
-            ("norm2.gamma", &block.norm2.gamma),
-            ("norm2.beta", &block.norm2.beta),
-            ("fc1.weight", &block.mlp.fc1.weight),
-            ("fc1.bias", &block.mlp.fc1.bias),
-            ("fc2.weight", &block.mlp.fc2.weight),
-            ("fc2.bias", &block.mlp.fc2.bias),
-        ];
-        for (name, t) in inputs {
-            let gradient = |g: &candle_core::backprop::GradStore| {
-                values(g.get(t).unwrap_or_else(|| panic!("{name}: no gradient")))
-            };
-            let (u, v) = (gradient(&ga), gradient(&gb));
-            assert_eq!(u.len(), t.elem_count(), "{name}");
-            for (i, (u, v)) in u.iter().zip(&v).enumerate() {
-                assert!(
-                    (u - v).abs() < 1e-10 * (1.0 + v.abs()),
-                    "{name}[{i}]: {u} vs {v}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
-        let state = ModelState::new(&tiny_config(), 11, DType::F64).unwrap();
-        let block = &state.model.blocks[1];
-        assert_same_block_function(
-            block,
-            12,
-            |x| block.forward(x, None).unwrap(),
-            |x| block.forward_ops(x, None).unwrap(),
-        );
-    }
-
-    #[test]
-    fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
-        let state = ModelState::new(&tiny_config(), 21, DType::F64).unwrap();
-        let block = &state.model.blocks[1];
-        let cls = |x: &Tensor| block.forward_fused(x, BlockOutput::ClsOnly).unwrap();
-        assert_eq!(cls(&random_rows((3, 5, 8), 1)).dims(), &[3, 1, 8]);
-        assert_same_block_function(block, 22, cls, |x| {
-            let all = block.forward_fused(x, BlockOutput::AllTokens).unwrap();
-            all.narrow(1, 0, 1).unwrap()
-        });
-    }
-
-    #[test]
-    fn fused_block_gradient_of_its_input_matches_finite_differences() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 14, DType::F64).unwrap();
-        let block = &state.model.blocks[0];
-        let x0 = random_rows((2, 3, cfg.dim), 15);
-        let weights = random_rows((2, 3, cfg.dim), 16);
-        let x = Var::from_tensor(&x0).unwrap();
-        let grads = weighted_grads(block.forward(x.as_tensor(), None).unwrap(), &weights);
-        let analytic = values(grads.get(x.as_tensor()).unwrap());
-        let numeric = crate::ops::tests::numeric_gradient(
-            &values(&x0),
-            &[2, 3, cfg.dim],
-            |t| block.forward(t, None).unwrap(),
-            &weights,
-        );
-        for (i, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
-            assert!(
-                (a - n).abs() < 1e-6 * (1.0 + n.abs()),
-                "x[{i}]: backprop {a} vs finite difference {n}"
-            );
-        }
-    }
-
-    #[test]
-    fn fused_block_rejects_bad_inputs_and_a_second_backward() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 17, DType::F64).unwrap();
-        let block = &state.model.blocks[0];
-        let params = block.packed_params().unwrap();
-        let x = random_rows((2, 3, cfg.dim), 18);
-        let err = |r: Result<Tensor>| r.unwrap_err().to_string();
-        let short = params.narrow(0, 0, params.elem_count() - 1).unwrap();
-        assert!(err(crate::ops::block(
-            &x,
-            &short,
-            block.shape(),
-            BlockOutput::AllTokens
-        ))
-        .contains("packed parameters"));
-        let narrow_x = random_rows((2, 3, cfg.dim + 1), 19);
-        assert!(err(crate::ops::block(
-            &narrow_x,
-            &params,
-            block.shape(),
-            BlockOutput::AllTokens
-        ))
-        .contains("channels"));
-        let no_tokens = random_rows((2, 0, cfg.dim), 20);
-        let cls = BlockOutput::ClsOnly;
-        assert!(err(crate::ops::block(&no_tokens, &params, block.shape(), cls)).contains("token"));
-        let f32_x = x.to_dtype(DType::F32).unwrap();
-        assert!(err(crate::ops::block(
-            &f32_x,
-            &params,
-            block.shape(),
-            BlockOutput::AllTokens
-        ))
-        .contains("f32"));
-        // The activations are used up by the first backward pass.
-        let v = Var::from_tensor(&x).unwrap();
-        let loss = block
-            .forward(v.as_tensor(), None)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        assert!(loss.backward().is_ok());
-        let second = loss.backward().map(drop).unwrap_err().to_string();
-        assert!(
-            second.contains("one backward pass per forward pass"),
-            "{second}"
-        );
-    }
-
-    #[test]
-    fn forward_flops_count_the_products_as_they_run() {
-        // Default model: 65 tokens of 96, 3 heads of 32, MLP 192, 64 patches of 48.
-        let patch = 2 * 64 * 48 * 96;
-        let qkv = 2 * 65 * 96 * 288;
-        let full_block = qkv + 4 * 3 * 65 * 65 * 32 + 2 * 65 * 96 * 96 + 4 * 65 * 96 * 192;
-        let cls_block = qkv + 4 * 3 * 65 * 32 + 2 * 96 * 96 + 4 * 96 * 192;
-        let expected = patch + 5 * full_block + cls_block + 2 * 96 * 10;
-        assert_eq!(expected, 60_338_304);
-        assert_eq!(
-            forward_flops_per_image(&Config::default().model),
-            expected as f64
-        );
-    }
-
-    #[test]
-    fn workers_run_every_item_once_in_order_on_all_lanes_and_report_the_first_error() {
-        let workers = Workers::new(2, 2);
-        let items: Vec<usize> = (0..25).collect();
-        let squares = workers.map(&items, |&i| Ok(i * i)).unwrap();
-        assert_eq!(squares, items.iter().map(|i| i * i).collect::<Vec<_>>());
-        // Slow items: both lanes take some.
-        let lanes = workers
-            .map(&items, |_| {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                Ok(std::thread::current().name().unwrap_or("").to_string())
-            })
-            .unwrap();
-        let distinct: std::collections::BTreeSet<_> = lanes.iter().collect();
-        assert_eq!(distinct.len(), 2, "{distinct:?}");
-        let failing = workers.map(&items, |&i| match i {
-            7 | 19 => Err(candle_core::Error::Msg(format!("item {i} failed"))),
-            i => Ok(i),
-        });
-        assert!(failing.unwrap_err().to_string().contains("item 7 failed"));
-        assert!(workers.map(&items[..0], |&i| Ok(i)).unwrap().is_empty());
-    }
-
-    #[test]
-    fn micro_batches_give_the_whole_batch_gradient() {
-        let cfg = tiny_config();
-        let state = ModelState::new(&cfg, 9, DType::F64).unwrap();
-        let vars: Vec<Var> = state.named_vars().into_iter().map(|(_, v)| v).collect();
-        let images = random_images(5, 9, DType::F64);
-        let pixels: Vec<f32> = images
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let labels = [0u32, 3, 3, 9, 1];
-        let one = Workers::new(1, 1);
-        let whole =
-            forward_backward(&state.model, &vars, (&pixels, &labels), 0.1, 0, &one).unwrap();
-        // Three micro-batches (2 + 2 + 1) over two lanes: side by side, then alone.
-        let split = forward_backward(
-            &state.model,
-            &vars,
-            (&pixels, &labels),
-            0.1,
-            2,
-            &Workers::new(2, 2),
-        )
-        .unwrap();
-        assert!(
-            (whole.loss - split.loss).abs() < 1e-12,
-            "{} vs {}",
-            whole.loss,
-            split.loss
-        );
-        assert_eq!(whole.correct, split.correct);
-        for (i, (name, _)) in state.named_vars().into_iter().enumerate() {
-            let a = values(whole.grads[i].as_ref().unwrap());
-            let b = values(split.grads[i].as_ref().unwrap());
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() < 1e-12, "{name}: {x} vs {y}");
-            }
-        }
-    }
-
-    #[test]
-    fn initialisation_is_reproducible_for_a_seed() {
-        let cfg = tiny_config();
-        let a = ModelState::new(&cfg, 7, DType::F32).unwrap();
-        let b = ModelState::new(&cfg, 7, DType::F32).unwrap();
-        let c = ModelState::new(&cfg, 8, DType::F32).unwrap();
-        for ((name, va), ((_, vb), (_, vc))) in a
-            .named_vars()
-            .iter()
-            .zip(b.named_vars().iter().zip(c.named_vars().iter()))
-        {
-            assert_eq!(values(va.as_tensor()), values(vb.as_tensor()), "{name}");
-            if name.ends_with("weight") && !name.contains("norm") {
-                assert_ne!(values(va.as_tensor()), values(vc.as_tensor()), "{name}");
-            }
-        }
-    }
-
-    #[test]
-    fn pytorch_initialisation_is_uniform_within_one_over_root_fan_in() {
-        let mut cfg = Config::default().model;
-        cfg.init = "pytorch".into();
-        let state = ModelState::new(&cfg, 3, DType::F32).unwrap();
-        let vars = state.named_vars();
-        let fan_in = |name: &str| {
-            let prefix = name.rsplit_once('.').unwrap().0;
-            let (_, w) = vars
-                .iter()
-                .find(|(n, _)| *n == format!("{prefix}.weight"))
-                .unwrap();
-            w.dims()[1] as f64
-        };
-        let mut checked = 0;
-        for (name, var) in &vars {
-            let v = values(var.as_tensor());
-            if name.contains("norm") {
-                let want = if name.ends_with("weight") { 1.0 } else { 0.0 };
-                assert!(v.iter().all(|&x| x == want), "{name}");
-            } else if name == "cls_token" || name == "pos_embed" {
-                assert!(
-                    v.iter().all(|x| x.abs() <= 2.0 * cfg.init_std + 1e-6),
-                    "{name}"
-                );
-            } else {
-                let bound = 1.0 / fan_in(name).sqrt();
-                assert!(v.iter().all(|x| x.abs() <= bound), "{name}");
-                // Uniform(-b, b) has standard deviation b / sqrt(3).
-                let std = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
-                let tolerance = if v.len() > 1000 { 0.05 } else { 0.35 };
-                assert!(
-                    (std / (bound / 3f64.sqrt()) - 1.0).abs() < tolerance,
-                    "{name}: std {std}, bound {bound}"
-                );
-                checked += 1;
-            }
-        }
-        // patch embedding, head, and 4 linear layers x 2 (weight, bias) per block.
-        assert_eq!(checked, 4 + 8 * cfg.depth);
-    }
-
-    #[test]
-    fn smoothed_cross_entropy_matches_its_formula() {
-        let logits = Tensor::new(&[[1.0f64, 2.0, 0.5], [0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
-        let loss: f64 = smoothed_cross_entropy(&logits, &[1, 0], 0.3)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let row = |l: [f64; 3], y: usize| {
-            let z = l.iter().map(|v| v.exp()).sum::<f64>().ln();
-            let logp: Vec<f64> = l.iter().map(|v| v - z).collect();
-            -(0.7 * logp[y] + 0.1 * logp.iter().sum::<f64>())
-        };
-        let expected = (row([1.0, 2.0, 0.5], 1) + row([0.0, 0.0, 3.0], 0)) / 2.0;
-        assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
-        assert_eq!(correct_predictions(&logits, &[1, 0]).unwrap(), 1);
-    }
-}
+mod tests;

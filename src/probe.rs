@@ -392,8 +392,15 @@ impl ProbeSet {
                 name,
                 input: Distribution::of(&flat(&capture.ln_inputs[i])?, bins, range),
                 output: Distribution::of(&flat(&capture.ln_outputs[i])?, bins, range),
-                gamma: Stats::of(&flat(&ln.gamma)?),
-                beta: Stats::of(&flat(&ln.beta)?),
+                // No norm at this place (or no shift, RMSNorm): empty statistics.
+                gamma: match ln {
+                    Some(ln) => Stats::of(&flat(&ln.gamma)?),
+                    None => Stats::default(),
+                },
+                beta: match ln.and_then(|ln| ln.beta.as_ref()) {
+                    Some(beta) => Stats::of(&flat(beta)?),
+                    None => Stats::default(),
+                },
             });
         }
         // (depth, B, H, T, T) -> (B, depth, H, T, T)
@@ -416,7 +423,10 @@ impl ProbeSet {
             attention,
             hidden,
             probabilities,
-            position_embedding: flat(&model.pos_embed)?,
+            position_embedding: match &model.pos_embed {
+                Some(pos) => flat(pos)?,
+                None => Vec::new(),
+            },
             patch_filters: flat(&model.patch_embed.weight)?,
         })
     }

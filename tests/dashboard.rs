@@ -331,6 +331,40 @@ fn layernorm_app(mode: ColorMode, probes: u64) -> App {
 }
 
 #[test]
+fn the_layernorm_tab_says_what_sits_at_each_place_in_the_variants() {
+    let renamed = |rename: fn(&str) -> String| {
+        let mut a = training_app(250, ColorMode::Ansi256);
+        let Event::Probe(p) = probe(250) else {
+            unreachable!()
+        };
+        let mut p = (*p).clone();
+        for ln in &mut p.meta.layer_norms {
+            ln.name = rename(&ln.name);
+        }
+        a.on_event(Event::Probe(Arc::new(p)));
+        a.tab = Tab::LayerNorm;
+        screen(&a, 200, 60)
+    };
+    let s = renamed(|n| {
+        n.replace(
+            "norm1 (before attention)",
+            "norm1 place: no norm, residual stream before attention",
+        )
+    });
+    assert!(
+        s.contains("this model has no norm here") && s.contains("no norm here: nothing learned"),
+        "{s}"
+    );
+    let s = renamed(|n| n.replace("norm", "rmsnorm"));
+    assert!(
+        s.contains("RMSNorm(x) = γ·x/√(mean(x²) + ε)") && s.contains("(RMSNorm has none)"),
+        "{s}"
+    );
+    let s = renamed(|n| n.to_string());
+    assert!(s.contains("LayerNorm(x) = γ·(x − μ)/σ + β"), "{s}");
+}
+
+#[test]
 fn layernorm_tab_snapshots() {
     let waiting = layernorm_app(ColorMode::Ansi256, 0);
     let live = layernorm_app(ColorMode::Ansi256, 8);

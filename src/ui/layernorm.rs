@@ -351,6 +351,35 @@ fn short_name(name: &str) -> String {
     }
 }
 
+/// What sits at a norm's place, read from its recorded name (the model names them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NormPlace {
+    Layer,
+    Rms,
+    /// A variant without norms: the residual stream at the place, input = output.
+    Residual,
+}
+
+impl NormPlace {
+    fn of(name: &str) -> Self {
+        if name.contains("no norm") {
+            Self::Residual
+        } else if name.contains("rmsnorm") {
+            Self::Rms
+        } else {
+            Self::Layer
+        }
+    }
+
+    fn formula(self) -> &'static str {
+        match self {
+            Self::Layer => "LayerNorm(x) = γ·(x − μ)/σ + β per token; μ, σ over the channels, γ and β learned",
+            Self::Rms => "RMSNorm(x) = γ·x/√(mean(x²) + ε) per token: no centring, no β; γ learned",
+            Self::Residual => "this model has no norm here (model.norm = \"none\"): input and output are the residual stream at its place",
+        }
+    }
+}
+
 pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let Some(meta) = app.shown_probe() else {
@@ -382,11 +411,9 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Some((_, n)) => format!("probe {n}/{n}, latest"),
         None => String::new(),
     };
+    let kind = NormPlace::of(&ln.name);
     Paragraph::new(vec![
-        Line::styled(
-            "LayerNorm(x) = γ·(x − μ)/σ + β per token; μ, σ over the channels, γ and β learned",
-            t.dim(),
-        ),
+        Line::styled(kind.formula(), t.dim()),
         Line::from(vec![
             Span::styled(format!("{} ", ln.name), t.accent()),
             Span::raw(format!(
@@ -410,16 +437,21 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         render_histogram(app, "output", &ln.output, output, buf);
         let [params, overview] =
             Layout::vertical([Constraint::Length(4), Constraint::Fill(1)]).areas(side);
-        Paragraph::new(vec![
-            stats_row(t, "γ", &ln.gamma),
-            stats_row(t, "β", &ln.beta),
-        ])
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(Span::styled(" learned γ, β ", t.title())),
-        )
-        .render(params, buf);
+        let params_lines = match kind {
+            NormPlace::Residual => vec![Line::styled("no norm here: nothing learned", t.dim())],
+            NormPlace::Rms => vec![
+                stats_row(t, "γ", &ln.gamma),
+                Line::styled("β      (RMSNorm has none)", t.dim()),
+            ],
+            NormPlace::Layer => vec![stats_row(t, "γ", &ln.gamma), stats_row(t, "β", &ln.beta)],
+        };
+        Paragraph::new(params_lines)
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(Span::styled(" learned γ, β ", t.title())),
+            )
+            .render(params, buf);
         render_overview(app, meta, overview, buf);
     } else {
         let [input, output] =

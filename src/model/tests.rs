@@ -1,0 +1,807 @@
+//! The model against hand computations, finite differences and its fused paths.
+use super::*;
+use crate::config::Config;
+use crate::ops::tests::weighted_grads;
+
+pub fn tiny_config() -> ModelConfig {
+    let mut cfg = Config::default().model;
+    cfg.patch_size = 16;
+    cfg.dim = 8;
+    cfg.heads = 2;
+    cfg.depth = 2;
+    cfg.mlp_dim = 12;
+    cfg.init = "trunc_normal".into();
+    cfg.init_std = 0.5;
+    cfg
+}
+
+fn random_images(batch: usize, seed: u64, dtype: DType) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pixels: Vec<f32> = (0..batch * CHANNELS * IMAGE_SIZE * IMAGE_SIZE)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    images_tensor(pixels, batch, dtype).unwrap()
+}
+
+#[test]
+fn shapes_of_outputs_and_captures() {
+    let cfg = Config::default().model;
+    let state = ModelState::new(&cfg, 1, DType::F32).unwrap();
+    let images = random_images(2, 1, DType::F32);
+    let mut cap = Capture::default();
+    let logits = state.model.forward_with(&images, Some(&mut cap)).unwrap();
+    assert_eq!(logits.dims(), &[2, 10]);
+    assert_eq!(cap.attention.len(), 6);
+    assert_eq!(cap.attention[0].dims(), &[2, 3, 65, 65]);
+    assert_eq!(cap.hidden.len(), 7);
+    assert_eq!(cap.hidden[6].dims(), &[2, 65, 96]);
+    assert_eq!(cap.ln_inputs.len(), 13);
+    assert_eq!(cap.ln_outputs[12].dims(), &[2, 65, 96]);
+    assert_eq!(state.model.layer_norms().len(), 13);
+    // patch 48x96+96, cls 96, pos 65x96, 6 blocks, final norm 192, head 96x10+10
+    let block = 96 * 288 + 288 + 96 * 96 + 96 + 96 * 192 + 192 + 192 * 96 + 96 + 4 * 96;
+    assert_eq!(
+        state.parameter_count(),
+        48 * 96 + 96 + 96 + 65 * 96 + 6 * block + 192 + 970
+    );
+}
+
+#[test]
+fn attention_rows_sum_to_one() {
+    let state = ModelState::new(&Config::default().model, 2, DType::F32).unwrap();
+    let mut cap = Capture::default();
+    state
+        .model
+        .forward_with(&random_images(2, 2, DType::F32), Some(&mut cap))
+        .unwrap();
+    for att in &cap.attention {
+        let sums: Vec<f32> = att
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "row sums {:?}",
+            &sums[..4]
+        );
+        let min: f32 = att
+            .flatten_all()
+            .unwrap()
+            .min(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(min >= 0.0);
+    }
+}
+
+#[test]
+fn layer_norm_output_has_zero_mean_unit_variance_with_identity_affine() {
+    let cfg = Config::default().model;
+    let state = ModelState::new(&cfg, 3, DType::F64).unwrap();
+    let mut cap = Capture::default();
+    state
+        .model
+        .forward_with(&random_images(2, 3, DType::F64), Some(&mut cap))
+        .unwrap();
+    let per_token = |t: &Tensor| -> (Vec<f64>, Vec<f64>) {
+        let mean = t.mean_keepdim(D::Minus1).unwrap();
+        let var = t
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean(D::Minus1)
+            .unwrap();
+        (values(&mean), values(&var))
+    };
+    for (input, output) in cap.ln_inputs.iter().zip(&cap.ln_outputs) {
+        let (_, in_var) = per_token(input);
+        let (out_mean, out_var) = per_token(output);
+        assert!(out_mean.iter().all(|m| m.abs() < 1e-12));
+        // Variance 1, shrunk only by the epsilon under the square root.
+        for (v_in, v_out) in in_var.iter().zip(&out_var) {
+            let expected = v_in / (v_in + cfg.layer_norm_eps);
+            assert!((v_out - expected).abs() < 1e-9, "{v_out} vs {expected}");
+            assert!(*v_out > 0.98);
+        }
+    }
+}
+
+#[test]
+fn patchify_puts_the_expected_pixels_in_each_patch() {
+    let pixels: Vec<f32> = (0..CHANNELS * 32 * 32).map(|i| i as f32).collect();
+    let images = images_tensor(pixels, 1, DType::F32).unwrap();
+    let patches = patchify(&images, 4).unwrap();
+    assert_eq!(patches.dims(), &[1, 64, 48]);
+    let patch: Vec<f32> = patches.i((0, 8 + 3)).unwrap().to_vec1().unwrap(); // grid row 1, col 3
+    for py in 0..4 {
+        for px in 0..4 {
+            for c in 0..3 {
+                let (y, x) = (4 + py, 12 + px);
+                assert_eq!(patch[(py * 4 + px) * 3 + c], (c * 1024 + y * 32 + x) as f32);
+            }
+        }
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The whole forward pass with plain loops, from the model's own weights.
+fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
+    let cfg = &m.config;
+    let (p, d, t, grid) = (cfg.patch_size, cfg.dim, cfg.tokens(), cfg.grid());
+    let linear = |l: &Linear, x: &[f64]| -> Vec<f64> {
+        let (w, b) = (values(&l.weight), values(&l.bias));
+        let (o, i) = (b.len(), x.len());
+        (0..o)
+            .map(|r| b[r] + (0..i).map(|c| w[r * i + c] * x[c]).sum::<f64>())
+            .collect()
+    };
+    // LayerNorm or RMSNorm; no norm is the identity.
+    let layer_norm = |ln: &LayerNorm, x: &[f64]| -> Vec<f64> {
+        let g = values(&ln.gamma);
+        let n = x.len() as f64;
+        match (ln.kind, &ln.beta) {
+            (NormKind::LayerNorm, Some(beta)) => {
+                let b = values(beta);
+                let mean = x.iter().sum::<f64>() / n;
+                let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                x.iter()
+                    .enumerate()
+                    .map(|(i, v)| g[i] * (v - mean) / (var + ln.eps).sqrt() + b[i])
+                    .collect()
+            }
+            _ => {
+                let ms = x.iter().map(|v| v * v).sum::<f64>() / n;
+                x.iter()
+                    .enumerate()
+                    .map(|(i, v)| g[i] * v / (ms + ln.eps).sqrt())
+                    .collect()
+            }
+        }
+    };
+    let maybe_norm = |ln: &Option<LayerNorm>, x: &[f64]| -> Vec<f64> {
+        match ln {
+            Some(ln) => layer_norm(ln, x),
+            None => x.to_vec(),
+        }
+    };
+    let cls = values(&m.cls_token);
+    let pos = m.pos_embed.as_ref().map_or(vec![0.0; t * d], values);
+    let mut x: Vec<Vec<f64>> = vec![cls.clone()];
+    for gy in 0..grid {
+        for gx in 0..grid {
+            let mut patch = Vec::new();
+            for py in 0..p {
+                for px in 0..p {
+                    for c in 0..3 {
+                        patch.push(image[c * 1024 + (gy * p + py) * 32 + gx * p + px]);
+                    }
+                }
+            }
+            x.push(linear(&m.patch_embed, &patch));
+        }
+    }
+    for (i, row) in x.iter_mut().enumerate() {
+        for j in 0..d {
+            row[j] += pos[i * d + j];
+        }
+    }
+    for block in &m.blocks {
+        let post = block.placement == Placement::Post;
+        let h: Vec<Vec<f64>> = if post {
+            x.clone()
+        } else {
+            x.iter().map(|r| maybe_norm(&block.norm1, r)).collect()
+        };
+        let qkv: Vec<Vec<f64>> = h.iter().map(|r| linear(&block.attn.qkv, r)).collect();
+        let (heads, hd) = (block.attn.heads, block.attn.head_dim);
+        let mut concat = vec![vec![0.0; d]; t];
+        for head in 0..heads {
+            for i in 0..t {
+                let q = &qkv[i][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..t)
+                    .map(|j| {
+                        let k = &qkv[j][d + head * hd..d + (head + 1) * hd];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = exp.iter().sum();
+                for j in 0..t {
+                    for e in 0..hd {
+                        concat[i][head * hd + e] += exp[j] / z * qkv[j][2 * d + head * hd + e];
+                    }
+                }
+            }
+        }
+        for i in 0..t {
+            let a = linear(&block.attn.proj, &concat[i]);
+            for j in 0..d {
+                x[i][j] += a[j];
+            }
+            if post {
+                x[i] = maybe_norm(&block.norm1, &x[i]);
+            }
+            let h = if post {
+                x[i].clone()
+            } else {
+                maybe_norm(&block.norm2, &x[i])
+            };
+            let hidden: Vec<f64> = linear(&block.mlp.fc1, &h)
+                .iter()
+                .map(|v| 0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2)))
+                .collect();
+            let out = linear(&block.mlp.fc2, &hidden);
+            for j in 0..d {
+                x[i][j] += out[j];
+            }
+            if post {
+                x[i] = maybe_norm(&block.norm2, &x[i]);
+            }
+        }
+    }
+    linear(&m.head, &layer_norm(&m.norm, &x[0]))
+}
+
+/// erf by its Maclaurin series, ample for |x| < 3 at f64.
+fn libm_erf(x: f64) -> f64 {
+    if x.abs() > 5.0 {
+        return x.signum();
+    }
+    let mut sum = 0.0;
+    let mut term = x;
+    for n in 0..200 {
+        sum += term / (2 * n + 1) as f64;
+        term *= -x * x / (n + 1) as f64;
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+#[test]
+fn forward_matches_a_hand_computation() {
+    let mut cfg = tiny_config();
+    cfg.patch_size = 8; // 16 patches + CLS
+    let state = ModelState::new(&cfg, 4, DType::F64).unwrap();
+    let images = random_images(2, 4, DType::F64);
+    let logits = values(&state.model.forward(&images).unwrap());
+    for b in 0..2 {
+        let image = values(&images.get(b).unwrap());
+        let expected = naive_logits(&state.model, &image);
+        for (k, e) in expected.iter().enumerate() {
+            let got = logits[b * 10 + k];
+            assert!((got - e).abs() < 1e-9, "image {b} class {k}: {got} vs {e}");
+        }
+    }
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_matching_finite_differences() {
+    let cfg = tiny_config();
+    let state = ModelState::new(&cfg, 5, DType::F64).unwrap();
+    let images = random_images(3, 5, DType::F64);
+    let labels = [1u32, 7, 3];
+    let loss_of = |m: &VisionTransformer| -> f64 {
+        let logits = m.forward(&images).unwrap();
+        smoothed_cross_entropy(&logits, &labels, 0.1)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let loss =
+        smoothed_cross_entropy(&state.model.forward(&images).unwrap(), &labels, 0.1).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut rng = StdRng::seed_from_u64(6);
+    for (name, var) in state.named_vars() {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let grad = values(grad);
+        assert!(
+            grad.iter().any(|g| g.abs() > 1e-12),
+            "{name}: gradient is all zero"
+        );
+        let original = values(var.as_tensor());
+        for _ in 0..3 {
+            let i = rng.random_range(0..original.len());
+            let h = 1e-5;
+            let probe = |delta: f64| {
+                let mut v = original.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss_of(&state.model)
+            };
+            let numeric = (probe(h) - probe(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
+            assert!(
+                (numeric - grad[i]).abs() < tolerance,
+                "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                grad[i]
+            );
+        }
+    }
+}
+
+/// Random (batch, tokens, dim) f64 activations.
+fn random_rows(shape: (usize, usize, usize), seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2;
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs `a` and `b` (two ways of computing the same thing from a block's input) on
+/// 9 images (two whole tiles and one of a single image), and checks that their
+/// outputs agree, that `a` detached (evaluation: no activations kept, one tile's
+/// buffers reused) gives the same values, and that the gradients of x and of all 12
+/// parameters agree.
+fn assert_same_block_function(
+    block: &Block,
+    seed: u64,
+    a: impl Fn(&Tensor) -> Tensor,
+    b: impl Fn(&Tensor) -> Tensor,
+) {
+    let images = 2 * crate::ops::TILE_IMAGES + 1;
+    let dim = block.shape().dim;
+    let x = Var::from_tensor(&random_rows((images, 5, dim), seed)).unwrap();
+    let (ya, yb) = (a(x.as_tensor()), b(x.as_tensor()));
+    assert_eq!(ya.dims(), yb.dims());
+    let (va, vb) = (values(&ya), values(&yb));
+    for (i, (u, v)) in va.iter().zip(&vb).enumerate() {
+        assert!((u - v).abs() < 1e-12, "output {i}: {u} vs {v}");
+    }
+    assert_eq!(values(&a(&x.as_tensor().detach())), va);
+    let (n, t, _) = ya.dims3().unwrap();
+    let weights = random_rows((n, t, dim), seed + 1);
+    let (ga, gb) = (weighted_grads(ya, &weights), weighted_grads(yb, &weights));
+    let (n1, n2) = (block.norm1.as_ref().unwrap(), block.norm2.as_ref().unwrap());
+    let inputs = [
+        ("x", x.as_tensor()),
+        ("norm1.gamma", &n1.gamma),
+        ("norm1.beta", n1.beta.as_ref().unwrap()),
+        ("qkv.weight", &block.attn.qkv.weight),
+        ("qkv.bias", &block.attn.qkv.bias),
+        ("proj.weight", &block.attn.proj.weight),
+        ("proj.bias", &block.attn.proj.bias),
+        ("norm2.gamma", &n2.gamma),
+        ("norm2.beta", n2.beta.as_ref().unwrap()),
+        ("fc1.weight", &block.mlp.fc1.weight),
+        ("fc1.bias", &block.mlp.fc1.bias),
+        ("fc2.weight", &block.mlp.fc2.weight),
+        ("fc2.bias", &block.mlp.fc2.bias),
+    ];
+    for (name, t) in inputs {
+        let gradient = |g: &candle_core::backprop::GradStore| {
+            values(g.get(t).unwrap_or_else(|| panic!("{name}: no gradient")))
+        };
+        let (u, v) = (gradient(&ga), gradient(&gb));
+        assert_eq!(u.len(), t.elem_count(), "{name}");
+        for (i, (u, v)) in u.iter().zip(&v).enumerate() {
+            assert!(
+                (u - v).abs() < 1e-10 * (1.0 + v.abs()),
+                "{name}[{i}]: {u} vs {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
+    let state = ModelState::new(&tiny_config(), 11, DType::F64).unwrap();
+    let block = &state.model.blocks[1];
+    assert_same_block_function(
+        block,
+        12,
+        |x| block.forward(x, None).unwrap(),
+        |x| block.forward_ops(x, None).unwrap(),
+    );
+}
+
+#[test]
+fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
+    let state = ModelState::new(&tiny_config(), 21, DType::F64).unwrap();
+    let block = &state.model.blocks[1];
+    let cls = |x: &Tensor| block.forward_fused(x, BlockOutput::ClsOnly).unwrap();
+    assert_eq!(cls(&random_rows((3, 5, 8), 1)).dims(), &[3, 1, 8]);
+    assert_same_block_function(block, 22, cls, |x| {
+        let all = block.forward_fused(x, BlockOutput::AllTokens).unwrap();
+        all.narrow(1, 0, 1).unwrap()
+    });
+}
+
+#[test]
+fn fused_block_gradient_of_its_input_matches_finite_differences() {
+    let cfg = tiny_config();
+    let state = ModelState::new(&cfg, 14, DType::F64).unwrap();
+    let block = &state.model.blocks[0];
+    let x0 = random_rows((2, 3, cfg.dim), 15);
+    let weights = random_rows((2, 3, cfg.dim), 16);
+    let x = Var::from_tensor(&x0).unwrap();
+    let grads = weighted_grads(block.forward(x.as_tensor(), None).unwrap(), &weights);
+    let analytic = values(grads.get(x.as_tensor()).unwrap());
+    let numeric = crate::ops::tests::numeric_gradient(
+        &values(&x0),
+        &[2, 3, cfg.dim],
+        |t| block.forward(t, None).unwrap(),
+        &weights,
+    );
+    for (i, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
+        assert!(
+            (a - n).abs() < 1e-6 * (1.0 + n.abs()),
+            "x[{i}]: backprop {a} vs finite difference {n}"
+        );
+    }
+}
+
+#[test]
+fn fused_block_rejects_bad_inputs_and_a_second_backward() {
+    let cfg = tiny_config();
+    let state = ModelState::new(&cfg, 17, DType::F64).unwrap();
+    let block = &state.model.blocks[0];
+    let params = block.packed_params().unwrap();
+    let x = random_rows((2, 3, cfg.dim), 18);
+    let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+    let short = params.narrow(0, 0, params.elem_count() - 1).unwrap();
+    assert!(err(crate::ops::block(
+        &x,
+        &short,
+        block.shape(),
+        BlockOutput::AllTokens
+    ))
+    .contains("packed parameters"));
+    let narrow_x = random_rows((2, 3, cfg.dim + 1), 19);
+    assert!(err(crate::ops::block(
+        &narrow_x,
+        &params,
+        block.shape(),
+        BlockOutput::AllTokens
+    ))
+    .contains("channels"));
+    let no_tokens = random_rows((2, 0, cfg.dim), 20);
+    let cls = BlockOutput::ClsOnly;
+    assert!(err(crate::ops::block(&no_tokens, &params, block.shape(), cls)).contains("token"));
+    let f32_x = x.to_dtype(DType::F32).unwrap();
+    assert!(err(crate::ops::block(
+        &f32_x,
+        &params,
+        block.shape(),
+        BlockOutput::AllTokens
+    ))
+    .contains("f32"));
+    // The activations are used up by the first backward pass.
+    let v = Var::from_tensor(&x).unwrap();
+    let loss = block
+        .forward(v.as_tensor(), None)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(loss.backward().is_ok());
+    let second = loss.backward().map(drop).unwrap_err().to_string();
+    assert!(
+        second.contains("one backward pass per forward pass"),
+        "{second}"
+    );
+}
+
+#[test]
+fn forward_flops_count_the_products_as_they_run() {
+    // Default model: 65 tokens of 96, 3 heads of 32, MLP 192, 64 patches of 48.
+    let patch = 2 * 64 * 48 * 96;
+    let qkv = 2 * 65 * 96 * 288;
+    let full_block = qkv + 4 * 3 * 65 * 65 * 32 + 2 * 65 * 96 * 96 + 4 * 65 * 96 * 192;
+    let cls_block = qkv + 4 * 3 * 65 * 32 + 2 * 96 * 96 + 4 * 96 * 192;
+    let expected = patch + 5 * full_block + cls_block + 2 * 96 * 10;
+    assert_eq!(expected, 60_338_304);
+    assert_eq!(
+        forward_flops_per_image(&Config::default().model),
+        expected as f64
+    );
+}
+
+#[test]
+fn workers_run_every_item_once_in_order_on_all_lanes_and_report_the_first_error() {
+    let workers = Workers::new(2, 2);
+    let items: Vec<usize> = (0..25).collect();
+    let squares = workers.map(&items, |&i| Ok(i * i)).unwrap();
+    assert_eq!(squares, items.iter().map(|i| i * i).collect::<Vec<_>>());
+    // Slow items: both lanes take some.
+    let lanes = workers
+        .map(&items, |_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(std::thread::current().name().unwrap_or("").to_string())
+        })
+        .unwrap();
+    let distinct: std::collections::BTreeSet<_> = lanes.iter().collect();
+    assert_eq!(distinct.len(), 2, "{distinct:?}");
+    let failing = workers.map(&items, |&i| match i {
+        7 | 19 => Err(candle_core::Error::Msg(format!("item {i} failed"))),
+        i => Ok(i),
+    });
+    assert!(failing.unwrap_err().to_string().contains("item 7 failed"));
+    assert!(workers.map(&items[..0], |&i| Ok(i)).unwrap().is_empty());
+}
+
+#[test]
+fn micro_batches_give_the_whole_batch_gradient() {
+    let cfg = tiny_config();
+    let state = ModelState::new(&cfg, 9, DType::F64).unwrap();
+    let vars: Vec<Var> = state.named_vars().into_iter().map(|(_, v)| v).collect();
+    let images = random_images(5, 9, DType::F64);
+    let pixels: Vec<f32> = images
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let labels = [0u32, 3, 3, 9, 1];
+    let one = Workers::new(1, 1);
+    let whole = forward_backward(&state.model, &vars, (&pixels, &labels), 0.1, 0, &one).unwrap();
+    // Three micro-batches (2 + 2 + 1) over two lanes: side by side, then alone.
+    let split = forward_backward(
+        &state.model,
+        &vars,
+        (&pixels, &labels),
+        0.1,
+        2,
+        &Workers::new(2, 2),
+    )
+    .unwrap();
+    assert!(
+        (whole.loss - split.loss).abs() < 1e-12,
+        "{} vs {}",
+        whole.loss,
+        split.loss
+    );
+    assert_eq!(whole.correct, split.correct);
+    for (i, (name, _)) in state.named_vars().into_iter().enumerate() {
+        let a = values(whole.grads[i].as_ref().unwrap());
+        let b = values(split.grads[i].as_ref().unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-12, "{name}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn initialisation_is_reproducible_for_a_seed() {
+    let cfg = tiny_config();
+    let a = ModelState::new(&cfg, 7, DType::F32).unwrap();
+    let b = ModelState::new(&cfg, 7, DType::F32).unwrap();
+    let c = ModelState::new(&cfg, 8, DType::F32).unwrap();
+    for ((name, va), ((_, vb), (_, vc))) in a
+        .named_vars()
+        .iter()
+        .zip(b.named_vars().iter().zip(c.named_vars().iter()))
+    {
+        assert_eq!(values(va.as_tensor()), values(vb.as_tensor()), "{name}");
+        if name.ends_with("weight") && !name.contains("norm") {
+            assert_ne!(values(va.as_tensor()), values(vc.as_tensor()), "{name}");
+        }
+    }
+}
+
+#[test]
+fn pytorch_initialisation_is_uniform_within_one_over_root_fan_in() {
+    let mut cfg = Config::default().model;
+    cfg.init = "pytorch".into();
+    let state = ModelState::new(&cfg, 3, DType::F32).unwrap();
+    let vars = state.named_vars();
+    let fan_in = |name: &str| {
+        let prefix = name.rsplit_once('.').unwrap().0;
+        let (_, w) = vars
+            .iter()
+            .find(|(n, _)| *n == format!("{prefix}.weight"))
+            .unwrap();
+        w.dims()[1] as f64
+    };
+    let mut checked = 0;
+    for (name, var) in &vars {
+        let v = values(var.as_tensor());
+        if name.contains("norm") {
+            let want = if name.ends_with("weight") { 1.0 } else { 0.0 };
+            assert!(v.iter().all(|&x| x == want), "{name}");
+        } else if name == "cls_token" || name == "pos_embed" {
+            assert!(
+                v.iter().all(|x| x.abs() <= 2.0 * cfg.init_std + 1e-6),
+                "{name}"
+            );
+        } else {
+            let bound = 1.0 / fan_in(name).sqrt();
+            assert!(v.iter().all(|x| x.abs() <= bound), "{name}");
+            // Uniform(-b, b) has standard deviation b / sqrt(3).
+            let std = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
+            let tolerance = if v.len() > 1000 { 0.05 } else { 0.35 };
+            assert!(
+                (std / (bound / 3f64.sqrt()) - 1.0).abs() < tolerance,
+                "{name}: std {std}, bound {bound}"
+            );
+            checked += 1;
+        }
+    }
+    // patch embedding, head, and 4 linear layers x 2 (weight, bias) per block.
+    assert_eq!(checked, 4 + 8 * cfg.depth);
+}
+
+#[test]
+fn smoothed_cross_entropy_matches_its_formula() {
+    let logits = Tensor::new(&[[1.0f64, 2.0, 0.5], [0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
+    let loss: f64 = smoothed_cross_entropy(&logits, &[1, 0], 0.3)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let row = |l: [f64; 3], y: usize| {
+        let z = l.iter().map(|v| v.exp()).sum::<f64>().ln();
+        let logp: Vec<f64> = l.iter().map(|v| v - z).collect();
+        -(0.7 * logp[y] + 0.1 * logp.iter().sum::<f64>())
+    };
+    let expected = (row([1.0, 2.0, 0.5], 1) + row([0.0, 0.0, 3.0], 0)) / 2.0;
+    assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+    assert_eq!(correct_predictions(&logits, &[1, 0]).unwrap(), 1);
+}
+
+/// The tiny model in each variant: norm placement, norm kind, position embedding.
+fn variants() -> Vec<ModelConfig> {
+    [
+        ("pre", "rmsnorm", "learned"),
+        ("post", "layernorm", "sincos"),
+        ("post", "rmsnorm", "none"),
+        ("none", "layernorm", "learned"),
+        ("none", "rmsnorm", "sincos"),
+    ]
+    .iter()
+    .map(|(norm, kind, pos)| {
+        let mut cfg = tiny_config();
+        cfg.patch_size = 8;
+        cfg.norm = (*norm).into();
+        cfg.norm_kind = (*kind).into();
+        cfg.pos_embed = (*pos).into();
+        cfg
+    })
+    .collect()
+}
+
+#[test]
+fn every_variant_matches_a_hand_computation() {
+    for cfg in variants() {
+        let state = ModelState::new(&cfg, 4, DType::F64).unwrap();
+        assert!(!state.model.is_fused());
+        let images = random_images(2, 4, DType::F64);
+        let logits = values(&state.model.forward(&images).unwrap());
+        for b in 0..2 {
+            let image = values(&images.get(b).unwrap());
+            for (k, e) in naive_logits(&state.model, &image).iter().enumerate() {
+                let got = logits[b * 10 + k];
+                // Without norms the activations grow: summation order shows at 1e-9.
+                assert!(
+                    (got - e).abs() < 1e-7 * e.abs().max(1.0),
+                    "{} {} {}: image {b} class {k}: {got} vs {e}",
+                    cfg.norm,
+                    cfg.norm_kind,
+                    cfg.pos_embed
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences() {
+    for cfg in variants() {
+        let state = ModelState::new(&cfg, 5, DType::F64).unwrap();
+        let names: Vec<String> = state.named_vars().into_iter().map(|(n, _)| n).collect();
+        let has = |part: &str| names.iter().any(|n| n.contains(part));
+        assert_eq!(has("blocks.0.norm1"), cfg.norm != "none", "{names:?}");
+        assert_eq!(has("norm.bias"), cfg.norm_kind == "layernorm", "{names:?}");
+        assert_eq!(has("pos_embed"), cfg.pos_embed == "learned", "{names:?}");
+        assert_eq!(
+            state.parameter_count() as f64,
+            crate::memory::estimate(
+                &Config {
+                    model: cfg.clone(),
+                    ..Config::default()
+                },
+                crate::memory::Workload::Headless,
+                1
+            )
+            .parameters,
+            "{} {} {}",
+            cfg.norm,
+            cfg.norm_kind,
+            cfg.pos_embed
+        );
+        let images = random_images(3, 5, DType::F64);
+        let labels = [1u32, 7, 3];
+        let loss_of = |m: &VisionTransformer| -> f64 {
+            smoothed_cross_entropy(&m.forward(&images).unwrap(), &labels, 0.1)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let loss =
+            smoothed_cross_entropy(&state.model.forward(&images).unwrap(), &labels, 0.1).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut rng = StdRng::seed_from_u64(6);
+        for (name, var) in state.named_vars() {
+            let grad = values(
+                grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient")),
+            );
+            let original = values(var.as_tensor());
+            for _ in 0..2 {
+                let i = rng.random_range(0..original.len());
+                let h = 1e-5;
+                let probe = |delta: f64| {
+                    let mut v = original.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss_of(&state.model)
+                };
+                let numeric = (probe(h) - probe(-h)) / (2.0 * h);
+                var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
+                assert!(
+                    (numeric - grad[i]).abs() < tolerance,
+                    "{} {}: {name}[{i}]: backprop {} vs finite difference {numeric}",
+                    cfg.norm,
+                    cfg.norm_kind,
+                    grad[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn variants_capture_every_norm_place_and_the_sincos_embedding_is_fixed() {
+    for cfg in variants() {
+        let state = ModelState::new(&cfg, 2, DType::F32).unwrap();
+        let images = random_images(2, 2, DType::F32);
+        let mut capture = Capture::default();
+        state
+            .model
+            .forward_with(&images, Some(&mut capture))
+            .unwrap();
+        assert_eq!(capture.ln_inputs.len(), cfg.layer_norms());
+        assert_eq!(state.model.layer_norms().len(), cfg.layer_norms());
+        if cfg.norm == "none" {
+            // At a block's norm places the residual stream goes through unchanged.
+            let (i, o) = (
+                values(&capture.ln_inputs[0]),
+                values(&capture.ln_outputs[0]),
+            );
+            assert_eq!(i, o);
+            assert!(state.model.layer_norms()[0].0.contains("no norm"));
+            assert!(state.model.layer_norms()[0].1.is_none());
+        }
+    }
+    let mut cfg = tiny_config();
+    cfg.patch_size = 8;
+    cfg.pos_embed = "sincos".into();
+    let e = sincos_position_embedding(&cfg);
+    let d = cfg.dim;
+    assert!(e[..d].iter().all(|&v| v == 0.0), "CLS gets zeros");
+    // Patch (0, 0): sin 0 = 0 and cos 0 = 1 in both halves.
+    assert_eq!(&e[d..2 * d], &[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    // Patch (1, 2) (token 7 on a 4 x 4 grid): row 1 in the first half, column 2 in the second.
+    let row = &e[7 * d..8 * d];
+    assert!((row[0] - 1f32.sin()).abs() < 1e-6 && (row[4] - 2f32.sin()).abs() < 1e-6);
+}
