@@ -42,6 +42,18 @@ pub enum Command {
     /// Render what the tabs show as PNG pictures and an animated GIF of the LayerNorm
     /// distributions, from a run directory's files.
     Export(ExportArgs),
+    /// Train every combination of comma-separated --set values (e.g. --set
+    /// model.norm=pre,post,none), headless, one after another, each into
+    /// FOLDER/<settings>; finished runs are skipped and stopped ones resumed.
+    Sweep(SweepArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// Training options as for `train`; --run-dir is the sweep's folder (default
+    /// <run.dir>/sweep), and --set KEY=A,B,… makes an axis.
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -201,6 +213,13 @@ impl TrainArgs {
         }
         sets.extend(self.config.set.iter().cloned());
         sets
+    }
+
+    /// The flags' settings with `sets` in place of `--set`.
+    fn flag_sets_with(&self, sets: &[String]) -> Vec<String> {
+        let mut args = self.clone();
+        args.config.set = sets.to_vec();
+        args.flag_sets()
     }
 
     /// Resolves the configuration and the run directory (created, or opened to resume),
@@ -392,6 +411,74 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Trains the sweep's combinations in turn; stops (to be continued) when one is stopped.
+pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
+    let base = &args.train;
+    if base.resume.is_some() {
+        return Err(
+            "--resume does not apply to a sweep: run the same sweep again to continue it".into(),
+        );
+    }
+    let (axes, fixed) = crate::sweep::axes(&base.config.set)?;
+    if axes.is_empty() {
+        return Err("nothing to sweep: give at least one --set KEY=A,B,…".into());
+    }
+    let folder = match &base.run_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let config = Config::load(base.config.config.as_deref(), &base.flag_sets_with(&fixed))
+                .map_err(|e| e.to_string())?;
+            Path::new(&config.run.dir).join("sweep")
+        }
+    };
+    let combos = crate::sweep::combinations(&axes);
+    // Every combination's configuration is checked before anything trains.
+    let runs: Vec<(String, TrainArgs)> = combos
+        .iter()
+        .map(|combo| {
+            let mut sets = fixed.clone();
+            sets.extend(combo.iter().map(|(k, v)| format!("{k}={v}")));
+            let name = crate::sweep::run_name(combo);
+            let mut run = base.clone();
+            run.config.set = sets;
+            run.headless = true;
+            run.run_dir = Some(folder.join(&name));
+            Config::load(run.config.config.as_deref(), &run.flag_sets())
+                .map_err(|e| format!("{name}: {e}"))?;
+            Ok((name, run))
+        })
+        .collect::<Result<_, String>>()?;
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| format!("{}: cannot create: {e}", folder.display()))?;
+    for (i, (name, mut run)) in runs.into_iter().enumerate() {
+        let dir = folder.join(&name);
+        let head = format!("sweep {}/{}: {name}", i + 1, combos.len());
+        if crate::sweep::is_finished(&dir) {
+            println!("{head}: finished before, skipped");
+            continue;
+        }
+        if dir.join(crate::run::CONFIG_FILE).exists() {
+            println!("{head}: resuming {}", dir.display());
+            run.resume = Some(dir.clone());
+            run.run_dir = None;
+            run.config.config = None;
+        } else {
+            println!("{head}: {}", dir.display());
+        }
+        train_headless(&run)?;
+        if !crate::sweep::is_finished(&dir) {
+            println!("sweep stopped during {name}; run the same command again to continue");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    println!(
+        "sweep done: {} runs in {f} (`vitscope view {f}` compares them)",
+        combos.len(),
+        f = folder.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Writes the pictures and lists them with their sizes.
 pub fn export(args: &ExportArgs) -> Result<ExitCode, String> {
     let whats = args
@@ -498,6 +585,7 @@ pub fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench(args),
         Some(Command::View(args)) => view(args),
         Some(Command::Export(args)) => export(args),
+        Some(Command::Sweep(args)) => sweep(args),
         Some(Command::Train(args)) => train(args),
         None => train(&cli.train),
     };

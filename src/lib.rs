@@ -29,6 +29,7 @@ pub mod optim;
 pub mod predictions;
 pub mod probe;
 pub mod run;
+pub mod sweep;
 pub mod sys;
 pub mod train;
 pub mod ui;

@@ -358,3 +358,65 @@ fn a_run_killed_with_sigkill_resumes_from_its_last_checkpoint() {
         .collect();
     assert_eq!(steps, (1..=30).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_sweep_trains_each_combination_once_into_its_own_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("sweep");
+    let mut args: Vec<String> = ["sweep", "--max-steps", "4", "--run-dir"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    args.push(folder.display().to_string());
+    args.extend(tiny_args());
+    args.extend(["--set".into(), "model.norm=pre,none".into()]);
+    args.extend(["--set".into(), "model.pos_embed=learned,sincos".into()]);
+    let run = |args: &[String]| vitscope(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "norm=none,pos_embed=learned",
+            "norm=none,pos_embed=sincos",
+            "norm=pre,pos_embed=learned",
+            "norm=pre,pos_embed=sincos"
+        ]
+    );
+    let config =
+        std::fs::read_to_string(folder.join("norm=none,pos_embed=sincos/config.toml")).unwrap();
+    assert!(
+        config.contains("norm = \"none\"") && config.contains("pos_embed = \"sincos\""),
+        "{config}"
+    );
+    // Again: everything is skipped.
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("finished before, skipped").count(),
+        4,
+        "{stdout}"
+    );
+    // A bad value in any combination is refused before anything trains.
+    let mut bad = args.clone();
+    bad.extend(["--set".into(), "model.norm_kind=layernorm,batchnorm".into()]);
+    let other = tmp.path().join("other");
+    let at = bad
+        .iter()
+        .position(|a| *a == folder.display().to_string())
+        .unwrap();
+    bad[at] = other.display().to_string();
+    let out = run(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.norm_kind"));
+    assert!(!other.exists());
+}
