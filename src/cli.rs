@@ -84,9 +84,10 @@ pub struct ExportArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ViewArgs {
-    /// The run directory (runs/<timestamp>).
-    #[arg(value_name = "RUN_DIR")]
-    pub run_dir: PathBuf,
+    /// A run directory (runs/<timestamp>); several, or a folder of runs (a sweep's),
+    /// to compare them (runs that start there later appear too).
+    #[arg(value_name = "RUN_DIR", required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
     /// No colours: charts stay readable through their markers.
     #[arg(long)]
     pub no_color: bool,
@@ -366,9 +367,72 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The dashboard over a run directory, or its progress lines when not on a terminal.
+/// One run's dashboard, or several runs compared.
 pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
-    let run = RunDir::open(&args.run_dir).map_err(|e| e.to_string())?;
+    match args.runs.as_slice() {
+        [one] if crate::compare::is_run(one) || !one.is_dir() => view_run(one, args),
+        paths => view_runs(paths, args),
+    }
+}
+
+/// The runs screen; Enter opens a run's dashboard and quitting it comes back. Without
+/// a terminal, a line per run.
+fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
+    let opened = std::time::Instant::now();
+    let mut comparison = crate::compare::Comparison::open(paths)?;
+    let open_secs = opened.elapsed().as_secs_f64();
+    if !std::io::stdout().is_terminal() {
+        for (run, label) in comparison.runs.iter().zip(comparison.labels()) {
+            let best = run.best().map_or("-".to_string(), |e| {
+                format!("best {:.2}% (epoch {})", e.accuracy * 100.0, e.epoch)
+            });
+            println!(
+                "{label}  {}  step {}  {best}  {}",
+                run.state.label(),
+                run.last_step(),
+                run.dir.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut sets = args.set.clone();
+    if let Some(mode) = &args.color {
+        sets.insert(0, format!("ui.color=\"{mode}\""));
+    }
+    if args.no_color {
+        sets.push("ui.color=\"none\"".into());
+    }
+    let config = Config::load(None, &sets).map_err(|e| e.to_string())?;
+    let mut view = crate::ui::runs::RunsView::new(theme_for(&config).0);
+    let mut stats = crate::ui::DashboardStats::default();
+    loop {
+        match crate::ui::runs::run_screen(&mut comparison, &mut view, &mut stats) {
+            Ok(Some(i)) => {
+                let dir = comparison.runs[i].dir.clone();
+                view_run(&dir, args)?;
+            }
+            Ok(None) => {
+                let mut sorted = stats.render_ms.clone();
+                sorted.sort_by(f64::total_cmp);
+                eprintln!(
+                    "runs screen: {} runs ({} training records) read in {:.0} ms; {} frames, render median {:.2} ms, worst {:.2} ms",
+                    comparison.runs.len(),
+                    comparison.runs.iter().map(|r| r.train.len()).sum::<usize>(),
+                    open_secs * 1e3,
+                    stats.frames,
+                    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+                    sorted.last().copied().unwrap_or(0.0)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => return Err(format!("terminal error: {e}")),
+        }
+    }
+}
+
+/// The dashboard over a run directory, or its progress lines when not on a terminal.
+fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode, String> {
+    let run = RunDir::open(path).map_err(|e| e.to_string())?;
     let mut sets = args.set.clone();
     if let Some(mode) = &args.color {
         sets.insert(0, format!("ui.color=\"{mode}\""));

@@ -70,7 +70,7 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
 }
 
 /// Reads complete lines appended to `path` since `offset`; advances `offset` past them.
-fn read_new_lines(path: &PathBuf, offset: &mut u64) -> Vec<String> {
+pub(crate) fn read_new_lines(path: &PathBuf, offset: &mut u64) -> Vec<String> {
     let Ok(mut file) = std::fs::File::open(path) else {
         return Vec::new();
     };

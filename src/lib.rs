@@ -12,6 +12,7 @@ pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod ema;

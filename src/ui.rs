@@ -11,6 +11,7 @@ pub mod layernorm;
 pub mod paint;
 pub mod patches;
 pub mod predictions;
+pub mod runs;
 pub mod theme;
 pub mod training;
 pub mod view;

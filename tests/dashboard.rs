@@ -952,3 +952,96 @@ fn predictions_tab_snapshots_and_filters() {
         "{s}"
     );
 }
+
+/// Three runs that differ in model.norm, with training and evaluation records.
+fn norm_runs(root: &std::path::Path) -> vitscope::compare::Comparison {
+    for (n, norm) in ["pre", "post", "none"].iter().enumerate() {
+        let dir = root.join(format!("norm={norm}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = Config::from_sources(None, &[format!("model.norm={norm}")]).unwrap();
+        std::fs::write(dir.join("config.toml"), config.to_toml()).unwrap();
+        let mut lines = String::new();
+        for step in 1..=400u64 {
+            let r = TrainRecord {
+                loss: 2.3 * (-(step as f64) / (150.0 + 50.0 * n as f64)).exp() + 0.4,
+                ..train_record(step)
+            };
+            lines.push_str(
+                &serde_json::to_string(&vitscope::events::MetricRecord::Train(r)).unwrap(),
+            );
+            lines.push('\n');
+            if step % 100 == 0 {
+                let mut e = eval_record(step / 100);
+                e.step = step;
+                e.accuracy = 0.3 + step as f64 / 1000.0 - 0.05 * n as f64;
+                lines.push_str(
+                    &serde_json::to_string(&vitscope::events::MetricRecord::Eval(e)).unwrap(),
+                );
+                lines.push('\n');
+            }
+        }
+        std::fs::write(dir.join("metrics.jsonl"), lines).unwrap();
+        let log = if n == 2 {
+            "t error: loss is NaN\n"
+        } else {
+            "t finished at step 400: all 4 epochs done\n"
+        };
+        std::fs::write(dir.join("run.log"), log).unwrap();
+    }
+    vitscope::compare::Comparison::open(&[root.to_path_buf()]).unwrap()
+}
+
+fn runs_screen(
+    c: &vitscope::compare::Comparison,
+    v: &vitscope::ui::runs::RunsView,
+    w: u16,
+    h: u16,
+) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal
+        .draw(|f| vitscope::ui::runs::render(c, v, f.area(), f.buffer_mut()))
+        .unwrap();
+    let buf = terminal.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        for x in 0..buf.area.width {
+            out.push_str(buf[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn the_runs_screen_overlays_runs_named_by_what_differs() {
+    use vitscope::ui::runs::RunsView;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = norm_runs(tmp.path());
+    assert_eq!(c.labels(), vec!["norm=none", "norm=post", "norm=pre"]);
+    let colour = RunsView::new(Theme::new(ColorMode::Ansi256, "braille"));
+    let plain = RunsView::new(Theme::new(ColorMode::NoColor, "braille"));
+    for (name, v) in [("runs", &colour), ("runs_no_colour", &plain)] {
+        for (w, h) in [(80, 24), (200, 60)] {
+            let s = runs_screen(&c, v, w, h);
+            for label in ["norm=pre", "norm=post", "norm=none"] {
+                assert!(s.contains(label), "{name} {w}x{h}: {label}\n{s}");
+            }
+            insta::assert_snapshot!(format!("{name}_{w}x{h}"), s);
+        }
+    }
+    let s = runs_screen(&c, &colour, 200, 60);
+    assert!(s.contains("differ in model.norm"), "{s}");
+    assert!(s.contains("failed") && s.contains("finished"), "{s}");
+    // Without colour each run has its own marker, shown in the table.
+    let theme = Theme::new(ColorMode::NoColor, "braille");
+    let marks: std::collections::HashSet<_> = (0..3).map(|i| theme.run_marker(i).1).collect();
+    assert_eq!(marks.len(), 3);
+    // A hidden run leaves the charts but stays in the table, marked.
+    let mut hidden = RunsView::new(Theme::new(ColorMode::Ansi256, "braille"));
+    hidden.on_action(vitscope::ui::keys::Action::ToggleRun, 3);
+    let s = runs_screen(&c, &hidden, 200, 60);
+    assert!(s.contains("(hidden)"), "{s}");
+    for (w, h) in [(0, 0), (20, 5), (61, 19)] {
+        runs_screen(&c, &colour, w, h);
+    }
+}

@@ -509,6 +509,8 @@ impl App {
             | Action::QueryDown
             | Action::ToggleRollout
             | Action::CycleScale
+            | Action::ToggleRun
+            | Action::OpenRun
             | Action::ScrollBack
             | Action::ScrollForward
             | Action::PageUp

@@ -41,6 +41,8 @@ pub enum Action {
     PageDown,
     CycleFilter,
     CycleClass,
+    ToggleRun,
+    OpenRun,
 }
 
 /// Where a binding applies.
@@ -64,6 +66,8 @@ pub enum Scope {
     Predictions,
     /// Inside a popup.
     Popup,
+    /// The runs compared by `vitscope view` of several runs.
+    Runs,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -661,6 +665,54 @@ pub const KEYS: &[Binding] = &[
         Scope::Popup,
         "answer yes",
         "",
+    ),
+    bind(
+        &[KeyCode::Up, KeyCode::Char('k')],
+        "↑/k",
+        Action::Up,
+        Scope::Runs,
+        "previous run",
+        "",
+    ),
+    bind(
+        &[KeyCode::Down, KeyCode::Char('j')],
+        "↓/j",
+        Action::Down,
+        Scope::Runs,
+        "next run",
+        "select",
+    ),
+    bind(
+        &[KeyCode::Char(' ')],
+        "space",
+        Action::ToggleRun,
+        Scope::Runs,
+        "hide / show the selected run's curves",
+        "hide/show",
+    ),
+    bind(
+        &[KeyCode::Char('x')],
+        "x",
+        Action::ToggleXAxis,
+        Scope::Runs,
+        "x axis: step / epoch / training time",
+        "x-axis",
+    ),
+    bind(
+        &[KeyCode::Enter],
+        "Enter",
+        Action::OpenRun,
+        Scope::Runs,
+        "open the selected run's dashboard (q comes back)",
+        "open",
+    ),
+    bind(
+        &[KeyCode::Char('q'), KeyCode::Esc],
+        "q",
+        Action::Quit,
+        Scope::Runs,
+        "quit",
+        "quit",
     ),
 ];
 

@@ -244,6 +244,40 @@ impl Theme {
         }
     }
 
+    /// The style of run `i` of several compared: ten distinct colours, then again.
+    pub fn run_style(&self, i: usize) -> Style {
+        const RUNS: [((u8, u8, u8), u8); 10] = [
+            ((100, 180, 255), 75),
+            ((255, 170, 60), 214),
+            ((110, 220, 120), 114),
+            ((240, 100, 120), 204),
+            ((190, 140, 255), 141),
+            ((90, 220, 220), 80),
+            ((240, 230, 90), 227),
+            ((255, 130, 200), 212),
+            ((170, 170, 170), 250),
+            ((200, 120, 60), 173),
+        ];
+        let (rgb, indexed) = RUNS[i % RUNS.len()];
+        self.fg(rgb, indexed)
+    }
+
+    /// The marker of run `i`, and the symbol the legend shows for it: the line marker
+    /// with colour; without, a different marker per run (five, then again).
+    pub fn run_marker(&self, i: usize) -> (Marker, &'static str) {
+        const MARKERS: [(Marker, &str); 5] = [
+            (Marker::Braille, "⠒"),
+            (Marker::Dot, "•"),
+            (Marker::Block, "█"),
+            (Marker::HalfBlock, "▀"),
+            (Marker::Bar, "▄"),
+        ];
+        match self.mode {
+            ColorMode::NoColor => MARKERS[i % MARKERS.len()],
+            _ => (self.line_marker, "━"),
+        }
+    }
+
     /// The character that stands for a series in legends.
     pub fn legend_symbol(&self, series: Series) -> &'static str {
         match self.marker(series) {

@@ -264,7 +264,7 @@ pub fn eta(app: &App) -> Option<(f64, f64)> {
     Some((epoch, run))
 }
 
-fn duration(secs: f64) -> String {
+pub fn duration(secs: f64) -> String {
     if !secs.is_finite() {
         return "-".into();
     }
