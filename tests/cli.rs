@@ -398,6 +398,46 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
         config.contains("norm = \"none\"") && config.contains("pos_embed = \"sincos\""),
         "{config}"
     );
+    // The runs screen's compare mode: two of them side by side at their last common probe.
+    let comparison = vitscope::compare::Comparison::open(std::slice::from_ref(&folder)).unwrap();
+    let pair = vitscope::ui::runs::load_pair(&comparison, 0).unwrap();
+    assert!(pair.common && pair.probes.iter().all(Option::is_some));
+    let mut view = vitscope::ui::runs::RunsView::new(vitscope::ui::theme::Theme::new(
+        vitscope::ui::theme::ColorMode::NoColor,
+        "braille",
+    ));
+    view.on_action(
+        vitscope::ui::keys::Action::ToggleCompare,
+        comparison.runs.len(),
+    );
+    let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(200, 60)).unwrap();
+    terminal
+        .draw(|f| {
+            vitscope::ui::runs::render(&comparison, &view, Some(&pair), f.area(), f.buffer_mut())
+        })
+        .unwrap();
+    let buf = terminal.backend().buffer();
+    let screen: String = (0..60)
+        .map(|y| {
+            (0..200)
+                .map(|x| buf[(x, y)].symbol().to_string())
+                .collect::<String>()
+                + "\n"
+        })
+        .collect();
+    assert!(
+        screen.contains(&format!("side by side at step {}", pair.step)),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("b0 n1") && screen.contains("final") && screen.contains("out σ"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("norm=none,pos_embed=learned")
+            && screen.contains("norm=none,pos_embed=sincos"),
+        "{screen}"
+    );
     // Again: everything is skipped.
     let out = run(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);

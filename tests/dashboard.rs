@@ -999,7 +999,7 @@ fn runs_screen(
 ) -> String {
     let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
     terminal
-        .draw(|f| vitscope::ui::runs::render(c, v, f.area(), f.buffer_mut()))
+        .draw(|f| vitscope::ui::runs::render(c, v, None, f.area(), f.buffer_mut()))
         .unwrap();
     let buf = terminal.backend().buffer().clone();
     let mut out = String::new();

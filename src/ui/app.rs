@@ -511,6 +511,7 @@ impl App {
             | Action::CycleScale
             | Action::ToggleRun
             | Action::OpenRun
+            | Action::ToggleCompare
             | Action::ScrollBack
             | Action::ScrollForward
             | Action::PageUp

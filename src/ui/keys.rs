@@ -43,6 +43,7 @@ pub enum Action {
     CycleClass,
     ToggleRun,
     OpenRun,
+    ToggleCompare,
 }
 
 /// Where a binding applies.
@@ -697,6 +698,14 @@ pub const KEYS: &[Binding] = &[
         Scope::Runs,
         "x axis: step / epoch / training time",
         "x-axis",
+    ),
+    bind(
+        &[KeyCode::Char('c')],
+        "c",
+        Action::ToggleCompare,
+        Scope::Runs,
+        "compare: the selected run and the next side by side (norms, attention) at one step",
+        "compare",
     ),
     bind(
         &[KeyCode::Enter],

@@ -12,10 +12,14 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
+use super::attention::shrink;
 use super::chart::{compact, debiased_ema, downsample, stable_bounds, x_bounds, y_bounds};
 use super::keys::{action_for, footer_fitting, Action, Scope};
+use super::paint::draw_stacked;
 use super::theme::Theme;
 use crate::compare::{Comparison, RunSeries};
+use crate::probe::ProbeSnapshot;
+use crate::run::RunDir;
 use crate::ui::training::duration;
 
 /// What the x axis of the runs' curves counts.
@@ -51,6 +55,8 @@ pub struct RunsView {
     pub hidden: Vec<bool>,
     pub x_axis: RunsAxis,
     pub theme: Theme,
+    /// Side by side: the selected run and the next one at a common probe step.
+    pub compare: bool,
 }
 
 impl RunsView {
@@ -60,6 +66,7 @@ impl RunsView {
             hidden: Vec::new(),
             x_axis: RunsAxis::Step,
             theme,
+            compare: false,
         }
     }
 
@@ -79,6 +86,7 @@ impl RunsView {
                 }
             }
             Action::ToggleXAxis => self.x_axis = self.x_axis.next(),
+            Action::ToggleCompare => self.compare = !self.compare,
             Action::OpenRun => return Some(true),
             Action::Quit | Action::Interrupt => return Some(false),
             _ => {}
@@ -260,8 +268,216 @@ fn render_table(c: &Comparison, v: &RunsView, area: Rect, buf: &mut Buffer) {
         .render(area, buf);
 }
 
-/// The whole runs screen.
-pub fn render(c: &Comparison, v: &RunsView, area: Rect, buf: &mut Buffer) {
+/// Two runs' probes at the same step, for the compare mode.
+pub struct Pair {
+    pub runs: [usize; 2],
+    /// The step shown, and whether both runs have a probe there.
+    pub step: u64,
+    pub common: bool,
+    pub probes: [Option<ProbeSnapshot>; 2],
+}
+
+/// The selected run and the next one (wrapping), at the latest probe step both have
+/// (or each one's latest when they share none).
+pub fn load_pair(c: &Comparison, selected: usize) -> Option<Pair> {
+    let n = c.runs.len();
+    if n < 2 {
+        return None;
+    }
+    let runs = [selected.min(n - 1), (selected + 1) % n];
+    let files = runs.map(|i| {
+        RunDir::open(&c.runs[i].dir)
+            .map(|r| {
+                r.probe_files()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    });
+    let common = files[0]
+        .iter()
+        .rev()
+        .find(|s| files[1].contains(s))
+        .copied();
+    let steps = match common {
+        Some(s) => [Some(s), Some(s)],
+        None => [files[0].last().copied(), files[1].last().copied()],
+    };
+    let probes = [0, 1].map(|k| {
+        let step = steps[k]?;
+        RunDir::open(&c.runs[runs[k]].dir)
+            .ok()?
+            .read_probe(step)
+            .ok()
+    });
+    Some(Pair {
+        runs,
+        step: steps[0].or(steps[1]).unwrap_or(0),
+        common: common.is_some(),
+        probes,
+    })
+}
+
+/// "b3 n1" for "block 3 norm1 (…)", "final" for the final norm.
+fn short_place(name: &str) -> String {
+    let words: Vec<&str> = name.split_whitespace().collect();
+    match words.as_slice() {
+        ["block", b, norm, ..] => {
+            let which = norm
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>();
+            format!("b{b} n{which}")
+        }
+        _ => "final".to_string(),
+    }
+}
+
+/// A histogram's middle half as `width` bars of ▁…█ (blank for none).
+fn sparkline(counts: &[u32], width: usize) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let (lo, hi) = (counts.len() / 4, counts.len() - counts.len() / 4);
+    let middle = &counts[lo..hi.max(lo)];
+    if middle.is_empty() || width == 0 {
+        return String::new();
+    }
+    let sums: Vec<u64> = (0..width)
+        .map(|i| {
+            let (a, b) = (
+                i * middle.len() / width,
+                ((i + 1) * middle.len() / width).max(i * middle.len() / width + 1),
+            );
+            middle[a..b.min(middle.len())]
+                .iter()
+                .map(|&c| u64::from(c))
+                .sum()
+        })
+        .collect();
+    let max = sums.iter().copied().max().unwrap_or(0).max(1);
+    sums.iter()
+        .map(|&s| {
+            if s == 0 {
+                ' '
+            } else {
+                BARS[((s * 7) / max) as usize]
+            }
+        })
+        .collect()
+}
+
+fn render_side(c: &Comparison, v: &RunsView, pair: &Pair, k: usize, area: Rect, buf: &mut Buffer) {
+    let t = &v.theme;
+    let run = pair.runs[k];
+    let label = c.labels().get(run).cloned().unwrap_or_default();
+    let block = Block::default().borders(Borders::ALL).title(Span::styled(
+        format!(" {} {label} ", t.run_marker(run).1),
+        t.run_style(run),
+    ));
+    let inner = block.inner(area);
+    block.render(area, buf);
+    let Some(probe) = &pair.probes[k] else {
+        Paragraph::new(Line::styled("no probe recorded yet", t.dim())).render(inner, buf);
+        return;
+    };
+    let m = &probe.meta;
+    let places = m.layer_norms.len() as u16;
+    let [ln_area, attn_area] =
+        Layout::vertical([Constraint::Length(places + 2), Constraint::Fill(1)]).areas(inner);
+    let spark_w = (ln_area.width as usize).saturating_sub(36).clamp(8, 48);
+    let mut lines = vec![Line::styled(
+        format!(
+            "step {} (epoch {}): norm outputs, middle half of the axis",
+            m.step, m.epoch
+        ),
+        t.dim(),
+    )];
+    for ln in &m.layer_norms {
+        lines.push(Line::from(vec![
+            Span::styled(format!("{:<6} ", short_place(&ln.name)), t.dim()),
+            Span::styled(sparkline(&ln.output.histogram.counts, spark_w), t.gauge()),
+            Span::raw(format!(
+                "  in σ {:>5.2}  out σ {:>5.2}",
+                ln.input.stats.std, ln.output.stats.std
+            )),
+        ]));
+    }
+    Paragraph::new(lines).render(ln_area, buf);
+    if probe.attention.is_empty() || m.images == 0 || attn_area.height < 3 {
+        return;
+    }
+    Paragraph::new(Line::styled(
+        "attention, image 0: layers (rows) x heads (columns)",
+        t.dim(),
+    ))
+    .render(attn_area, buf);
+    let grid = Rect::new(
+        attn_area.x,
+        attn_area.y + 1,
+        attn_area.width,
+        attn_area.height - 1,
+    );
+    let cell_w = (grid.width as usize / m.heads.max(1))
+        .saturating_sub(1)
+        .min(30);
+    let cell_h = (grid.height as usize / m.depth.max(1)).min(15);
+    if cell_w < 3 || cell_h < 1 {
+        return;
+    }
+    for l in 0..m.depth {
+        for h in 0..m.heads {
+            let matrix: Vec<f64> = probe
+                .attention_matrix(0, l, h)
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let (values, rows, cols) = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w);
+            let max = values.iter().copied().fold(0.0, f64::max);
+            let levels: Vec<f64> = values
+                .iter()
+                .map(|v| if max > 0.0 { v / max } else { 0.0 })
+                .collect();
+            draw_stacked(
+                &levels,
+                (rows, cols),
+                (
+                    grid.x + (h * (cell_w + 1)) as u16,
+                    grid.y + (l * cell_h) as u16,
+                ),
+                buf,
+                |level| t.heat_color(level),
+                |a, b| t.heat((a + b) / 2.0).0,
+            );
+        }
+    }
+}
+
+fn render_pair(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf: &mut Buffer) {
+    let t = &v.theme;
+    let Some(pair) = pair else {
+        Paragraph::new(Line::styled("compare needs two runs", t.dim()))
+            .block(Block::default().borders(Borders::ALL))
+            .render(area, buf);
+        return;
+    };
+    let [note, sides] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(area);
+    let text = if pair.common {
+        format!(
+            " side by side at step {} (the latest probe both have); c: back to the curves",
+            pair.step
+        )
+    } else {
+        " no probe step in common: each run's latest; c: back to the curves".to_string()
+    };
+    Paragraph::new(Line::styled(text, t.accent())).render(note, buf);
+    let [left, right] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(sides);
+    render_side(c, v, pair, 0, left, buf);
+    render_side(c, v, pair, 1, right, buf);
+}
+
+/// The whole runs screen; in compare mode, `pair` side by side in place of the curves.
+pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf: &mut Buffer) {
     let t = &v.theme;
     let rows = (c.runs.len() as u16 + 3).min(area.height / 3).max(4);
     let [header, charts, table, footer] = Layout::vertical([
@@ -282,16 +498,21 @@ pub fn render(c: &Comparison, v: &RunsView, area: Rect, buf: &mut Buffer) {
         }),
     ]))
     .render(header, buf);
-    let [left, right] =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    render_chart(
-        v,
-        "train loss (smoothed)",
-        &loss_curves(c, v, left.width as usize),
-        left,
-        buf,
-    );
-    render_chart(v, "test accuracy %", &accuracy_curves(c, v), right, buf);
+    if v.compare {
+        render_pair(c, v, pair, charts, buf);
+    } else {
+        let [left, right] =
+            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
+                .areas(charts);
+        render_chart(
+            v,
+            "train loss (smoothed)",
+            &loss_curves(c, v, left.width as usize),
+            left,
+            buf,
+        );
+        render_chart(v, "test accuracy %", &accuracy_curves(c, v), right, buf);
+    }
     render_table(c, v, table, buf);
     let mut spans = Vec::new();
     for (key, what) in footer_fitting(&[Scope::Runs], footer.width as usize) {
@@ -314,10 +535,15 @@ pub fn run_screen(
     let result = (|| {
         let mut dirty = true;
         let mut last_poll = Instant::now();
+        let mut pair: Option<Pair> = None;
         loop {
+            // Probes are read when the pair changes, never while drawing.
+            if v.compare && pair.as_ref().is_none_or(|p| p.runs[0] != v.selected) {
+                pair = load_pair(c, v.selected);
+            }
             if dirty {
                 let t = Instant::now();
-                terminal.draw(|f| render(c, v, f.area(), f.buffer_mut()))?;
+                terminal.draw(|f| render(c, v, pair.as_ref(), f.area(), f.buffer_mut()))?;
                 stats.render_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 stats.frames += 1;
                 dirty = false;
