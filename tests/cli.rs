@@ -22,19 +22,6 @@ fn tiny_args() -> Vec<String> {
         .collect()
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 /// Starts a long headless run of the tiny model in `run` with one extra `--set`, its
 /// stdout piped.
 #[cfg(unix)]
@@ -179,7 +166,7 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
 
     // Viewing reads the run back (plain lines when not on a terminal) and writes nothing.
     let listing = |dir: &std::path::Path| -> Vec<(String, u64, std::time::SystemTime)> {
-        let mut files: Vec<_> = walk(dir)
+        let mut files: Vec<_> = common::walk(dir)
             .into_iter()
             .map(|p| {
                 let m = std::fs::metadata(&p).unwrap();
@@ -210,7 +197,7 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
     // A resume whose model no longer fits the checkpoint is refused, and the run is
     // left byte for byte as it was (its config.toml is not rewritten).
     let contents = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
-        let mut files: Vec<_> = walk(dir)
+        let mut files: Vec<_> = common::walk(dir)
             .into_iter()
             .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
             .collect();

@@ -21,7 +21,11 @@ use vitscope::ui::theme::{ColorMode, Theme};
 fn screen(app: &App, w: u16, h: u16) -> String {
     let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
     terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
-    let buf = terminal.backend().buffer().clone();
+    text_of(terminal.backend().buffer())
+}
+
+/// A buffer's symbols, a line per row.
+fn text_of(buf: &ratatui::buffer::Buffer) -> String {
     let mut out = String::new();
     for y in 0..buf.area.height {
         for x in 0..buf.area.width {
@@ -1001,15 +1005,7 @@ fn runs_screen(
     terminal
         .draw(|f| vitscope::ui::runs::render(c, v, None, f.area(), f.buffer_mut()))
         .unwrap();
-    let buf = terminal.backend().buffer().clone();
-    let mut out = String::new();
-    for y in 0..buf.area.height {
-        for x in 0..buf.area.width {
-            out.push_str(buf[(x, y)].symbol());
-        }
-        out.push('\n');
-    }
-    out
+    text_of(terminal.backend().buffer())
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn vitscope(args: &[&str]) -> std::process::Output {
 }
 
 fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out: Vec<_> = walk(dir)
+    let mut out: Vec<_> = common::walk(dir)
         .into_iter()
         .map(|p| {
             let bytes = std::fs::read(&p).unwrap();
@@ -26,19 +26,6 @@ fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
         })
         .collect();
     out.sort();
-    out
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
     out
 }
 

@@ -289,13 +289,17 @@ fn forward_matches_a_hand_computation() {
 
 #[test]
 fn every_parameter_gets_a_gradient_matching_finite_differences() {
-    let cfg = tiny_config();
-    let state = ModelState::new(&cfg, 5, DType::F64).unwrap();
+    let state = ModelState::new(&tiny_config(), 5, DType::F64).unwrap();
+    assert_gradients_match_finite_differences(&state, 3, "default");
+}
+
+/// Every parameter's gradient of a smoothed cross-entropy on random images is
+/// non-zero and matches central finite differences at `samples` random entries.
+fn assert_gradients_match_finite_differences(state: &ModelState, samples: usize, what: &str) {
     let images = random_images(3, 5, DType::F64);
     let labels = [1u32, 7, 3];
     let loss_of = |m: &VisionTransformer| -> f64 {
-        let logits = m.forward(&images).unwrap();
-        smoothed_cross_entropy(&logits, &labels, 0.1)
+        smoothed_cross_entropy(&m.forward(&images).unwrap(), &labels, 0.1)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -307,14 +311,14 @@ fn every_parameter_gets_a_gradient_matching_finite_differences() {
     for (name, var) in state.named_vars() {
         let grad = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
+            .unwrap_or_else(|| panic!("{what}: {name}: no gradient"));
         let grad = values(grad);
         assert!(
             grad.iter().any(|g| g.abs() > 1e-12),
-            "{name}: gradient is all zero"
+            "{what}: {name}: gradient is all zero"
         );
         let original = values(var.as_tensor());
-        for _ in 0..3 {
+        for _ in 0..samples {
             let i = rng.random_range(0..original.len());
             let h = 1e-5;
             let probe = |delta: f64| {
@@ -330,7 +334,7 @@ fn every_parameter_gets_a_gradient_matching_finite_differences() {
             let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
             assert!(
                 (numeric - grad[i]).abs() < tolerance,
-                "{name}[{i}]: backprop {} vs finite difference {numeric}",
+                "{what}: {name}[{i}]: backprop {} vs finite difference {numeric}",
                 grad[i]
             );
         }
@@ -725,48 +729,8 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
             cfg.norm_kind,
             cfg.pos_embed
         );
-        let images = random_images(3, 5, DType::F64);
-        let labels = [1u32, 7, 3];
-        let loss_of = |m: &VisionTransformer| -> f64 {
-            smoothed_cross_entropy(&m.forward(&images).unwrap(), &labels, 0.1)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let loss =
-            smoothed_cross_entropy(&state.model.forward(&images).unwrap(), &labels, 0.1).unwrap();
-        let grads = loss.backward().unwrap();
-        let mut rng = StdRng::seed_from_u64(6);
-        for (name, var) in state.named_vars() {
-            let grad = values(
-                grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient")),
-            );
-            let original = values(var.as_tensor());
-            for _ in 0..2 {
-                let i = rng.random_range(0..original.len());
-                let h = 1e-5;
-                let probe = |delta: f64| {
-                    let mut v = original.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss_of(&state.model)
-                };
-                let numeric = (probe(h) - probe(-h)) / (2.0 * h);
-                var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let tolerance = 1e-6 + 1e-4 * numeric.abs().max(grad[i].abs());
-                assert!(
-                    (numeric - grad[i]).abs() < tolerance,
-                    "{} {}: {name}[{i}]: backprop {} vs finite difference {numeric}",
-                    cfg.norm,
-                    cfg.norm_kind,
-                    grad[i]
-                );
-            }
-        }
+        let what = format!("{} {} {}", cfg.norm, cfg.norm_kind, cfg.pos_embed);
+        assert_gradients_match_finite_differences(&state, 2, &what);
     }
 }
 

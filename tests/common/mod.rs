@@ -32,3 +32,17 @@ pub fn tiny_config(extra: &[&str]) -> Config {
     sets.extend(extra.iter().map(|s| (*s).to_string()));
     Config::from_sources(None, &sets).unwrap()
 }
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
