@@ -417,7 +417,7 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
         "{screen}"
     );
     assert!(
-        screen.contains("b0 n1") && screen.contains("final") && screen.contains("out σ"),
+        screen.contains("b0 norm1") && screen.contains("final") && screen.contains("out σ"),
         "{screen}"
     );
     assert!(

@@ -6,8 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use vitscope::export::pictures::{attention_cell, pixel, tile_origin, MATRIX_ORIGIN, TILE_SCALE};
+use vitscope::export::pictures::{attention_cell, tile_origin, MATRIX_ORIGIN, TILE_SCALE};
 use vitscope::run::RunDir;
+use vitscope::ui::paint::image_pixel;
 use vitscope::ui::theme::heat_rgb;
 
 fn vitscope(args: &[&str]) -> std::process::Output {
@@ -185,7 +186,11 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
                         ox + x as i64 * TILE_SCALE + dx,
                         oy + y as i64 * TILE_SCALE + dy,
                     );
-                    assert_eq!(got, pixel(image, x, y), "tile {tile} pixel ({x}, {y})");
+                    assert_eq!(
+                        got,
+                        image_pixel(image, x, y),
+                        "tile {tile} pixel ({x}, {y})"
+                    );
                 }
             }
         }

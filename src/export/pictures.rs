@@ -6,6 +6,8 @@ use super::{Choice, Picture, Source};
 use crate::config::IMAGE_SIZE;
 use crate::features::{cosine_map, pca, row_norms, scores_to_rgb};
 use crate::probe::ProbeSnapshot;
+use crate::ui::chart::debiased_ema;
+use crate::ui::paint::image_pixel;
 use crate::ui::theme::{heat_rgb, signed_rgb};
 
 /// A value in [-1, 1] on the signed scale (blue, dark grey, red).
@@ -25,18 +27,11 @@ fn png(file: String, caption: String, c: &Canvas) -> Result<Picture, String> {
     })
 }
 
-/// The RGB pixel (x, y) of a raw image (three 32 x 32 planes).
-pub fn pixel(image: &[u8], x: usize, y: usize) -> Rgb {
-    let plane = IMAGE_SIZE * IMAGE_SIZE;
-    let i = y * IMAGE_SIZE + x;
-    (image[i], image[plane + i], image[2 * plane + i])
-}
-
 /// A raw image with each pixel a `scale` x `scale` square.
 pub fn draw_image(c: &mut Canvas, image: &[u8], (x0, y0): (i64, i64), scale: i64) {
     for y in 0..IMAGE_SIZE {
         for x in 0..IMAGE_SIZE {
-            let p = pixel(image, x, y);
+            let p = image_pixel(image, x, y);
             c.fill(
                 x0 + x as i64 * scale,
                 y0 + y as i64 * scale,
@@ -247,7 +242,7 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
             for x in 0..size {
                 let p = (y / patch_px) as usize * grid + (x / patch_px) as usize;
                 let heat = heat_rgb(f64::from(row[p.min(row.len() - 1)] / top));
-                let base = pixel(pixels, (x / scale) as usize, (y / scale) as usize);
+                let base = image_pixel(pixels, (x / scale) as usize, (y / scale) as usize);
                 let mix = |a: u8, b: u8| ((f64::from(a) * 0.45) + (f64::from(b) * 0.55)) as u8;
                 o.set(
                     40 + size + x,
@@ -740,16 +735,13 @@ fn chart(
     }
 }
 
-/// An exponential moving average, debiased (as the dashboard smooths).
-fn smoothed(values: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
-    let (mut avg, mut weight) = (0.0, 0.0);
-    values
+/// The points' y smoothed as the dashboard smooths ([`debiased_ema`]).
+fn smoothed(points: &[(f64, f64)], smoothing: f64) -> Vec<(f64, f64)> {
+    let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+    points
         .iter()
-        .map(|&(x, v)| {
-            avg = alpha * avg + (1.0 - alpha) * v;
-            weight = alpha * weight + (1.0 - alpha);
-            (x, avg / weight)
-        })
+        .zip(debiased_ema(&ys, smoothing))
+        .map(|(p, y)| (p.0, y))
         .collect()
 }
 

@@ -491,10 +491,32 @@ fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buf
     let inner = block.inner(area);
     block.render(area, buf);
     let image = app.probe_image.min(m.images - 1);
-    let cell_w = (inner.width as usize / m.heads.max(1))
+    let selected = (app.attention.layer, app.attention.head);
+    draw_layer_head_grid(
+        t,
+        probe,
+        image,
+        (app.attention.scale, Some(selected)),
+        inner,
+        buf,
+    );
+}
+
+/// Every layer's (rows) and head's (columns) attention map of probe image `image`, as
+/// small half-block heat maps filling `area` on `scale`, with a `▶` at `selected`.
+pub fn draw_layer_head_grid(
+    t: &Theme,
+    probe: &ProbeSnapshot,
+    image: usize,
+    (scale, selected): (Scale, Option<(usize, usize)>),
+    area: Rect,
+    buf: &mut Buffer,
+) {
+    let m = &probe.meta;
+    let cell_w = (area.width as usize / m.heads.max(1))
         .saturating_sub(1)
         .min(24);
-    let cell_h = (inner.height as usize / m.depth.max(1)).min(8);
+    let cell_h = (area.height as usize / m.depth.max(1)).min(8);
     if cell_w < 3 || cell_h < 1 {
         return;
     }
@@ -506,12 +528,11 @@ fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buf
                 .map(|&x| f64::from(x))
                 .collect();
             let shrunk = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w - 1);
-            let x0 = inner.x + (h * (cell_w + 1)) as u16;
-            let y0 = inner.y + (l * cell_h) as u16;
-            let selected = l == app.attention.layer && h == app.attention.head;
-            let mark = Span::styled(if selected { "▶" } else { " " }, t.accent());
+            let x0 = area.x + (h * (cell_w + 1)) as u16;
+            let y0 = area.y + (l * cell_h) as u16;
+            let mark = Span::styled(if selected == Some((l, h)) { "▶" } else { " " }, t.accent());
             Paragraph::new(Line::from(mark)).render(Rect::new(x0, y0, 1, 1), buf);
-            draw_half_blocks(t, &shrunk, (app.attention.scale, m.tokens), x0 + 1, y0, buf);
+            draw_half_blocks(t, &shrunk, (scale, m.tokens), x0 + 1, y0, buf);
         }
     }
 }

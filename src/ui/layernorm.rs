@@ -342,7 +342,7 @@ fn render_overview(app: &App, meta: &ProbeMeta, area: Rect, buf: &mut Buffer) {
 }
 
 /// "block 2 norm1 (before attention)" -> "b2 norm1".
-fn short_name(name: &str) -> String {
+pub fn short_name(name: &str) -> String {
     let mut words = name.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some("block"), Some(i), Some(n)) => format!("b{i} {n}"),

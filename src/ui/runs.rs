@@ -12,11 +12,12 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
-use super::attention::shrink;
+use super::attention::draw_layer_head_grid;
 use super::chart::{compact, debiased_ema, downsample, stable_bounds, x_bounds, y_bounds};
 use super::keys::{action_for, footer_fitting, Action, Scope};
-use super::paint::draw_stacked;
+use super::layernorm::{bar_rows, resample, short_name};
 use super::theme::Theme;
+use crate::attention::Scale;
 use crate::compare::{Comparison, RunSeries};
 use crate::probe::ProbeSnapshot;
 use crate::run::RunDir;
@@ -206,9 +207,8 @@ fn render_chart(v: &RunsView, title: &str, curves: &Curves, area: Rect, buf: &mu
         .render(area, buf);
 }
 
-fn render_table(c: &Comparison, v: &RunsView, area: Rect, buf: &mut Buffer) {
+fn render_table(c: &Comparison, labels: &[String], v: &RunsView, area: Rect, buf: &mut Buffer) {
     let t = &v.theme;
-    let labels = c.labels();
     let width = labels
         .iter()
         .map(|l| l.chars().count())
@@ -222,7 +222,7 @@ fn render_table(c: &Comparison, v: &RunsView, area: Rect, buf: &mut Buffer) {
         ),
         t.dim(),
     )];
-    for (i, (run, label)) in c.runs.iter().zip(&labels).enumerate() {
+    for (i, (run, label)) in c.runs.iter().zip(labels).enumerate() {
         let best = run.best().map_or("-".to_string(), |e| {
             format!(
                 "{:.2}% (epoch {}, at {})",
@@ -319,57 +319,30 @@ pub fn load_pair(c: &Comparison, selected: usize) -> Option<Pair> {
     })
 }
 
-/// "b3 n1" for "block 3 norm1 (…)", "final" for the final norm.
-fn short_place(name: &str) -> String {
-    let words: Vec<&str> = name.split_whitespace().collect();
-    match words.as_slice() {
-        ["block", b, norm, ..] => {
-            let which = norm
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect::<String>();
-            format!("b{b} n{which}")
-        }
-        _ => "final".to_string(),
-    }
-}
-
-/// A histogram's middle half as `width` bars of ▁…█ (blank for none).
+/// A histogram's middle half as one row of eighth blocks, `width` wide (the
+/// LayerNorm tab's overview draws the whole axis the same way).
 fn sparkline(counts: &[u32], width: usize) -> String {
-    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let (lo, hi) = (counts.len() / 4, counts.len() - counts.len() / 4);
-    let middle = &counts[lo..hi.max(lo)];
-    if middle.is_empty() || width == 0 {
-        return String::new();
-    }
-    let sums: Vec<u64> = (0..width)
-        .map(|i| {
-            let (a, b) = (
-                i * middle.len() / width,
-                ((i + 1) * middle.len() / width).max(i * middle.len() / width + 1),
-            );
-            middle[a..b.min(middle.len())]
-                .iter()
-                .map(|&c| u64::from(c))
-                .sum()
-        })
+    let middle: Vec<f64> = counts[lo..hi.max(lo)]
+        .iter()
+        .map(|&c| f64::from(c))
         .collect();
-    let max = sums.iter().copied().max().unwrap_or(0).max(1);
-    sums.iter()
-        .map(|&s| {
-            if s == 0 {
-                ' '
-            } else {
-                BARS[((s * 7) / max) as usize]
-            }
-        })
-        .collect()
+    bar_rows(&resample(&middle, width), 1)
+        .pop()
+        .unwrap_or_default()
 }
 
-fn render_side(c: &Comparison, v: &RunsView, pair: &Pair, k: usize, area: Rect, buf: &mut Buffer) {
+fn render_side(
+    labels: &[String],
+    v: &RunsView,
+    pair: &Pair,
+    k: usize,
+    area: Rect,
+    buf: &mut Buffer,
+) {
     let t = &v.theme;
     let run = pair.runs[k];
-    let label = c.labels().get(run).cloned().unwrap_or_default();
+    let label = labels.get(run).cloned().unwrap_or_default();
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         format!(" {} {label} ", t.run_marker(run).1),
         t.run_style(run),
@@ -384,20 +357,21 @@ fn render_side(c: &Comparison, v: &RunsView, pair: &Pair, k: usize, area: Rect, 
     let places = m.layer_norms.len() as u16;
     let [ln_area, attn_area] =
         Layout::vertical([Constraint::Length(places + 2), Constraint::Fill(1)]).areas(inner);
-    let spark_w = (ln_area.width as usize).saturating_sub(36).clamp(8, 48);
+    // Name (11) and the two σ (22) first: the sparkline takes what is left.
+    let spark_w = (ln_area.width as usize).saturating_sub(33).clamp(4, 48);
     let mut lines = vec![Line::styled(
         format!(
-            "step {} (epoch {}): norm outputs, middle half of the axis",
+            "step {} (epoch {}), norm outputs (middle half of the axis)",
             m.step, m.epoch
         ),
         t.dim(),
     )];
     for ln in &m.layer_norms {
         lines.push(Line::from(vec![
-            Span::styled(format!("{:<6} ", short_place(&ln.name)), t.dim()),
+            Span::styled(format!("{:<10} ", short_name(&ln.name)), t.dim()),
             Span::styled(sparkline(&ln.output.histogram.counts, spark_w), t.gauge()),
             Span::raw(format!(
-                "  in σ {:>5.2}  out σ {:>5.2}",
+                "  in σ {:>4.2} out σ {:>4.2}",
                 ln.input.stats.std, ln.output.stats.std
             )),
         ]));
@@ -417,42 +391,10 @@ fn render_side(c: &Comparison, v: &RunsView, pair: &Pair, k: usize, area: Rect, 
         attn_area.width,
         attn_area.height - 1,
     );
-    let cell_w = (grid.width as usize / m.heads.max(1))
-        .saturating_sub(1)
-        .min(30);
-    let cell_h = (grid.height as usize / m.depth.max(1)).min(15);
-    if cell_w < 3 || cell_h < 1 {
-        return;
-    }
-    for l in 0..m.depth {
-        for h in 0..m.heads {
-            let matrix: Vec<f64> = probe
-                .attention_matrix(0, l, h)
-                .iter()
-                .map(|&x| f64::from(x))
-                .collect();
-            let (values, rows, cols) = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w);
-            let max = values.iter().copied().fold(0.0, f64::max);
-            let levels: Vec<f64> = values
-                .iter()
-                .map(|v| if max > 0.0 { v / max } else { 0.0 })
-                .collect();
-            draw_stacked(
-                &levels,
-                (rows, cols),
-                (
-                    grid.x + (h * (cell_w + 1)) as u16,
-                    grid.y + (l * cell_h) as u16,
-                ),
-                buf,
-                |level| t.heat_color(level),
-                |a, b| t.heat((a + b) / 2.0).0,
-            );
-        }
-    }
+    draw_layer_head_grid(t, probe, 0, (Scale::MapMax, None), grid, buf);
 }
 
-fn render_pair(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf: &mut Buffer) {
+fn render_pair(labels: &[String], v: &RunsView, pair: Option<&Pair>, area: Rect, buf: &mut Buffer) {
     let t = &v.theme;
     let Some(pair) = pair else {
         Paragraph::new(Line::styled("compare needs two runs", t.dim()))
@@ -472,8 +414,8 @@ fn render_pair(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, bu
     Paragraph::new(Line::styled(text, t.accent())).render(note, buf);
     let [left, right] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(sides);
-    render_side(c, v, pair, 0, left, buf);
-    render_side(c, v, pair, 1, right, buf);
+    render_side(labels, v, pair, 0, left, buf);
+    render_side(labels, v, pair, 1, right, buf);
 }
 
 /// The whole runs screen; in compare mode, `pair` side by side in place of the curves.
@@ -488,6 +430,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
     ])
     .areas(area);
     let differing = c.differing();
+    let labels = c.labels();
     Paragraph::new(Line::from(vec![
         Span::styled(" vitscope runs ", t.accent()),
         Span::styled("│ ", t.dim()),
@@ -499,7 +442,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
     ]))
     .render(header, buf);
     if v.compare {
-        render_pair(c, v, pair, charts, buf);
+        render_pair(&labels, v, pair, charts, buf);
     } else {
         let [left, right] =
             Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
@@ -513,7 +456,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
         );
         render_chart(v, "test accuracy %", &accuracy_curves(c, v), right, buf);
     }
-    render_table(c, v, table, buf);
+    render_table(c, &labels, v, table, buf);
     let mut spans = Vec::new();
     for (key, what) in footer_fitting(&[Scope::Runs], footer.width as usize) {
         spans.push(Span::styled(format!(" {key}"), t.key()));
