@@ -65,7 +65,7 @@ impl RunSeries {
     fn open(dir: &Path) -> Result<Self, String> {
         let run = RunDir::open(dir).map_err(|e| e.to_string())?;
         let config = Config::load_run(&run.file(CONFIG_FILE), &[]).map_err(|e| e.to_string())?;
-        let table: toml::Table = toml::from_str(&config.to_toml()).map_err(|e| e.to_string())?;
+        let table = toml::Table::try_from(&config).map_err(|e| e.to_string())?;
         let mut settings = BTreeMap::new();
         for (section, values) in &table {
             if let Some(values) = values.as_table() {
