@@ -1,8 +1,8 @@
 //! Measures of attention matrices: per-head statistics, attention rollout, and the
 //! scales that turn weights into shades.
 //!
-//! A matrix is row-major (tokens x tokens), token 0 the CLS token and tokens 1.. the
-//! patches in row-major grid order; row i is where query i puts its weight.
+//! A matrix is row-major (tokens x tokens): the CLS token first if the model has one,
+//! then the patches in row-major grid order; row i is where query i puts its weight.
 
 /// Per-head summary of one attention matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -14,8 +14,8 @@ pub struct HeadStats {
     pub mean_distance: f64,
     /// Mean weight of a query on itself.
     pub diagonal: f64,
-    /// Mean weight on the CLS token.
-    pub cls: f64,
+    /// Mean weight on the CLS token; none in a model without one.
+    pub cls: Option<f64>,
 }
 
 /// Distance in pixels between the centres of patches `a` and `b` (0-based patch indices).
@@ -25,8 +25,15 @@ fn patch_distance(a: usize, b: usize, grid: usize, patch: usize) -> f64 {
     ((ay - by).powi(2) + (ax - bx).powi(2)).sqrt() * patch as f64
 }
 
-pub fn head_stats(matrix: &[f32], tokens: usize, grid: usize, patch: usize) -> HeadStats {
-    if tokens == 0 || matrix.len() < tokens * tokens {
+/// Statistics of one head's (tokens x tokens) matrix whose patches start at token
+/// `first` (1 after a CLS token, else 0) and form a `grid` x `grid` of `patch`-pixel patches.
+pub fn head_stats(
+    matrix: &[f32],
+    tokens: usize,
+    first: usize,
+    (grid, patch): (usize, usize),
+) -> HeadStats {
+    if tokens <= first || matrix.len() < tokens * tokens {
         return HeadStats::default();
     }
     let row = |i: usize| &matrix[i * tokens..(i + 1) * tokens];
@@ -43,11 +50,11 @@ pub fn head_stats(matrix: &[f32], tokens: usize, grid: usize, patch: usize) -> H
         diagonal += f64::from(r[i]);
         cls += f64::from(r[0]);
     }
-    let patches = tokens - 1;
+    let patches = tokens - first;
     let mut distance = 0.0;
     let mut counted = 0;
     for q in 0..patches {
-        let r = &row(q + 1)[1..];
+        let r = &row(q + first)[first..];
         let mass: f64 = r.iter().map(|&p| f64::from(p)).sum();
         if mass > 0.0 {
             let d: f64 = r
@@ -68,7 +75,7 @@ pub fn head_stats(matrix: &[f32], tokens: usize, grid: usize, patch: usize) -> H
             0.0
         },
         diagonal: diagonal / n,
-        cls: cls / n,
+        cls: (first > 0).then_some(cls / n),
     }
 }
 
@@ -205,12 +212,12 @@ mod tests {
 
     #[test]
     fn identity_attention_has_zero_distance_full_diagonal_zero_entropy() {
-        let s = head_stats(&identity(5), 5, 2, 4);
+        let s = head_stats(&identity(5), 5, 1, (2, 4));
         assert_eq!(s.mean_distance, 0.0);
         assert_eq!(s.diagonal, 1.0);
         assert_eq!(s.entropy, 0.0);
         // Only the CLS query attends to CLS.
-        assert!((s.cls - 0.2).abs() < 1e-12);
+        assert!((s.cls.unwrap() - 0.2).abs() < 1e-12);
     }
 
     #[test]
@@ -218,7 +225,7 @@ mod tests {
         // 2x2 grid of 4-pixel patches plus CLS: 5 tokens, uniform rows.
         let t = 5;
         let m = vec![0.2f32; t * t];
-        let s = head_stats(&m, t, 2, 4);
+        let s = head_stats(&m, t, 1, (2, 4));
         // From any patch: distances 0, 4, 4, 4*sqrt(2) to the four patches, averaged.
         let expected = (0.0 + 4.0 + 4.0 + 4.0 * 2f64.sqrt()) / 4.0;
         assert!(
@@ -227,7 +234,7 @@ mod tests {
             s.mean_distance
         );
         assert!((s.entropy - 5f64.ln()).abs() < 1e-6);
-        assert!((s.cls - 0.2).abs() < 1e-6 && (s.diagonal - 0.2).abs() < 1e-6);
+        assert!((s.cls.unwrap() - 0.2).abs() < 1e-6 && (s.diagonal - 0.2).abs() < 1e-6);
         // The default 8x8 grid: the known mean distance between two random cells of an
         // 8x8 grid (computed by brute force here), times the 4-pixel patch.
         let t = 65;
@@ -238,13 +245,27 @@ mod tests {
                 brute += patch_distance(a, b, 8, 4);
             }
         }
-        let s = head_stats(&m, t, 8, 4);
+        let s = head_stats(&m, t, 1, (8, 4));
         assert!((s.mean_distance - brute / 4096.0).abs() < 1e-4);
         assert!(
             (s.mean_distance - 16.546).abs() < 1e-3,
             "{}",
             s.mean_distance
         );
+    }
+
+    #[test]
+    fn without_cls_every_token_is_a_patch() {
+        // 2x2 grid, no CLS: the 4 tokens are the patches; query 0 looks half at itself
+        // and half at its right neighbour (4 px away), the others at themselves.
+        let mut m = identity(4);
+        m[0] = 0.5;
+        m[1] = 0.5;
+        let s = head_stats(&m, 4, 0, (2, 4));
+        assert_eq!(s.cls, None);
+        assert!((s.mean_distance - 0.5).abs() < 1e-9, "{}", s.mean_distance);
+        assert!((s.diagonal - 3.5 / 4.0).abs() < 1e-9);
+        assert!((s.entropy - 2f64.ln() / 4.0).abs() < 1e-9);
     }
 
     #[test]

@@ -202,7 +202,7 @@ pub fn run(
     let n = steps.max(1) as f64;
     Ok(BenchReport {
         model: format!(
-            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding{})",
+            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{})",
             m.patch_size,
             m.dim,
             m.depth,
@@ -212,6 +212,7 @@ pub fn run(
             m.norm,
             m.norm_kind,
             m.pos_embed,
+            m.pool,
             if m.is_fused() { ", fused blocks" } else { ", layer by layer" }
         ),
         parameters: state.parameter_count(),

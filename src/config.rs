@@ -16,6 +16,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub const RUN_LEGACY_TOML: &str = r#"
 [model]
 init = "trunc_normal"
+pool = "cls"
 [train]
 budget = ""
 schedule_steps = 0
@@ -85,6 +86,7 @@ pub struct ModelConfig {
     pub norm: String,
     pub norm_kind: String,
     pub pos_embed: String,
+    pub pool: String,
     pub init: String,
     pub init_std: f64,
 }
@@ -94,6 +96,7 @@ impl ModelConfig {
     pub const NORMS: [&'static str; 3] = ["pre", "post", "none"];
     pub const NORM_KINDS: [&'static str; 2] = ["layernorm", "rmsnorm"];
     pub const POS_EMBEDS: [&'static str; 3] = ["learned", "sincos", "none"];
+    pub const POOLS: [&'static str; 2] = ["cls", "mean"];
 
     /// The default block: pre-norm LayerNorm, which the fused block op computes.
     pub fn is_fused(&self) -> bool {
@@ -108,9 +111,14 @@ impl ModelConfig {
     pub fn patches(&self) -> usize {
         self.grid() * self.grid()
     }
-    /// Tokens in the sequence: the CLS token followed by the patches.
+    /// Whether the sequence starts with a CLS token that the head reads (`pool = "cls"`);
+    /// with `pool = "mean"` there is none and the head reads the mean of the patch tokens.
+    pub fn has_cls(&self) -> bool {
+        self.pool != "mean"
+    }
+    /// Tokens in the sequence: the CLS token (if any) followed by the patches.
     pub fn tokens(&self) -> usize {
-        self.patches() + 1
+        self.patches() + usize::from(self.has_cls())
     }
     /// Values in one flattened patch (patch x patch x channels).
     pub fn patch_values(&self) -> usize {
@@ -372,6 +380,7 @@ impl Config {
                 &m.pos_embed,
                 &ModelConfig::POS_EMBEDS[..],
             ),
+            ("model.pool", &m.pool, &ModelConfig::POOLS[..]),
         ] {
             check(
                 allowed.contains(&value.as_str()),

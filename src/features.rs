@@ -178,6 +178,30 @@ pub fn cosine_map(
     targets.map(|t| cosine(row(query), row(t))).collect()
 }
 
+/// What the head reads from a (tokens x dim) hidden state, before the final norm:
+/// CLS's row when the model has one (`first_patch` = 1), else the mean of the patch
+/// rows (mean pooling).
+pub fn read_token(rows: &[f32], dim: usize, first_patch: usize) -> Vec<f32> {
+    if first_patch > 0 {
+        return rows[..dim].to_vec();
+    }
+    let n = (rows.len() / dim).max(1) as f32;
+    let mut mean = vec![0f32; dim];
+    for row in rows.chunks_exact(dim) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v / n;
+        }
+    }
+    mean
+}
+
+/// Cosine similarity of `reference` to each row of a `dim`-column matrix.
+pub fn cosines_to(reference: &[f32], rows: &[f32], dim: usize) -> Vec<f64> {
+    rows.chunks_exact(dim)
+        .map(|r| cosine(reference, r))
+        .collect()
+}
+
 /// Euclidean norm of each row of a `dim`-column matrix.
 pub fn row_norms(rows: &[f32], dim: usize) -> Vec<f64> {
     rows.chunks_exact(dim)

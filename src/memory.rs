@@ -142,8 +142,9 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     } else {
         0.0
     };
+    let cls = if m.has_cls() { d } else { 0.0 };
     let parameters =
-        (patch_values * d + d) + d + position + depth * block + norm + (d * classes + classes);
+        (patch_values * d + d) + cls + position + depth * block + norm + (d * classes + classes);
     let micro = micro_batch_len(t.batch_size, t.micro_batch_size);
     let micro_batches = t.batch_size.div_ceil(micro);
     let lanes = f(threads.clamp(1, micro_batches.max(1)));

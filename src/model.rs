@@ -3,7 +3,7 @@
 //! capture LayerNorm inputs and outputs, attention weights and hidden states on the way.
 //!
 //! Pre-norm blocks: x + MHSA(LN(x)), then x + MLP(LN(x)); a final LayerNorm; a linear
-//! head on the CLS token. candle-nn 0.11's fused `softmax_last_dim` and `layer_norm`
+//! head on the CLS token (or on the mean of the patch tokens, `model.pool = "mean"`). candle-nn 0.11's fused `softmax_last_dim` and `layer_norm`
 //! have no backward, so LayerNorm and the attention softmax are our own fused ops with
 //! a backward ([`crate::ops`]); their composed versions here are the reference. Without
 //! a capture, each block runs as one fused op (`crate::ops::block`), checked against
@@ -326,7 +326,8 @@ pub fn patchify(images: &Tensor, patch: usize) -> Result<Tensor> {
 pub struct VisionTransformer {
     pub config: ModelConfig,
     pub patch_embed: Linear,
-    pub cls_token: Tensor,
+    /// (1, 1, dim); none with `pool = "mean"`.
+    pub cls_token: Option<Tensor>,
     /// (1, tokens, dim): learned (a variable), fixed sine-cosine, or none.
     pub pos_embed: Option<Tensor>,
     pub blocks: Vec<Block>,
@@ -358,7 +359,10 @@ impl VisionTransformer {
         Ok(Self {
             config: cfg.clone(),
             patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim)?,
-            cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?,
+            cls_token: match cfg.has_cls() {
+                true => Some(vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?),
+                false => None,
+            },
             pos_embed,
             blocks,
             norm: LayerNorm::new(
@@ -390,8 +394,10 @@ impl VisionTransformer {
         let b = images.dim(0)?;
         let patches = patchify(images, self.config.patch_size)?;
         let x = self.patch_embed.forward(&patches)?;
-        let cls = self.cls_token.broadcast_as((b, 1, self.config.dim))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?;
+        let mut x = match &self.cls_token {
+            Some(cls) => Tensor::cat(&[&cls.broadcast_as((b, 1, self.config.dim))?, &x], 1)?,
+            None => x,
+        };
         if let Some(pos) = &self.pos_embed {
             x = x.broadcast_add(pos)?;
         }
@@ -402,14 +408,18 @@ impl VisionTransformer {
         for (i, block) in self.blocks.iter().enumerate() {
             x = match capture.as_deref_mut() {
                 // The head reads only CLS: the last block computes only what CLS needs.
-                None if i == last && block.is_fused() => {
+                None if i == last && block.is_fused() && self.cls_token.is_some() => {
                     block.forward_fused(&x, BlockOutput::ClsOnly)?
                 }
                 capture => block.forward(&x, capture)?,
             };
         }
         let x = self.norm.forward_captured(&x, capture)?;
-        self.head.forward(&x.i((.., 0))?)
+        let pooled = match self.cls_token {
+            Some(_) => x.i((.., 0))?,
+            None => x.mean(1)?,
+        };
+        self.head.forward(&pooled)
     }
 
     /// The same weights (shared storage) without gradient tracking: a forward pass
@@ -418,7 +428,7 @@ impl VisionTransformer {
         Self {
             config: self.config.clone(),
             patch_embed: self.patch_embed.detached(),
-            cls_token: self.cls_token.detach(),
+            cls_token: self.cls_token.as_ref().map(Tensor::detach),
             pos_embed: self.pos_embed.as_ref().map(Tensor::detach),
             blocks: self
                 .blocks
@@ -470,14 +480,16 @@ impl VisionTransformer {
 
 /// The fixed 2-D sine-cosine position embedding (as in MAE): for a patch at (row, col),
 /// the first half of the channels encode the row and the second the column, each as
-/// sin and cos of the position at dim/4 frequencies 1/10000^(k/(dim/4)); CLS gets zeros.
+/// sin and cos of the position at dim/4 frequencies 1/10000^(k/(dim/4)); CLS (if any)
+/// gets zeros.
 /// Row-major (tokens, dim).
 pub fn sincos_position_embedding(cfg: &ModelConfig) -> Vec<f32> {
     let (d, grid) = (cfg.dim, cfg.grid());
     let quarter = (d / 4).max(1);
     let mut out = vec![0f32; cfg.tokens() * d];
+    let first = usize::from(cfg.has_cls());
     for p in 0..grid * grid {
-        let row = &mut out[(p + 1) * d..(p + 2) * d];
+        let row = &mut out[(p + first) * d..(p + first + 1) * d];
         for (half, pos) in [(0, p / grid), (1, p % grid)] {
             for k in 0..quarter.min(d / 4) {
                 let omega = 1.0 / 10000f64.powf(k as f64 / quarter as f64);
@@ -820,8 +832,9 @@ pub fn correct_predictions(logits: &Tensor, labels: &[u32]) -> Result<usize> {
 }
 
 /// Multiply-adds x 2 of one image's forward pass as it runs (the matrix products
-/// only; the element-wise work is a few percent more). The last block computes keys
-/// and values for every token but the rest for CLS alone, and is counted so.
+/// only; the element-wise work is a few percent more). With a CLS token the last block
+/// computes keys and values for every token but the rest for CLS alone, and is counted
+/// so; with mean pooling every block computes every token.
 pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
     let (t, d, m, h, hd) = (
         cfg.tokens() as f64,
@@ -838,7 +851,8 @@ pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
             + 2.0 * queries * d * d // projection
             + 2.0 * 2.0 * queries * d * m // MLP
     };
-    let blocks = (cfg.depth - 1) as f64 * block(t) + block(1.0);
+    let last = if cfg.has_cls() { block(1.0) } else { block(t) };
+    let blocks = (cfg.depth - 1) as f64 * block(t) + last;
     patch + blocks + 2.0 * d * NUM_CLASSES as f64
 }
 

@@ -158,12 +158,45 @@ pub struct ProbeMeta {
     /// 1-based epoch in progress.
     pub epoch: u64,
     pub images: usize,
+    /// Tokens per image: the CLS token (if `cls`) followed by the patches.
     pub tokens: usize,
+    /// Whether token 0 is a CLS token (`model.pool = "cls"`); probes recorded before
+    /// pooling was an option always had one.
+    #[serde(default = "has_cls_by_default")]
+    pub cls: bool,
     pub dim: usize,
     pub depth: usize,
     pub heads: usize,
     pub classes: usize,
     pub layer_norms: Vec<LayerNormProbe>,
+}
+
+fn has_cls_by_default() -> bool {
+    true
+}
+
+impl ProbeMeta {
+    /// Index of the first patch token: 1 after a CLS token, else 0.
+    pub fn first_patch(&self) -> usize {
+        usize::from(self.cls)
+    }
+
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        self.tokens
+            .saturating_sub(self.first_patch())
+            .isqrt()
+            .max(1)
+    }
+
+    /// A token's name for labels: "CLS", or "patch n (row r, col c)".
+    pub fn token_name(&self, token: usize) -> String {
+        if self.cls && token == 0 {
+            return "CLS".to_string();
+        }
+        let (p, grid) = (token - self.first_patch(), self.grid());
+        format!("patch {p} (row {}, col {})", p / grid, p % grid)
+    }
 }
 
 /// One probe of the model on the probe images.
@@ -414,6 +447,7 @@ impl ProbeSet {
                 epoch,
                 images: self.len(),
                 tokens: mc.tokens(),
+                cls: mc.has_cls(),
                 dim: mc.dim,
                 depth: mc.depth,
                 heads: mc.heads,

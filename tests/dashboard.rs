@@ -311,6 +311,7 @@ fn probe(step: u64) -> Event {
             epoch: step / 390 + 1,
             images: 0,
             tokens: 65,
+            cls: true,
             dim: 96,
             depth: 6,
             heads: 3,

@@ -235,3 +235,87 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
     let out = vitscope(&["export", run.to_str().unwrap(), "movies"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A buffer's symbols, a line per row.
+fn screen(app: &vitscope::ui::app::App, (w, h): (u16, u16)) -> String {
+    let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
+    let buf = terminal.backend().buffer();
+    (0..h)
+        .map(|y| (0..w).map(|x| buf[(x, y)].symbol()).collect::<String>() + "\n")
+        .collect()
+}
+
+#[test]
+fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
+    use vitscope::ui::app::{App, Mode, Tab};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args: Vec<String> = ["train", "--headless", "--max-steps", "10", "--run-dir"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    args.push(run.display().to_string());
+    for set in common::tiny_sets()
+        .into_iter()
+        .chain(["model.pool=mean".to_string()])
+    {
+        args.push("--set".into());
+        args.push(set);
+    }
+    let out = vitscope(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_dir = RunDir::open(&run).unwrap();
+    let step = run_dir.probe_files().last().unwrap().0;
+    let probe = run_dir.read_probe(step).unwrap();
+    // Patch 8 on 32 x 32: a 4 x 4 grid, and no CLS token in front of it.
+    assert!(!probe.meta.cls);
+    assert_eq!((probe.meta.tokens, probe.meta.grid()), (16, 4));
+    assert_eq!(probe.meta.token_name(5), "patch 5 (row 1, col 1)");
+
+    // The tabs that speak of CLS speak of the mean instead.
+    let mut follower = vitscope::follow::Follower::new(RunDir::open(&run).unwrap());
+    let mut app = App::new(
+        Mode::Live,
+        vitscope::ui::theme::Theme::new(vitscope::ui::theme::ColorMode::NoColor, "braille"),
+        "run".into(),
+        &run_dir.read_config().unwrap(),
+    );
+    for event in follower.start().unwrap().into_iter().chain(follower.poll()) {
+        app.on_event(event);
+    }
+    for (tab, says) in [
+        (
+            Tab::Attention,
+            "mean over queries (the head reads the mean)",
+        ),
+        (Tab::Features, "cos(mean token, patch)"),
+        (Tab::Patches, "no CLS: the head reads"),
+    ] {
+        app.tab = tab;
+        let s = screen(&app, (200, 60));
+        assert!(s.contains(says), "{tab:?}: {s}");
+        assert!(!s.contains("CLS ") && !s.contains("CLS's"), "{tab:?}: {s}");
+    }
+
+    // The pictures say what they show, and none names a CLS token.
+    let dir = tmp.path().join("pictures");
+    let out = vitscope(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let captions = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    assert!(captions.contains("the mean query's weights"), "{captions}");
+    assert!(!captions.contains("CLS"), "{captions}");
+}

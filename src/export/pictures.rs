@@ -5,7 +5,7 @@ use super::canvas::{Canvas, Rgb, BLACK, BLUE, GREEN, GREY, LIGHT, ORANGE, RED, W
 use super::{Choice, Picture, Source};
 use crate::config::IMAGE_SIZE;
 use crate::features::{cosine_map, pca, row_norms, scores_to_rgb};
-use crate::probe::ProbeSnapshot;
+use crate::probe::{ProbeMeta, ProbeSnapshot};
 use crate::ui::chart::debiased_ema;
 use crate::ui::paint::image_pixel;
 use crate::ui::theme::{heat_rgb, signed_rgb};
@@ -70,11 +70,11 @@ fn check_image(probe: &ProbeSnapshot, choice: &Choice) -> Result<usize, String> 
     Ok(choice.image)
 }
 
-fn token_label(token: usize) -> String {
-    if token == 0 {
+fn token_label(m: &ProbeMeta, token: usize) -> String {
+    if m.cls && token == 0 {
         "CLS".into()
     } else {
-        format!("p{}", token - 1)
+        format!("p{}", token - m.first_patch())
     }
 }
 
@@ -96,7 +96,7 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
             choice.layer, choice.head, m.depth, m.heads
         ));
     }
-    let (t, grid) = (m.tokens, (m.tokens - 1).isqrt().max(1));
+    let (t, grid, first) = (m.tokens, m.grid(), m.first_patch());
     let matrix = probe.attention_matrix(image, choice.layer, choice.head);
     let max = matrix
         .iter()
@@ -139,10 +139,14 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
             );
         }
     }
-    // Labels: CLS and the first patch of every other grid row.
-    for token in std::iter::once(0).chain((0..grid).step_by(2).map(|r| 1 + r * grid)) {
+    // Labels: CLS (if any) and the first patch of every other grid row.
+    let cls = m.cls.then_some(0);
+    for token in cls
+        .into_iter()
+        .chain((0..grid).step_by(2).map(|r| first + r * grid))
+    {
         let at = token as i64 * cell;
-        let label = token_label(token);
+        let label = token_label(m, token);
         c.text(
             ox - 8 - super::canvas::text_width(&label, 1),
             oy + at,
@@ -161,8 +165,8 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
     let mut pictures = vec![png(
         format!("attention-L{}-H{}.png", choice.layer, choice.head),
         format!(
-            "Attention weights of layer {} head {} for probe image {image} at step {}: row i is where query token i (CLS first, then the {} patches row by row) puts its weight; colour relative to the largest weight, {max:.3}",
-            choice.layer, choice.head, m.step, t - 1
+            "Attention weights of layer {} head {} for probe image {image} at step {}: row i is where query token i ({}the {} patches row by row) puts its weight; colour relative to the largest weight, {max:.3}",
+            choice.layer, choice.head, m.step, if m.cls { "CLS first, then " } else { "" }, t - first
         ),
         &c,
     )?];
@@ -215,7 +219,17 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
         &g,
     )?);
 
-    // The image with CLS's weights on its patches laid over it.
+    // The image with what the head reads laid over it: CLS's weights on the patches, or
+    // (mean pooling) the mean of every query's weights.
+    let (reader, row): (&str, Vec<f32>) = match m.cls {
+        true => ("CLS's weights", matrix[1..t].to_vec()),
+        false => (
+            "the mean query's weights",
+            (0..t)
+                .map(|k| (0..t).map(|q| matrix[q * t + k]).sum::<f32>() / t as f32)
+                .collect(),
+        ),
+    };
     if let Some(pixels) = source.test_image(image) {
         let scale = 8;
         let size = IMAGE_SIZE as i64 * scale;
@@ -225,14 +239,13 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
             20,
             10,
             &format!(
-                "CLS's weights on the patches, layer {} head {}",
+                "{reader} on the patches, layer {} head {}",
                 choice.layer, choice.head
             ),
             2,
             BLACK,
         );
         draw_image(&mut o, pixels, (20, 40), scale);
-        let row = &matrix[1..t];
         let top = row
             .iter()
             .copied()
@@ -258,7 +271,7 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
         }
         pictures.push(png(
             "attention-overlay.png".into(),
-            format!("Probe image {image}, the CLS token's attention over its patches in layer {} head {} laid over it, and alone (relative to the largest patch weight)", choice.layer, choice.head),
+            format!("Probe image {image}, {reader} over its patches in layer {} head {} laid over it, and alone (relative to the largest patch weight)", choice.layer, choice.head),
             &o,
         )?);
     }
@@ -270,7 +283,7 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
     let m = &probe.meta;
     let image = check_image(&probe, choice)?;
     let layer = choice.layer.min(m.depth);
-    let (t, d, grid) = (m.tokens, m.dim, (m.tokens - 1).isqrt().max(1));
+    let (t, d, grid, first) = (m.tokens, m.dim, m.grid(), m.first_patch());
     let hidden = probe.hidden_state(image, layer);
     // Token x channel, signed, full colour at the 99th percentile of |x|.
     let mut magnitudes: Vec<f32> = hidden.iter().map(|v| v.abs()).collect();
@@ -317,7 +330,9 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
             );
         }
     }
-    c.text(20, 50, "CLS", 1, BLACK);
+    if m.cls {
+        c.text(20, 50, "CLS", 1, BLACK);
+    }
     colour_bar(
         &mut c,
         (60 + d as i64 * cell + 20, 50, 20, t as i64 * cell),
@@ -326,7 +341,7 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
     );
     let mut pictures = vec![png(
         format!("features-L{layer}.png"),
-        format!("Probe image {image}'s residual stream after {where_} at step {}: one row per token (CLS first), one column per channel", m.step),
+        format!("Probe image {image}'s residual stream after {where_} at step {}: one row per token{}, one column per channel", m.step, if m.cls { " (CLS first)" } else { "" }),
         &c,
     )?];
 
@@ -345,7 +360,7 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
         BLACK,
     );
     for l in 0..=m.depth {
-        let norms = row_norms(&probe.hidden_state(image, l)[d..], d);
+        let norms = row_norms(&probe.hidden_state(image, l)[first * d..], d);
         let (lo, hi) = norms
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |a, &v| {
@@ -374,8 +389,8 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
             BLACK,
         );
     }
-    let rows = &hidden[d..];
-    let colours = scores_to_rgb(&pca(rows, t - 1, d, 3));
+    let rows = &hidden[first * d..];
+    let colours = scores_to_rgb(&pca(rows, t - first, d, 3));
     let x0 = 20 + (m.depth as i64 + 1) * (map + 16) + 10;
     for (p, &rgb) in colours.iter().enumerate() {
         n.fill(
@@ -399,7 +414,7 @@ pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String>
     let probe = source.probe(choice.step)?;
     let m = &probe.meta;
     let image = check_image(&probe, choice)?;
-    let grid = (m.tokens - 1).isqrt().max(1);
+    let grid = m.grid();
     let mut pictures = Vec::new();
     if let Some(pixels) = source.test_image(image) {
         let scale = 12;
@@ -440,13 +455,16 @@ pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String>
         c.text(
             20,
             size + 40,
-            "patch n is token n + 1; CLS is token 0",
+            match m.cls {
+                true => "patch n is token n + 1; CLS is token 0",
+                false => "patch n is token n (no CLS: the head reads their mean)",
+            },
             1,
             GREY,
         );
         pictures.push(png(
             "patches-grid.png".into(),
-            format!("Probe image {image} cut into {} patches, numbered in the order they enter the transformer (token = number + 1)", grid * grid),
+            format!("Probe image {image} cut into {} patches, numbered in the order they enter the transformer (token = number{})", grid * grid, if m.cls { " + 1" } else { "" }),
             &c,
         )?);
     }
@@ -467,7 +485,7 @@ pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String>
             BLACK,
         );
         for p in 0..grid * grid {
-            let sims = cosine_map(pos, m.dim, 1 + p, 1..m.tokens);
+            let sims = cosine_map(pos, m.dim, m.first_patch() + p, m.first_patch()..m.tokens);
             let (x0, y0) = (
                 20 + (p % grid) as i64 * (mini + 6),
                 30 + (p / grid) as i64 * (mini + 6),

@@ -177,9 +177,8 @@ fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
             None => x.to_vec(),
         }
     };
-    let cls = values(&m.cls_token);
     let pos = m.pos_embed.as_ref().map_or(vec![0.0; t * d], values);
-    let mut x: Vec<Vec<f64>> = vec![cls.clone()];
+    let mut x: Vec<Vec<f64>> = m.cls_token.iter().map(values).collect();
     for gy in 0..grid {
         for gx in 0..grid {
             let mut patch = Vec::new();
@@ -253,7 +252,16 @@ fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
             }
         }
     }
-    linear(&m.head, &layer_norm(&m.norm, &x[0]))
+    let normed: Vec<Vec<f64>> = x.iter().map(|r| layer_norm(&m.norm, r)).collect();
+    match m.cls_token {
+        Some(_) => linear(&m.head, &normed[0]),
+        None => {
+            let mean: Vec<f64> = (0..d)
+                .map(|j| normed.iter().map(|r| r[j]).sum::<f64>() / t as f64)
+                .collect();
+            linear(&m.head, &mean)
+        }
+    }
 }
 
 /// erf by its Maclaurin series, ample for |x| < 3 at f64.
@@ -659,32 +667,42 @@ fn smoothed_cross_entropy_matches_its_formula() {
     assert_eq!(correct_predictions(&logits, &[1, 0]).unwrap(), 1);
 }
 
-/// The tiny model in each variant: norm placement, norm kind, position embedding.
+/// The tiny model in each variant: norm placement, norm kind, position embedding,
+/// pooling (the first one is the fused default block with mean pooling).
 fn variants() -> Vec<ModelConfig> {
     [
-        ("pre", "rmsnorm", "learned"),
-        ("post", "layernorm", "sincos"),
-        ("post", "rmsnorm", "none"),
-        ("none", "layernorm", "learned"),
-        ("none", "rmsnorm", "sincos"),
+        ("pre", "layernorm", "sincos", "mean"),
+        ("pre", "rmsnorm", "learned", "cls"),
+        ("post", "layernorm", "sincos", "cls"),
+        ("post", "rmsnorm", "none", "mean"),
+        ("none", "layernorm", "learned", "cls"),
+        ("none", "rmsnorm", "sincos", "cls"),
     ]
     .iter()
-    .map(|(norm, kind, pos)| {
+    .map(|(norm, kind, pos, pool)| {
         let mut cfg = tiny_config();
         cfg.patch_size = 8;
         cfg.norm = (*norm).into();
         cfg.norm_kind = (*kind).into();
         cfg.pos_embed = (*pos).into();
+        cfg.pool = (*pool).into();
         cfg
     })
     .collect()
+}
+
+fn variant_name(cfg: &ModelConfig) -> String {
+    format!(
+        "{} {} {} {}",
+        cfg.norm, cfg.norm_kind, cfg.pos_embed, cfg.pool
+    )
 }
 
 #[test]
 fn every_variant_matches_a_hand_computation() {
     for cfg in variants() {
         let state = ModelState::new(&cfg, 4, DType::F64).unwrap();
-        assert!(!state.model.is_fused());
+        assert_eq!(state.model.is_fused(), cfg.is_fused());
         let images = random_images(2, 4, DType::F64);
         let logits = values(&state.model.forward(&images).unwrap());
         for b in 0..2 {
@@ -694,10 +712,8 @@ fn every_variant_matches_a_hand_computation() {
                 // Without norms the activations grow: summation order shows at 1e-9.
                 assert!(
                     (got - e).abs() < 1e-7 * e.abs().max(1.0),
-                    "{} {} {}: image {b} class {k}: {got} vs {e}",
-                    cfg.norm,
-                    cfg.norm_kind,
-                    cfg.pos_embed
+                    "{}: image {b} class {k}: {got} vs {e}",
+                    variant_name(&cfg)
                 );
             }
         }
@@ -713,6 +729,7 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
         assert_eq!(has("blocks.0.norm1"), cfg.norm != "none", "{names:?}");
         assert_eq!(has("norm.bias"), cfg.norm_kind == "layernorm", "{names:?}");
         assert_eq!(has("pos_embed"), cfg.pos_embed == "learned", "{names:?}");
+        assert_eq!(has("cls_token"), cfg.pool == "cls", "{names:?}");
         assert_eq!(
             state.parameter_count() as f64,
             crate::memory::estimate(
@@ -724,13 +741,10 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
                 1
             )
             .parameters,
-            "{} {} {}",
-            cfg.norm,
-            cfg.norm_kind,
-            cfg.pos_embed
+            "{}",
+            variant_name(&cfg)
         );
-        let what = format!("{} {} {}", cfg.norm, cfg.norm_kind, cfg.pos_embed);
-        assert_gradients_match_finite_differences(&state, 2, &what);
+        assert_gradients_match_finite_differences(&state, 2, &variant_name(&cfg));
     }
 }
 
@@ -746,6 +760,7 @@ fn variants_capture_every_norm_place_and_the_sincos_embedding_is_fixed() {
             .unwrap();
         assert_eq!(capture.ln_inputs.len(), cfg.layer_norms());
         assert_eq!(state.model.layer_norms().len(), cfg.layer_norms());
+        assert_eq!(capture.hidden[0].dims()[1], cfg.tokens());
         if cfg.norm == "none" {
             // At a block's norm places the residual stream goes through unchanged.
             let (i, o) = (

@@ -649,10 +649,7 @@ impl App {
     }
 
     fn on_patches_action(&mut self, action: Action) {
-        let grid = self
-            .full_probes
-            .back()
-            .map_or(1, |p| (p.meta.tokens - 1).isqrt().max(1));
+        let grid = self.full_probes.back().map_or(1, |p| p.meta.grid());
         let (row, col) = (self.patches.patch / grid, self.patches.patch % grid);
         let (row, col) = match action {
             Action::Up => (row.saturating_sub(1), col),

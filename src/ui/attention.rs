@@ -73,15 +73,6 @@ pub fn shown_matrix(app: &App, probe: &ProbeSnapshot) -> Vec<f64> {
     }
 }
 
-fn token_name(token: usize, grid: usize) -> String {
-    if token == 0 {
-        "CLS".to_string()
-    } else {
-        let p = token - 1;
-        format!("patch {p} (row {}, col {})", p / grid, p % grid)
-    }
-}
-
 /// Half-block heatmap: each text row shows two matrix rows (upper half = fg, lower =
 /// bg); without colour, one shading character of the two rows' mean.
 /// `grid` is `(values, rows, cols)` as [`shrink`] returns it, shaded on `scale` for
@@ -178,16 +169,18 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
         inner.y + 1,
         buf,
     );
-    // Column labels: CLS, then where each grid row of patches starts.
-    let grid_side = (tokens - 1).isqrt().max(1);
+    // Column labels: CLS (if any), then where each grid row of patches starts.
+    let (grid_side, first_patch) = (m.grid(), m.first_patch());
     let mut header = vec![' '; avail_cols];
-    for (i, ch) in "CLS".chars().enumerate().take(avail_cols) {
-        header[i] = ch;
+    if m.cls {
+        for (i, ch) in "CLS".chars().enumerate().take(avail_cols) {
+            header[i] = ch;
+        }
     }
     for r in (0..grid_side).step_by(2) {
-        let col = (1 + r * grid_side) * cols / tokens;
+        let col = (first_patch + r * grid_side) * cols / tokens;
         for (i, ch) in format!("r{r}").chars().enumerate() {
-            if col + i < avail_cols && col >= 4 {
+            if col + i < avail_cols && (col >= 4 || !m.cls) {
                 header[col + i] = ch;
             }
         }
@@ -211,10 +204,10 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
         );
         let starts = (0..grid_side)
             .step_by(2)
-            .find(|g| (first..last).contains(&(1 + g * grid_side)));
+            .find(|g| (first..last).contains(&(first_patch + g * grid_side)));
         let label = if tr == query_row {
             "  ▶".to_string()
-        } else if tr == 0 {
+        } else if tr == 0 && m.cls {
             "CLS".to_string()
         } else if let Some(g) = starts {
             format!("r{g}")
@@ -275,13 +268,17 @@ fn render_image_panel(
     let m = &probe.meta;
     let image = app.probe_image.min(m.images - 1);
     let query = app.attention.query.min(m.tokens - 1);
-    let block = Block::default().borders(Borders::ALL).title(Span::styled(
-        " image │ query's weights │ CLS's weights ",
-        t.title(),
-    ));
+    // What the head reads: CLS's row, or (mean pooling) the mean of every query's row.
+    let title = match m.cls {
+        true => " image │ query's weights │ CLS's weights ",
+        false => " image │ query's weights │ mean over queries (the head reads the mean) ",
+    };
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .title(Span::styled(title, t.title()));
     let inner = block.inner(area);
     block.render(area, buf);
-    let grid = (m.tokens - 1).isqrt();
+    let grid = m.grid();
     let pixels = app.test_image(image);
     let needed_w = 32 + 2 + 2 * grid as u16 + 2 + 2 * grid as u16;
     if inner.width < needed_w || inner.height < 17 {
@@ -298,7 +295,9 @@ fn render_image_panel(
         Paragraph::new(Line::styled("image not recorded", t.dim()))
             .render(Rect::new(inner.x, inner.y, 32, 1), buf);
     }
-    let row = |q: usize| -> Vec<f64> { matrix[q * m.tokens + 1..(q + 1) * m.tokens].to_vec() };
+    let row = |q: usize| -> Vec<f64> {
+        matrix[q * m.tokens + m.first_patch()..(q + 1) * m.tokens].to_vec()
+    };
     let map_x = inner.x + 34;
     let shading = (
         app.attention.scale,
@@ -307,7 +306,16 @@ fn render_image_panel(
     );
     draw_patch_map(t, &row(query), shading, grid, (map_x, inner.y), buf);
     let cls_x = map_x + 2 * grid as u16 + 2;
-    draw_patch_map(t, &row(0), shading, grid, (cls_x, inner.y), buf);
+    let read = match m.cls {
+        true => row(0),
+        false => {
+            let rows: Vec<Vec<f64>> = (0..m.tokens).map(row).collect();
+            (0..grid * grid)
+                .map(|k| rows.iter().map(|r| r[k]).sum::<f64>() / m.tokens as f64)
+                .collect()
+        }
+    };
+    draw_patch_map(t, &read, shading, grid, (cls_x, inner.y), buf);
     let label = app.test_labels.get(image).map_or(String::new(), |&l| {
         let name = app
             .class_names()
@@ -338,7 +346,7 @@ fn render_image_panel(
         ]),
         Line::from(vec![
             Span::styled("query: ", t.dim()),
-            Span::styled(token_name(query, grid), t.accent()),
+            Span::styled(m.token_name(query), t.accent()),
         ]),
     ];
     Paragraph::new(lines).render(
@@ -358,10 +366,10 @@ fn render_image_panel(
         .map(|(k, w)| {
             Span::raw(format!(
                 "{} {:.3}  ",
-                if *k == 0 {
+                if m.cls && *k == 0 {
                     "CLS".to_string()
                 } else {
-                    format!("p{}", k - 1)
+                    format!("p{}", k - m.first_patch())
                 },
                 w
             ))
@@ -375,11 +383,14 @@ fn render_image_panel(
 /// Statistics of every head of the shown image.
 pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<HeadStats>> {
     let m = &probe.meta;
-    let grid = (m.tokens - 1).isqrt();
+    let (first, grid) = (m.first_patch(), m.grid());
     (0..m.depth)
         .map(|l| {
             (0..m.heads)
-                .map(|h| head_stats(probe.attention_matrix(image, l, h), m.tokens, grid, patch))
+                .map(|h| {
+                    let matrix = probe.attention_matrix(image, l, h);
+                    head_stats(matrix, m.tokens, first, (grid, patch))
+                })
                 .collect()
         })
         .collect()
@@ -388,7 +399,10 @@ pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<H
 fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
-        " per head: entropy (nats) · mean distance (px) · on itself · on CLS ",
+        match stats.first().and_then(|l| l.first()).and_then(|s| s.cls) {
+            Some(_) => " per head: entropy (nats) · mean distance (px) · on itself · on CLS ",
+            None => " per head: entropy (nats) · mean distance (px) · on itself ",
+        },
         t.title(),
     ));
     let inner = block.inner(area);
@@ -419,11 +433,12 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
             };
             Line::styled(
                 format!(
-                    "L{l} H{h}  entropy {:>5.2}  distance {:>5.1}  self {:>5.1}%  CLS {:>5.1}%",
+                    "L{l} H{h}  entropy {:>5.2}  distance {:>5.1}  self {:>5.1}%{}",
                     s.entropy,
                     s.mean_distance,
                     s.diagonal * 100.0,
-                    s.cls * 100.0
+                    s.cls
+                        .map_or(String::new(), |c| format!("  CLS {:>5.1}%", c * 100.0))
                 ),
                 style,
             )
@@ -558,7 +573,10 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         }
     });
     Paragraph::new(vec![
-        Line::styled("softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row", t.dim()),
+        Line::styled(match meta.cls {
+            true => "softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row",
+            false => "softmax(QKᵀ/√d_k): row i = where query token i looks; tokens are the patches row by row (no CLS: the head reads their mean)",
+        }, t.dim()),
         Line::from(vec![
             Span::styled(if app.attention.rollout { "rollout " } else { "raw weights " }, t.accent()),
             Span::raw(format!(
@@ -587,7 +605,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         return;
     }
     let matrix = shown_matrix(app, probe);
-    let patch = IMAGE_SIZE / (probe.meta.tokens - 1).isqrt().max(1);
+    let patch = IMAGE_SIZE / probe.meta.grid();
     let stats = all_stats(probe, app.probe_image.min(probe.meta.images - 1), patch);
     let heat_w = (probe.meta.tokens as u16 + 6).min(body.width / 2);
     let [left, right] =
@@ -621,11 +639,5 @@ mod tests {
         assert_eq!(out, vec![2.5, 4.5, 10.5, 12.5]);
         let (same, r, c) = shrink(&v, 4, 4, 10, 10);
         assert_eq!((r, c, same), (4, 4, v.clone()));
-    }
-
-    #[test]
-    fn tokens_are_named_by_grid_position() {
-        assert_eq!(token_name(0, 8), "CLS");
-        assert_eq!(token_name(11, 8), "patch 10 (row 1, col 2)");
     }
 }

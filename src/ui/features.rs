@@ -1,7 +1,8 @@
 //! The Features tab: the ViT's hidden states (the residual stream after the embeddings
 //! and after each block) for the selected probe image. A token x channel heat map of
 //! the selected layer; the principal components of its patch tokens as colours beside
-//! the image; where the CLS token points; and each patch token's norm at every depth.
+//! the image; where what the head reads (the CLS token, or the patches' mean) points;
+//! and each patch token's norm at every depth.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -13,7 +14,7 @@ use super::attention::shrink;
 use super::paint::{draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked};
 use super::theme::ColorMode;
 use super::view::{note, panel, probe_tab};
-use crate::features::{cosine_map, min_max_scaled, pca, row_norms, scores_to_rgb};
+use crate::features::{cosines_to, min_max_scaled, pca, read_token, row_norms, scores_to_rgb};
 use crate::probe::ProbeSnapshot;
 
 /// Channels moved by one `[` or `]`.
@@ -85,15 +86,15 @@ fn render_heatmap(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         |v| t.signed_color(v),
         |top, bottom| t.heat((top.abs() + bottom.abs()) / 2.0).0,
     );
-    // Labels: which tokens a row holds (CLS, then where even patch-grid rows start).
+    // Labels: which tokens a row holds (CLS if any, then where even patch-grid rows start).
     for text_row in 0..rows.div_ceil(2) {
         let first = 2 * text_row * m.tokens / rows;
         let last = ((2 * text_row + 2) * m.tokens / rows).max(first + 1);
         let starts = (0..s.grid)
             .step_by(2)
-            .find(|g| (first..last).contains(&(1 + g * s.grid)));
+            .find(|g| (first..last).contains(&(m.first_patch() + g * s.grid)));
         let label = match (text_row, starts) {
-            (0, _) => "CLS".to_string(),
+            (0, _) if m.cls => "CLS".to_string(),
             (_, Some(g)) => format!("r{g}"),
             _ => String::new(),
         };
@@ -139,16 +140,15 @@ fn render_heatmap(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 }
 
 /// The image, the first three principal components of the patch tokens as RGB, and
-/// the CLS token's cosine similarity to each patch.
+/// the cosine similarity of what the head reads (CLS, or the patches' mean) to each patch.
 fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let m = &s.probe.meta;
-    let inner = panel(
-        app,
-        "image │ PCA of patch tokens → RGB │ cos(CLS, patch)",
-        area,
-        buf,
-    );
+    let title = match m.cls {
+        true => "image │ PCA of patch tokens → RGB │ cos(CLS, patch)",
+        false => "image │ PCA of patch tokens → RGB │ cos(mean token, patch)",
+    };
+    let inner = panel(app, title, area, buf);
     let g = s.grid;
     let needed = (32 + 2 + 32 + 2 + 2 * g) as u16;
     if inner.width < needed || inner.height < 17 {
@@ -164,8 +164,8 @@ fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         draw_image(t, px, inner.x, inner.y, buf);
     }
     let hidden = s.probe.hidden_state(s.image, s.layer);
-    let patches = &hidden[m.dim..];
-    let p = pca(patches, m.tokens - 1, m.dim, 3);
+    let patches = &hidden[m.first_patch() * m.dim..];
+    let p = pca(patches, m.tokens - m.first_patch(), m.dim, 3);
     let rgb = scores_to_rgb(&p);
     let cell = 32 / g; // pixels per patch in the 32-pixel picture
     draw_rgb(
@@ -176,7 +176,7 @@ fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         (inner.x + 34, inner.y),
         buf,
     );
-    let cls = cosine_map(hidden, m.dim, 0, 1..m.tokens);
+    let cls = cosines_to(&read_token(hidden, m.dim, m.first_patch()), patches, m.dim);
     draw_signed_map(t, &cls, g, (2, 1), (inner.x + 68, inner.y), buf);
     let lines = vec![
         Line::from(vec![
@@ -211,23 +211,31 @@ fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     );
 }
 
-/// Per layer: mean patch-token norm, CLS norm, mean cos(CLS, patches).
+/// Per layer: mean patch-token norm, the norm of what the head reads (CLS, or the
+/// patches' mean), and its mean cosine to the patches.
 fn render_layer_table(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let m = &s.probe.meta;
     let inner = panel(app, "every layer (this image)", area, buf);
+    let (read, cos_name) = match m.cls {
+        true => ("CLS |x|", "cos CLS·patch"),
+        false => ("mean |x|", "cos mean·patch"),
+    };
     let mut lines = vec![Line::styled(
         format!(
-            "{:<22}{:>11}{:>10}{:>14}",
-            "layer", "patch |x|", "CLS |x|", "cos CLS·patch"
+            "{:<22}{:>11}{:>10}{:>15}",
+            "layer", "patch |x|", read, cos_name
         ),
         t.dim(),
     )];
     for layer in 0..=m.depth {
         let hidden = s.probe.hidden_state(s.image, layer);
-        let norms = row_norms(hidden, m.dim);
-        let patch_mean = norms[1..].iter().sum::<f64>() / (norms.len() - 1).max(1) as f64;
-        let cos = cosine_map(hidden, m.dim, 0, 1..m.tokens);
+        let patches = &hidden[m.first_patch() * m.dim..];
+        let norms = row_norms(patches, m.dim);
+        let patch_mean = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+        let reads = read_token(hidden, m.dim, m.first_patch());
+        let read_norm = row_norms(&reads, m.dim)[0];
+        let cos = cosines_to(&reads, patches, m.dim);
         let cos_mean = cos.iter().sum::<f64>() / cos.len().max(1) as f64;
         let name = if layer == 0 {
             "embeddings".to_string()
@@ -241,10 +249,7 @@ fn render_layer_table(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         };
         let mark = if layer == s.layer { "▶ " } else { "  " };
         lines.push(Line::styled(
-            format!(
-                "{mark}{name:<20}{patch_mean:>11.2}{:>10.2}{cos_mean:>14.3}",
-                norms[0]
-            ),
+            format!("{mark}{name:<20}{patch_mean:>11.2}{read_norm:>10.2}{cos_mean:>15.3}"),
             style,
         ));
     }
@@ -275,7 +280,7 @@ fn render_norm_maps(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
     for layer in 0..=m.depth {
         let hidden = s.probe.hidden_state(s.image, layer);
-        let norms = row_norms(&hidden[m.dim..], m.dim);
+        let norms = row_norms(&hidden[m.first_patch() * m.dim..], m.dim);
         let levels = min_max_scaled(&norms);
         let x = inner.x + layer as u16 * map_w;
         draw_level_map(t, &levels, s.grid, (2, 1), (x, inner.y), buf);
@@ -315,7 +320,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         probe,
         image: image.min(m.images - 1),
         layer: layer.min(m.depth),
-        grid: (m.tokens - 1).isqrt().max(1),
+        grid: m.grid(),
     };
     let norms_h = shown.grid as u16 + 3;
     let (top, bottom) = if body.height >= 40 {

@@ -38,8 +38,10 @@ pub fn patch_pixels(pixels: &[u8], patch: usize, k: usize) -> Vec<Rgb> {
 pub fn position_similarity(probe: &ProbeSnapshot) -> Vec<Vec<f64>> {
     let m = &probe.meta;
     let pos = &probe.position_embedding;
-    (1..m.tokens)
-        .map(|i| cosine_map(pos, m.dim, i, 1..m.tokens))
+    let patches = m.first_patch()..m.tokens;
+    patches
+        .clone()
+        .map(|i| cosine_map(pos, m.dim, i, patches.clone()))
         .collect()
 }
 
@@ -131,15 +133,16 @@ fn render_cut(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
 }
 
-/// The input sequence: CLS, then every patch at half size (2 x 2 pixels per cell pair).
+/// The input sequence: CLS (if the model has one), then every patch at half size (2 x 2
+/// pixels per cell pair).
 fn render_strip(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let inner = panel(
-        app,
-        "the input sequence: [CLS] + patches 0 … n−1 (each token = its patch's 48 values, projected)",
-        area,
-        buf,
-    );
+    let cls = s.probe.meta.cls;
+    let title = match cls {
+        true => "the input sequence: [CLS] + patches 0 … n−1 (each token = its patch's 48 values, projected)",
+        false => "the input sequence: patches 0 … n−1 (each token = its patch's 48 values, projected; no CLS: the head reads their mean)",
+    };
+    let inner = panel(app, title, area, buf);
     let Some(pixels) = s.pixels else {
         return;
     };
@@ -154,8 +157,10 @@ fn render_strip(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     } else {
         s.patch.saturating_sub(room / 2).min(count - room)
     };
-    Paragraph::new(Line::styled("CLS", t.accent()))
-        .render(Rect::new(inner.x, inner.y + 1, 3, 1), buf);
+    if cls {
+        Paragraph::new(Line::styled("CLS", t.accent()))
+            .render(Rect::new(inner.x, inner.y + 1, 3, 1), buf);
+    }
     for (slot, k) in (first..count).take(room).enumerate() {
         let x = inner.x + 4 + slot as u16 * per;
         let px = patch_pixels(pixels, s.size, k);
@@ -362,7 +367,7 @@ fn render_filters(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let meta = app.shown_probe();
-    let grid = meta.map_or(8, |m| (m.tokens - 1).isqrt().max(1));
+    let grid = meta.map_or(8, |m| m.grid());
     let patch = app.patches.patch.min(grid * grid - 1);
     let image = meta.map_or(0, |m| app.probe_image.min(m.images.saturating_sub(1)));
     let detail = format!(
@@ -370,7 +375,10 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         image + 1,
         meta.map_or(0, |m| m.images)
     );
-    let intro = "ViT patching: the image is cut into patches, each flattened and projected to a token; CLS goes first and position embeddings are added (arrows: patch, n/p image)";
+    let intro = match meta.is_none_or(|m| m.cls) {
+        true => "ViT patching: the image is cut into patches, each flattened and projected to a token; CLS goes first and position embeddings are added (arrows: patch, n/p image)",
+        false => "ViT patching: the image is cut into patches, each flattened and projected to a token; position embeddings are added; no CLS: the head reads the tokens' mean (arrows: patch, n/p image)",
+    };
     let Some((probe, body)) = probe_tab(app, intro, detail, area, buf) else {
         return;
     };
