@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
 use crate::model::{
-    forward_backward, forward_flops_per_image, micro_batch_len, ModelState, Workers,
+    forward_backward, forward_flops_per_image, micro_batch_len, DropPath, ModelState, Workers,
 };
 use crate::optim::AdamW;
 use crate::probe::ProbeSet;
@@ -135,7 +135,11 @@ pub fn run(
             &state.model,
             &vars,
             (&b.pixels, &b.labels),
-            config.train.label_smoothing,
+            (
+                config.train.label_smoothing,
+                DropPath::for_step(config.train.drop_path, config.train.seed, step as u64 + 1)
+                    .as_ref(),
+            ),
             config.train.micro_batch_size,
             &workers,
         )?;

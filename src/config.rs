@@ -21,6 +21,7 @@ pool = "cls"
 budget = ""
 schedule_steps = 0
 ema_decay = 0.0
+drop_path = 0.0
 [data]
 trivial_augment = false
 random_erasing = 0.0
@@ -152,6 +153,7 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub label_smoothing: f64,
     pub ema_decay: f64,
+    pub drop_path: f64,
     pub seed: u64,
     pub checkpoint_every_steps: usize,
     pub eval_batch_size: usize,
@@ -443,6 +445,12 @@ impl Config {
             (0.0..1.0).contains(&t.ema_decay),
             "train.ema_decay",
             t.ema_decay,
+            "must be in [0, 1) (0 = off)",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.drop_path),
+            "train.drop_path",
+            t.drop_path,
             "must be in [0, 1) (0 = off)",
         )?;
         check(
@@ -755,6 +763,8 @@ mod tests {
             ("train", "budget"),
             ("train", "schedule_steps"),
             ("train", "ema_decay"),
+            ("train", "drop_path"),
+            ("model", "pool"),
             ("data", "trivial_augment"),
             ("data", "random_erasing"),
         ] {
@@ -765,6 +775,7 @@ mod tests {
         assert_eq!(c.model.init, "trunc_normal");
         assert_eq!(c.train.budget_secs(), Ok(None));
         assert!(!c.data.trivial_augment);
+        assert_eq!((c.train.drop_path, c.model.pool.as_str()), (0.0, "cls"));
         // A key the run has is kept, and --set still wins.
         let c = Config::load_run(&path, &sets(&["model.init=pytorch"])).unwrap();
         assert_eq!(c.model.init, "pytorch");

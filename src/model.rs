@@ -18,7 +18,9 @@ use crate::config::{ModelConfig, CHANNELS, IMAGE_SIZE};
 use crate::data::{mix_seed, NUM_CLASSES};
 use crate::ops::BlockOutput;
 
+mod drop_path;
 mod norm;
+pub use drop_path::{Branch, DropPath};
 pub use norm::{layer_norm_composed, rms_norm, LayerNorm, NormKind};
 
 /// Intermediate tensors recorded by a forward pass (all detached from the graph).
@@ -287,20 +289,35 @@ impl Block {
     /// outputs (the residual stream at their places without norms), attention weights
     /// and the output when asked: the reference for the fused block, what the probes
     /// run, and what the variants train with.
-    pub fn forward_ops(&self, x: &Tensor, mut capture: Option<&mut Capture>) -> Result<Tensor> {
+    pub fn forward_ops(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
+        self.forward_masked(x, capture, None)
+    }
+
+    /// [`Block::forward_ops`] with each image's attention and MLP branch scaled by
+    /// `masks` ((B, 1, 1) each): stochastic depth.
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        mut capture: Option<&mut Capture>,
+        masks: Option<&[Tensor; 2]>,
+    ) -> Result<Tensor> {
         use norm::norm_or_residual;
         let (n1, n2) = (self.norm1.as_ref(), self.norm2.as_ref());
+        let branch = |y: Tensor, k: usize| match masks {
+            Some(m) => y.broadcast_mul(&m[k]),
+            None => Ok(y),
+        };
         let x = match self.placement {
             Placement::Pre | Placement::None => {
                 let h = norm_or_residual(n1, x, capture.as_deref_mut())?;
-                let x = (x + self.attn.forward(&h, capture.as_deref_mut())?)?;
+                let x = (x + branch(self.attn.forward(&h, capture.as_deref_mut())?, 0)?)?;
                 let h = norm_or_residual(n2, &x, capture.as_deref_mut())?;
-                (&x + self.mlp.forward(&h)?)?
+                (&x + branch(self.mlp.forward(&h)?, 1)?)?
             }
             Placement::Post => {
-                let a = (x + self.attn.forward(x, capture.as_deref_mut())?)?;
+                let a = (x + branch(self.attn.forward(x, capture.as_deref_mut())?, 0)?)?;
                 let x = norm_or_residual(n1, &a, capture.as_deref_mut())?;
-                let m = (&x + self.mlp.forward(&x)?)?;
+                let m = (&x + branch(self.mlp.forward(&x)?, 1)?)?;
                 norm_or_residual(n2, &m, capture.as_deref_mut())?
             }
         };
@@ -386,10 +403,27 @@ impl VisionTransformer {
     }
 
     /// The forward pass, recording intermediate tensors into `capture` when given.
-    pub fn forward_with(
+    pub fn forward_with(&self, images: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
+        self.forward_inner(images, capture, None)
+    }
+
+    /// The training forward pass of images `range` of a step's batch, with stochastic
+    /// depth when `drop` is given: a block whose rate is above 0 runs layer by layer
+    /// with its branches masked per image.
+    pub fn forward_train(
+        &self,
+        images: &Tensor,
+        drop: Option<&DropPath>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        self.forward_inner(images, None, drop.map(|d| (d, range)))
+    }
+
+    fn forward_inner(
         &self,
         images: &Tensor,
         mut capture: Option<&mut Capture>,
+        drop: Option<(&DropPath, std::ops::Range<usize>)>,
     ) -> Result<Tensor> {
         let b = images.dim(0)?;
         let patches = patchify(images, self.config.patch_size)?;
@@ -404,8 +438,20 @@ impl VisionTransformer {
         if let Some(c) = capture.as_deref_mut() {
             c.hidden.push(x.detach());
         }
-        let last = self.blocks.len().saturating_sub(1);
+        let (depth, dtype) = (self.blocks.len(), x.dtype());
+        let last = depth.saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
+            let dropping = drop
+                .as_ref()
+                .map(|(d, range)| (d, range, d.block_rate(i, depth)))
+                .filter(|&(_, _, p)| p > 0.0);
+            if let Some((d, range, p)) = dropping {
+                let masks = [Branch::Attention, Branch::Mlp]
+                    .map(|branch| d.mask((i, branch, p), range.clone(), dtype));
+                let [a, m] = masks;
+                x = block.forward_masked(&x, None, Some(&[a?, m?]))?;
+                continue;
+            }
             x = match capture.as_deref_mut() {
                 // The head reads only CLS: the last block computes only what CLS needs.
                 None if i == last && block.is_fused() && self.cls_token.is_some() => {
@@ -734,7 +780,7 @@ fn micro_step(
     vars: &[Var],
     (pixels, labels): (&[f32], &[u32]),
     range: std::ops::Range<usize>,
-    smoothing: f64,
+    (smoothing, drop): (f64, Option<&DropPath>),
 ) -> Result<MicroResult> {
     let batch = labels.len();
     let per_image = pixels.len() / batch.max(1);
@@ -745,8 +791,8 @@ fn micro_step(
         n,
         model.patch_embed.weight.dtype(),
     )?;
-    let part = &labels[range];
-    let logits = model.forward(&images)?;
+    let part = &labels[range.clone()];
+    let logits = model.forward_train(&images, drop, range)?;
     let loss = smoothed_cross_entropy(&logits, part, smoothing)?;
     let share = n as f64 / batch as f64;
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
@@ -754,7 +800,7 @@ fn micro_step(
     let forward_secs = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let grads = loss.affine(share, 0.0)?.backward()?;
-    drop((logits, loss));
+    std::mem::drop((logits, loss));
     // Detached: a gradient computed from activations would otherwise keep this
     // micro-batch's whole autograd graph alive through its own graph links.
     let grads = vars
@@ -777,11 +823,12 @@ fn micro_step(
 /// side by side on the `workers`' lanes, each lane taking the next one as it
 /// finishes; the sums are taken in batch order, so the result does not depend on
 /// which finished first. The reported times are a lane's mean time per phase.
+/// `drop`: this step's stochastic depth, if any.
 pub fn forward_backward(
     model: &VisionTransformer,
     vars: &[Var],
     (pixels, labels): (&[f32], &[u32]),
-    smoothing: f64,
+    (smoothing, drop): (f64, Option<&DropPath>),
     micro: usize,
     workers: &Workers,
 ) -> Result<StepResult> {
@@ -799,7 +846,13 @@ pub fn forward_backward(
     // every gradient at once.
     for part in ranges.chunks(MICRO_BATCHES_PER_LANE * lanes) {
         let results = workers.map(part, |range| {
-            micro_step(model, vars, (pixels, labels), range.clone(), smoothing)
+            micro_step(
+                model,
+                vars,
+                (pixels, labels),
+                range.clone(),
+                (smoothing, drop),
+            )
         })?;
         for result in results {
             loss_sum += result.loss;

@@ -18,8 +18,8 @@ use crate::data::{DataError, Dataset, NUM_CLASSES};
 use crate::ema::Ema;
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::model::{
-    forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, ModelState,
-    VisionTransformer, Workers,
+    forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, DropPath,
+    ModelState, VisionTransformer, Workers,
 };
 use crate::optim::{learning_rate, AdamW};
 use crate::predictions::{Predictions, PredictionsMeta};
@@ -555,7 +555,10 @@ impl Trainer {
                 &self.state.model,
                 &self.vars,
                 (&batch.pixels, &batch.labels),
-                cfg.label_smoothing,
+                (
+                    cfg.label_smoothing,
+                    DropPath::for_step(cfg.drop_path, cfg.seed, self.progress.step + 1).as_ref(),
+                ),
                 cfg.micro_batch_size,
                 &workers,
             )?;

@@ -94,11 +94,20 @@ fn learns_the_synthetic_shapes() {
         .any(|e| matches!(e, Event::Predictions(p) if p.meta.step == 300)));
 }
 
-#[test]
-fn resuming_gives_the_same_losses_as_training_straight_through() {
+/// Trains 50 steps straight through and 30 + 20 with a resume between (inside the
+/// second epoch: 20 steps per epoch), with `extra` settings; asserts the same losses
+/// and final weights, and returns the losses.
+fn assert_resume_is_exact(extra: &[&str]) -> Vec<(u64, f64)> {
     let tmp = tempfile::tempdir().unwrap();
-    // 20 steps per epoch: the split at step 30 falls inside the second epoch.
-    let straight_cfg = tiny_config(&["train.epochs=3", "train.max_steps=50"]);
+    let sets = |more: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<&str> = extra.to_vec();
+        v.extend(more);
+        v.into_iter().map(String::from).collect()
+    };
+    let config = |more: &[&'static str]| {
+        tiny_config(&sets(more).iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let straight_cfg = config(&["train.epochs=3", "train.max_steps=50"]);
     let straight = RunDir::create(
         tmp.path(),
         Some(&tmp.path().join("straight")),
@@ -107,7 +116,7 @@ fn resuming_gives_the_same_losses_as_training_straight_through() {
     .unwrap();
     run_to_end(&straight_cfg, &straight, false);
 
-    let first_cfg = tiny_config(&["train.epochs=3", "train.max_steps=30"]);
+    let first_cfg = config(&["train.epochs=3", "train.max_steps=30"]);
     let split = RunDir::create(tmp.path(), Some(&tmp.path().join("split")), &first_cfg).unwrap();
     run_to_end(&first_cfg, &split, false);
     assert_eq!(train_losses(&split).len(), 30);
@@ -119,7 +128,7 @@ fn resuming_gives_the_same_losses_as_training_straight_through() {
     let a = train_losses(&straight);
     let b = train_losses(&split);
     assert_eq!(a.len(), 50);
-    assert_eq!(a, b, "losses differ after the resume");
+    assert_eq!(a, b, "losses differ after the resume ({extra:?})");
     let ckpt_a = std::fs::read(straight.checkpoint_path()).unwrap();
     let ckpt_b = std::fs::read(split.checkpoint_path()).unwrap();
     let weights = |bytes: &[u8]| {
@@ -131,7 +140,30 @@ fn resuming_gives_the_same_losses_as_training_straight_through() {
             .map(|n| t.tensor(&n).unwrap().data().to_vec())
             .collect::<Vec<_>>()
     };
-    assert_eq!(weights(&ckpt_a), weights(&ckpt_b), "final weights differ");
+    assert_eq!(
+        weights(&ckpt_a),
+        weights(&ckpt_b),
+        "final weights differ ({extra:?})"
+    );
+    a
+}
+
+#[test]
+fn resuming_gives_the_same_losses_as_training_straight_through() {
+    let plain = assert_resume_is_exact(&[]);
+    // Stochastic depth draws its masks from (seed, step): a resumed run drops what the
+    // straight one dropped. With mean pooling and the weights' moving average too.
+    let dropping = assert_resume_is_exact(&["train.drop_path=0.3"]);
+    assert_ne!(
+        plain[1..],
+        dropping[1..],
+        "stochastic depth changed nothing"
+    );
+    assert_resume_is_exact(&[
+        "train.drop_path=0.3",
+        "model.pool=mean",
+        "train.ema_decay=0.9",
+    ]);
 }
 
 #[test]

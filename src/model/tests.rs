@@ -549,7 +549,7 @@ fn workers_run_every_item_once_in_order_on_all_lanes_and_report_the_first_error(
 }
 
 #[test]
-fn micro_batches_give_the_whole_batch_gradient() {
+fn micro_batches_give_the_whole_batch_gradient_with_and_without_stochastic_depth() {
     let cfg = tiny_config();
     let state = ModelState::new(&cfg, 9, DType::F64).unwrap();
     let vars: Vec<Var> = state.named_vars().into_iter().map(|(_, v)| v).collect();
@@ -563,29 +563,100 @@ fn micro_batches_give_the_whole_batch_gradient() {
         .unwrap();
     let labels = [0u32, 3, 3, 9, 1];
     let one = Workers::new(1, 1);
-    let whole = forward_backward(&state.model, &vars, (&pixels, &labels), 0.1, 0, &one).unwrap();
-    // Three micro-batches (2 + 2 + 1) over two lanes: side by side, then alone.
-    let split = forward_backward(
+    let dropping = DropPath::for_step(0.5, 3, 1);
+    let plain = forward_backward(
         &state.model,
         &vars,
         (&pixels, &labels),
-        0.1,
-        2,
-        &Workers::new(2, 2),
-    )
-    .unwrap();
-    assert!(
-        (whole.loss - split.loss).abs() < 1e-12,
-        "{} vs {}",
-        whole.loss,
-        split.loss
+        (0.1, None),
+        0,
+        &one,
     );
-    assert_eq!(whole.correct, split.correct);
-    for (i, (name, _)) in state.named_vars().into_iter().enumerate() {
-        let a = values(whole.grads[i].as_ref().unwrap());
-        let b = values(split.grads[i].as_ref().unwrap());
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-12, "{name}: {x} vs {y}");
+    for drop in [None, dropping.as_ref()] {
+        let whole = forward_backward(
+            &state.model,
+            &vars,
+            (&pixels, &labels),
+            (0.1, drop),
+            0,
+            &one,
+        )
+        .unwrap();
+        // Three micro-batches (2 + 2 + 1) over two lanes: side by side, then alone.
+        let split = forward_backward(
+            &state.model,
+            &vars,
+            (&pixels, &labels),
+            (0.1, drop),
+            2,
+            &Workers::new(2, 2),
+        )
+        .unwrap();
+        assert!(
+            (whole.loss - split.loss).abs() < 1e-12,
+            "{} vs {}",
+            whole.loss,
+            split.loss
+        );
+        assert_eq!(whole.correct, split.correct);
+        // Stochastic depth changes the step (at rate 0.5 some branch of the last
+        // block is dropped for some of the 5 images).
+        let same_as_plain = (whole.loss - plain.as_ref().unwrap().loss).abs() < 1e-12;
+        assert_eq!(same_as_plain, drop.is_none(), "{drop:?}");
+        for (i, (name, _)) in state.named_vars().into_iter().enumerate() {
+            let a = values(whole.grads[i].as_ref().unwrap());
+            let b = values(split.grads[i].as_ref().unwrap());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-12, "{name}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dropped_branch_adds_nothing_and_a_kept_one_is_scaled() {
+    for norm in ["pre", "post"] {
+        let mut cfg = tiny_config();
+        cfg.norm = norm.into();
+        let state = ModelState::new(&cfg, 6, DType::F64).unwrap();
+        let block = &state.model.blocks[0];
+        let x = Tensor::randn(0f64, 1.0, (3, cfg.tokens(), cfg.dim), &Device::Cpu).unwrap();
+        let mask = |v: [f64; 3]| Tensor::from_vec(v.to_vec(), (3, 1, 1), &Device::Cpu).unwrap();
+        let ones = [mask([1.0; 3]), mask([1.0; 3])];
+        let plain = values(&block.forward_ops(&x, None).unwrap());
+        assert_eq!(
+            values(&block.forward_masked(&x, None, Some(&ones)).unwrap()),
+            plain
+        );
+        // Image 0 skips both branches: only the norms (post-norm) touch it.
+        let zeros = [mask([0.0, 1.0, 1.0]), mask([0.0, 1.0, 1.0])];
+        let out = values(&block.forward_masked(&x, None, Some(&zeros)).unwrap());
+        let per_image = cfg.tokens() * cfg.dim;
+        let input = values(&x.get(0).unwrap());
+        let expected = match norm {
+            "pre" => input,
+            _ => {
+                let ln = |v: &Tensor| block.norm1.as_ref().unwrap().forward(v).unwrap();
+                let once = ln(&x.get(0).unwrap());
+                values(&block.norm2.as_ref().unwrap().forward(&once).unwrap())
+            }
+        };
+        for (a, b) in out[..per_image].iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-12, "{norm}: {a} vs {b}");
+        }
+        assert_eq!(out[per_image..], plain[per_image..], "{norm}");
+        // Pre-norm with the MLP dropped, the block is x + s·attention(x): linear in
+        // the attention branch's scale.
+        if norm == "pre" {
+            let attn_only = |s: f64| {
+                let m = [mask([s; 3]), mask([0.0; 3])];
+                values(&block.forward_masked(&x, None, Some(&m)).unwrap())
+            };
+            let (input, one, three) = (values(&x), attn_only(1.0), attn_only(3.0));
+            assert_ne!(one, input);
+            for ((i, o), t) in input.iter().zip(&one).zip(&three) {
+                assert!((t - i - 3.0 * (o - i)).abs() < 1e-10);
+            }
         }
     }
 }
