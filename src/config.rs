@@ -719,9 +719,11 @@ mod tests {
         assert_eq!(c.model.depth, 6);
         assert_eq!(c.model.heads, 3);
         assert_eq!(c.model.mlp_dim, 192);
-        assert_eq!(c.model.tokens(), 65);
+        // Mean pooling: no CLS token, the 64 patches are the sequence.
+        assert_eq!((c.model.pool.as_str(), c.model.tokens()), ("mean", 64));
+        assert_eq!(c.model.pos_embed, "sincos");
         assert_eq!(c.model.head_dim(), 32);
-        assert_eq!(c.train.batch_size, 128);
+        assert_eq!(c.train.batch_size, 64);
         assert!((c.train.lr - 1e-3).abs() < 1e-12);
         assert!((c.train.label_smoothing - 0.1).abs() < 1e-12);
         assert!((c.train.weight_decay - 0.05).abs() < 1e-12);

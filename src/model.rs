@@ -3,11 +3,12 @@
 //! capture LayerNorm inputs and outputs, attention weights and hidden states on the way.
 //!
 //! Pre-norm blocks: x + MHSA(LN(x)), then x + MLP(LN(x)); a final LayerNorm; a linear
-//! head on the CLS token (or on the mean of the patch tokens, `model.pool = "mean"`). candle-nn 0.11's fused `softmax_last_dim` and `layer_norm`
-//! have no backward, so LayerNorm and the attention softmax are our own fused ops with
-//! a backward ([`crate::ops`]); their composed versions here are the reference. Without
-//! a capture, each block runs as one fused op (`crate::ops::block`), checked against
-//! the same block layer by layer (`Block::forward_ops`).
+//! head on the CLS token (or on the mean of the patch tokens, `model.pool = "mean"`).
+//! candle-nn 0.11's fused `softmax_last_dim` and `layer_norm` have no backward, so
+//! LayerNorm and the attention softmax are our own fused ops with a backward
+//! ([`crate::ops`]); their composed versions here are the reference. Without a capture,
+//! each block runs as one fused op (`crate::ops::block`), checked against the same
+//! block layer by layer (`Block::forward_ops`).
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};

@@ -527,9 +527,11 @@ mod tests {
         let probes = ProbeSet::new(&set.test, 3, &norm);
         let snap = probes.probe(&state.model, &config.probe, 40, 2).unwrap();
         assert_eq!(snap.meta.layer_norms.len(), 5);
-        assert_eq!(snap.attention.len(), 3 * 2 * 3 * 65 * 65);
-        assert_eq!(snap.hidden.len(), 3 * 3 * 65 * 96);
-        let row_sum: f32 = snap.attention_matrix(2, 1, 2)[65..130].iter().sum();
+        // The default: 64 tokens (mean pooling, no CLS).
+        assert_eq!(snap.attention.len(), 3 * 2 * 3 * 64 * 64);
+        assert_eq!(snap.hidden.len(), 3 * 3 * 64 * 96);
+        assert!(!snap.meta.cls);
+        let row_sum: f32 = snap.attention_matrix(2, 1, 2)[64..128].iter().sum();
         assert!((row_sum - 1.0).abs() < 1e-5);
         let p: f32 = snap.image_probabilities(1).iter().sum();
         assert!((p - 1.0).abs() < 1e-5);
@@ -552,7 +554,7 @@ mod tests {
         let back = ProbeSnapshot::from_bytes(&snap.to_bytes()).unwrap();
         assert_eq!(back.meta, snap.meta);
         assert_eq!(back.probabilities, snap.probabilities);
-        assert_eq!(snap.position_embedding.len(), 65 * 96);
+        assert_eq!(snap.position_embedding.len(), 64 * 96);
         assert_eq!(snap.patch_values(), 48);
         assert_eq!(back.position_embedding, snap.position_embedding);
         assert_eq!(back.patch_filters, snap.patch_filters);

@@ -301,6 +301,8 @@ fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
         assert!(s.contains(says), "{tab:?}: {s}");
         assert!(!s.contains("CLS ") && !s.contains("CLS's"), "{tab:?}: {s}");
     }
+    // The first patch is the first token.
+    assert!(screen(&app, (200, 60)).contains("patch 0 (row 0, col 0) = token 0"));
 
     // The pictures say what they show, and none names a CLS token.
     let dir = tmp.path().join("pictures");

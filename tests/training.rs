@@ -76,9 +76,11 @@ fn learns_the_synthetic_shapes() {
     assert_eq!(probes.len(), 31);
     let snapshot = run.read_probe(300).unwrap();
     assert_eq!(snapshot.meta.layer_norms.len(), 5);
-    assert_eq!(snapshot.meta.tokens, 17);
+    // The default mean pooling: the 16 patches are the tokens, with the fixed
+    // sine-cosine position embedding recorded for each.
+    assert_eq!((snapshot.meta.tokens, snapshot.meta.cls), (16, false));
     assert_eq!(snapshot.patch_values(), 8 * 8 * 3);
-    assert_eq!(snapshot.position_embedding.len(), 17 * 32);
+    assert_eq!(snapshot.position_embedding.len(), 16 * 32);
 
     // Every evaluation recorded its predictions on the first test images (all 200 here):
     // they give the same confusion matrix as the evaluation itself.

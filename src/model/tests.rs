@@ -3,8 +3,11 @@ use super::*;
 use crate::config::Config;
 use crate::ops::tests::weighted_grads;
 
+/// A tiny original ViT (CLS token, learned position embedding); the variants change it.
 pub fn tiny_config() -> ModelConfig {
     let mut cfg = Config::default().model;
+    cfg.pool = "cls".into();
+    cfg.pos_embed = "learned".into();
     cfg.patch_size = 16;
     cfg.dim = 8;
     cfg.heads = 2;
@@ -32,17 +35,19 @@ fn shapes_of_outputs_and_captures() {
     let logits = state.model.forward_with(&images, Some(&mut cap)).unwrap();
     assert_eq!(logits.dims(), &[2, 10]);
     assert_eq!(cap.attention.len(), 6);
-    assert_eq!(cap.attention[0].dims(), &[2, 3, 65, 65]);
+    // The default has no CLS token: 64 patch tokens.
+    assert_eq!(cap.attention[0].dims(), &[2, 3, 64, 64]);
     assert_eq!(cap.hidden.len(), 7);
-    assert_eq!(cap.hidden[6].dims(), &[2, 65, 96]);
+    assert_eq!(cap.hidden[6].dims(), &[2, 64, 96]);
     assert_eq!(cap.ln_inputs.len(), 13);
-    assert_eq!(cap.ln_outputs[12].dims(), &[2, 65, 96]);
+    assert_eq!(cap.ln_outputs[12].dims(), &[2, 64, 96]);
     assert_eq!(state.model.layer_norms().len(), 13);
-    // patch 48x96+96, cls 96, pos 65x96, 6 blocks, final norm 192, head 96x10+10
+    // patch 48x96+96, 6 blocks, final norm 192, head 96x10+10 (no CLS token, and the
+    // sine-cosine position embedding is fixed).
     let block = 96 * 288 + 288 + 96 * 96 + 96 + 96 * 192 + 192 + 192 * 96 + 96 + 4 * 96;
     assert_eq!(
         state.parameter_count(),
-        48 * 96 + 96 + 96 + 65 * 96 + 6 * block + 192 + 970
+        48 * 96 + 96 + 6 * block + 192 + 970
     );
 }
 
@@ -512,13 +517,21 @@ fn fused_block_rejects_bad_inputs_and_a_second_backward() {
 
 #[test]
 fn forward_flops_count_the_products_as_they_run() {
-    // Default model: 65 tokens of 96, 3 heads of 32, MLP 192, 64 patches of 48.
+    // The default model with a CLS token: 65 tokens of 96, 3 heads of 32, MLP 192, 64
+    // patches of 48; its last block runs the queries, projection and MLP for CLS alone.
+    let mut cls = Config::default().model;
+    cls.pool = "cls".into();
     let patch = 2 * 64 * 48 * 96;
     let qkv = 2 * 65 * 96 * 288;
     let full_block = qkv + 4 * 3 * 65 * 65 * 32 + 2 * 65 * 96 * 96 + 4 * 65 * 96 * 192;
     let cls_block = qkv + 4 * 3 * 65 * 32 + 2 * 96 * 96 + 4 * 96 * 192;
     let expected = patch + 5 * full_block + cls_block + 2 * 96 * 10;
     assert_eq!(expected, 60_338_304);
+    assert_eq!(forward_flops_per_image(&cls), expected as f64);
+    // The default (mean pooling): 64 tokens, every block whole.
+    let qkv = 2 * 64 * 96 * 288;
+    let block = qkv + 4 * 3 * 64 * 64 * 32 + 2 * 64 * 96 * 96 + 4 * 64 * 96 * 192;
+    let expected = patch + 6 * block + 2 * 96 * 10;
     assert_eq!(
         forward_flops_per_image(&Config::default().model),
         expected as f64

@@ -99,7 +99,7 @@ pub struct LayerNormView {
 pub struct AttentionView {
     pub layer: usize,
     pub head: usize,
-    /// The query token whose row is inspected (0 = CLS).
+    /// The query token whose row is inspected (0 = CLS, or the first patch without one).
     pub query: usize,
     /// Show attention rollout instead of the selected head's raw weights.
     pub rollout: bool,
@@ -214,6 +214,9 @@ pub struct App {
     pub notice: Option<String>,
     pub run_name: String,
     pub dataset: String,
+    /// The position embedding the model has (`model.pos_embed`): the Patches tab says
+    /// whether what it shows was learned or fixed.
+    pub pos_embed: String,
     pub tab: Tab,
     pub phase: Phase,
     pub popup: Option<Popup>,
@@ -267,6 +270,7 @@ impl App {
             theme,
             run_name,
             dataset: config.data.dataset.name().to_string(),
+            pos_embed: config.model.pos_embed.clone(),
             tab: Tab::Training,
             phase: Phase::Loading,
             popup: None,

@@ -1,7 +1,7 @@
 //! The Patches tab: how the ViT cuts an image into its input sequence. The probe image
 //! and the same image in its patches with gaps and indices; the sequence with the CLS
-//! token in front; the selected patch enlarged with its raw values; the learned
-//! position embeddings' cosine similarities (ViT paper, Fig. 7 centre) and the
+//! token in front (if any); the selected patch enlarged with its raw values; the position
+//! embeddings' cosine similarities (ViT paper, Fig. 7 centre) and the
 //! principal components of the patch-embedding filters (Fig. 7 left).
 
 use ratatui::buffer::Buffer;
@@ -24,7 +24,7 @@ use crate::probe::ProbeSnapshot;
 pub const FILTER_COMPONENTS: usize = 28;
 
 /// The pixels of patch `k` (row-major over the patch grid) of a raw image, row by row
-/// inside the patch: the values the model's token `k + 1` is made of.
+/// inside the patch: the values the model's token `k + 1` (`k` without CLS) is made of.
 pub fn patch_pixels(pixels: &[u8], patch: usize, k: usize) -> Vec<Rgb> {
     let grid = IMAGE_SIZE / patch;
     let (py, px) = (k / grid, k % grid);
@@ -198,7 +198,7 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         &format!(
             "patch {} (row {row}, col {col}) = token {}: raw R,G,B",
             s.patch,
-            s.patch + 1
+            s.patch + s.probe.meta.first_patch()
         ),
         area,
         buf,
@@ -272,19 +272,18 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let inner = panel(
-        app,
-        "position embeddings: cosine similarity of each patch position to every other",
-        area,
-        buf,
-    );
+    let title = match app.pos_embed.as_str() {
+        "sincos" => "fixed sine-cosine position embeddings: cosine similarity between positions",
+        "learned" => "learned position embeddings: cosine similarity between positions",
+        _ => "position embeddings",
+    };
+    let inner = panel(app, title, area, buf);
     if s.probe.position_embedding.is_empty() {
-        note(
-            app,
-            "this probe has no position embeddings recorded",
-            inner,
-            buf,
-        );
+        let why = match app.pos_embed.as_str() {
+            "none" => "this model has no position embeddings (model.pos_embed = \"none\")",
+            _ => "this probe has no position embeddings recorded",
+        };
+        note(app, why, inner, buf);
         return;
     }
     let maps = position_similarity(s.probe);
