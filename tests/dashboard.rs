@@ -18,23 +18,7 @@ use vitscope::probe::{Distribution, LayerNormProbe, ProbeMeta, ProbeSnapshot, St
 use vitscope::ui::app::{App, Mode, ProcessStats, Tab};
 use vitscope::ui::theme::{ColorMode, Theme};
 
-fn screen(app: &App, w: u16, h: u16) -> String {
-    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
-    terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
-    text_of(terminal.backend().buffer())
-}
-
-/// A buffer's symbols, a line per row.
-fn text_of(buf: &ratatui::buffer::Buffer) -> String {
-    let mut out = String::new();
-    for y in 0..buf.area.height {
-        for x in 0..buf.area.width {
-            out.push_str(buf[(x, y)].symbol());
-        }
-        out.push('\n');
-    }
-    out
-}
+use common::{screen, text_of};
 
 fn info() -> RunInfo {
     RunInfo {

@@ -46,39 +46,54 @@ fn at(png: &(usize, usize, Vec<u8>), x: i64, y: i64) -> (u8, u8, u8) {
     (png.2[i], png.2[i + 1], png.2[i + 2])
 }
 
-#[test]
-fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let mut args: Vec<String> = ["train", "--headless", "--max-steps", "30", "--run-dir"]
+/// Runs the binary with `args` and asserts it succeeded.
+fn vitscope_ok(args: &[&str]) -> std::process::Output {
+    let out = vitscope(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Trains the tiny model on synthetic data for `steps` steps into `run`, with `extra`
+/// settings after the tiny ones.
+fn train_tiny(run: &Path, steps: &str, extra: &[&str]) {
+    let mut args: Vec<String> = ["train", "--headless", "--max-steps", steps, "--run-dir"]
         .iter()
         .map(|s| (*s).to_string())
         .collect();
     args.push(run.display().to_string());
-    for set in common::tiny_sets() {
+    let sets = common::tiny_sets()
+        .into_iter()
+        .chain(extra.iter().map(|s| (*s).to_string()));
+    for set in sets {
         args.push("--set".into());
         args.push(set);
     }
-    let out = vitscope(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let before = files(&run);
+    vitscope_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
 
-    let dir = tmp.path().join("pictures");
-    let out = vitscope(&[
+/// Everything `vitscope export` makes of `run`, into `dir`.
+fn export_all(run: &Path, dir: &Path) -> std::process::Output {
+    vitscope_ok(&[
         "export",
         run.to_str().unwrap(),
         "--out",
         dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ])
+}
+
+#[test]
+fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train_tiny(&run, "30", &[]);
+    let before = files(&run);
+
+    let dir = tmp.path().join("pictures");
+    let out = export_all(&run, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(files(&run), before, "export wrote into the run directory");
 
@@ -198,7 +213,7 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
 
     // One kind, a chosen layer and head; bad choices are one line.
     let one = tmp.path().join("one");
-    let out = vitscope(&[
+    vitscope_ok(&[
         "export",
         run.to_str().unwrap(),
         "attention",
@@ -209,11 +224,6 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
         "--out",
         one.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(one.join("attention-L1-H1.png").exists() && !one.join("index.html").exists());
     for bad in [&["--step", "7"][..], &["--layer", "9"], &["--image", "5"]] {
         let mut a = vec![
@@ -236,39 +246,12 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// A buffer's symbols, a line per row.
-fn screen(app: &vitscope::ui::app::App, (w, h): (u16, u16)) -> String {
-    let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(w, h)).unwrap();
-    terminal.draw(|f| f.render_widget(app, f.area())).unwrap();
-    let buf = terminal.backend().buffer();
-    (0..h)
-        .map(|y| (0..w).map(|x| buf[(x, y)].symbol()).collect::<String>() + "\n")
-        .collect()
-}
-
 #[test]
 fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
     use vitscope::ui::app::{App, Mode, Tab};
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let mut args: Vec<String> = ["train", "--headless", "--max-steps", "10", "--run-dir"]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect();
-    args.push(run.display().to_string());
-    for set in common::tiny_sets()
-        .into_iter()
-        .chain(["model.pool=mean".to_string()])
-    {
-        args.push("--set".into());
-        args.push(set);
-    }
-    let out = vitscope(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_tiny(&run, "10", &["model.pool=mean"]);
     let run_dir = RunDir::open(&run).unwrap();
     let step = run_dir.probe_files().last().unwrap().0;
     let probe = run_dir.read_probe(step).unwrap();
@@ -297,26 +280,16 @@ fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
         (Tab::Patches, "no CLS: the head reads"),
     ] {
         app.tab = tab;
-        let s = screen(&app, (200, 60));
+        let s = common::screen(&app, 200, 60);
         assert!(s.contains(says), "{tab:?}: {s}");
         assert!(!s.contains("CLS ") && !s.contains("CLS's"), "{tab:?}: {s}");
     }
     // The first patch is the first token.
-    assert!(screen(&app, (200, 60)).contains("patch 0 (row 0, col 0) = token 0"));
+    assert!(common::screen(&app, 200, 60).contains("patch 0 (row 0, col 0) = token 0"));
 
     // The pictures say what they show, and none names a CLS token.
     let dir = tmp.path().join("pictures");
-    let out = vitscope(&[
-        "export",
-        run.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_all(&run, &dir);
     let captions = std::fs::read_to_string(dir.join("index.html")).unwrap();
     assert!(captions.contains("the mean query's weights"), "{captions}");
     assert!(!captions.contains("CLS"), "{captions}");
