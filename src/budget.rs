@@ -70,9 +70,34 @@ pub fn size(
     }
 }
 
+/// Whether an evaluation before the last one still fits: `elapsed` seconds spent, this
+/// evaluation, `steps_left` more steps at the pace measured so far and the last
+/// evaluation must all end within the budget. A run the machine slowed down after it was
+/// sized skips evaluations rather than overrun; training itself is never changed, so its
+/// losses do not depend on the machine.
+pub fn evaluation_fits(
+    budget: f64,
+    elapsed: f64,
+    steps_left: u64,
+    secs_per_step: f64,
+    eval_secs: f64,
+) -> bool {
+    elapsed + 2.0 * eval_secs + steps_left as f64 * secs_per_step <= budget
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_evaluation_is_skipped_only_when_it_would_overrun() {
+        // 3000 s spent, 2000 steps at 0.25 s left (500 s), evaluations of 10 s: 3520 s.
+        assert!(evaluation_fits(3600.0, 3000.0, 2000, 0.25, 10.0));
+        assert!(evaluation_fits(3520.0, 3000.0, 2000, 0.25, 10.0));
+        assert!(!evaluation_fits(3519.0, 3000.0, 2000, 0.25, 10.0));
+        // Slower steps than planned: the same point no longer fits.
+        assert!(!evaluation_fits(3600.0, 3000.0, 2000, 0.3, 10.0));
+    }
 
     #[test]
     fn steps_and_evaluations_fill_the_budget() {

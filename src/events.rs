@@ -125,6 +125,9 @@ pub enum Event {
     Phase(Phase),
     Loading(LoadProgress),
     Started(RunInfo),
+    /// A resumed run's records from before its checkpoint, once after [`Event::Started`]:
+    /// the curves, evaluations and time to accuracy cover the whole run, not this process.
+    History(Arc<Vec<MetricRecord>>),
     Train(TrainRecord),
     Eval(EvalRecord),
     Probe(Arc<ProbeSnapshot>),

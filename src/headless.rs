@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::data::LoadProgress;
-use crate::events::{EvalRecord, Event, RunInfo, TrainRecord};
+use crate::events::{EvalRecord, Event, MetricRecord, RunInfo, TrainRecord};
 use crate::milestones::{self, clock};
 
 pub struct HeadlessPrinter<W: Write> {
@@ -20,7 +20,7 @@ pub struct HeadlessPrinter<W: Write> {
     window_secs: f64,
     last_download_decile: Option<u64>,
     progress_line_open: bool,
-    /// This process's evaluations, for the time-to-accuracy lines.
+    /// The run's evaluations (a resumed run's earlier ones too), for the time-to-accuracy lines.
     evals: Vec<EvalRecord>,
 }
 
@@ -183,6 +183,23 @@ impl<W: Write> HeadlessPrinter<W> {
                     ));
                 }
             }
+            Event::History(records) => {
+                self.evals.extend(records.iter().filter_map(|r| match r {
+                    MetricRecord::Eval(e) => Some(e.clone()),
+                    MetricRecord::Train(_) => None,
+                }));
+                if let Some(best) = milestones::best(&self.evals) {
+                    let text = format!(
+                        "before the checkpoint: {} evaluation{}, best {:.2}% (epoch {}); time to accuracy: {}",
+                        self.evals.len(),
+                        if self.evals.len() == 1 { "" } else { "s" },
+                        best.accuracy * 100.0,
+                        best.epoch,
+                        milestones::summary(&self.evals)
+                    );
+                    self.line(&text);
+                }
+            }
             Event::Sized(s) => {
                 if let Some(info) = self.info.as_mut() {
                     info.final_step = s.final_step;
@@ -325,6 +342,31 @@ mod tests {
         assert_eq!(
             lines.last().copied(),
             Some("best test accuracy 41.00% at 3m20s (epoch 2, step 20); time to accuracy: 30% 3m20s · 40% 3m20s")
+        );
+    }
+
+    #[test]
+    fn a_resumed_run_counts_the_evaluations_before_its_checkpoint() {
+        let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
+        p.handle(&Event::Started(info()));
+        let earlier = [(1, 0.35, 100.0), (2, 0.52, 200.0)]
+            .map(|(e, a, s)| MetricRecord::Eval(crate::milestones::test_eval(e, a, s)));
+        p.handle(&Event::History(std::sync::Arc::new(earlier.to_vec())));
+        p.handle(&Event::Eval(crate::milestones::test_eval(3, 0.48, 300.0)));
+        p.handle(&Event::Finished {
+            step: 30,
+            reason: "done".into(),
+        });
+        let text = String::from_utf8(p.into_inner()).unwrap();
+        assert!(
+            text.contains("before the checkpoint: 2 evaluations, best 52.00% (epoch 2)"),
+            "{text}"
+        );
+        // 48% after the resume is no new level: 30% and 40% were reached before it.
+        assert!(!text.contains("reached"), "{text}");
+        assert!(
+            text.ends_with("best test accuracy 52.00% at 3m20s (epoch 2, step 20); time to accuracy: 30% 1m40s · 40% 3m20s · 50% 3m20s\n"),
+            "{text}"
         );
     }
 }

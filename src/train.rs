@@ -153,6 +153,8 @@ struct Trainer {
     metrics: LineAppender,
     log: LineAppender,
     last_checkpoint: Option<u64>,
+    /// How long the latest evaluation took (or the budget's timing of one).
+    eval_secs: Option<f64>,
 }
 
 impl Trainer {
@@ -263,6 +265,7 @@ impl Trainer {
             progress,
             info,
             last_checkpoint,
+            eval_secs: None,
         })
     }
 
@@ -278,6 +281,7 @@ impl Trainer {
             return Ok(());
         };
         let eval_secs = self.time_evaluation()?;
+        self.eval_secs = Some(eval_secs);
         let sizing = budget::size(
             budget,
             self.progress.step,
@@ -403,6 +407,7 @@ impl Trainer {
         }
         let secs = start.elapsed().as_secs_f64();
         self.progress.wall_secs += secs;
+        self.eval_secs = Some(secs);
         let correct: u64 = (0..NUM_CLASSES).map(|k| confusion[k][k]).sum();
         let n = test.len() as f64;
         let per_class_accuracy = confusion
@@ -454,6 +459,23 @@ impl Trainer {
         Ok(record)
     }
 
+    /// Whether a budgeted run still has time for an evaluation before its last one, at
+    /// `secs_per_step` (this process's pace so far); unbudgeted runs always do.
+    fn evaluation_fits(&self, secs_per_step: Option<f64>) -> bool {
+        match (self.info.budget_secs, self.eval_secs, secs_per_step) {
+            (Some(budget), Some(eval), Some(pace)) if !self.needs_sizing() => {
+                budget::evaluation_fits(
+                    budget,
+                    self.progress.wall_secs,
+                    self.info.final_step.saturating_sub(self.progress.step),
+                    pace,
+                    eval,
+                )
+            }
+            _ => true,
+        }
+    }
+
     /// Waits out a pause; returns true if a stop was asked for.
     fn handle_controls(
         &mut self,
@@ -503,6 +525,10 @@ impl Trainer {
     ) -> Result<Outcome, TrainError> {
         sink.send(Event::Started(self.info.clone()));
         let start = self.progress.step;
+        if start > 0 {
+            // `prepare` cut the metrics back to the checkpoint: all of it is history now.
+            sink.send(Event::History(Arc::new(self.run.read_metrics())));
+        }
         self.message(
             sink,
             format!(
@@ -534,6 +560,8 @@ impl Trainer {
         let mut stopped = false;
         // A budgeted run measures steps start+SETTLE.. start+SETTLE+MEASURE, then sizes itself.
         let mut measured_secs = 0.0;
+        // This process's pace after its first steps, for the budget's evaluation check.
+        let (mut paced_secs, mut paced_steps) = (0.0, 0u64);
         let (measure_from, measure_to) = (
             start + budget::SETTLE_STEPS,
             start + budget::SETTLE_STEPS + budget::MEASURE_STEPS,
@@ -589,6 +617,10 @@ impl Trainer {
             self.progress.step += 1;
             self.progress.wall_secs += secs;
             let step = self.progress.step;
+            if step > measure_from {
+                paced_secs += secs;
+                paced_steps += 1;
+            }
             if self.needs_sizing() {
                 if step > measure_from {
                     measured_secs += secs;
@@ -617,7 +649,19 @@ impl Trainer {
             let probe_due = self.config.probe.every_steps > 0
                 && step.is_multiple_of(self.config.probe.every_steps as u64);
             if epoch_end {
-                last_eval = Some(self.evaluate(sink)?);
+                let pace = (paced_steps > 0).then(|| paced_secs / paced_steps as f64);
+                if step >= self.info.final_step || self.evaluation_fits(pace) {
+                    last_eval = Some(self.evaluate(sink)?);
+                } else {
+                    self.message(
+                        sink,
+                        format!(
+                            "skipped the evaluation after epoch {}: at {:.3} s a step, the run would end past its budget",
+                            self.epoch_of(step),
+                            pace.unwrap_or(0.0)
+                        ),
+                    )?;
+                }
                 self.probe(sink)?;
                 self.save_checkpoint(sink)?;
                 sink.send(Event::Phase(Phase::Training));

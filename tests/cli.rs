@@ -235,6 +235,11 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("resumed from"), "{stdout}");
     assert!(stdout.contains("finished at step 15"), "{stdout}");
+    // The summary covers the whole run: the evaluation at step 12 came before the resume.
+    assert!(
+        stdout.contains("before the checkpoint: 1 evaluation, best"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::data::LoadProgress;
 use std::sync::Arc;
 
-use crate::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
+use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, TrainRecord};
 use crate::predictions::Predictions;
 use crate::probe::{ProbeMeta, ProbeSnapshot};
 
@@ -360,6 +360,14 @@ impl App {
                 self.test_labels.clone_from(&info.test_labels);
                 self.info = Some(info);
                 self.loading = None;
+            }
+            Event::History(records) => {
+                for record in records.iter() {
+                    match record {
+                        MetricRecord::Train(r) => self.train.push(r.clone()),
+                        MetricRecord::Eval(e) => self.evals.push(e.clone()),
+                    }
+                }
             }
             Event::Train(record) => {
                 // A follower may replay a run: keep the history ordered by step.
@@ -847,5 +855,30 @@ mod tests {
         assert_eq!(a.tab, Tab::LayerNorm);
         a.on_key(key(KeyCode::Char('1')));
         assert_eq!(a.tab, Tab::Training);
+    }
+
+    #[test]
+    fn a_resumed_run_shows_its_history_then_what_follows() {
+        let mut a = app(Mode::Live);
+        let train = |step| TrainRecord {
+            step,
+            epoch: 1,
+            loss: 2.0,
+            accuracy: 0.1,
+            lr: 1e-3,
+            images_per_sec: 100.0,
+            step_ms: 10.0,
+            wall_secs: step as f64,
+        };
+        let eval = crate::milestones::test_eval(1, 0.4, 5.0);
+        a.on_event(Event::History(Arc::new(vec![
+            MetricRecord::Train(train(9)),
+            MetricRecord::Train(train(10)),
+            MetricRecord::Eval(eval),
+        ])));
+        a.on_event(Event::Train(train(11)));
+        let steps: Vec<u64> = a.train.iter().map(|r| r.step).collect();
+        assert_eq!(steps, [9, 10, 11]);
+        assert_eq!(a.evals.len(), 1);
     }
 }

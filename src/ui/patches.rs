@@ -273,8 +273,8 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let title = match app.pos_embed.as_str() {
-        "sincos" => "fixed sine-cosine position embeddings: cosine similarity between positions",
-        "learned" => "learned position embeddings: cosine similarity between positions",
+        "sincos" => "position embeddings, fixed sine-cosine: cosine similarity",
+        "learned" => "position embeddings, learned: cosine similarity",
         _ => "position embeddings",
     };
     let inner = panel(app, title, area, buf);
