@@ -540,7 +540,14 @@ impl Trainer {
                 self.info.parameters,
                 self.info.final_step,
                 match self.info.budget_secs {
-                    Some(_) if self.needs_sizing() => " until the budget is measured",
+                    // A max_steps inside the measured steps ends the run before any sizing.
+                    Some(_)
+                        if self.needs_sizing()
+                            && self.info.final_step
+                                > start + budget::SETTLE_STEPS + budget::MEASURE_STEPS =>
+                    {
+                        " until the budget is measured"
+                    }
                     _ => "",
                 }
             ),
