@@ -155,6 +155,8 @@ struct Trainer {
     last_checkpoint: Option<u64>,
     /// How long the latest evaluation took (or the budget's timing of one).
     eval_secs: Option<f64>,
+    /// Evaluations a budgeted run skipped since its last one.
+    skipped_evals: u32,
 }
 
 impl Trainer {
@@ -266,6 +268,7 @@ impl Trainer {
             info,
             last_checkpoint,
             eval_secs: None,
+            skipped_evals: 0,
         })
     }
 
@@ -459,17 +462,18 @@ impl Trainer {
         Ok(record)
     }
 
-    /// Whether a budgeted run still has time for an evaluation before its last one, at
-    /// `secs_per_step` (this process's pace so far); unbudgeted runs always do.
-    fn evaluation_fits(&self, secs_per_step: Option<f64>) -> bool {
+    /// Whether a budgeted run evaluates at this epoch's end, at `secs_per_step` (this
+    /// process's pace so far; see [`budget::evaluation_due`]); unbudgeted runs always do.
+    fn evaluation_due(&self, secs_per_step: Option<f64>) -> bool {
         match (self.info.budget_secs, self.eval_secs, secs_per_step) {
             (Some(budget), Some(eval), Some(pace)) if !self.needs_sizing() => {
-                budget::evaluation_fits(
+                budget::evaluation_due(
                     budget,
                     self.progress.wall_secs,
                     self.info.final_step.saturating_sub(self.progress.step),
                     pace,
                     eval,
+                    self.skipped_evals,
                 )
             }
             _ => true,
@@ -657,15 +661,18 @@ impl Trainer {
                 && step.is_multiple_of(self.config.probe.every_steps as u64);
             if epoch_end {
                 let pace = (paced_steps > 0).then(|| paced_secs / paced_steps as f64);
-                if step >= self.info.final_step || self.evaluation_fits(pace) {
+                if step >= self.info.final_step || self.evaluation_due(pace) {
                     last_eval = Some(self.evaluate(sink)?);
+                    self.skipped_evals = 0;
                 } else {
+                    self.skipped_evals += 1;
                     self.message(
                         sink,
                         format!(
-                            "skipped the evaluation after epoch {}: at {:.3} s a step, the run would end past its budget",
+                            "skipped the evaluation after epoch {}: at {:.3} s a step, the run would end past its budget (at most {} are skipped in a row)",
                             self.epoch_of(step),
-                            pace.unwrap_or(0.0)
+                            pace.unwrap_or(0.0),
+                            budget::MAX_SKIPPED_IN_ROW
                         ),
                     )?;
                 }
