@@ -275,8 +275,20 @@ fn a_budget_sizes_the_run_records_it_and_the_record_replays_it() {
     assert_eq!(recorded.train.max_steps as u64, sized.final_step);
     assert_eq!(recorded.train.schedule_steps as u64, sized.final_step);
     assert_eq!(recorded.train.epochs as u64, sized.final_step.div_ceil(20));
+    // Each epoch ends in an evaluation, or, when the (shared, noisy) machine fell behind
+    // the plan, in a logged skip: never the last one, never more than four in a row.
     let evals = eval_records(&run);
-    assert_eq!(evals.len() as u64, sized.final_step.div_ceil(20));
+    let log = std::fs::read_to_string(run.file("run.log")).unwrap();
+    let epochs = sized.final_step.div_ceil(20);
+    let mut in_row = 0;
+    for epoch in 1..=epochs {
+        let evaluated = evals.iter().any(|e| e.epoch == epoch);
+        let skipped = log.contains(&format!("skipped the evaluation after epoch {epoch}:"));
+        assert!(evaluated != skipped, "epoch {epoch}:\n{log}");
+        in_row = if skipped { in_row + 1 } else { 0 };
+        assert!(in_row <= 4, "{log}");
+    }
+    assert_eq!(evals.last().unwrap().step, sized.final_step);
     let spent = evals.last().unwrap().wall_secs;
     assert!(
         spent <= 6.0 * 1.5,

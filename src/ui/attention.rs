@@ -477,7 +477,7 @@ fn render_distance_chart(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &
     let depth = stats.len().max(2) as f64;
     Chart::new(datasets)
         .block(Block::default().borders(Borders::ALL).title(Span::styled(
-            " mean attention distance (px) vs layer, one mark per head ",
+            " mean distance (px) by layer, a mark per head ",
             t.title(),
         )))
         .x_axis(
