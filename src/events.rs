@@ -30,6 +30,21 @@ pub struct TrainRecord {
     pub wall_secs: f64,
 }
 
+/// A training record for tests: step `step` of epoch 1, its wall time `step` seconds.
+#[cfg(test)]
+pub(crate) fn test_train(step: u64) -> TrainRecord {
+    TrainRecord {
+        step,
+        epoch: 1,
+        loss: 2.0,
+        accuracy: 0.1,
+        lr: 1e-3,
+        images_per_sec: 100.0,
+        step_ms: 10.0,
+        wall_secs: step as f64,
+    }
+}
+
 /// An evaluation on the whole test split (`"kind":"eval"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {

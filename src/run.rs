@@ -352,19 +352,10 @@ impl LineAppender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{EvalRecord, TrainRecord};
+    use crate::events::EvalRecord;
 
     fn train(step: u64) -> MetricRecord {
-        MetricRecord::Train(TrainRecord {
-            step,
-            epoch: 1,
-            loss: 2.0,
-            accuracy: 0.1,
-            lr: 1e-3,
-            images_per_sec: 100.0,
-            step_ms: 10.0,
-            wall_secs: step as f64,
-        })
+        MetricRecord::Train(crate::events::test_train(step))
     }
 
     #[test]

@@ -569,9 +569,8 @@ impl Trainer {
         let spe = self.info.steps_per_epoch;
         let mut last_eval = None;
         let mut stopped = false;
-        // A budgeted run measures steps start+SETTLE.. start+SETTLE+MEASURE, then sizes itself.
-        let mut measured_secs = 0.0;
-        // This process's pace after its first steps, for the budget's evaluation check.
+        // This process's pace after its first SETTLE steps: over the next MEASURE steps it
+        // sizes a budgeted run, and from then on it decides which evaluations still fit.
         let (mut paced_secs, mut paced_steps) = (0.0, 0u64);
         let (measure_from, measure_to) = (
             start + budget::SETTLE_STEPS,
@@ -632,13 +631,8 @@ impl Trainer {
                 paced_secs += secs;
                 paced_steps += 1;
             }
-            if self.needs_sizing() {
-                if step > measure_from {
-                    measured_secs += secs;
-                }
-                if step == measure_to {
-                    self.apply_budget(sink, measured_secs / budget::MEASURE_STEPS as f64)?;
-                }
+            if self.needs_sizing() && step == measure_to {
+                self.apply_budget(sink, paced_secs / paced_steps as f64)?;
             }
             let record = TrainRecord {
                 step,

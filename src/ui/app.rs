@@ -860,16 +860,7 @@ mod tests {
     #[test]
     fn a_resumed_run_shows_its_history_then_what_follows() {
         let mut a = app(Mode::Live);
-        let train = |step| TrainRecord {
-            step,
-            epoch: 1,
-            loss: 2.0,
-            accuracy: 0.1,
-            lr: 1e-3,
-            images_per_sec: 100.0,
-            step_ms: 10.0,
-            wall_secs: step as f64,
-        };
+        let train = crate::events::test_train;
         let eval = crate::milestones::test_eval(1, 0.4, 5.0);
         a.on_event(Event::History(Arc::new(vec![
             MetricRecord::Train(train(9)),
