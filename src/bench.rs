@@ -43,6 +43,8 @@ pub struct BenchReport {
     /// (a tile of rows, one single-threaded product per core, all cores at once), in
     /// GFLOP/s: the machine's limit for this model.
     pub matmul_gflops: f64,
+    /// What the products run on: "f32", "bf16 on AMX tiles", ...
+    pub matmul_kind: String,
     /// Rows of each of those products.
     pub matmul_rows: usize,
     pub train_images_per_sec: f64,
@@ -73,7 +75,7 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The machine's own f32 matrix-product speed at the shapes of the model's linear
+/// The machine's own matrix-product speed (f32, or bf16 with `model.matmul`) at the shapes of the model's linear
 /// layers, run as training runs them: one tile of rows, a single-threaded product on
 /// every lane (one per core) at once. The best of three trials per shape (the machine
 /// is shared); about 1 GFLOP per lane and trial.
@@ -93,11 +95,14 @@ fn matmul_gflops(config: &Config, workers: &Workers) -> candle_core::Result<(f64
     for (k, n) in shapes {
         let per_product = (2 * rows * k * n) as f64;
         let reps = (1e9 / per_product).ceil() as usize;
-        crate::ops::time_products(rows, k, n, 1); // warm-up
+        let bf16 = m.bf16();
+        crate::ops::time_products(rows, k, n, 1, bf16); // warm-up
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let t = Instant::now();
-            workers.map(&lanes, |_| Ok(crate::ops::time_products(rows, k, n, reps)))?;
+            workers.map(&lanes, |_| {
+                Ok(crate::ops::time_products(rows, k, n, reps, bf16))
+            })?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         secs += best;
@@ -206,7 +211,7 @@ pub fn run(
     let n = steps.max(1) as f64;
     Ok(BenchReport {
         model: format!(
-            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{})",
+            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{}, {} products)",
             m.patch_size,
             m.dim,
             m.depth,
@@ -217,7 +222,8 @@ pub fn run(
             m.norm_kind,
             m.pos_embed,
             m.pool,
-            if m.is_fused() { ", fused blocks" } else { ", layer by layer" }
+            if m.is_fused() { ", fused blocks" } else { ", layer by layer" },
+            crate::ops::matmul_kind(m.bf16()),
         ),
         parameters: state.parameter_count(),
         threads: candle_core::utils::get_num_threads(),
@@ -228,6 +234,7 @@ pub fn run(
         timed_steps: steps,
         forward_gflop_per_image: fwd / 1e9,
         matmul_gflops: peak,
+        matmul_kind: crate::ops::matmul_kind(m.bf16()).to_string(),
         matmul_rows,
         train_images_per_sec,
         train_gflops,
@@ -279,7 +286,7 @@ impl BenchReport {
             "model        {}\n\
              parameters   {}\n\
              threads      {}\n\
-             matmul       {:.1} GFLOP/s (f32, the model's linear-layer shapes, {} rows per product, one per core at once)\n\
+             matmul       {:.1} GFLOP/s ({}, the model's linear-layer shapes, {} rows per product, one per core at once)\n\
              train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {} in micro-batches of {}, {} timed steps after {} warm-up)\n\
              eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
@@ -291,6 +298,7 @@ impl BenchReport {
             self.parameters,
             self.threads,
             self.matmul_gflops,
+            self.matmul_kind,
             self.matmul_rows,
             self.train_images_per_sec,
             self.train_gflops,

@@ -9,8 +9,10 @@ pub const SETTLE_STEPS: u64 = 10;
 /// depend on the horizon yet to be fixed).
 pub const MEASURE_STEPS: u64 = 90;
 /// Share of the budget planned for: probes, checkpoints and a shared machine's noise
-/// take the rest (a one-hour run here measured 0.30 s a step, then averaged 0.32).
-pub const PLANNED_SHARE: f64 = 0.95;
+/// take the rest. This project's machine changes speed under a run: one hour measured
+/// 0.30 s a step, then averaged 0.32; another measured 0.088 s and ran at 0.11 from its
+/// second minute on. With the evaluations a late run skips, 10% absorbs most of that.
+pub const PLANNED_SHARE: f64 = 0.9;
 /// Evaluations skipped in a row at most, so that a run far behind its plan still shows a
 /// test-accuracy curve (every fifth epoch at worst).
 pub const MAX_SKIPPED_IN_ROW: u32 = 4;
@@ -117,8 +119,8 @@ mod tests {
             over > 1000.0 * PLANNED_SHARE,
             "one more epoch would still fit"
         );
-        // 7 + 0.2 (N - 40) + 5 ceil(N / 100) <= 950 s: N = 3803, rounded down to 38 epochs.
-        assert_eq!((s.final_step, s.epochs), (3800, 38));
+        // 7 + 0.2 (N - 40) + 5 ceil(N / 100) <= 900 s: N = 3600, 36 epochs.
+        assert_eq!((s.final_step, s.epochs), (3600, 36));
     }
 
     #[test]

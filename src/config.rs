@@ -17,6 +17,7 @@ pub const RUN_LEGACY_TOML: &str = r#"
 [model]
 init = "trunc_normal"
 pool = "cls"
+matmul = "f32"
 [train]
 budget = ""
 schedule_steps = 0
@@ -90,6 +91,7 @@ pub struct ModelConfig {
     pub pool: String,
     pub init: String,
     pub init_std: f64,
+    pub matmul: String,
 }
 
 impl ModelConfig {
@@ -98,6 +100,12 @@ impl ModelConfig {
     pub const NORM_KINDS: [&'static str; 2] = ["layernorm", "rmsnorm"];
     pub const POS_EMBEDS: [&'static str; 3] = ["learned", "sincos", "none"];
     pub const POOLS: [&'static str; 2] = ["cls", "mean"];
+    pub const MATMULS: [&'static str; 2] = ["f32", "bf16"];
+
+    /// Whether the blocks' products multiply bf16 factors (`matmul = "bf16"`).
+    pub fn bf16(&self) -> bool {
+        self.matmul == "bf16"
+    }
 
     /// The default block: pre-norm LayerNorm, which the fused block op computes.
     pub fn is_fused(&self) -> bool {
@@ -383,6 +391,7 @@ impl Config {
                 &ModelConfig::POS_EMBEDS[..],
             ),
             ("model.pool", &m.pool, &ModelConfig::POOLS[..]),
+            ("model.matmul", &m.matmul, &ModelConfig::MATMULS[..]),
         ] {
             check(
                 allowed.contains(&value.as_str()),
@@ -767,6 +776,7 @@ mod tests {
             ("train", "ema_decay"),
             ("train", "drop_path"),
             ("model", "pool"),
+            ("model", "matmul"),
             ("data", "trivial_augment"),
             ("data", "random_erasing"),
         ] {
@@ -778,6 +788,7 @@ mod tests {
         assert_eq!(c.train.budget_secs(), Ok(None));
         assert!(!c.data.trivial_augment);
         assert_eq!((c.train.drop_path, c.model.pool.as_str()), (0.0, "cls"));
+        assert_eq!(c.model.matmul, "f32");
         // A key the run has is kept, and --set still wins.
         let c = Config::load_run(&path, &sets(&["model.init=pytorch"])).unwrap();
         assert_eq!(c.model.init, "pytorch");

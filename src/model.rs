@@ -42,13 +42,16 @@ pub struct Capture {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// Whether the product multiplies bf16 factors (`model.matmul`; the blocks' layers).
+    pub bf16: bool,
 }
 
 impl Linear {
-    fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+    fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bf16: bool) -> Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?,
             bias: vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?,
+            bf16,
         })
     }
 
@@ -56,11 +59,12 @@ impl Linear {
         Self {
             weight: self.weight.detach(),
             bias: self.bias.detach(),
+            bf16: self.bf16,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::linear(x, &self.weight, &self.bias)
+        crate::ops::linear(x, &self.weight, &self.bias, self.bf16)
     }
 
     /// The same op by op (one 2-D product over all leading dimensions, then the bias):
@@ -101,16 +105,25 @@ pub struct Attention {
     pub proj: Linear,
     pub heads: usize,
     pub head_dim: usize,
+    /// Whether QKᵀ and PV multiply bf16 factors (`model.matmul`).
+    pub bf16: bool,
 }
 
 impl Attention {
     fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let bf16 = cfg.bf16();
         Ok(Self {
-            qkv: Linear::new(&vb.pp("qkv"), cfg.dim, 3 * cfg.dim)?,
-            proj: Linear::new(&vb.pp("proj"), cfg.dim, cfg.dim)?,
+            qkv: Linear::new(&vb.pp("qkv"), cfg.dim, 3 * cfg.dim, bf16)?,
+            proj: Linear::new(&vb.pp("proj"), cfg.dim, cfg.dim, bf16)?,
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
+            bf16,
         })
+    }
+
+    /// Sets where the products multiply bf16 factors: QKᵀ, PV and both layers.
+    pub fn set_bf16(&mut self, bf16: bool) {
+        (self.bf16, self.qkv.bf16, self.proj.bf16) = (bf16, bf16, bf16);
     }
 
     fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
@@ -119,7 +132,7 @@ impl Attention {
         let y = match capture {
             // Probes record the weights: the composed form computes them explicitly.
             Some(c) => self.heads_composed(&qkv, scale, Some(c))?,
-            None => crate::ops::attention(&qkv, self.heads, scale)?,
+            None => crate::ops::attention(&qkv, self.heads, scale, self.bf16)?,
         };
         self.proj.forward(&y)
     }
@@ -136,15 +149,26 @@ impl Attention {
         let qkv = qkv
             .reshape((b, t, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, hd)
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
+                                        // With bf16 products the factors are rounded as the fused op rounds them (f32
+                                        // values only; f64 stays the exact reference).
+        let round = |x: Tensor| -> Result<Tensor> {
+            match self.bf16 && x.dtype() == DType::F32 {
+                true => x.to_dtype(DType::BF16)?.to_dtype(DType::F32),
+                false => Ok(x),
+            }
+        };
+        let q = round(qkv.get(0)?.contiguous()?)?;
+        let k = round(qkv.get(1)?.contiguous()?)?;
+        let v = round(qkv.get(2)?.contiguous()?)?;
         // (B, H, T, T): row i = where query i looks. The 1/sqrt(d_k) is applied inside.
         let weights = crate::ops::scaled_softmax(&q.matmul(&k.t()?)?, scale)?;
         if let Some(c) = capture {
             c.attention.push(weights.detach());
         }
-        weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c3 / 3))
+        round(weights)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, c3 / 3))
     }
 }
 
@@ -207,8 +231,8 @@ impl Block {
             attn: Attention::new(&vb.pp("attn"), cfg)?,
             norm2: norm("norm2")?,
             mlp: Mlp {
-                fc1: Linear::new(&vb.pp("mlp").pp("fc1"), cfg.dim, cfg.mlp_dim)?,
-                fc2: Linear::new(&vb.pp("mlp").pp("fc2"), cfg.mlp_dim, cfg.dim)?,
+                fc1: Linear::new(&vb.pp("mlp").pp("fc1"), cfg.dim, cfg.mlp_dim, cfg.bf16())?,
+                fc2: Linear::new(&vb.pp("mlp").pp("fc2"), cfg.mlp_dim, cfg.dim, cfg.bf16())?,
             },
             placement,
         })
@@ -220,6 +244,12 @@ impl Block {
             && [&self.norm1, &self.norm2]
                 .iter()
                 .all(|n| n.as_ref().is_some_and(|n| n.kind == NormKind::LayerNorm))
+    }
+
+    /// Sets whether every product in the block multiplies bf16 factors.
+    pub fn set_bf16(&mut self, bf16: bool) {
+        self.attn.set_bf16(bf16);
+        (self.mlp.fc1.bf16, self.mlp.fc2.bf16) = (bf16, bf16);
     }
 
     /// The block as one fused op ([`crate::ops::block`]) where it can be, else layer by
@@ -242,6 +272,7 @@ impl Block {
             heads: self.attn.heads,
             mlp_dim: self.mlp.fc1.bias.elem_count(),
             eps: self.norm1.as_ref().map_or(1e-5, |n| n.eps),
+            bf16: self.attn.bf16,
         }
     }
 
@@ -376,7 +407,7 @@ impl VisionTransformer {
         };
         Ok(Self {
             config: cfg.clone(),
-            patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim)?,
+            patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim, false)?,
             cls_token: match cfg.has_cls() {
                 true => Some(vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?),
                 false => None,
@@ -389,7 +420,7 @@ impl VisionTransformer {
                 cfg.layer_norm_eps,
                 NormKind::from_config(&cfg.norm_kind),
             )?,
-            head: Linear::new(&vb.pp("head"), cfg.dim, NUM_CLASSES)?,
+            head: Linear::new(&vb.pp("head"), cfg.dim, NUM_CLASSES, false)?,
         })
     }
 

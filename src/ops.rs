@@ -9,14 +9,17 @@
 //! reference the tests compare against (forward, gradients, finite differences).
 //!
 //! Backward passes are custom ops too ([`LayerNormGrad`], [`SoftmaxGrad`], [`GeluGrad`],
-//! [`AttentionGrad`], [`LinearGrad`]): candle's reductions over the batch dimension run
-//! element by element on one thread, which made summing bias gradients the most
-//! expensive part of a step, and every node of candle's graph costs a zero-filled
+//! and those of [`attention`] and [`linear`]): candle's reductions over the batch
+//! dimension run element by element on one thread, which made summing bias gradients the
+//! most expensive part of a step, and every node of candle's graph costs a zero-filled
 //! gradient slot and an add, which one op per layer avoids.
 //!
-//! Training and evaluation run each transformer block as one op ([`block`]), built
-//! from the same kernels; the per-layer ops above are its reference and what the
-//! probes run, as they record what is inside a block.
+//! Here: softmax, LayerNorm and GELU, and the helpers every kernel uses. Multi-head
+//! attention is in `attention.rs`, linear layers in `linear.rs`, and the matrix products
+//! both run (f32 on the gemm crate, or bf16 on AMX tiles, `bf16.rs`) in `products.rs`.
+//! Training and evaluation run each transformer block as one op ([`block`], `block.rs`),
+//! built from the same kernels; the per-layer ops are its reference and what the probes
+//! run, as they record what is inside a block.
 
 use std::ops::Range;
 
@@ -252,6 +255,17 @@ fn add_row_sums<T: Real>(
     add_partials(total, &sums);
 }
 
+kernel! {
+/// Adds each row of `src` into `partial` (rows of `partial.len()` values).
+fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
+    for row in src.chunks_exact(partial.len()) {
+        for (p, &v) in partial.iter_mut().zip(row) {
+            *p += v;
+        }
+    }
+}
+}
+
 /// Adds each `total.len()`-long partial of `partials` into `total`, in order.
 fn add_partials<T: Real>(total: &mut [T], partials: &[T]) {
     for partial in partials.chunks_exact(total.len()) {
@@ -337,8 +351,18 @@ macro_rules! by_dtype {
 
 // The fused transformer block, built from the kernels below (declared after the
 // macros above, which it uses).
+mod attention;
+mod bf16;
 mod block;
+mod linear;
+mod products;
+pub use attention::attention;
+use attention::*;
+pub use bf16::amx_available;
 pub use block::{block, BlockOutput, BlockShape, TILE_IMAGES};
+pub use linear::linear;
+use linear::*;
+pub use products::{matmul_kind, time_products};
 
 // ---------------------------------------------------------------- softmax
 
@@ -849,640 +873,6 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-// ---------------------------------------------------------------- products
-
-/// Parallelism for a product inside an op: the current rayon pool's threads.
-fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns);
-/// with `accumulate`, dst's values are kept and the product added.
-///
-/// # Safety
-/// The pointers must cover the matrices their strides describe; `dst` must not overlap
-/// the inputs or anything another thread writes.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn product<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-    (accumulate, parallelism): (bool, gemm::Parallelism),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        parallelism,
-    );
-}
-
-/// Seconds for `reps` f32 products (rows x k) · (k x n) as the fused ops run a linear
-/// layer: on the calling thread, single-threaded, the weights read as Wᵀ. What
-/// `vitscope bench` measures the machine's own limit with.
-pub fn time_products(rows: usize, k: usize, n: usize, reps: usize) -> f64 {
-    let x: Vec<f32> = (0..rows * k)
-        .map(|i| (i % 7) as f32 * 0.25 - 0.75)
-        .collect();
-    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.125 - 0.25).collect();
-    let mut y = vec![0f32; rows * n];
-    let start = std::time::Instant::now();
-    for _ in 0..reps {
-        // SAFETY: y is rows x n, x rows x k, w n x k, all allocated above.
-        unsafe {
-            product(
-                (rows, n, k),
-                y.as_mut_ptr(),
-                (n, 1),
-                x.as_ptr(),
-                (k, 1),
-                w.as_ptr(),
-                (1, k),
-                IN_TASK,
-            );
-        }
-    }
-    std::hint::black_box(&y);
-    start.elapsed().as_secs_f64()
-}
-
-/// How the attention tasks multiply: overwrite, on the task's own thread (the tasks
-/// are the parallelism).
-const IN_TASK: (bool, gemm::Parallelism) = (false, gemm::Parallelism::None);
-
-// ---------------------------------------------------------------- attention
-
-/// Multi-head self-attention from the packed projections: qkv (B, T, 3·H·d) with the
-/// last dimension ordered (q|k|v, head, d), to (B, T, H·d) =
-/// concat over heads of softmax(scale · Q Kᵀ) V. One task per (image, head) on rayon's
-/// pool, each with single-threaded products on its small matrices: candle's batched
-/// matmul makes one multi-threaded gemm call per (image, head), whose dispatch cost
-/// exceeds the product itself at 65 x 32. The weights are recomputed in backward rather
-/// than kept (FlashAttention's trade: a little compute for no T x T tensor per head).
-#[derive(Debug, Clone, Copy)]
-struct Attention {
-    heads: usize,
-    scale: f64,
-}
-
-/// Shapes of one attention call.
-#[derive(Debug, Clone, Copy)]
-struct AttentionShape {
-    batch: usize,
-    tokens: usize,
-    /// The first `queries` tokens of each image are the queries (all of them but in
-    /// the last block, where only CLS is read).
-    queries: usize,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl AttentionShape {
-    fn of(layout: &Layout, heads: usize, name: &str) -> Result<Self> {
-        let dims = layout.dims();
-        let (batch, tokens, packed) = match dims {
-            [b, t, c] => (*b, *t, *c),
-            _ => bail!("{name}: expects (batch, tokens, 3 * dim), got {dims:?}"),
-        };
-        if heads == 0 || packed % (3 * heads) != 0 || packed == 0 {
-            bail!("{name}: {packed} values per token do not split into q, k, v for {heads} heads");
-        }
-        if tokens == 0 {
-            bail!("{name}: expects at least one token");
-        }
-        Ok(Self {
-            batch,
-            tokens,
-            queries: tokens,
-            heads,
-            head_dim: packed / (3 * heads),
-        })
-    }
-
-    fn dim(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
-    /// Values of the weights P of all images and heads (queries x tokens each).
-    fn weights_len(&self) -> usize {
-        self.batch * self.heads * self.queries * self.tokens
-    }
-
-    /// Values of the output (or its gradient): queries x H·d per image.
-    fn out_len(&self) -> usize {
-        self.batch * self.queries * self.dim()
-    }
-}
-
-/// A pointer that tasks share, each writing only its own (image, head) block.
-struct Shared<T>(*mut T);
-unsafe impl<T: Send> Send for Shared<T> {}
-unsafe impl<T: Send> Sync for Shared<T> {}
-impl<T> Shared<T> {
-    fn get(&self) -> *mut T {
-        self.0
-    }
-}
-
-/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (queries x T).
-fn attention_weights<T: Real>(
-    qkv: &[T],
-    s: AttentionShape,
-    b: usize,
-    h: usize,
-    scale: T,
-    p: &mut [T],
-) {
-    let (t, nq, hd, d3) = (s.tokens, s.queries, s.head_dim, 3 * s.dim());
-    let base = b * t * d3;
-    let q = qkv[base + h * hd..].as_ptr();
-    let k = qkv[base + s.dim() + h * hd..].as_ptr();
-    assert_eq!(p.len(), nq * t, "one queries x t matrix");
-    // SAFETY: q and k rows are `d3` apart, hd values each, t rows, all inside qkv;
-    // `p` is queries x t (checked).
-    unsafe {
-        product(
-            (nq, t, hd),
-            p.as_mut_ptr(),
-            (t, 1),
-            q,
-            (d3, 1),
-            k,
-            (1, d3),
-            IN_TASK,
-        );
-    }
-    softmax_in_place(p, t, scale);
-}
-
-fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
-    let mut out = vec![T::zero(); s.out_len()];
-    let mut weights = vec![T::zero(); s.weights_len()];
-    attention_forward_into(qkv, s, scale, &mut out, &mut weights);
-    out
-}
-
-/// Attention of every (image, head) into `out` (B, queries, H·d), keeping the weights
-/// P in `weights` (B, H, queries, T).
-fn attention_forward_into<T: Real>(
-    qkv: &[T],
-    s: AttentionShape,
-    scale: f64,
-    out: &mut [T],
-    weights: &mut [T],
-) {
-    use rayon::prelude::*;
-    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
-    // The tasks write through a shared pointer: the sizes are checked, not assumed.
-    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
-    assert_eq!(out.len(), s.out_len(), "attention: output size");
-    assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
-    let scale = T::from(scale).expect("a float");
-    let dst = Shared(out.as_mut_ptr());
-    weights
-        .par_chunks_exact_mut(nq * t)
-        .enumerate()
-        .for_each(|(task, p)| {
-            let (b, h) = (task / s.heads, task % s.heads);
-            attention_weights(qkv, s, b, h, scale, p);
-            let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
-            // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
-            unsafe {
-                let o = dst.get().add(b * nq * d + h * hd);
-                product(
-                    (nq, hd, t),
-                    o,
-                    (d, 1),
-                    p.as_ptr(),
-                    (t, 1),
-                    v,
-                    (d3, 1),
-                    IN_TASK,
-                );
-            }
-        });
-}
-
-fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
-    let mut dqkv = vec![T::zero(); qkv.len()];
-    attention_backward_into(qkv, grad, s, scale, None, &mut dqkv);
-    dqkv
-}
-
-/// The gradient of the packed projections into `dqkv` (every value written), from
-/// the weights kept by the forward pass, or recomputed when `weights` is None.
-fn attention_backward_into<T: Real>(
-    qkv: &[T],
-    grad: &[T],
-    s: AttentionShape,
-    scale: f64,
-    weights: Option<&[T]>,
-    dqkv: &mut [T],
-) {
-    use rayon::prelude::*;
-    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
-    // The tasks write through a shared pointer: the sizes are checked, not assumed.
-    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
-    assert_eq!(dqkv.len(), qkv.len(), "attention: gradient size");
-    assert!(nq <= t, "attention: more queries than tokens");
-    assert_eq!(grad.len(), s.out_len(), "attention: output gradient size");
-    assert!(
-        weights.is_none_or(|w| w.len() == s.weights_len()),
-        "attention: weights size"
-    );
-    let scale = T::from(scale).expect("a float");
-    let dst = Shared(dqkv.as_mut_ptr());
-    // Two queries x t work matrices per rayon job (not per task): dP, then dS in its
-    // place; and P where it is recomputed.
-    let work = || (vec![T::zero(); nq * t], vec![T::zero(); nq * t]);
-    let tasks = 0..s.batch * s.heads;
-    tasks
-        .into_par_iter()
-        .for_each_init(work, |(dp, recomputed), task| {
-            let (b, h) = (task / s.heads, task % s.heads);
-            let p = match weights {
-                Some(w) => &w[task * nq * t..(task + 1) * nq * t],
-                None => {
-                    attention_weights(qkv, s, b, h, scale, recomputed);
-                    &recomputed[..]
-                }
-            };
-            let base = b * t * d3;
-            let (q, k, v) = (
-                qkv[base + h * hd..].as_ptr(),
-                qkv[base + d + h * hd..].as_ptr(),
-                qkv[base + 2 * d + h * hd..].as_ptr(),
-            );
-            let dy = grad[b * nq * d + h * hd..].as_ptr();
-            // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
-            // columns of head h for image b in dqkv.
-            unsafe {
-                let out = dst.get().add(base + h * hd);
-                // dV = Pᵀ dY
-                product(
-                    (t, hd, nq),
-                    out.add(2 * d),
-                    (d3, 1),
-                    p.as_ptr(),
-                    (1, t),
-                    dy,
-                    (d, 1),
-                    IN_TASK,
-                );
-                // dP = dY Vᵀ
-                product(
-                    (nq, t, hd),
-                    dp.as_mut_ptr(),
-                    (t, 1),
-                    dy,
-                    (d, 1),
-                    v,
-                    (1, d3),
-                    IN_TASK,
-                );
-            }
-            // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in dP's place.
-            softmax_grad_in_place(p, dp, t, scale);
-            let ds = dp;
-            unsafe {
-                let out = dst.get().add(base + h * hd);
-                // dQ = dS K, dK = dSᵀ Q; tokens that are no query get no dQ.
-                product(
-                    (nq, hd, t),
-                    out,
-                    (d3, 1),
-                    ds.as_ptr(),
-                    (t, 1),
-                    k,
-                    (d3, 1),
-                    IN_TASK,
-                );
-                for row in nq..t {
-                    std::ptr::write_bytes(out.add(row * d3), 0, hd);
-                }
-                product(
-                    (t, hd, nq),
-                    out.add(d),
-                    (d3, 1),
-                    ds.as_ptr(),
-                    (1, t),
-                    q,
-                    (d3, 1),
-                    IN_TASK,
-                );
-            }
-        });
-}
-
-impl CustomOp1 for Attention {
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let s = AttentionShape::of(layout, self.heads, self.name())?;
-        let scale = self.scale;
-        let out = by_dtype!(
-            self.name(),
-            |x| attention_forward(x, s, scale),
-            (storage, layout)
-        );
-        Ok((out, Shape::from((s.batch, s.tokens, s.dim()))))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad,
-            &AttentionGrad {
-                heads: self.heads,
-                scale: self.scale,
-            },
-        )?))
-    }
-}
-
-/// The gradient of [`Attention`] with respect to its packed input.
-#[derive(Debug, Clone, Copy)]
-struct AttentionGrad {
-    heads: usize,
-    scale: f64,
-}
-
-impl CustomOp2 for AttentionGrad {
-    fn name(&self) -> &'static str {
-        "attention-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let s = AttentionShape::of(l1, self.heads, self.name())?;
-        if l2.dims() != [s.batch, s.tokens, s.dim()] {
-            bail!(
-                "{}: gradient of shape {:?} for {:?}",
-                self.name(),
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        let scale = self.scale;
-        let out = by_dtype!(
-            self.name(),
-            |x, g| attention_backward(x, g, s, scale),
-            (s1, l1),
-            (s2, l2)
-        );
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-/// softmax(scale · Q Kᵀ) V for every head, from the packed (B, T, 3·H·d) projections,
-/// fused, with backward. `model::Attention` keeps the composed form as the reference
-/// (and for probes, which record the weights).
-pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(Attention { heads, scale })
-}
-
-// ---------------------------------------------------------------- linear
-
-kernel! {
-/// Adds each row of `src` into `partial` (rows of `partial.len()` values).
-fn add_rows_chunk<T: Real>(src: &[T], partial: &mut [T]) {
-    for row in src.chunks_exact(partial.len()) {
-        for (p, &v) in partial.iter_mut().zip(row) {
-            *p += v;
-        }
-    }
-}
-}
-
-/// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
-/// graph instead of four (reshape, transpose, product, bias). Candle's backward
-/// zero-fills a gradient slot for every node and adds into it; with one node per
-/// linear layer there is one slot per input, and the three gradients are three
-/// products and a column sum.
-#[derive(Debug, Clone, Copy)]
-struct Linear;
-
-fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
-    let rows = x.len() / (w.len() / b.len().max(1)).max(1);
-    let mut y = b.repeat(rows);
-    linear_into(x, w, b, &mut y, Start::Bias);
-    y
-}
-
-/// What y holds when [`linear_into`] adds the product to it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Start {
-    /// The bias in every row already.
-    Bias,
-    /// A residual stream, which the bias is added to.
-    Residual,
-}
-
-/// y = start + x Wᵀ (+ b) over rows, in place: the rows first hold the bias or a
-/// residual (plus the bias, added here), then the product is added onto them, so
-/// there is no zero fill and no separate pass for the bias.
-fn linear_into<T: Real>(x: &[T], w: &[T], b: &[T], y: &mut [T], start: Start) {
-    let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
-    let rows = x.len() / in_dim.max(1);
-    assert_eq!(y.len(), rows * out_dim, "linear: output size");
-    if start == Start::Residual {
-        for row in y.chunks_exact_mut(out_dim) {
-            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
-        }
-    }
-    // SAFETY: y is rows x out_dim (checked), x rows x in_dim, w out_dim x in_dim
-    // (read as Wᵀ).
-    unsafe {
-        product(
-            (rows, out_dim, in_dim),
-            y.as_mut_ptr(),
-            (out_dim, 1),
-            x.as_ptr(),
-            (in_dim, 1),
-            w.as_ptr(),
-            (1, in_dim),
-            (true, gemm_parallelism()),
-        );
-    }
-}
-
-/// Fills each row of `y` with `bias`.
-fn fill_rows<T: Real>(y: &mut [T], bias: &[T]) {
-    y.chunks_exact_mut(bias.len())
-        .for_each(|row| row.copy_from_slice(bias));
-}
-
-/// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.
-fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize) -> Vec<T> {
-    let (nx, nw) = (x.len(), w.len());
-    let mut out = vec![T::zero(); nx + nw + out_dim];
-    let (dx, rest) = out.split_at_mut(nx);
-    let (dw, db) = rest.split_at_mut(nw);
-    linear_grads_into(x, w, g, Some(dx), dw, db);
-    out
-}
-
-/// The gradients of y = x Wᵀ + b for the gradient g of y: dx = g W written over `dx`
-/// (when wanted); dW = gᵀ x and db = the column sums of g added into `dw` and `db`, so
-/// that blocks of rows can add up their parts.
-fn linear_grads_into<T: Real>(
-    x: &[T],
-    w: &[T],
-    g: &[T],
-    dx: Option<&mut [T]>,
-    dw: &mut [T],
-    db: &mut [T],
-) {
-    let out_dim = db.len();
-    let in_dim = w.len() / out_dim.max(1);
-    let rows = x.len() / in_dim.max(1);
-    assert_eq!(dw.len(), w.len(), "linear: weight gradient size");
-    // SAFETY: each destination is its own slice of the size its shape needs (checked);
-    // shapes as in the forward pass.
-    unsafe {
-        if let Some(dx) = dx {
-            assert_eq!(dx.len(), x.len(), "linear: input gradient size");
-            // dx = g W: (rows x out) · (out x in)
-            product(
-                (rows, in_dim, out_dim),
-                dx.as_mut_ptr(),
-                (in_dim, 1),
-                g.as_ptr(),
-                (out_dim, 1),
-                w.as_ptr(),
-                (in_dim, 1),
-                (false, gemm_parallelism()),
-            );
-        }
-        // dW += gᵀ x: (out x rows) · (rows x in)
-        product(
-            (out_dim, in_dim, rows),
-            dw.as_mut_ptr(),
-            (in_dim, 1),
-            g.as_ptr(),
-            (1, out_dim),
-            x.as_ptr(),
-            (in_dim, 1),
-            (true, gemm_parallelism()),
-        );
-    }
-    add_row_sums(rows, db, |range, partial| {
-        add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
-    });
-}
-
-impl CustomOp3 for Linear {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let (out_dim, in_dim) = l2.shape().dims2()?;
-        if l3.shape().elem_count() != out_dim || l1.dims().last() != Some(&in_dim) {
-            bail!(
-                "{name}: x {:?}, weight {:?} and bias {:?} do not fit",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let out = by_dtype!(name, linear_forward, (s1, l1), (s2, l2), (s3, l3));
-        let mut dims = l1.dims().to_vec();
-        *dims.last_mut().expect("checked above") = out_dim;
-        Ok((out, Shape::from(dims)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearGrad)?;
-        let [dx, dw, db] = unpack(&packed, [x.shape(), w.shape(), b.shape()]);
-        Ok((Some(dx?), Some(dw?), Some(db?)))
-    }
-}
-
-/// The three gradients of [`Linear`], packed as [dx | dW | db].
-#[derive(Debug, Clone, Copy)]
-struct LinearGrad;
-
-impl CustomOp3 for LinearGrad {
-    fn name(&self) -> &'static str {
-        "linear-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let (out_dim, _) = l2.shape().dims2()?;
-        let len = l1.shape().elem_count() + l2.shape().elem_count() + out_dim;
-        let out = by_dtype!(
-            name,
-            |x, w, g| linear_backward(x, w, g, out_dim),
-            (s1, l1),
-            (s2, l2),
-            (s3, l3)
-        );
-        Ok((out, Shape::from(len)))
-    }
-}
-
-/// x Wᵀ + b over the last dimension of x (W is out x in, as stored), fused, with backward.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1758,7 +1148,7 @@ pub(crate) mod tests {
         let qkv = Var::from_tensor(&random(&[3, 7, 30], 21)).unwrap();
         let weights = random(&[3, 7, 10], 22);
         let scale = 1.0 / 5f64.sqrt();
-        let fused = attention(qkv.as_tensor(), 2, scale).unwrap();
+        let fused = attention(qkv.as_tensor(), 2, scale, false).unwrap();
         let composed = attention_composed(qkv.as_tensor(), 2, scale);
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
         let g_fused = weighted_grads(fused, &weights);
@@ -1773,11 +1163,11 @@ pub(crate) mod tests {
         let small = random(&[1, 3, 12], 23);
         let w = random(&[1, 3, 4], 24);
         let v = Var::from_tensor(&small).unwrap();
-        let grads = weighted_grads(attention(v.as_tensor(), 2, 0.7).unwrap(), &w);
+        let grads = weighted_grads(attention(v.as_tensor(), 2, 0.7, false).unwrap(), &w);
         let numeric = numeric_gradient(
             &values(&small),
             &[1, 3, 12],
-            |t| attention(t, 2, 0.7).unwrap(),
+            |t| attention(t, 2, 0.7, false).unwrap(),
             &w,
         );
         assert_close(
@@ -1787,7 +1177,13 @@ pub(crate) mod tests {
             "finite differences",
         );
         // f32 agrees with f64 to f32 precision.
-        let f32_out = attention(&qkv.as_tensor().to_dtype(DType::F32).unwrap(), 2, scale).unwrap();
+        let f32_out = attention(
+            &qkv.as_tensor().to_dtype(DType::F32).unwrap(),
+            2,
+            scale,
+            false,
+        )
+        .unwrap();
         assert_close(
             &values(&f32_out),
             &values(&attention_composed(qkv.as_tensor(), 2, scale)),
@@ -1795,11 +1191,11 @@ pub(crate) mod tests {
             "f32",
         );
         assert!(
-            attention(&random(&[2, 3, 10], 1), 2, 1.0).is_err(),
+            attention(&random(&[2, 3, 10], 1), 2, 1.0, false).is_err(),
             "10 values do not split into 3 x 2 heads"
         );
         assert!(
-            attention(&random(&[2, 0, 12], 1), 2, 1.0).is_err(),
+            attention(&random(&[2, 0, 12], 1), 2, 1.0, false).is_err(),
             "no tokens"
         );
     }
@@ -1810,10 +1206,11 @@ pub(crate) mod tests {
         let w = Var::from_tensor(&random(&[4, 7], 32)).unwrap();
         let b = Var::from_tensor(&random(&[4], 33)).unwrap();
         let weights = random(&[3, 5, 4], 34);
-        let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), false).unwrap();
         let reference = crate::model::Linear {
             weight: w.as_tensor().clone(),
             bias: b.as_tensor().clone(),
+            bf16: false,
         };
         let composed = reference.forward_composed(x.as_tensor()).unwrap();
         assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
@@ -1832,7 +1229,7 @@ pub(crate) mod tests {
         let numeric = numeric_gradient(
             &values(&w0),
             &[4, 7],
-            |t| linear(x.as_tensor(), t, b.as_tensor()).unwrap(),
+            |t| linear(x.as_tensor(), t, b.as_tensor(), false).unwrap(),
             &weights,
         );
         assert_close(
@@ -1841,7 +1238,7 @@ pub(crate) mod tests {
             1e-6,
             "finite differences",
         );
-        assert!(linear(x.as_tensor(), &random(&[4, 6], 1), b.as_tensor()).is_err());
+        assert!(linear(x.as_tensor(), &random(&[4, 6], 1), b.as_tensor(), false).is_err());
     }
 
     #[test]

@@ -441,6 +441,93 @@ fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
     });
 }
 
+/// `model.matmul = "bf16"`: the fused block with bf16 products against the same block
+/// in f32, for a default-sized block (whole tiles) and the tiny one (padded tiles). The
+/// output and every gradient agree to bf16's precision, differ by more than f32's
+/// rounding (the factors really are rounded), and repeat bit for bit; in f64 the
+/// setting changes nothing (the exact reference stays exact).
+#[test]
+fn bf16_block_agrees_with_f32_to_bf16_precision_and_repeats_exactly() {
+    for (mut cfg, tokens) in [(tiny_config(), 5), (Config::default().model, 64)] {
+        cfg.matmul = "f32".into();
+        let state = ModelState::new(&cfg, 31, DType::F32).unwrap();
+        let f32_block = &state.model.blocks[0];
+        let mut bf16_block = f32_block.clone();
+        bf16_block.set_bf16(true);
+        let images = 2 * crate::ops::TILE_IMAGES + 1;
+        let shape = (images, tokens, cfg.dim);
+        let x = Var::from_tensor(&random_rows(shape, 32).to_dtype(DType::F32).unwrap()).unwrap();
+        let weights = random_rows(shape, 33).to_dtype(DType::F32).unwrap();
+        let run = |block: &Block| {
+            let y = block.forward(x.as_tensor(), None).unwrap();
+            let grads = weighted_grads(y.clone(), &weights);
+            let mut all = vec![values(&y)];
+            for t in [x.as_tensor(), &block.attn.qkv.weight, &block.mlp.fc2.weight] {
+                all.push(values(grads.get(t).unwrap()));
+            }
+            all.push(values(grads.get(&block.mlp.fc1.bias).unwrap()));
+            all
+        };
+        let (exact, rounded) = (run(f32_block), run(&bf16_block));
+        assert_eq!(rounded, run(&bf16_block), "dim {}: bf16 repeats", cfg.dim);
+        for (what, (e, r)) in ["y", "dx", "d qkv.weight", "d fc2.weight", "d fc1.bias"]
+            .iter()
+            .zip(exact.iter().zip(&rounded))
+        {
+            let scale = e.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let worst = e.iter().zip(r).fold(0f64, |m, (e, r)| m.max((e - r).abs()));
+            assert!(
+                worst < 2e-2 * scale,
+                "dim {}, {what}: {worst:e} of {scale:e}",
+                cfg.dim
+            );
+            assert!(worst > 1e-5 * scale, "dim {}, {what}: not rounded", cfg.dim);
+        }
+        let state = ModelState::new(&cfg, 31, DType::F64).unwrap();
+        let block = &state.model.blocks[0];
+        let mut bf16_block = block.clone();
+        bf16_block.set_bf16(true);
+        let x = random_rows(shape, 34);
+        assert_eq!(
+            values(&block.forward(&x, None).unwrap()),
+            values(&bf16_block.forward(&x, None).unwrap()),
+        );
+    }
+}
+
+/// The probes' path (layer by layer, capturing) rounds the same factors as the fused
+/// blocks that train: with bf16 products their logits agree far more closely than
+/// either does with the same weights multiplied in f32, so the tabs show the model that
+/// trains.
+#[test]
+fn with_bf16_products_the_probes_see_the_model_that_trains() {
+    let mut cfg = Config::default().model;
+    assert!(cfg.bf16(), "the default multiplies in bf16");
+    let images = random_images(5, 43, DType::F32);
+    let logits = |cfg: &ModelConfig, capture: bool| {
+        let state = ModelState::new(cfg, 44, DType::F32).unwrap();
+        let mut cap = Capture::default();
+        let logits = state
+            .model
+            .forward_with(&images, capture.then_some(&mut cap));
+        values(&logits.unwrap())
+    };
+    let (fused, probed) = (logits(&cfg, false), logits(&cfg, true));
+    cfg.matmul = "f32".into();
+    let exact = logits(&cfg, false);
+    let mean_difference = |a: &[f64], b: &[f64]| {
+        a.iter().zip(b).map(|(a, b)| (a - b).abs()).sum::<f64>() / a.len() as f64
+    };
+    let (same, other) = (
+        mean_difference(&fused, &probed),
+        mean_difference(&fused, &exact),
+    );
+    assert!(
+        other > 0.0 && same * 10.0 < other,
+        "fused against probed {same:e}, bf16 against f32 {other:e}"
+    );
+}
+
 #[test]
 fn fused_block_gradient_of_its_input_matches_finite_differences() {
     let cfg = tiny_config();

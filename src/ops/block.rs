@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::bf16::PackedRhs;
+use super::products::pack_weight;
+
 use super::{
     attention_backward_into, attention_forward_into, contiguous, fill_rows, gelu_grad_into,
     gelu_into, layer_norm_grads_into, layer_norm_into, linear_grads_into, linear_into, unpack,
@@ -33,6 +36,8 @@ pub struct BlockShape {
     pub mlp_dim: usize,
     /// LayerNorm's epsilon (both norms).
     pub eps: f64,
+    /// Whether the four linear layers multiply bf16 factors (`model.matmul`).
+    pub bf16: bool,
 }
 
 impl BlockShape {
@@ -55,6 +60,7 @@ impl BlockShape {
             queries: z.queries,
             heads: self.heads,
             head_dim: self.dim / self.heads,
+            bf16: self.bf16,
         }
     }
 
@@ -147,6 +153,23 @@ impl<T: Real> Activations<T> {
     }
 }
 
+/// The four weights (qkv, proj, fc1, fc2) packed for bf16 products when the block runs
+/// them (f32 values only): read as Wᵀ by the forward pass (`transposed`), as W by the
+/// input gradients. Packed once per call, read by every tile.
+fn packed_weights<T: Real>(
+    s: BlockShape,
+    weights: [&[T]; 4],
+    transposed: bool,
+) -> [Option<PackedRhs>; 4] {
+    let (d, m) = (s.dim, s.mlp_dim);
+    let shapes = [(3 * d, d), (d, d), (m, d), (d, m)];
+    std::array::from_fn(|i| {
+        s.bf16
+            .then(|| pack_weight(weights[i], shapes[i], transposed))
+            .flatten()
+    })
+}
+
 /// The tiles of a batch: (first image, images).
 fn tiles(batch: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..batch)
@@ -183,6 +206,7 @@ fn block_forward<T: Real>(
         TILE_IMAGES.min(z.batch)
     };
     let mut a = Activations::new(s, kept_images, z);
+    let [qkv_wt, proj_wt, fc1_wt, fc2_wt] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], true);
     let mut y = Vec::with_capacity(z.batch * nq * d);
     for (first, images) in tiles(z.batch) {
         // The tile's images in the input, and where they are in the activations.
@@ -200,7 +224,8 @@ fn block_forward<T: Real>(
         layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&k, d)]);
         let qkv = &mut a.qkv[span(&k, 3 * d)];
         fill_rows(qkv, qkv_b);
-        linear_into(&a.h1[span(&k, d)], qkv_w, qkv_b, qkv, Start::Bias);
+        let wt = qkv_wt.as_ref();
+        linear_into(&a.h1[span(&k, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
         attention_forward_into(
             &a.qkv[span(&k, 3 * d)],
             attention,
@@ -220,6 +245,7 @@ fn block_forward<T: Real>(
             proj_b,
             x2,
             Start::Residual,
+            proj_wt.as_ref(),
         );
         layer_norm_into(
             &a.x2[span(&kq, d)],
@@ -230,7 +256,8 @@ fn block_forward<T: Real>(
         );
         let u = &mut a.u[span(&kq, m)];
         fill_rows(u, fc1_b);
-        linear_into(&a.h2[span(&kq, d)], fc1_w, fc1_b, u, Start::Bias);
+        let wt = fc1_wt.as_ref();
+        linear_into(&a.h2[span(&kq, d)], fc1_w, fc1_b, u, Start::Bias, wt);
         gelu_into(&a.u[span(&kq, m)], &mut a.g[span(&kq, m)]);
         y.extend_from_slice(&a.x2[span(&kq, d)]);
         linear_into(
@@ -239,6 +266,7 @@ fn block_forward<T: Real>(
             fc2_b,
             &mut y[span(&rq, d)],
             Start::Residual,
+            fc2_wt.as_ref(),
         );
     }
     (y, keep.then_some(a))
@@ -256,6 +284,7 @@ fn block_backward<T: Real>(
 ) -> Vec<T> {
     let (d, m, t, nq) = (s.dim, s.mlp_dim, z.tokens, z.queries);
     let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _] = pieces(params, s.param_lens());
+    let [qkv_wp, proj_wp, fc1_wp, fc2_wp] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], false);
     let mut dparams = vec![T::zero(); s.param_count()];
     // LayerNorm's γ and β are adjacent: their gradients are one piece each.
     let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b] =
@@ -283,15 +312,26 @@ fn block_backward<T: Real>(
         let g = &a.g[span(&rq, m)];
         let dy = &dy[span(&rq, d)];
         dx2.copy_from_slice(dy);
-        linear_grads_into(g, fc2_w, dy, Some(dg), d_fc2_w, d_fc2_b);
+        let wp = fc2_wp.as_ref();
+        linear_grads_into(g, fc2_w, dy, Some(dg), d_fc2_w, d_fc2_b, wp);
         gelu_grad_into(&a.u[span(&rq, m)], g, dg, du);
         let dh2 = &mut d_rows[span(&tq, d)];
-        linear_grads_into(&a.h2[span(&rq, d)], fc1_w, du, Some(dh2), d_fc1_w, d_fc1_b);
+        let (h2, wp) = (&a.h2[span(&rq, d)], fc1_wp.as_ref());
+        linear_grads_into(h2, fc1_w, du, Some(dh2), d_fc1_w, d_fc1_b, wp);
         layer_norm_grads_into(&a.x2[span(&rq, d)], n2g, dh2, s.eps, dx2, d_norm2);
         // Attention: x2 = x + proj(heads(qkv(LN1(x)))) for the query tokens.
         let d_heads = &mut d_rows[span(&tq, d)];
         let heads_out = &a.heads_out[span(&rq, d)];
-        linear_grads_into(heads_out, proj_w, dx2, Some(d_heads), d_proj_w, d_proj_b);
+        let wp = proj_wp.as_ref();
+        linear_grads_into(
+            heads_out,
+            proj_w,
+            dx2,
+            Some(d_heads),
+            d_proj_w,
+            d_proj_b,
+            wp,
+        );
         attention_backward_into(
             &a.qkv[span(&r, 3 * d)],
             d_heads,
@@ -301,7 +341,8 @@ fn block_backward<T: Real>(
             dqkv,
         );
         let dh1 = &mut d_rows[span(&tt, d)];
-        linear_grads_into(&a.h1[span(&r, d)], qkv_w, dqkv, Some(dh1), d_qkv_w, d_qkv_b);
+        let (h1, wp) = (&a.h1[span(&r, d)], qkv_wp.as_ref());
+        linear_grads_into(h1, qkv_w, dqkv, Some(dh1), d_qkv_w, d_qkv_b, wp);
         // dx: the residual's dx2 at the query tokens, plus LN1's part everywhere.
         for dx2 in dx2.chunks_exact(nq * d) {
             out.extend_from_slice(dx2);

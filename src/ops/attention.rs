@@ -1,0 +1,365 @@
+//! Multi-head self-attention as one op with its backward, from the packed q|k|v
+//! projections: what the fused block and the per-layer path both run.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::products::{product_with, Factors, IN_TASK};
+use super::{contiguous, softmax_grad_in_place, softmax_in_place, Real};
+
+/// Multi-head self-attention from the packed projections: qkv (B, T, 3·H·d) with the
+/// last dimension ordered (q|k|v, head, d), to (B, T, H·d) =
+/// concat over heads of softmax(scale · Q Kᵀ) V. One task per (image, head) on rayon's
+/// pool, each with single-threaded products on its small matrices: candle's batched
+/// matmul makes one multi-threaded gemm call per (image, head), whose dispatch cost
+/// exceeds the product itself at 65 x 32. The weights are recomputed in backward rather
+/// than kept (FlashAttention's trade: a little compute for no T x T tensor per head).
+#[derive(Debug, Clone, Copy)]
+struct Attention {
+    heads: usize,
+    scale: f64,
+    bf16: bool,
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionShape {
+    pub(super) batch: usize,
+    pub(super) tokens: usize,
+    /// The first `queries` tokens of each image are the queries (all of them but in
+    /// the last block, where only CLS is read).
+    pub(super) queries: usize,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
+    /// Whether the products multiply bf16 factors (`model.matmul`).
+    pub(super) bf16: bool,
+}
+
+impl AttentionShape {
+    pub(super) fn of(layout: &Layout, heads: usize, bf16: bool, name: &str) -> Result<Self> {
+        let dims = layout.dims();
+        let (batch, tokens, packed) = match dims {
+            [b, t, c] => (*b, *t, *c),
+            _ => bail!("{name}: expects (batch, tokens, 3 * dim), got {dims:?}"),
+        };
+        if heads == 0 || packed % (3 * heads) != 0 || packed == 0 {
+            bail!("{name}: {packed} values per token do not split into q, k, v for {heads} heads");
+        }
+        if tokens == 0 {
+            bail!("{name}: expects at least one token");
+        }
+        Ok(Self {
+            batch,
+            tokens,
+            queries: tokens,
+            heads,
+            head_dim: packed / (3 * heads),
+            bf16,
+        })
+    }
+
+    /// How the products multiply.
+    pub(super) fn factors(&self) -> Factors<'static> {
+        match self.bf16 {
+            true => Factors::Bf16,
+            false => Factors::F32,
+        }
+    }
+
+    pub(super) fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Values of the weights P of all images and heads (queries x tokens each).
+    pub(super) fn weights_len(&self) -> usize {
+        self.batch * self.heads * self.queries * self.tokens
+    }
+
+    /// Values of the output (or its gradient): queries x H·d per image.
+    pub(super) fn out_len(&self) -> usize {
+        self.batch * self.queries * self.dim()
+    }
+}
+
+/// A pointer that tasks share, each writing only its own (image, head) block.
+struct Shared<T>(*mut T);
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (queries x T).
+fn attention_weights<T: Real>(
+    qkv: &[T],
+    s: AttentionShape,
+    b: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    let (t, nq, hd, d3) = (s.tokens, s.queries, s.head_dim, 3 * s.dim());
+    let base = b * t * d3;
+    let q = qkv[base + h * hd..].as_ptr();
+    let k = qkv[base + s.dim() + h * hd..].as_ptr();
+    assert_eq!(p.len(), nq * t, "one queries x t matrix");
+    // SAFETY: q and k rows are `d3` apart, hd values each, t rows, all inside qkv;
+    // `p` is queries x t (checked).
+    unsafe {
+        product_with(
+            (nq, t, hd),
+            p.as_mut_ptr(),
+            (t, 1),
+            q,
+            (d3, 1),
+            k,
+            (1, d3),
+            s.factors(),
+            IN_TASK,
+        );
+    }
+    softmax_in_place(p, t, scale);
+}
+
+fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); s.out_len()];
+    let mut weights = vec![T::zero(); s.weights_len()];
+    attention_forward_into(qkv, s, scale, &mut out, &mut weights);
+    out
+}
+
+/// Attention of every (image, head) into `out` (B, queries, H·d), keeping the weights
+/// P in `weights` (B, H, queries, T).
+pub(super) fn attention_forward_into<T: Real>(
+    qkv: &[T],
+    s: AttentionShape,
+    scale: f64,
+    out: &mut [T],
+    weights: &mut [T],
+) {
+    use rayon::prelude::*;
+    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
+    // The tasks write through a shared pointer: the sizes are checked, not assumed.
+    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
+    assert_eq!(out.len(), s.out_len(), "attention: output size");
+    assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
+    let scale = T::from(scale).expect("a float");
+    let dst = Shared(out.as_mut_ptr());
+    weights
+        .par_chunks_exact_mut(nq * t)
+        .enumerate()
+        .for_each(|(task, p)| {
+            let (b, h) = (task / s.heads, task % s.heads);
+            attention_weights(qkv, s, b, h, scale, p);
+            let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
+            // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
+            unsafe {
+                let o = dst.get().add(b * nq * d + h * hd);
+                product_with(
+                    (nq, hd, t),
+                    o,
+                    (d, 1),
+                    p.as_ptr(),
+                    (t, 1),
+                    v,
+                    (d3, 1),
+                    s.factors(),
+                    IN_TASK,
+                );
+            }
+        });
+}
+
+fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    attention_backward_into(qkv, grad, s, scale, None, &mut dqkv);
+    dqkv
+}
+
+/// The gradient of the packed projections into `dqkv` (every value written), from
+/// the weights kept by the forward pass, or recomputed when `weights` is None.
+pub(super) fn attention_backward_into<T: Real>(
+    qkv: &[T],
+    grad: &[T],
+    s: AttentionShape,
+    scale: f64,
+    weights: Option<&[T]>,
+    dqkv: &mut [T],
+) {
+    use rayon::prelude::*;
+    let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
+    // The tasks write through a shared pointer: the sizes are checked, not assumed.
+    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
+    assert_eq!(dqkv.len(), qkv.len(), "attention: gradient size");
+    assert!(nq <= t, "attention: more queries than tokens");
+    assert_eq!(grad.len(), s.out_len(), "attention: output gradient size");
+    assert!(
+        weights.is_none_or(|w| w.len() == s.weights_len()),
+        "attention: weights size"
+    );
+    let scale = T::from(scale).expect("a float");
+    let dst = Shared(dqkv.as_mut_ptr());
+    // Two queries x t work matrices per rayon job (not per task): dP, then dS in its
+    // place; and P where it is recomputed.
+    let work = || (vec![T::zero(); nq * t], vec![T::zero(); nq * t]);
+    let tasks = 0..s.batch * s.heads;
+    tasks
+        .into_par_iter()
+        .for_each_init(work, |(dp, recomputed), task| {
+            let (b, h) = (task / s.heads, task % s.heads);
+            let p = match weights {
+                Some(w) => &w[task * nq * t..(task + 1) * nq * t],
+                None => {
+                    attention_weights(qkv, s, b, h, scale, recomputed);
+                    &recomputed[..]
+                }
+            };
+            let base = b * t * d3;
+            let (q, k, v) = (
+                qkv[base + h * hd..].as_ptr(),
+                qkv[base + d + h * hd..].as_ptr(),
+                qkv[base + 2 * d + h * hd..].as_ptr(),
+            );
+            let dy = grad[b * nq * d + h * hd..].as_ptr();
+            // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
+            // columns of head h for image b in dqkv.
+            unsafe {
+                let out = dst.get().add(base + h * hd);
+                // dV = Pᵀ dY
+                product_with(
+                    (t, hd, nq),
+                    out.add(2 * d),
+                    (d3, 1),
+                    p.as_ptr(),
+                    (1, t),
+                    dy,
+                    (d, 1),
+                    s.factors(),
+                    IN_TASK,
+                );
+                // dP = dY Vᵀ
+                product_with(
+                    (nq, t, hd),
+                    dp.as_mut_ptr(),
+                    (t, 1),
+                    dy,
+                    (d, 1),
+                    v,
+                    (1, d3),
+                    s.factors(),
+                    IN_TASK,
+                );
+            }
+            // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in dP's place.
+            softmax_grad_in_place(p, dp, t, scale);
+            let ds = dp;
+            unsafe {
+                let out = dst.get().add(base + h * hd);
+                // dQ = dS K, dK = dSᵀ Q; tokens that are no query get no dQ.
+                product_with(
+                    (nq, hd, t),
+                    out,
+                    (d3, 1),
+                    ds.as_ptr(),
+                    (t, 1),
+                    k,
+                    (d3, 1),
+                    s.factors(),
+                    IN_TASK,
+                );
+                for row in nq..t {
+                    std::ptr::write_bytes(out.add(row * d3), 0, hd);
+                }
+                product_with(
+                    (t, hd, nq),
+                    out.add(d),
+                    (d3, 1),
+                    ds.as_ptr(),
+                    (1, t),
+                    q,
+                    (d3, 1),
+                    s.factors(),
+                    IN_TASK,
+                );
+            }
+        });
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = AttentionShape::of(layout, self.heads, self.bf16, self.name())?;
+        let scale = self.scale;
+        let out = by_dtype!(
+            self.name(),
+            |x| attention_forward(x, s, scale),
+            (storage, layout)
+        );
+        Ok((out, Shape::from((s.batch, s.tokens, s.dim()))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad,
+            &AttentionGrad {
+                heads: self.heads,
+                scale: self.scale,
+                bf16: self.bf16,
+            },
+        )?))
+    }
+}
+
+/// The gradient of [`Attention`] with respect to its packed input.
+#[derive(Debug, Clone, Copy)]
+struct AttentionGrad {
+    heads: usize,
+    scale: f64,
+    bf16: bool,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = AttentionShape::of(l1, self.heads, self.bf16, self.name())?;
+        if l2.dims() != [s.batch, s.tokens, s.dim()] {
+            bail!(
+                "{}: gradient of shape {:?} for {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let scale = self.scale;
+        let out = by_dtype!(
+            self.name(),
+            |x, g| attention_backward(x, g, s, scale),
+            (s1, l1),
+            (s2, l2)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// softmax(scale · Q Kᵀ) V for every head, from the packed (B, T, 3·H·d) projections,
+/// fused, with backward. `model::Attention` keeps the composed form as the reference
+/// (and for probes, which record the weights). `bf16`: the products multiply bf16
+/// factors ([`bf16`]).
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64, bf16: bool) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op1(Attention { heads, scale, bf16 })
+}

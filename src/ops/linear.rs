@@ -1,0 +1,245 @@
+//! Linear layers (product + bias) as one op with its backward: the per-layer
+//! reference of the fused block's layers, and what the patch embedding and head run.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::bf16::PackedRhs;
+use super::products::{gemm_parallelism, pack_weight, product_with, Factors};
+use super::{add_row_sums, add_rows_chunk, contiguous, unpack, Real};
+
+/// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
+/// graph instead of four (reshape, transpose, product, bias). Candle's backward
+/// zero-fills a gradient slot for every node and adds into it; with one node per
+/// linear layer there is one slot per input, and the three gradients are three
+/// products and a column sum.
+#[derive(Debug, Clone, Copy)]
+struct Linear {
+    /// Whether the products multiply bf16 factors ([`bf16`]).
+    bf16: bool,
+}
+
+fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T], bf16: bool) -> Vec<T> {
+    let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
+    let rows = x.len() / in_dim.max(1);
+    let mut y = b.repeat(rows);
+    let wt = bf16
+        .then(|| pack_weight(w, (out_dim, in_dim), true))
+        .flatten();
+    linear_into(x, w, b, &mut y, Start::Bias, wt.as_ref());
+    y
+}
+
+/// What y holds when [`linear_into`] adds the product to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Start {
+    /// The bias in every row already.
+    Bias,
+    /// A residual stream, which the bias is added to.
+    Residual,
+}
+
+/// y = start + x Wᵀ (+ b) over rows, in place: the rows first hold the bias or a
+/// residual (plus the bias, added here), then the product is added onto them, so
+/// there is no zero fill and no separate pass for the bias.
+pub(super) fn linear_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    y: &mut [T],
+    start: Start,
+    bf16_wt: Option<&PackedRhs>,
+) {
+    let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
+    let rows = x.len() / in_dim.max(1);
+    assert_eq!(y.len(), rows * out_dim, "linear: output size");
+    if start == Start::Residual {
+        for row in y.chunks_exact_mut(out_dim) {
+            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+        }
+    }
+    let factors = bf16_wt.map_or(Factors::F32, Factors::Bf16Packed);
+    // SAFETY: y is rows x out_dim (checked), x rows x in_dim, w out_dim x in_dim
+    // (read as Wᵀ; a packed Wᵀ is checked by the product).
+    unsafe {
+        product_with(
+            (rows, out_dim, in_dim),
+            y.as_mut_ptr(),
+            (out_dim, 1),
+            x.as_ptr(),
+            (in_dim, 1),
+            w.as_ptr(),
+            (1, in_dim),
+            factors,
+            (true, gemm_parallelism()),
+        );
+    }
+}
+
+/// Fills each row of `y` with `bias`.
+pub(super) fn fill_rows<T: Real>(y: &mut [T], bias: &[T]) {
+    y.chunks_exact_mut(bias.len())
+        .for_each(|row| row.copy_from_slice(bias));
+}
+
+/// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.
+fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize, bf16: bool) -> Vec<T> {
+    let (nx, nw) = (x.len(), w.len());
+    let mut out = vec![T::zero(); nx + nw + out_dim];
+    let (dx, rest) = out.split_at_mut(nx);
+    let (dw, db) = rest.split_at_mut(nw);
+    let packed = bf16
+        .then(|| pack_weight(w, (out_dim, nw / out_dim.max(1)), false))
+        .flatten();
+    linear_grads_into(x, w, g, Some(dx), dw, db, packed.as_ref());
+    out
+}
+
+/// The gradients of y = x Wᵀ + b for the gradient g of y: dx = g W written over `dx`
+/// (when wanted); dW = gᵀ x and db = the column sums of g added into `dw` and `db`, so
+/// that blocks of rows can add up their parts.
+pub(super) fn linear_grads_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: &mut [T],
+    bf16_w: Option<&PackedRhs>,
+) {
+    let out_dim = db.len();
+    let in_dim = w.len() / out_dim.max(1);
+    let rows = x.len() / in_dim.max(1);
+    assert_eq!(dw.len(), w.len(), "linear: weight gradient size");
+    let (dx_factors, dw_factors) = match bf16_w {
+        Some(w) => (Factors::Bf16Packed(w), Factors::Bf16),
+        None => (Factors::F32, Factors::F32),
+    };
+    // SAFETY: each destination is its own slice of the size its shape needs (checked);
+    // shapes as in the forward pass.
+    unsafe {
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), x.len(), "linear: input gradient size");
+            // dx = g W: (rows x out) · (out x in)
+            product_with(
+                (rows, in_dim, out_dim),
+                dx.as_mut_ptr(),
+                (in_dim, 1),
+                g.as_ptr(),
+                (out_dim, 1),
+                w.as_ptr(),
+                (in_dim, 1),
+                dx_factors,
+                (false, gemm_parallelism()),
+            );
+        }
+        // dW += gᵀ x: (out x rows) · (rows x in)
+        product_with(
+            (out_dim, in_dim, rows),
+            dw.as_mut_ptr(),
+            (in_dim, 1),
+            g.as_ptr(),
+            (1, out_dim),
+            x.as_ptr(),
+            (in_dim, 1),
+            dw_factors,
+            (true, gemm_parallelism()),
+        );
+    }
+    add_row_sums(rows, db, |range, partial| {
+        add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
+    });
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        if l3.shape().elem_count() != out_dim || l1.dims().last() != Some(&in_dim) {
+            bail!(
+                "{name}: x {:?}, weight {:?} and bias {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let bf16 = self.bf16;
+        let out = by_dtype!(
+            name,
+            |x, w, b| linear_forward(x, w, b, bf16),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("checked above") = out_dim;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = LinearGrad { bf16: self.bf16 };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let [dx, dw, db] = unpack(&packed, [x.shape(), w.shape(), b.shape()]);
+        Ok((Some(dx?), Some(dw?), Some(db?)))
+    }
+}
+
+/// The three gradients of [`Linear`], packed as [dx | dW | db].
+#[derive(Debug, Clone, Copy)]
+struct LinearGrad {
+    bf16: bool,
+}
+
+impl CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (out_dim, _) = l2.shape().dims2()?;
+        let len = l1.shape().elem_count() + l2.shape().elem_count() + out_dim;
+        let bf16 = self.bf16;
+        let out = by_dtype!(
+            name,
+            |x, w, g| linear_backward(x, w, g, out_dim, bf16),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        );
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// x Wᵀ + b over the last dimension of x (W is out x in, as stored), fused, with backward.
+/// `bf16`: the products multiply bf16 factors ([`bf16`]).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, bf16: bool) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear { bf16 })
+}

@@ -1,0 +1,173 @@
+//! Matrix products: the gemm crate's f32 kernels, or bf16 factors on AMX tiles
+//! ([`super::bf16`]) as `model.matmul` says, behind one call the ops share.
+
+use super::bf16::{self, PackedRhs};
+use super::Real;
+
+/// Parallelism for a product inside an op: the current rayon pool's threads.
+pub(super) fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// How a product multiplies: f32, or bf16 factors ([`bf16`]) with the
+/// right-hand one packed for this product or packed already. bf16 applies to f32 values
+/// only: f64 runs stay exact, the reference the tests compare against.
+#[derive(Clone, Copy)]
+pub(super) enum Factors<'a> {
+    F32,
+    Bf16,
+    Bf16Packed(&'a bf16::PackedRhs),
+}
+
+/// The weight `w` (out x in, as stored) packed for bf16 products when `T` is f32:
+/// read as Wᵀ (`transposed`: the forward pass) or as W (the input gradient).
+pub(super) fn pack_weight<T: Real>(
+    w: &[T],
+    (out_dim, in_dim): (usize, usize),
+    transposed: bool,
+) -> Option<PackedRhs> {
+    assert_eq!(w.len(), out_dim * in_dim, "pack_weight: weight size");
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    let w = w.as_ptr().cast::<f32>();
+    // SAFETY: T is f32, and w holds out x in values (checked).
+    Some(unsafe {
+        match transposed {
+            true => PackedRhs::new((in_dim, out_dim), w, (1, in_dim)),
+            false => PackedRhs::new((out_dim, in_dim), w, (in_dim, 1)),
+        }
+    })
+}
+
+/// [`product`] with its factors as `factors` says. A bf16 product runs on the calling
+/// thread (the training lanes are single-threaded).
+///
+/// # Safety
+/// As [`product`]; a packed factor is the k x n right-hand one.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_with<T: Real>(
+    dims: (usize, usize, usize),
+    dst: *mut T,
+    dst_strides: (usize, usize),
+    lhs: *const T,
+    lhs_strides: (usize, usize),
+    rhs: *const T,
+    rhs_strides: (usize, usize),
+    factors: Factors,
+    (accumulate, parallelism): (bool, gemm::Parallelism),
+) {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let rhs = match factors {
+            Factors::F32 => None,
+            Factors::Bf16 => Some(bf16::Rhs::Matrix(rhs.cast(), rhs_strides)),
+            Factors::Bf16Packed(packed) => Some(bf16::Rhs::Packed(packed)),
+        };
+        if let Some(rhs) = rhs {
+            // T is f32: the pointers are f32 pointers.
+            let (dst, lhs) = (dst.cast(), lhs.cast());
+            bf16::product(dims, dst, dst_strides, lhs, lhs_strides, rhs, accumulate);
+            return;
+        }
+    }
+    product(
+        dims,
+        dst,
+        dst_strides,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        (accumulate, parallelism),
+    );
+}
+
+/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns);
+/// with `accumulate`, dst's values are kept and the product added.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe; `dst` must not overlap
+/// the inputs or anything another thread writes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) unsafe fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    (accumulate, parallelism): (bool, gemm::Parallelism),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Seconds for `reps` products (rows x k) · (k x n) as the fused ops run a linear
+/// layer: on the calling thread, single-threaded, the weights read as Wᵀ; with `bf16`,
+/// bf16 factors, the weights packed once as the fused block packs them. What
+/// `vitscope bench` measures the machine's own limit with.
+pub fn time_products(rows: usize, k: usize, n: usize, reps: usize, bf16: bool) -> f64 {
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| (i % 7) as f32 * 0.25 - 0.75)
+        .collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.125 - 0.25).collect();
+    let mut y = vec![0f32; rows * n];
+    let start = std::time::Instant::now();
+    let wt = bf16.then(|| pack_weight(&w, (n, k), true)).flatten();
+    let factors = wt.as_ref().map_or(Factors::F32, Factors::Bf16Packed);
+    for _ in 0..reps {
+        // SAFETY: y is rows x n, x rows x k, w n x k, all allocated above.
+        unsafe {
+            product_with(
+                (rows, n, k),
+                y.as_mut_ptr(),
+                (n, 1),
+                x.as_ptr(),
+                (k, 1),
+                w.as_ptr(),
+                (1, k),
+                factors,
+                IN_TASK,
+            );
+        }
+    }
+    std::hint::black_box(&y);
+    start.elapsed().as_secs_f64()
+}
+
+/// What the blocks' products run on with `model.matmul`, in words.
+pub fn matmul_kind(bf16: bool) -> &'static str {
+    match (bf16, bf16::amx_available()) {
+        (false, _) => "f32",
+        (true, true) => "bf16 on AMX tiles",
+        (true, false) => "bf16 factors in f32 products, no AMX here",
+    }
+}
+
+/// How the attention tasks multiply: overwrite, on the task's own thread (the tasks
+/// are the parallelism).
+pub(super) const IN_TASK: (bool, gemm::Parallelism) = (false, gemm::Parallelism::None);
