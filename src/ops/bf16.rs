@@ -240,7 +240,7 @@ unsafe fn pack_lhs(
                 *d = to_bf16(x);
             }
         }
-    } else if rs == 1 && m <= ZEROS.len() {
+    } else if rs == 1 {
         // Columns contiguous (a transposed gradient): two columns make a row of pairs,
         // turned into columns of pairs 16 x 16 at a time, so that reads and writes both
         // run along memory.
