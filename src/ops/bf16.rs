@@ -624,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn without_amx_the_same_rounded_factors_give_the_same_products_to_rounding() {
+    fn the_fallback_without_amx_gives_the_tiles_products_to_f32_rounding() {
         let (m, n, k) = (64, 96, 96);
         let (a, b) = (values(m * k, 7), values(k * n, 8));
         let mut tiles = vec![0f32; m * n];
