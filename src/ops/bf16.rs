@@ -218,6 +218,35 @@ unsafe fn row_or_zeros<'a>(src: Option<*const f32>, len: usize) -> &'a [f32] {
     }
 }
 
+/// Writes `lines` lines of `len` pairs across `out`: `fill(l, c0, part)` fills `part`
+/// with pairs c0.. of line l (made along memory), and pair (l, c) goes to
+/// `out[c * stride + l]`. 16 x 16 pairs at a time, so that reads and writes both run
+/// along memory: the packing of a factor read transposed.
+#[inline(always)]
+fn pairs_across(
+    out: &mut [u32],
+    stride: usize,
+    (lines, len): (usize, usize),
+    fill: impl Fn(usize, usize, &mut [u32]),
+) {
+    let mut block = [[0u32; 16]; 16];
+    for l0 in (0..lines).step_by(16) {
+        let bl = 16.min(lines - l0);
+        for c0 in (0..len).step_by(16) {
+            let bc = 16.min(len - c0);
+            for (dl, line) in block.iter_mut().enumerate().take(bl) {
+                fill(l0 + dl, c0, &mut line[..bc]);
+            }
+            for dc in 0..bc {
+                let dst = &mut out[(c0 + dc) * stride + l0..][..bl];
+                for (dl, d) in dst.iter_mut().enumerate() {
+                    *d = block[dl][dc];
+                }
+            }
+        }
+    }
+}
+
 /// Packs the left factor (m x k) as rows of bf16 pairs: `out` gets padded(m) rows of
 /// padded(k) / 2 pairs, zero where the matrix ends. Only on the AMX path (AVX-512 is
 /// there, and lets these loops run 16 values at a time).
@@ -241,32 +270,16 @@ unsafe fn pack_lhs(
             }
         }
     } else if rs == 1 {
-        // Columns contiguous (a transposed gradient): two columns make a row of pairs,
-        // turned into columns of pairs 16 x 16 at a time, so that reads and writes both
-        // run along memory.
-        let pairs = k.div_ceil(2);
-        let mut block = [[0u32; 16]; 16];
-        for p0 in (0..pairs).step_by(16) {
-            let bp = 16.min(pairs - p0);
-            for i0 in (0..m).step_by(16) {
-                let bi = 16.min(m - i0);
-                for (dp, block) in block.iter_mut().enumerate().take(bp) {
-                    let p = p0 + dp;
-                    let lo = row_or_zeros(Some(src.add(2 * p * cs + i0)), bi);
-                    let hi =
-                        row_or_zeros((2 * p + 1 < k).then(|| src.add((2 * p + 1) * cs + i0)), bi);
-                    for ((b, &lo), &hi) in block.iter_mut().zip(lo).zip(hi) {
-                        *b = pair(lo, hi);
-                    }
-                }
-                for di in 0..bi {
-                    let dst = &mut out[(i0 + di) * row_pairs + p0..][..bp];
-                    for (dp, d) in dst.iter_mut().enumerate() {
-                        *d = block[dp][di];
-                    }
-                }
+        // Columns contiguous (a transposed gradient): columns 2p and 2p + 1 make a line
+        // of pairs along the rows, written down column p of pairs.
+        pairs_across(out, row_pairs, (k.div_ceil(2), m), |p, i0, line| {
+            let lo = row_or_zeros(Some(src.add(2 * p * cs + i0)), line.len());
+            let hi = (2 * p + 1 < k).then(|| src.add((2 * p + 1) * cs + i0));
+            let hi = row_or_zeros(hi, line.len());
+            for ((d, &lo), &hi) in line.iter_mut().zip(lo).zip(hi) {
+                *d = pair(lo, hi);
             }
-        }
+        });
     } else {
         let at = |i: usize, j: usize| {
             if j < k {
@@ -306,28 +319,14 @@ unsafe fn pack_rhs(
         }
     } else if rs == 1 && k % 2 == 0 {
         // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
-        // neighbours in a column; 16 x 16 pairs at a time are made down 16 columns, then
-        // written across, so that reads and writes both run along memory.
-        let pairs = k / 2;
-        let mut block = [[0u32; 16]; 16];
-        for j0 in (0..n).step_by(16) {
-            let bj = 16.min(n - j0);
-            for p0 in (0..pairs).step_by(16) {
-                let bp = 16.min(pairs - p0);
-                for (dj, block) in block.iter_mut().enumerate().take(bj) {
-                    let col = std::slice::from_raw_parts(src.add((j0 + dj) * cs + 2 * p0), 2 * bp);
-                    for (b, two) in block.iter_mut().zip(col.chunks_exact(2)) {
-                        *b = pair(two[0], two[1]);
-                    }
-                }
-                for dp in 0..bp {
-                    let dst = &mut out[(p0 + dp) * np + j0..][..bj];
-                    for (dj, d) in dst.iter_mut().enumerate() {
-                        *d = block[dj][dp];
-                    }
-                }
+        // neighbours in a column, so column j is a line of pairs, written down column j
+        // of pairs.
+        pairs_across(out, np, (n, k / 2), |j, p0, line| {
+            let col = std::slice::from_raw_parts(src.add(j * cs + 2 * p0), 2 * line.len());
+            for (d, two) in line.iter_mut().zip(col.chunks_exact(2)) {
+                *d = pair(two[0], two[1]);
             }
-        }
+        });
     } else {
         let at = |i: usize, j: usize| {
             if i < k {
