@@ -47,6 +47,11 @@ pub struct BenchReport {
     pub matmul_kind: String,
     /// Rows of each of those products.
     pub matmul_rows: usize,
+    /// The products' instruction at its own rate on every lane at once (registers
+    /// only), in GFLOP/s; 0 where none is measured.
+    pub instruction_peak_gflops: f64,
+    /// Which instruction, and how its peak was measured.
+    pub instruction_peak: String,
     pub train_images_per_sec: f64,
     /// Training counts 3x the forward FLOPs (forward, and twice that for backward).
     pub train_gflops: f64,
@@ -205,6 +210,13 @@ pub fn run(
     };
 
     let (peak, matmul_rows) = matmul_gflops(config, &eval_workers)?;
+    let lanes: Vec<usize> = (0..eval_workers.lanes()).collect();
+    let peaks = eval_workers.map(&lanes, |_| Ok(crate::ops::peak::measure(m.bf16())))?;
+    let instruction_peak_gflops: f64 = peaks.iter().flatten().map(|p| p.gflops).sum();
+    let instruction_peak = match peaks.first().and_then(Option::as_ref) {
+        Some(p) => format!("{}, {} lanes at once", p.how, lanes.len()),
+        None => "not measured on this CPU".to_string(),
+    };
     let fwd = forward_flops_per_image(m);
     let train_gflops = train_images_per_sec * 3.0 * fwd / 1e9;
     let eval_gflops = eval_images_per_sec * fwd / 1e9;
@@ -236,6 +248,8 @@ pub fn run(
         matmul_gflops: peak,
         matmul_kind: crate::ops::matmul_kind(m.bf16()).to_string(),
         matmul_rows,
+        instruction_peak_gflops,
+        instruction_peak,
         train_images_per_sec,
         train_gflops,
         train_percent_of_matmul: 100.0 * train_gflops / peak,
@@ -287,6 +301,7 @@ impl BenchReport {
              parameters   {}\n\
              threads      {}\n\
              matmul       {:.1} GFLOP/s ({}, the model's linear-layer shapes, {} rows per product, one per core at once)\n\
+             peak         {:.1} GFLOP/s: the products reach {:.0}% of it ({})\n\
              train        {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {} in micro-batches of {}, {} timed steps after {} warm-up)\n\
              eval         {:.1} images/s  {:.1} GFLOP/s  {:.1}% of matmul  (batch {})\n\
              step         {:.1} ms: data {:.1} ms ({:.0}%), forward {:.1} ms ({:.0}%), backward {:.1} ms ({:.0}%), optimizer {:.1} ms ({:.0}%)\n\
@@ -300,6 +315,9 @@ impl BenchReport {
             self.matmul_gflops,
             self.matmul_kind,
             self.matmul_rows,
+            self.instruction_peak_gflops,
+            100.0 * self.matmul_gflops / self.instruction_peak_gflops.max(1e-9),
+            self.instruction_peak,
             self.train_images_per_sec,
             self.train_gflops,
             self.train_percent_of_matmul,

@@ -638,6 +638,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
+    if let Err(message) = crate::ops::cpu::cap_from_env() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let train = |args: &TrainArgs| {
         if args.headless || !std::io::stdout().is_terminal() {
             train_headless(args)

@@ -100,11 +100,17 @@ impl ModelConfig {
     pub const NORM_KINDS: [&'static str; 2] = ["layernorm", "rmsnorm"];
     pub const POS_EMBEDS: [&'static str; 3] = ["learned", "sincos", "none"];
     pub const POOLS: [&'static str; 2] = ["cls", "mean"];
-    pub const MATMULS: [&'static str; 2] = ["f32", "bf16"];
+    pub const MATMULS: [&'static str; 3] = ["auto", "f32", "bf16"];
 
-    /// Whether the blocks' products multiply bf16 factors (`matmul = "bf16"`).
+    /// Whether the blocks' products multiply bf16 factors: `matmul = "bf16"`, or
+    /// `"auto"` on a CPU with a bf16 instruction (AMX or AVX-512 BF16, capped by
+    /// `VITSCOPE_CPU`); elsewhere `"auto"` is f32, as fast as it gets without one.
     pub fn bf16(&self) -> bool {
-        self.matmul == "bf16"
+        match self.matmul.as_str() {
+            "bf16" => true,
+            "auto" => crate::ops::Bf16Kernel::current().is_native(),
+            _ => false,
+        }
     }
 
     /// The default block: pre-norm LayerNorm, which the fused block op computes.

@@ -5,7 +5,7 @@
 //! with a fresh allocation; fused, each keeps only what its backward needs and runs
 //! as one pass. Every kernel splits its rows over rayon's pool, the one candle's matrix
 //! products use (see `sys::set_threads`), and is compiled twice, for baseline x86-64
-//! and for AVX2 (`kernel!`). The composed versions stay in `model.rs` as the
+//! and for AVX2 and AVX-512 (`kernel!`). The composed versions stay in `model.rs` as the
 //! reference the tests compare against (forward, gradients, finite differences).
 //!
 //! Backward passes are custom ops too ([`LayerNormGrad`], [`SoftmaxGrad`], [`GeluGrad`],
@@ -193,22 +193,16 @@ fn par_rows<T: Send + Sync>(
         });
 }
 
-/// Whether the kernels may use 256-bit vectors (checked once by the std macro).
+/// Whether the kernels may use 256-bit vectors with FMA ([`cpu::level`], checked once).
 fn wide_vectors() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu::level() >= cpu::Level::Avx2
 }
 
-/// Defines a kernel function compiled twice: for the baseline target (SSE2) and for
-/// AVX2 + FMA, picked at run time. The loops vectorise twice as wide in the second,
-/// and the body's `FMA` (a const generic it can pass on to [`Real::erf`] and
-/// [`Real::fast_exp`]) is true there, for fused multiply-adds.
+/// Defines a kernel function compiled three times: for the baseline target (SSE2), for
+/// AVX2 + FMA and for AVX-512, picked at run time ([`cpu::level`], which
+/// `VITSCOPE_CPU` caps). The loops vectorise twice as wide in the second and again in
+/// the third, and the body's `FMA` (a const generic it can pass on to [`Real::erf`]
+/// and [`Real::fast_exp`]) is true in both, for fused multiply-adds.
 macro_rules! kernel {
     ($(#[$meta:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -217,9 +211,18 @@ macro_rules! kernel {
             fn body<T: Real, const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn widest<T: Real>($($arg: $ty),*) {
+                    body::<T, true>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide<T: Real>($($arg: $ty),*) {
                     body::<T, true>($($arg),*)
+                }
+                if cpu::level() >= cpu::Level::Avx512 {
+                    // SAFETY: taken only when the CPU has AVX-512 F, BW, DQ and VL.
+                    unsafe { widest($($arg),*) };
+                    return;
                 }
                 if wide_vectors() {
                     // SAFETY: taken only when the CPU has AVX2 and FMA.
@@ -354,15 +357,17 @@ macro_rules! by_dtype {
 mod attention;
 mod bf16;
 mod block;
+pub mod cpu;
 mod linear;
+pub mod peak;
 mod products;
 pub use attention::attention;
 use attention::*;
-pub use bf16::amx_available;
+pub use bf16::Kernel as Bf16Kernel;
 pub use block::{block, BlockOutput, BlockShape, TILE_IMAGES};
 pub use linear::linear;
 use linear::*;
-pub use products::{matmul_kind, time_products};
+pub use products::{matmul_kind, matmul_short, time_products};
 
 // ---------------------------------------------------------------- softmax
 

@@ -195,6 +195,16 @@ impl RunDir {
         Ok(LineAppender { path, file })
     }
 
+    /// What the last line of run.log that holds `label` says after it (a line is a
+    /// timestamp, a space, then the message).
+    pub fn last_logged(&self, label: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.file(LOG_FILE)).ok()?;
+        text.lines()
+            .rev()
+            .find_map(|l| l.split_once(' ')?.1.strip_prefix(label))
+            .map(str::to_string)
+    }
+
     /// The metric records so far; a torn or unreadable line is skipped.
     pub fn read_metrics(&self) -> Vec<MetricRecord> {
         std::fs::read_to_string(self.file(METRICS_FILE))

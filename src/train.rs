@@ -94,6 +94,10 @@ pub fn train(
     result
 }
 
+/// How run.log names the products a process trains with (`model.matmul` resolved on
+/// this CPU): a resume on another kind of CPU compares against it.
+pub const PRODUCTS_LABEL: &str = "products: ";
+
 fn timestamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -211,6 +215,16 @@ impl Trainer {
             // Only now that the checkpoint fits the model: `--set` changes become the run's.
             run.write_config(config)?;
         }
+        let products = crate::ops::matmul_kind(config.model.bf16());
+        if let Some(before) = run.last_logged(PRODUCTS_LABEL).filter(|b| *b != products) {
+            let msg = format!(
+                "this run trained with products {before}; it goes on with {products}: \
+                 the sums' order differs, so its losses are no longer bit-identical"
+            );
+            log.append(&format!("{} {msg}", timestamp()))?;
+            sink.send(Event::Log(msg));
+        }
+        log.append(&format!("{} {PRODUCTS_LABEL}{products}", timestamp()))?;
         // Lines and probes past the checkpoint belong to work that is about to be redone.
         run.truncate_after(progress.step)?;
         // The first test images: the probe images, then more for the Predictions tab.
@@ -246,7 +260,11 @@ impl Trainer {
             start_step: progress.step,
             start_wall_secs: progress.wall_secs,
             parameters: state.parameter_count(),
-            device: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+            device: format!(
+                "cpu ({} threads, {})",
+                candle_core::utils::get_num_threads(),
+                crate::ops::matmul_short(config.model.bf16())
+            ),
             weights: crate::ema::weights_label(config.train.ema_decay),
             test_pixels,
             test_labels,

@@ -13,6 +13,8 @@
 
 use std::cell::RefCell;
 
+use super::cpu::Level;
+
 /// f32 to bf16 bits, rounded to nearest, ties to even (a NaN stays a NaN).
 #[inline(always)]
 fn to_bf16(x: f32) -> u16 {
@@ -35,52 +37,146 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-/// Whether the products run on AMX tiles: the CPU has AMX-BF16 and the kernel lets this
-/// process use the tile registers (Linux hands them out on request only). Checked once.
-pub fn amx_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(amx::detect)
+/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile
+/// registers (Linux hands them out on request only): [`super::cpu`] asks once.
+pub(super) fn amx_detect() -> bool {
+    amx::detect()
+}
+
+/// [`amx::peak_loop`]: TDPBF16PS on tiles loaded once, `iterations` x 4 times.
+///
+/// # Safety
+/// Only where the CPU has AMX and the tiles were granted ([`super::cpu::Level::Amx`]).
+pub(super) unsafe fn amx_peak_loop(iterations: u64) -> f32 {
+    amx::peak_loop(iterations)
+}
+
+/// Which instructions multiply the bf16 factors. Every kernel computes the exact
+/// product of the rounded factors to f32's rounding of the sums; they differ in the
+/// order of those sums only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles: TDPBF16PS, a 16 x 32 by 32 x 16 block product per instruction.
+    Amx,
+    /// AVX-512 BF16: VDPBF16PS, 16 sums of a bf16 pair product each per instruction.
+    DotProducts,
+    /// No bf16 instruction: the rounded factors through the f32 product, slower than
+    /// f32 itself (an extra pass over both factors, nothing gained), kept so that a
+    /// forced `model.matmul = "bf16"` computes the same numbers on any CPU.
+    Rounded,
+}
+
+impl Kernel {
+    /// The fastest kernel the CPU (capped by `VITSCOPE_CPU`) may use.
+    pub fn current() -> Kernel {
+        Kernel::for_level(super::cpu::level())
+    }
+
+    fn for_level(level: Level) -> Kernel {
+        match level {
+            Level::Amx => Kernel::Amx,
+            Level::Avx512Bf16 => Kernel::DotProducts,
+            _ => Kernel::Rounded,
+        }
+    }
+
+    /// Every kernel this machine can run, slowest first.
+    pub fn runnable() -> Vec<Kernel> {
+        let mut kernels: Vec<Kernel> = super::cpu::runnable()
+            .into_iter()
+            .map(Kernel::for_level)
+            .collect();
+        kernels.dedup();
+        kernels
+    }
+
+    /// Whether the kernel runs on a bf16 instruction (and so is faster than f32).
+    pub fn is_native(self) -> bool {
+        self != Kernel::Rounded
+    }
+
+    /// In a few words, for the status line.
+    pub fn short(self) -> &'static str {
+        match self {
+            Kernel::Amx => "bf16 AMX",
+            Kernel::DotProducts => "bf16 AVX-512",
+            Kernel::Rounded => "bf16 via f32",
+        }
+    }
+
+    /// In words, for `bench` and run.log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kernel::Amx => "bf16 on AMX tiles",
+            Kernel::DotProducts => "bf16 on AVX-512 BF16 dot products",
+            Kernel::Rounded => {
+                "bf16 factors through the f32 product (no bf16 instruction here: slower than f32)"
+            }
+        }
+    }
 }
 
 /// The packed factors span whole tiles: 32 rows or columns (two tiles) and 32 values of
 /// the inner dimension.
 const BLOCK: usize = 32;
 
-/// A right-hand factor (k x n), packed once for every product that reads it.
+/// A right-hand factor (k x n), packed once for every product that reads it, for the
+/// kernel that will read it.
 pub struct PackedRhs {
     k: usize,
     n: usize,
+    kernel: Kernel,
     data: Packed,
 }
 
 enum Packed {
-    /// For the tiles: k/2 rows (padded to 16) of n pairs (padded to 32).
+    /// For the bf16 instructions: k/2 rows (padded to 16) of n pairs (padded to 32).
     Pairs(Vec<u32>),
-    /// Without AMX: the rounded values, k x n row-major.
+    /// Without them: the rounded values, k x n row-major.
     Rounded(Vec<f32>),
 }
 
 impl PackedRhs {
-    /// Packs the k x n matrix at `src`, element (i, j) at `src[i * rs + j * cs]`.
+    /// Packs the k x n matrix at `src`, element (i, j) at `src[i * rs + j * cs]`, for
+    /// [`Kernel::current`].
     ///
     /// # Safety
     /// `src` must cover the matrix its strides describe.
-    pub unsafe fn new((k, n): (usize, usize), src: *const f32, strides: (usize, usize)) -> Self {
-        let data = if amx_available() {
-            let mut pairs = Vec::new();
-            pack_rhs(&mut pairs, (k, n), src, strides);
-            Packed::Pairs(pairs)
-        } else {
-            let mut rounded = Vec::with_capacity(k * n);
-            for i in 0..k {
-                for j in 0..n {
-                    rounded.push(round(*src.add(i * strides.0 + j * strides.1)));
-                }
-            }
-            Packed::Rounded(rounded)
-        };
-        Self { k, n, data }
+    pub unsafe fn new(dims: (usize, usize), src: *const f32, strides: (usize, usize)) -> Self {
+        Self::for_kernel(Kernel::current(), dims, src, strides)
     }
+
+    /// As [`PackedRhs::new`], for `kernel` (one of [`Kernel::runnable`]).
+    ///
+    /// # Safety
+    /// As [`PackedRhs::new`].
+    pub unsafe fn for_kernel(
+        kernel: Kernel,
+        (k, n): (usize, usize),
+        src: *const f32,
+        strides: (usize, usize),
+    ) -> Self {
+        let data = match kernel {
+            Kernel::Amx | Kernel::DotProducts => {
+                let mut pairs = Vec::new();
+                pack_rhs(&mut pairs, (k, n), src, strides);
+                Packed::Pairs(pairs)
+            }
+            Kernel::Rounded => Packed::Rounded(rounded((k, n), src, strides)),
+        };
+        Self { k, n, kernel, data }
+    }
+}
+
+/// The m x n matrix at `src` rounded to bf16, row-major.
+unsafe fn rounded((m, n): (usize, usize), src: *const f32, (rs, cs): (usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            out.push(round(*src.add(i * rs + j * cs)));
+        }
+    }
+    out
 }
 
 /// Scratch space of one thread: packed left factors, packed right factors read once,
@@ -105,11 +201,76 @@ pub enum Rhs<'a> {
 
 /// `dst (m x n) (+)= round(lhs) (m x k) · round(rhs) (k x n)` with f32 sums, on the
 /// calling thread; strides in elements (rows, columns), as [`super::products::product`].
+/// A packed `rhs` says the kernel; a matrix goes to [`Kernel::current`].
 ///
 /// # Safety
 /// As [`super::products::product`]; a packed `rhs` must be k x n.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn product(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: Rhs,
+    accumulate: bool,
+) {
+    let kernel = match &rhs {
+        Rhs::Packed(p) => p.kernel,
+        Rhs::Matrix(..) => Kernel::current(),
+    };
+    let (m, n, k) = dims;
+    let threads = rayon::current_num_threads();
+    // A lane with several threads (more cores than micro-batches) splits the rows: on
+    // a bf16 instruction a value's sums do not depend on the rows around it, so the
+    // split changes no bit. A right factor read once is packed once, for all parts.
+    if kernel.is_native() && threads > 1 && m >= 2 * SPLIT_ROWS {
+        let packed;
+        let rhs = match rhs {
+            Rhs::Packed(p) => p,
+            Rhs::Matrix(src, strides) => {
+                packed = PackedRhs::for_kernel(kernel, (k, n), src, strides);
+                &packed
+            }
+        };
+        let parts = threads.min(m / SPLIT_ROWS);
+        let rows = m.div_ceil(parts).next_multiple_of(BLOCK);
+        let (dst, lhs) = (dst as usize, lhs as usize);
+        rayon::scope(|scope| {
+            for i0 in (0..m).step_by(rows) {
+                scope.spawn(move |_| {
+                    let (dst, lhs) = (dst as *mut f32, lhs as *const f32);
+                    // SAFETY: the parts write disjoint rows of dst.
+                    unsafe {
+                        product_on(
+                            kernel,
+                            (rows.min(m - i0), n, k),
+                            dst.add(i0 * dst_strides.0),
+                            dst_strides,
+                            lhs.add(i0 * lhs_strides.0),
+                            lhs_strides,
+                            Rhs::Packed(rhs),
+                            accumulate,
+                        )
+                    }
+                });
+            }
+        });
+        return;
+    }
+    product_on(kernel, dims, dst, dst_strides, lhs, lhs_strides, rhs, accumulate);
+}
+
+/// Fewest rows a thread multiplies when a product is split over a lane's threads.
+const SPLIT_ROWS: usize = 128;
+
+/// [`product`] on `kernel`, one of [`Kernel::runnable`].
+///
+/// # Safety
+/// As [`product`]; a packed `rhs` must have been packed for `kernel`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_on(
+    kernel: Kernel,
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_strides: (usize, usize),
@@ -120,8 +281,35 @@ pub unsafe fn product(
 ) {
     if let Rhs::Packed(p) = &rhs {
         assert_eq!((p.k, p.n), (k, n), "bf16 product: packed factor's shape");
+        assert_eq!(p.kernel, kernel, "bf16 product: packed for another kernel");
     }
     if m == 0 || n == 0 {
+        return;
+    }
+    if kernel == Kernel::Rounded {
+        let owned;
+        let r = match rhs {
+            Rhs::Packed(PackedRhs {
+                data: Packed::Rounded(r),
+                ..
+            }) => r,
+            Rhs::Packed(_) => unreachable!("packed for the rounded kernel (asserted)"),
+            Rhs::Matrix(src, strides) => {
+                owned = rounded((k, n), src, strides);
+                &owned
+            }
+        };
+        let a = rounded((m, k), lhs, lhs_strides);
+        super::products::product(
+            (m, n, k),
+            dst,
+            dst_strides,
+            a.as_ptr(),
+            (k, 1),
+            r.as_ptr(),
+            (n, 1),
+            (accumulate, gemm::Parallelism::None),
+        );
         return;
     }
     SCRATCH.with_borrow_mut(|s| {
@@ -132,73 +320,24 @@ pub unsafe fn product(
         } = s;
         let pairs = match rhs {
             Rhs::Packed(PackedRhs {
-                data: Packed::Rounded(r),
-                ..
-            }) => {
-                rounded_product(
-                    (m, n, k),
-                    dst,
-                    dst_strides,
-                    (lhs, lhs_strides),
-                    r,
-                    accumulate,
-                );
-                return;
-            }
-            Rhs::Matrix(src, strides) if !amx_available() => {
-                let r = PackedRhs::new((k, n), src, strides);
-                let Packed::Rounded(r) = &r.data else {
-                    unreachable!("packed without AMX")
-                };
-                rounded_product(
-                    (m, n, k),
-                    dst,
-                    dst_strides,
-                    (lhs, lhs_strides),
-                    r,
-                    accumulate,
-                );
-                return;
-            }
-            Rhs::Packed(PackedRhs {
                 data: Packed::Pairs(p),
                 ..
             }) => p.as_slice(),
+            Rhs::Packed(_) => unreachable!("packed for a bf16 instruction (asserted)"),
             Rhs::Matrix(src, strides) => {
                 pack_rhs(b, (k, n), src, strides);
                 b.as_slice()
             }
         };
         pack_lhs(a, (m, k), lhs, lhs_strides);
-        amx::multiply((m, n, k), dst, dst_strides, a, pairs, out, accumulate);
-    })
-}
-
-/// The product of rounded factors through the f32 kernel (no AMX).
-unsafe fn rounded_product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_strides: (usize, usize),
-    (lhs, (rs, cs)): (*const f32, (usize, usize)),
-    rhs: &[f32],
-    accumulate: bool,
-) {
-    let mut a = Vec::with_capacity(m * k);
-    for i in 0..m {
-        for j in 0..k {
-            a.push(round(*lhs.add(i * rs + j * cs)));
+        match kernel {
+            Kernel::Amx => amx::multiply((m, n, k), dst, dst_strides, a, pairs, out, accumulate),
+            Kernel::DotProducts => {
+                dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate)
+            }
+            Kernel::Rounded => unreachable!("handled above"),
         }
-    }
-    super::products::product(
-        (m, n, k),
-        dst,
-        dst_strides,
-        a.as_ptr(),
-        (k, 1),
-        rhs.as_ptr(),
-        (n, 1),
-        (accumulate, gemm::Parallelism::None),
-    );
+    })
 }
 
 /// Padded sizes of the packed factors: rows of the left one, columns of the right one,
@@ -247,9 +386,84 @@ fn pairs_across(
     }
 }
 
+/// `len` elements, whatever they held (the caller writes every one).
+fn resize_uninit(out: &mut Vec<u32>, len: usize) {
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out.truncate(len);
+}
+
+/// `dst[..padded_len]` = the `len` values at `src` as bf16, then zeros.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[inline]
+unsafe fn round_row(dst: *mut u16, src: *const f32, len: usize, padded_len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // 32 values at a time: two vectors rounded, their 32-bit lanes narrowed.
+        for c in (0..padded_len).step_by(32) {
+            let (a, b) = (lanes_from(c, len), lanes_from(c + 16, len));
+            let a = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(a, src.add(c))));
+            let b = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(b, src.add(c + 16))));
+            _mm256_storeu_si256(dst.add(c).cast(), a);
+            _mm256_storeu_si256(dst.add(c + 16).cast(), b);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for c in 0..padded_len {
+        *dst.add(c) = if c < len { to_bf16(*src.add(c)) } else { 0 };
+    }
+}
+
+/// `dst[..padded_len]` = pairs of the `len` values at `lo` and at `hi`, then zeros.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[inline]
+unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, padded_len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        for c in (0..padded_len).step_by(16) {
+            let mask = lanes_from(c, len);
+            let l = bf16_lanes(_mm512_maskz_loadu_ps(mask, lo.add(c)));
+            let h = bf16_lanes(_mm512_maskz_loadu_ps(mask, hi.add(c)));
+            let pairs = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+            _mm512_storeu_si512(dst.add(c).cast(), pairs);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for c in 0..padded_len {
+        *dst.add(c) = if c < len { pair(*lo.add(c), *hi.add(c)) } else { 0 };
+    }
+}
+
+/// The mask of the lanes c.. c + 16 that lie below `len`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_from(c: usize, len: usize) -> std::arch::x86_64::__mmask16 {
+    let n = len.saturating_sub(c).min(16);
+    ((1u32 << n) - 1) as u16
+}
+
+/// [`to_bf16`] of 16 values at once, each in the low half of a 32-bit lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn bf16_lanes(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let bits = _mm512_castps_si512(x);
+    let high = _mm512_srli_epi32(bits, 16);
+    let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+    let biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    let rounded = _mm512_srli_epi32(biased, 16);
+    let nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+    _mm512_mask_blend_epi32(nan, rounded, quiet)
+}
+
 /// Packs the left factor (m x k) as rows of bf16 pairs: `out` gets padded(m) rows of
-/// padded(k) / 2 pairs, zero where the matrix ends. Only on the AMX path (AVX-512 is
-/// there, and lets these loops run 16 values at a time).
+/// padded(k) / 2 pairs, zero where the matrix ends. Only for the bf16 instructions
+/// (AVX-512 is there with them, and lets these loops run 16 values at a time).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
 unsafe fn pack_lhs(
     out: &mut Vec<u32>,
@@ -258,18 +472,21 @@ unsafe fn pack_lhs(
     (rs, cs): (usize, usize),
 ) {
     let row_pairs = padded(k) / 2;
+    if cs == 1 {
+        // Rows contiguous (activations): a pair is two neighbours in a row. Every
+        // value of the m rows is written, padding included; only the rows past m are
+        // zeroed, not the whole buffer first.
+        resize_uninit(out, padded(m) * row_pairs);
+        for i in 0..m {
+            let dst = out.as_mut_ptr().add(i * row_pairs).cast::<u16>();
+            round_row(dst, src.add(i * rs), k, 2 * row_pairs);
+        }
+        out[m * row_pairs..].fill(0);
+        return;
+    }
     out.clear();
     out.resize(padded(m) * row_pairs, 0);
-    if cs == 1 {
-        // Rows contiguous (activations): a pair is two neighbours in a row.
-        for i in 0..m {
-            let row = std::slice::from_raw_parts(src.add(i * rs), k);
-            let dst = out.as_mut_ptr().add(i * row_pairs).cast::<u16>();
-            for (d, &x) in std::slice::from_raw_parts_mut(dst, k).iter_mut().zip(row) {
-                *d = to_bf16(x);
-            }
-        }
-    } else if rs == 1 {
+    if rs == 1 {
         // Columns contiguous (a transposed gradient): columns 2p and 2p + 1 make a line
         // of pairs along the rows, written down column p of pairs.
         pairs_across(out, row_pairs, (k.div_ceil(2), m), |p, i0, line| {
@@ -306,18 +523,24 @@ unsafe fn pack_rhs(
     (rs, cs): (usize, usize),
 ) {
     let np = padded(n);
+    if cs == 1 && n <= ZEROS.len() {
+        // Rows contiguous: two rows at a time, along them, padding included; only the
+        // pairs of rows past k are zeroed, not the whole buffer first.
+        resize_uninit(out, padded(k) / 2 * np);
+        for p in 0..k.div_ceil(2) {
+            let lo = src.add(2 * p * rs);
+            let hi = match 2 * p + 1 < k {
+                true => src.add((2 * p + 1) * rs),
+                false => ZEROS.as_ptr(),
+            };
+            pair_rows(out.as_mut_ptr().add(p * np), lo, hi, n, np);
+        }
+        out[k.div_ceil(2) * np..].fill(0);
+        return;
+    }
     out.clear();
     out.resize(padded(k) / 2 * np, 0);
-    if cs == 1 && n <= ZEROS.len() {
-        // Rows contiguous: two rows at a time, along them.
-        for p in 0..k.div_ceil(2) {
-            let lo = row_or_zeros(Some(src.add(2 * p * rs)), n);
-            let hi = row_or_zeros((2 * p + 1 < k).then(|| src.add((2 * p + 1) * rs)), n);
-            for ((d, &lo), &hi) in out[p * np..p * np + n].iter_mut().zip(lo).zip(hi) {
-                *d = pair(lo, hi);
-            }
-        }
-    } else if rs == 1 && k % 2 == 0 {
+    if rs == 1 && k % 2 == 0 {
         // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
         // neighbours in a column, so column j is a line of pairs, written down column j
         // of pairs.
@@ -340,6 +563,102 @@ unsafe fn pack_rhs(
                 out[p * np + j] = pair(at(2 * p, j), at(2 * p + 1, j));
             }
         }
+    }
+}
+
+/// The product on VDPBF16PS (AVX-512 BF16, e.g. AMD Zen 4 and 5, Intel Cooper Lake):
+/// one instruction multiplies 16 pairs of bf16 by 16 pairs and adds each pair's two
+/// products into one of 16 f32 sums, reading the right factor's pairs of rows exactly
+/// as the tiles do. Register blocking: 8 rows x 32 columns of sums (16 of the 32
+/// vector registers), one broadcast pair of a row against two loaded vectors of pairs.
+#[cfg(target_arch = "x86_64")]
+mod dot {
+    use super::padded;
+    use std::arch::x86_64::*;
+
+    /// Rows of the output per register block (divides the packed rows' padding, 32).
+    const ROWS: usize = 8;
+    /// Columns per register block: two vectors of 16 sums.
+    const COLS: usize = 32;
+
+    /// dst (+)= A · B from the packed factors (A padded(m) rows of padded(k) / 2
+    /// pairs, B padded(k) / 2 rows of padded(n) pairs). Each sum starts at zero and
+    /// runs over the inner dimension in order, so a value does not depend on the shape
+    /// around it; dst's old value is added at the end.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn multiply(
+        (m, n, k): (usize, usize, usize),
+        dst: *mut f32,
+        (dst_rs, dst_cs): (usize, usize),
+        a: &[u32],
+        b: &[u32],
+        accumulate: bool,
+    ) {
+        let (row_pairs, np) = (padded(k) / 2, padded(n));
+        // The padding of the inner dimension is zeros: no need to multiply it.
+        let pairs = k.div_ceil(2);
+        debug_assert!(a.len() >= padded(m) * row_pairs && b.len() >= row_pairs * np);
+        for j0 in (0..n).step_by(COLS) {
+            let cols = (n - j0).min(COLS);
+            let masks = [lane_mask(cols.min(16)), lane_mask(cols.saturating_sub(16))];
+            for i0 in (0..m).step_by(ROWS) {
+                let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
+                let a0 = a.as_ptr().add(i0 * row_pairs);
+                let mut bp = b.as_ptr().add(j0);
+                for p in 0..pairs {
+                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
+                    for (r, row) in sums.iter_mut().enumerate() {
+                        let x = *a0.add(r * row_pairs + p) as i32;
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
+                        row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                        row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+                    }
+                    bp = bp.add(np);
+                }
+                for (r, row) in sums.iter().enumerate().take(m - i0) {
+                    let d = dst.add((i0 + r) * dst_rs + j0 * dst_cs);
+                    if dst_cs == 1 {
+                        for (h, (&v, &mask)) in row.iter().zip(&masks).enumerate() {
+                            let d = d.add(16 * h);
+                            let v = match accumulate {
+                                true => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), v),
+                                false => v,
+                            };
+                            _mm512_mask_storeu_ps(d, mask, v);
+                        }
+                    } else {
+                        let mut values = [0f32; COLS];
+                        _mm512_storeu_ps(values.as_mut_ptr(), row[0]);
+                        _mm512_storeu_ps(values.as_mut_ptr().add(16), row[1]);
+                        for (c, &v) in values[..cols].iter().enumerate() {
+                            let d = d.add(c * dst_cs);
+                            *d = if accumulate { *d + v } else { v };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A mask of the first `lanes` of 16.
+    #[inline(always)]
+    fn lane_mask(lanes: usize) -> __mmask16 {
+        ((1u32 << lanes) - 1) as __mmask16
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod dot {
+    pub unsafe fn multiply(
+        _: (usize, usize, usize),
+        _: *mut f32,
+        _: (usize, usize),
+        _: &[u32],
+        _: &[u32],
+        _: bool,
+    ) {
+        unreachable!("VDPBF16PS products only run where the CPU has AVX-512 BF16")
     }
 }
 
@@ -454,6 +773,33 @@ mod amx {
         tile!(store "3", c3, c_stride);
     }
 
+    /// `iterations` rounds of four independent TDPBF16PS (tiles 0-3 += 4-5 x 6-7) on
+    /// tiles loaded once: the instruction's own rate, for `vitscope bench`.
+    pub unsafe fn peak_loop(iterations: u64) -> f32 {
+        #[repr(C, align(64))]
+        struct Block([u32; 256]);
+        let ones = Block([0x3f80_3f80; 256]);
+        let mut out = Block([0; 256]);
+        asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
+        tile!(zero "0");
+        tile!(zero "1");
+        tile!(zero "2");
+        tile!(zero "3");
+        tile!(load "4", ones.0.as_ptr(), 64usize);
+        tile!(load "5", ones.0.as_ptr(), 64usize);
+        tile!(load "6", ones.0.as_ptr(), 64usize);
+        tile!(load "7", ones.0.as_ptr(), 64usize);
+        for _ in 0..iterations {
+            tile!(dot "0", "4", "6");
+            tile!(dot "1", "4", "7");
+            tile!(dot "2", "5", "6");
+            tile!(dot "3", "5", "7");
+        }
+        tile!(store "0", out.0.as_mut_ptr(), 64usize);
+        asm!("tilerelease", options(nostack, preserves_flags, nomem));
+        f32::from_bits(out.0[0])
+    }
+
     /// dst (+)= A · B from the packed factors. The tiles write straight into `dst` when
     /// its rows are contiguous and the shape is whole blocks; else into `out`, then added.
     pub unsafe fn multiply(
@@ -518,7 +864,10 @@ mod amx {
         _: &mut Vec<f32>,
         _: bool,
     ) {
-        unreachable!("AMX products only run where amx_available()")
+        unreachable!("AMX products only run where the CPU has AMX")
+    }
+    pub unsafe fn peak_loop(_: u64) -> f32 {
+        unreachable!("AMX products only run where the CPU has AMX")
     }
 }
 
@@ -540,6 +889,55 @@ mod tests {
         assert!(round(f32::NAN).is_nan());
     }
 
+    /// The vector packing rounds every value as [`to_bf16`] does (ties to even, NaN
+    /// kept, infinities, subnormals) and pads with zeros, for both factors' layouts.
+    #[test]
+    fn packing_rounds_every_value_as_the_scalar_rounding() {
+        if Kernel::current() == Kernel::Rounded {
+            eprintln!("no bf16 instruction here: the packing (AVX-512) cannot run");
+            return;
+        }
+        let special = [
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            -(1.0 + 2f32.powi(-8)),
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            1e-40,
+            -0.0,
+        ];
+        let (m, k) = (3, 37);
+        let src: Vec<f32> = (0..m * k)
+            .map(|i| special.get(i % 13).copied().unwrap_or(i as f32 * 0.37 - 5.0))
+            .collect();
+        let mut lhs = vec![7u32; 5];
+        let mut rhs = vec![7u32; 5];
+        // SAFETY: src holds m x k values, read along rows (and as k x m transposed).
+        unsafe {
+            pack_lhs(&mut lhs, (m, k), src.as_ptr(), (k, 1));
+            pack_rhs(&mut rhs, (m, k), src.as_ptr(), (k, 1));
+        }
+        let halves: Vec<u16> = lhs.iter().flat_map(|p| [*p as u16, (p >> 16) as u16]).collect();
+        let row = padded(k);
+        assert_eq!(halves.len(), padded(m) * row);
+        for i in 0..padded(m) {
+            for j in 0..row {
+                let want = if i < m && j < k { to_bf16(src[i * k + j]) } else { 0 };
+                assert_eq!(halves[i * row + j], want, "left factor ({i}, {j})");
+            }
+        }
+        let np = padded(k);
+        for p in 0..padded(m) / 2 {
+            for j in 0..np {
+                let at = |i: usize| if i < m && j < k { to_bf16(src[i * k + j]) } else { 0 };
+                let want = at(2 * p) as u32 | (at(2 * p + 1) as u32) << 16;
+                assert_eq!(rhs[p * np + j], want, "right factor pair ({p}, {j})");
+            }
+        }
+    }
+
     /// A small deterministic generator of values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -553,9 +951,11 @@ mod tests {
             .collect()
     }
 
-    /// Every layout the linear layers use, and shapes that are not whole tiles: the
-    /// product equals the exact product of the rounded factors to f32's rounding of the
-    /// sums, and differs from the unrounded product by what bf16 rounding explains.
+    /// Every layout the linear layers use, and shapes that are not whole tiles, on every
+    /// kernel this machine can run: the product equals the exact product of the rounded
+    /// factors to f32's rounding of the sums, and differs from the unrounded product by
+    /// what bf16's rounding of each factor (8 significant bits: 2^-8 relatively, so
+    /// 2^-7 + 2^-16 for a product of two) explains, element by element.
     #[test]
     fn products_match_the_exact_product_of_rounded_factors() {
         // (m, n, k, lhs transposed, rhs transposed, destination transposed, accumulate)
@@ -566,91 +966,128 @@ mod tests {
             (5, 7, 3, false, false, false, false),
             (33, 47, 70, true, true, true, true),
             (64, 64, 32, false, true, false, false),
+            (9, 17, 1, false, false, true, false),
         ];
-        for (case, &(m, n, k, lt, rt, dt, acc)) in cases.iter().enumerate() {
-            let (a, b) = (
-                values(m * k, 1 + case as u64),
-                values(k * n, 100 + case as u64),
-            );
-            let c0 = values(m * n, 200);
-            let ls = if lt { (1, m) } else { (k, 1) };
-            let rs = if rt { (1, k) } else { (n, 1) };
-            let ds = if dt { (1, m) } else { (n, 1) };
-            let run = |packed: bool| {
-                let mut c = c0.clone();
-                let p = unsafe { PackedRhs::new((k, n), b.as_ptr(), rs) };
-                let rhs = match packed {
-                    true => Rhs::Packed(&p),
-                    false => Rhs::Matrix(b.as_ptr(), rs),
+        let skipped = crate::ops::cpu::not_runnable();
+        if !skipped.is_empty() {
+            eprintln!("bf16 products: this CPU cannot run the levels {skipped:?}; not tested here");
+        }
+        for kernel in Kernel::runnable() {
+            for (case, &(m, n, k, lt, rt, dt, acc)) in cases.iter().enumerate() {
+                let (a, b) = (
+                    values(m * k, 1 + case as u64),
+                    values(k * n, 100 + case as u64),
+                );
+                let c0 = values(m * n, 200);
+                let ls = if lt { (1, m) } else { (k, 1) };
+                let rs = if rt { (1, k) } else { (n, 1) };
+                let ds = if dt { (1, m) } else { (n, 1) };
+                let run = |packed: bool| {
+                    let mut c = c0.clone();
+                    let p = unsafe { PackedRhs::for_kernel(kernel, (k, n), b.as_ptr(), rs) };
+                    let rhs = match packed {
+                        true => Rhs::Packed(&p),
+                        false => Rhs::Matrix(b.as_ptr(), rs),
+                    };
+                    // SAFETY: every matrix is allocated at the size its strides describe.
+                    unsafe {
+                        product_on(
+                            kernel,
+                            (m, n, k),
+                            c.as_mut_ptr(),
+                            ds,
+                            a.as_ptr(),
+                            ls,
+                            rhs,
+                            acc,
+                        )
+                    };
+                    c
                 };
-                // SAFETY: every matrix is allocated at the size its strides describe.
-                unsafe { product((m, n, k), c.as_mut_ptr(), ds, a.as_ptr(), ls, rhs, acc) };
-                c
-            };
-            let (c, c_packed) = (run(false), run(true));
-            assert_eq!(c, c_packed, "case {case}: packed once or per product");
-            let (mut worst_rounded, mut worst_exact) = (0f64, 0f64);
-            for i in 0..m {
-                for j in 0..n {
-                    let (mut rounded, mut exact) = (0f64, 0f64);
-                    for l in 0..k {
-                        let (x, y) = (a[i * ls.0 + l * ls.1], b[l * rs.0 + j * rs.1]);
-                        rounded += round(x) as f64 * round(y) as f64;
-                        exact += x as f64 * y as f64;
+                let (c, c_packed) = (run(false), run(true));
+                assert_eq!(c, c_packed, "{kernel:?} case {case}: packed once or per product");
+                let mut rounding_seen = 0f64;
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut rounded, mut exact, mut size) = (0f64, 0f64, 0f64);
+                        for l in 0..k {
+                            let (x, y) = (a[i * ls.0 + l * ls.1], b[l * rs.0 + j * rs.1]);
+                            rounded += round(x) as f64 * round(y) as f64;
+                            exact += x as f64 * y as f64;
+                            size += (x as f64 * y as f64).abs();
+                        }
+                        let d = i * ds.0 + j * ds.1;
+                        let old = if acc { c0[d] as f64 } else { 0.0 };
+                        let got = c[d] as f64 - old;
+                        // f32 sums of k terms (and the final addition to the old value):
+                        // (k + 1) * 2^-24 relative to the sum of the terms' sizes.
+                        let sums = (k + 1) as f64 * 2f64.powi(-24) * (size + old.abs());
+                        assert!(
+                            (got - rounded).abs() <= sums,
+                            "{kernel:?} case {case} ({i}, {j}): {got} against {rounded}"
+                        );
+                        let factors = (2f64.powi(-7) + 2f64.powi(-16)) * size;
+                        assert!(
+                            (got - exact).abs() <= factors + sums,
+                            "{kernel:?} case {case} ({i}, {j}): {got} against exact {exact}"
+                        );
+                        rounding_seen = rounding_seen.max((got - exact).abs() / size.max(1e-30));
                     }
-                    let d = i * ds.0 + j * ds.1;
-                    let got = c[d] as f64 - if acc { c0[d] as f64 } else { 0.0 };
-                    worst_rounded = worst_rounded.max((got - rounded).abs());
-                    worst_exact = worst_exact.max((got - exact).abs());
                 }
+                // bf16's rounding is far larger than f32's: a product that skipped it
+                // would sit within the first bound of the exact one too.
+                assert!(
+                    rounding_seen > 2f64.powi(-12),
+                    "{kernel:?} case {case}: the factors were not rounded ({rounding_seen:e})"
+                );
             }
-            // f32 sums of k terms of size <= 1: within k ulps of 1 (k * 1.2e-7).
-            assert!(
-                worst_rounded <= k as f64 * 1.2e-7,
-                "case {case}: {worst_rounded:e}"
-            );
-            // bf16 rounds each factor by up to 2^-9 relatively: far more than f32 sums,
-            // so a product that skipped the rounding would fail the bound above.
-            assert!(
-                worst_exact > 1e-4,
-                "case {case}: the factors were not rounded"
-            );
-            assert!(
-                worst_exact < k as f64 * 2f64.powi(-8),
-                "case {case}: {worst_exact:e}"
-            );
         }
     }
 
+    /// A lane with several threads splits a product's rows between them; on a bf16
+    /// instruction that changes no bit (so results do not depend on `--threads`).
     #[test]
-    fn the_fallback_without_amx_gives_the_tiles_products_to_f32_rounding() {
-        let (m, n, k) = (64, 96, 96);
-        let (a, b) = (values(m * k, 7), values(k * n, 8));
-        let mut tiles = vec![0f32; m * n];
-        let mut fallback = vec![0f32; m * n];
-        let rounded_b: Vec<f32> = b.iter().map(|&x| round(x)).collect();
-        // SAFETY: the matrices are allocated at their shapes.
-        unsafe {
-            product(
-                (m, n, k),
-                tiles.as_mut_ptr(),
-                (n, 1),
-                a.as_ptr(),
-                (k, 1),
-                Rhs::Matrix(b.as_ptr(), (n, 1)),
-                false,
-            );
-            rounded_product(
-                (m, n, k),
-                fallback.as_mut_ptr(),
-                (n, 1),
-                (a.as_ptr(), (k, 1)),
-                &rounded_b,
-                false,
-            );
+    fn a_product_split_over_threads_changes_no_bit() {
+        let kernel = Kernel::current();
+        if !kernel.is_native() {
+            eprintln!("no bf16 instruction here: products are not split, nothing to test");
+            return;
         }
-        for (x, y) in tiles.iter().zip(&fallback) {
-            assert!((x - y).abs() <= 1e-5, "{x} against {y}");
-        }
+        let (m, n, k) = (1000, 96, 192);
+        let (a, b) = (values(m * k, 3), values(k * n, 4));
+        let c0 = values(m * n, 5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = c0.clone();
+            pool.install(|| unsafe {
+                // SAFETY: the matrices are allocated at their shapes.
+                product(
+                    (m, n, k),
+                    c.as_mut_ptr(),
+                    (n, 1),
+                    a.as_ptr(),
+                    (k, 1),
+                    Rhs::Matrix(b.as_ptr(), (1, k)),
+                    true,
+                )
+            });
+            c
+        };
+        let one = run(1);
+        assert_ne!(one, c0);
+        assert_eq!(one, run(3), "{kernel:?}: 3 threads against 1");
+    }
+
+    /// The dispatcher's choice: bf16 instructions where the (capped) CPU has them.
+    #[test]
+    fn the_current_kernel_is_the_fastest_runnable_one() {
+        let runnable = Kernel::runnable();
+        assert_eq!(runnable.last(), Some(&Kernel::current()));
+        assert_eq!(runnable[0], Kernel::Rounded);
+        let level = crate::ops::cpu::level();
+        assert_eq!(Kernel::current().is_native(), level >= Level::Avx512Bf16);
     }
 }

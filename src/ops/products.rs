@@ -1,5 +1,5 @@
-//! Matrix products: the gemm crate's f32 kernels, or bf16 factors on AMX tiles
-//! ([`super::bf16`]) as `model.matmul` says, behind one call the ops share.
+//! Matrix products: the gemm crate's f32 kernels, or bf16 factors on AMX tiles or
+//! AVX-512 BF16 dot products ([`super::bf16`]) as `model.matmul` says, behind one call the ops share.
 
 use super::bf16::{self, PackedRhs};
 use super::Real;
@@ -159,12 +159,19 @@ pub fn time_products(rows: usize, k: usize, n: usize, reps: usize, bf16: bool) -
     start.elapsed().as_secs_f64()
 }
 
-/// What the blocks' products run on with `model.matmul`, in words.
+/// What the blocks' products run on, bf16 or not, in words.
 pub fn matmul_kind(bf16: bool) -> &'static str {
-    match (bf16, bf16::amx_available()) {
-        (false, _) => "f32",
-        (true, true) => "bf16 on AMX tiles",
-        (true, false) => "bf16 factors in f32 products, no AMX here",
+    match bf16 {
+        false => "f32",
+        true => bf16::Kernel::current().describe(),
+    }
+}
+
+/// [`matmul_kind`] in a few words, for the status line.
+pub fn matmul_short(bf16: bool) -> &'static str {
+    match bf16 {
+        false => "f32",
+        true => bf16::Kernel::current().short(),
     }
 }
 

@@ -43,9 +43,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(s, patch=4, d=96, depth=6, h=3, m=192, init="pytorch"):
+    def __init__(s, patch=4, d=96, depth=6, h=3, m=192, init="pytorch", pool="cls"):
         super().__init__()
-        s.patch = patch
+        s.patch, s.pool = patch, pool
         s.embed = nn.Linear(3 * patch * patch, d)
         s.cls = nn.Parameter(torch.zeros(1, 1, d))
         s.pos = nn.Parameter(torch.zeros(1, (32 // patch) ** 2 + 1, d))
@@ -62,10 +62,14 @@ class ViT(nn.Module):
     def forward(s, img):
         b, p = img.shape[0], s.patch
         x = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * p * p)
-        x = torch.cat([s.cls.expand(b, -1, -1), s.embed(x)], 1) + s.pos
+        if s.pool == "mean":
+            x = s.embed(x) + s.pos[:, 1:]
+        else:
+            x = torch.cat([s.cls.expand(b, -1, -1), s.embed(x)], 1) + s.pos
         for blk in s.blocks:
             x = blk(x)
-        return s.head(s.norm(x)[:, 0])
+        x = s.norm(x)
+        return s.head(x.mean(1) if s.pool == "mean" else x[:, 0])
 
 
 def main():
