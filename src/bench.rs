@@ -223,7 +223,7 @@ pub fn run(
     let n = steps.max(1) as f64;
     Ok(BenchReport {
         model: format!(
-            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{}, {} products)",
+            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{}; products: {})",
             m.patch_size,
             m.dim,
             m.depth,

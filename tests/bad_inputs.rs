@@ -262,3 +262,24 @@ fn bad_inputs_fail_in_a_few_lines_and_touch_nothing() {
     }
     assert!(cases.len() >= 38, "{}", cases.len());
 }
+
+/// A `VITSCOPE_CPU` that names no instruction level is refused in one line that names
+/// the variable and the levels it takes, before any work starts.
+#[test]
+fn an_unknown_cpu_level_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitscope"))
+        .args(["bench", "--steps", "1"])
+        .current_dir(tmp.path())
+        .env("VITSCOPE_CPU", "avx1024")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("VITSCOPE_CPU=avx1024") && stderr.contains("avx512bf16"),
+        "{stderr}"
+    );
+    assert!(tree(tmp.path()).is_empty());
+}

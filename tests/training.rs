@@ -168,6 +168,41 @@ fn resuming_gives_the_same_losses_as_training_straight_through() {
     ]);
 }
 
+/// run.log names the products each process trained with; a resume with other products
+/// (another kind of CPU, or here a forced `model.matmul`) says so in one line, and one
+/// on the same kind says nothing.
+#[test]
+fn a_resume_with_other_products_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tiny_config(&["train.max_steps=2", "model.matmul=f32"]);
+    let run = RunDir::create(tmp.path(), Some(&tmp.path().join("run")), &first).unwrap();
+    run_to_end(&first, &run, false);
+    let warnings = |events: &[Event]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Log(m) if m.contains("no longer bit-identical") => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let same = tiny_config(&["train.max_steps=3", "model.matmul=f32"]);
+    assert_eq!(
+        warnings(&run_to_end(&same, &run, true)),
+        Vec::<String>::new()
+    );
+    let other = tiny_config(&["train.max_steps=4", "model.matmul=bf16"]);
+    let said = warnings(&run_to_end(&other, &run, true));
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("products f32") && said[0].contains("bf16"),
+        "{said:?}"
+    );
+    let log = std::fs::read_to_string(run.file("run.log")).unwrap();
+    assert_eq!(log.matches("no longer bit-identical").count(), 1, "{log}");
+    assert_eq!(log.matches("products: ").count(), 3, "{log}");
+}
+
 #[test]
 fn a_run_killed_after_its_checkpoint_resumes_from_it() {
     let tmp = tempfile::tempdir().unwrap();

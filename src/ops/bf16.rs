@@ -258,7 +258,16 @@ pub unsafe fn product(
         });
         return;
     }
-    product_on(kernel, dims, dst, dst_strides, lhs, lhs_strides, rhs, accumulate);
+    product_on(
+        kernel,
+        dims,
+        dst,
+        dst_strides,
+        lhs,
+        lhs_strides,
+        rhs,
+        accumulate,
+    );
 }
 
 /// Fewest rows a thread multiplies when a product is split over a lane's threads.
@@ -332,9 +341,7 @@ unsafe fn product_on(
         pack_lhs(a, (m, k), lhs, lhs_strides);
         match kernel {
             Kernel::Amx => amx::multiply((m, n, k), dst, dst_strides, a, pairs, out, accumulate),
-            Kernel::DotProducts => {
-                dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate)
-            }
+            Kernel::DotProducts => dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate),
             Kernel::Rounded => unreachable!("handled above"),
         }
     })
@@ -433,7 +440,11 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
     }
     #[cfg(not(target_arch = "x86_64"))]
     for c in 0..padded_len {
-        *dst.add(c) = if c < len { pair(*lo.add(c), *hi.add(c)) } else { 0 };
+        *dst.add(c) = if c < len {
+            pair(*lo.add(c), *hi.add(c))
+        } else {
+            0
+        };
     }
 }
 
@@ -910,7 +921,12 @@ mod tests {
         ];
         let (m, k) = (3, 37);
         let src: Vec<f32> = (0..m * k)
-            .map(|i| special.get(i % 13).copied().unwrap_or(i as f32 * 0.37 - 5.0))
+            .map(|i| {
+                special
+                    .get(i % 13)
+                    .copied()
+                    .unwrap_or(i as f32 * 0.37 - 5.0)
+            })
             .collect();
         let mut lhs = vec![7u32; 5];
         let mut rhs = vec![7u32; 5];
@@ -919,19 +935,32 @@ mod tests {
             pack_lhs(&mut lhs, (m, k), src.as_ptr(), (k, 1));
             pack_rhs(&mut rhs, (m, k), src.as_ptr(), (k, 1));
         }
-        let halves: Vec<u16> = lhs.iter().flat_map(|p| [*p as u16, (p >> 16) as u16]).collect();
+        let halves: Vec<u16> = lhs
+            .iter()
+            .flat_map(|p| [*p as u16, (p >> 16) as u16])
+            .collect();
         let row = padded(k);
         assert_eq!(halves.len(), padded(m) * row);
         for i in 0..padded(m) {
             for j in 0..row {
-                let want = if i < m && j < k { to_bf16(src[i * k + j]) } else { 0 };
+                let want = if i < m && j < k {
+                    to_bf16(src[i * k + j])
+                } else {
+                    0
+                };
                 assert_eq!(halves[i * row + j], want, "left factor ({i}, {j})");
             }
         }
         let np = padded(k);
         for p in 0..padded(m) / 2 {
             for j in 0..np {
-                let at = |i: usize| if i < m && j < k { to_bf16(src[i * k + j]) } else { 0 };
+                let at = |i: usize| {
+                    if i < m && j < k {
+                        to_bf16(src[i * k + j])
+                    } else {
+                        0
+                    }
+                };
                 let want = at(2 * p) as u32 | (at(2 * p + 1) as u32) << 16;
                 assert_eq!(rhs[p * np + j], want, "right factor pair ({p}, {j})");
             }
@@ -1005,7 +1034,10 @@ mod tests {
                     c
                 };
                 let (c, c_packed) = (run(false), run(true));
-                assert_eq!(c, c_packed, "{kernel:?} case {case}: packed once or per product");
+                assert_eq!(
+                    c, c_packed,
+                    "{kernel:?} case {case}: packed once or per product"
+                );
                 let mut rounding_seen = 0f64;
                 for i in 0..m {
                     for j in 0..n {

@@ -119,18 +119,19 @@ mod tests {
     use super::*;
 
     /// The loop measures something plausible on every kind this machine runs: between
-    /// 1 GFLOP/s and 2 TFLOP/s a core (the tiles' peak is about 1 TFLOP/s at 2 GHz).
+    /// 1 GFLOP/s and 20 TFLOP/s a core (the tiles' peak, the highest, is about 1,024
+    /// FLOP a cycle: 2-4 TFLOP/s). A sanity check, not a speed target: it catches a
+    /// loop the compiler dropped or a count off by orders of magnitude.
     #[test]
     fn the_instruction_peak_is_a_plausible_rate() {
-        for bf16 in [false, true] {
-            if let Some(peak) = measure(bf16) {
-                assert!(
-                    peak.gflops > 1.0 && peak.gflops < 2000.0,
-                    "{}: {} GFLOP/s",
-                    peak.how,
-                    peak.gflops
-                );
-            }
+        let (f32, bf16) = (measure(false), measure(true));
+        for peak in [&f32, &bf16].into_iter().flatten() {
+            assert!(
+                peak.gflops > 1.0 && peak.gflops < 20_000.0,
+                "{}: {} GFLOP/s",
+                peak.how,
+                peak.gflops
+            );
         }
     }
 }
