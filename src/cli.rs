@@ -1,5 +1,7 @@
 //! The command line: `vitscope [train] ...` and `vitscope bench`.
 
+pub mod bench;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::events::{Control, Event};
 use crate::headless::HeadlessPrinter;
-use crate::memory::Workload;
 use crate::run::RunDir;
+use crate::train::memory::Workload;
 use crate::ui::app::{App, Mode};
 use crate::ui::theme::{ColorMode, Theme};
 
@@ -251,9 +253,17 @@ impl TrainArgs {
 }
 
 /// The memory estimate of `config`, refused when more than the machine has available.
-fn fits_in_memory(config: &Config, workload: Workload) -> Result<crate::memory::Estimate, String> {
+fn fits_in_memory(
+    config: &Config,
+    workload: Workload,
+) -> Result<crate::train::memory::Estimate, String> {
     let threads = candle_core::utils::get_num_threads();
-    crate::memory::check(config, workload, threads, crate::memory::available_bytes())
+    crate::train::memory::check(
+        config,
+        workload,
+        threads,
+        crate::train::memory::available_bytes(),
+    )
 }
 
 /// Runs training with plain-text progress; Ctrl-C stops cleanly with a checkpoint.
@@ -317,7 +327,7 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
     }
     if let (Ok(_), Some(peak)) = (&outcome, crate::sys::peak_rss_bytes()) {
         let threads = candle_core::utils::get_num_threads();
-        let estimate = crate::memory::estimate(&config, Workload::Headless, threads).total();
+        let estimate = crate::train::memory::estimate(&config, Workload::Headless, threads).total();
         println!(
             "peak memory (RSS): {:.0} MB (estimated before training: {:.0} MB)",
             peak as f64 / 1e6,
@@ -370,7 +380,7 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
 /// One run's dashboard, or several runs compared.
 pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
     match args.runs.as_slice() {
-        [one] if crate::compare::is_run(one) || !one.is_dir() => view_run(one, args),
+        [one] if crate::run::compare::is_run(one) || !one.is_dir() => view_run(one, args),
         paths => view_runs(paths, args),
     }
 }
@@ -379,7 +389,7 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
 /// a terminal, a line per run.
 fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
     let opened = std::time::Instant::now();
-    let mut comparison = crate::compare::Comparison::open(paths)?;
+    let mut comparison = crate::run::compare::Comparison::open(paths)?;
     let open_secs = opened.elapsed().as_secs_f64();
     if !std::io::stdout().is_terminal() {
         for (run, label) in comparison.runs.iter().zip(comparison.labels()) {
@@ -403,10 +413,10 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
         sets.push("ui.color=\"none\"".into());
     }
     let config = Config::load(None, &sets).map_err(|e| e.to_string())?;
-    let mut view = crate::ui::runs::RunsView::new(theme_for(&config).0);
+    let mut view = crate::ui::tabs::runs::RunsView::new(theme_for(&config).0);
     let mut stats = crate::ui::DashboardStats::default();
     loop {
-        match crate::ui::runs::run_screen(&mut comparison, &mut view, &mut stats) {
+        match crate::ui::tabs::runs::run_screen(&mut comparison, &mut view, &mut stats) {
             Ok(Some(i)) => {
                 let dir = comparison.runs[i].dir.clone();
                 view_run(&dir, args)?;
@@ -443,7 +453,7 @@ fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode, String> {
     let config =
         Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets).map_err(|e| e.to_string())?;
     if !std::io::stdout().is_terminal() {
-        let mut follower = crate::follow::Follower::new(run);
+        let mut follower = crate::run::follow::Follower::new(run);
         let mut events = follower.start().map_err(|e| e.to_string())?;
         events.extend(follower.poll());
         // About a hundred training lines however long the run, plus the last one.
@@ -465,7 +475,7 @@ fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode, String> {
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let name = run_name(&run);
-    crate::follow::spawn(run, tx, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    crate::run::follow::spawn(run, tx, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     let (theme, why) = theme_for(&config);
     let mut app = App::new(Mode::View, theme, name, &config);
     app.color_note = why;
@@ -483,7 +493,7 @@ pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
             "--resume does not apply to a sweep: run the same sweep again to continue it".into(),
         );
     }
-    let (axes, fixed) = crate::sweep::axes(&base.config.set)?;
+    let (axes, fixed) = crate::run::sweep::axes(&base.config.set)?;
     if axes.is_empty() {
         return Err("nothing to sweep: give at least one --set KEY=A,B,…".into());
     }
@@ -495,14 +505,14 @@ pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
             Path::new(&config.run.dir).join("sweep")
         }
     };
-    let combos = crate::sweep::combinations(&axes);
+    let combos = crate::run::sweep::combinations(&axes);
     // Every combination's configuration is checked before anything trains.
     let runs: Vec<(String, TrainArgs)> = combos
         .iter()
         .map(|combo| {
             let mut sets = fixed.clone();
             sets.extend(combo.iter().map(|(k, v)| format!("{k}={v}")));
-            let name = crate::sweep::run_name(combo);
+            let name = crate::run::sweep::run_name(combo);
             let mut run = base.clone();
             run.config.set = sets;
             run.headless = true;
@@ -517,7 +527,7 @@ pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
     for (i, (name, mut run)) in runs.into_iter().enumerate() {
         let dir = folder.join(&name);
         let head = format!("sweep {}/{}: {name}", i + 1, combos.len());
-        if crate::sweep::is_finished(&dir) {
+        if crate::run::sweep::is_finished(&dir) {
             println!("{head}: finished before, skipped");
             continue;
         }
@@ -530,7 +540,7 @@ pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
             println!("{head}: {}", dir.display());
         }
         train_headless(&run)?;
-        if !crate::sweep::is_finished(&dir) {
+        if !crate::run::sweep::is_finished(&dir) {
             println!("sweep stopped during {name}; run the same command again to continue");
             return Ok(ExitCode::SUCCESS);
         }
@@ -589,7 +599,7 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, String> {
         return Err("--steps must be at least 1".into());
     }
     let estimate = fits_in_memory(&config, Workload::Bench)?;
-    let report = crate::bench::run(&config, args.warmup, args.steps, estimate.total())
+    let report = crate::cli::bench::run(&config, args.warmup, args.steps, estimate.total())
         .map_err(|e| format!("benchmark failed: {e}"))?;
     if args.json {
         println!(

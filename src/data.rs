@@ -101,7 +101,7 @@ impl Dataset {
                 config.data.synthetic_test_size,
             )),
             DatasetKind::Cifar10 => {
-                let dir = cifar::locate_or_download(&config.data, progress)?;
+                let dir = download::locate_or_download(&config.data, progress)?;
                 cifar::load_dir(&dir, progress)
             }
         }

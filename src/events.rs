@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::data::LoadProgress;
-use crate::predictions::Predictions;
-use crate::probe::ProbeSnapshot;
+use crate::inspect::predictions::Predictions;
+use crate::inspect::probe::ProbeSnapshot;
 
 /// One training step, as written to `metrics.jsonl` (`"kind":"train"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,7 +154,7 @@ pub enum Event {
     },
     Log(String),
     /// A budgeted run measured its speed and fixed its length.
-    Sized(crate::budget::Sizing),
+    Sized(Sizing),
     /// The run ended normally; `reason` says why (all epochs done, max steps, stopped).
     Finished {
         step: u64,
@@ -195,5 +195,28 @@ impl Sink for tokio::sync::mpsc::Sender<Event> {
 impl Sink for Vec<Event> {
     fn send(&mut self, event: Event) {
         self.push(event);
+    }
+}
+
+/// What a budgeted run's measurement decided ([`crate::train::budget::size`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sizing {
+    /// The run ends after this many optimizer steps (also the schedule's horizon).
+    pub final_step: u64,
+    /// Epochs begun by then (the last one may be partial).
+    pub epochs: u64,
+    pub secs_per_step: f64,
+    /// One evaluation of the whole test set.
+    pub eval_secs: f64,
+    /// Training and evaluations as planned, from the run's first step.
+    pub planned_secs: f64,
+}
+
+/// Which weights evaluations, probes and predictions show, in words.
+pub fn weights_label(ema_decay: f64) -> String {
+    if ema_decay > 0.0 {
+        format!("EMA weights ({ema_decay})")
+    } else {
+        "raw weights".into()
     }
 }

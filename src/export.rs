@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::events::{EvalRecord, MetricRecord, TrainRecord};
-use crate::probe::ProbeSnapshot;
+use crate::inspect::probe::ProbeSnapshot;
 use crate::run::RunDir;
 
 /// What can be exported; none named means all of them.
@@ -130,7 +130,7 @@ impl Source {
                 MetricRecord::Eval(r) => evals.push(r),
             }
         }
-        let info = crate::follow::run_info(&run, &config, 0);
+        let info = crate::run::follow::run_info(&run, &config, 0);
         let (test_pixels, test_labels) = run.read_test_images().unwrap_or_default();
         Ok(Self {
             config,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::data::LoadProgress;
 use crate::events::{EvalRecord, Event, MetricRecord, RunInfo, TrainRecord};
-use crate::milestones::{self, clock};
+use crate::run::milestones::{self, clock};
 
 pub struct HeadlessPrinter<W: Write> {
     out: W,
@@ -325,7 +325,7 @@ mod tests {
         let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
         p.handle(&Event::Started(info()));
         for (epoch, accuracy, secs) in [(1, 0.25, 100.0), (2, 0.41, 200.0), (3, 0.38, 300.0)] {
-            p.handle(&Event::Eval(crate::milestones::test_eval(
+            p.handle(&Event::Eval(crate::run::milestones::test_eval(
                 epoch, accuracy, secs,
             )));
         }
@@ -350,9 +350,11 @@ mod tests {
         let mut p = HeadlessPrinter::new(Vec::new(), Duration::from_secs(3600), false);
         p.handle(&Event::Started(info()));
         let earlier = [(1, 0.35, 100.0), (2, 0.52, 200.0)]
-            .map(|(e, a, s)| MetricRecord::Eval(crate::milestones::test_eval(e, a, s)));
+            .map(|(e, a, s)| MetricRecord::Eval(crate::run::milestones::test_eval(e, a, s)));
         p.handle(&Event::History(std::sync::Arc::new(earlier.to_vec())));
-        p.handle(&Event::Eval(crate::milestones::test_eval(3, 0.48, 300.0)));
+        p.handle(&Event::Eval(crate::run::milestones::test_eval(
+            3, 0.48, 300.0,
+        )));
         p.handle(&Event::Finished {
             step: 30,
             reason: "done".into(),

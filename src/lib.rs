@@ -7,30 +7,17 @@
 //! dashboard that draws those events, [`follow`] replays a run directory as events,
 //! [`headless`] prints them as lines; [`bench`] measures speed; [`cli`] ties it together.
 
-pub mod attention;
-pub mod bench;
-pub mod budget;
-pub mod checkpoint;
 pub mod cli;
-pub mod compare;
 pub mod config;
 pub mod data;
-pub mod ema;
 pub mod events;
 pub mod export;
-pub mod fastmath;
-pub mod features;
-pub mod follow;
 pub mod headless;
-pub mod memory;
-pub mod milestones;
+pub mod inspect;
 pub mod model;
 pub mod ops;
-pub mod optim;
-pub mod predictions;
-pub mod probe;
+pub mod palette;
 pub mod run;
-pub mod sweep;
 pub mod sys;
 pub mod train;
 pub mod ui;

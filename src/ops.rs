@@ -49,10 +49,10 @@ fn unpack<const N: usize>(packed: &Tensor, shapes: [&Shape; N]) -> [Result<Tenso
 
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
-    /// erf: vectorisable for f32 ([`crate::fastmath`], within 3e-7), exact for f64.
+    /// erf: vectorisable for f32 ([`crate::ops::fastmath`], within 3e-7), exact for f64.
     /// `FMA`: fused multiply-adds (only in kernels compiled for them, see `kernel!`).
     fn erf<const FMA: bool>(self) -> Self;
-    /// e^x: vectorisable for f32 ([`crate::fastmath`]), exact for f64.
+    /// e^x: vectorisable for f32 ([`crate::ops::fastmath`]), exact for f64.
     fn fast_exp<const FMA: bool>(self) -> Self;
     /// The pool of freed buffers of this type.
     fn pool() -> &'static BufferPool<Self>;
@@ -61,11 +61,11 @@ pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'st
 impl Real for f32 {
     #[inline(always)]
     fn erf<const FMA: bool>(self) -> Self {
-        crate::fastmath::erf::<FMA>(self)
+        crate::ops::fastmath::erf::<FMA>(self)
     }
     #[inline(always)]
     fn fast_exp<const FMA: bool>(self) -> Self {
-        crate::fastmath::exp::<FMA>(self)
+        crate::ops::fastmath::exp::<FMA>(self)
     }
     fn pool() -> &'static BufferPool<Self> {
         static POOL: BufferPool<f32> = BufferPool::new();
@@ -358,6 +358,8 @@ mod attention;
 mod bf16;
 mod block;
 pub mod cpu;
+mod fastmath;
+mod gemm;
 mod linear;
 pub mod peak;
 mod products;

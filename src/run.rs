@@ -15,6 +15,11 @@
 //! `run.log` grow by appending whole lines with one write each; a reader skips a torn
 //! last line, and a resume rewrites the log (atomically) up to its checkpoint.
 
+pub mod compare;
+pub mod follow;
+pub mod milestones;
+pub mod sweep;
+
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -24,8 +29,8 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::config::{Config, ConfigError};
 use crate::events::MetricRecord;
-use crate::predictions::Predictions;
-use crate::probe::ProbeSnapshot;
+use crate::inspect::predictions::Predictions;
+use crate::inspect::probe::ProbeSnapshot;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";

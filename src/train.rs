@@ -3,6 +3,12 @@
 //! [`Event`]s to a [`Sink`]. It runs on a thread of its own ([`spawn`]) and takes
 //! [`Control`] messages between batches.
 
+pub mod budget;
+pub mod checkpoint;
+pub mod ema;
+pub mod memory;
+pub mod optim;
+
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,21 +16,20 @@ use std::time::Instant;
 
 use candle_core::{DType, Var};
 
-use crate::budget;
-use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
 use crate::data::batch::{images_f32, BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
-use crate::ema::Ema;
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
+use crate::inspect::predictions::{Predictions, PredictionsMeta};
+use crate::inspect::probe::ProbeSet;
 use crate::model::{
     forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, DropPath,
     ModelState, VisionTransformer, Workers,
 };
-use crate::optim::{learning_rate, AdamW};
-use crate::predictions::{Predictions, PredictionsMeta};
-use crate::probe::ProbeSet;
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
+use checkpoint::TrainState;
+use ema::Ema;
+use optim::{learning_rate, AdamW};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -265,7 +270,7 @@ impl Trainer {
                 candle_core::utils::get_num_threads(),
                 crate::ops::matmul_short(config.model.bf16())
             ),
-            weights: crate::ema::weights_label(config.train.ema_decay),
+            weights: crate::events::weights_label(config.train.ema_decay),
             test_pixels,
             test_labels,
         };
@@ -331,7 +336,7 @@ impl Trainer {
                 eval_secs,
                 sizing.final_step,
                 sizing.epochs,
-                crate::milestones::clock(sizing.planned_secs),
+                crate::run::milestones::clock(sizing.planned_secs),
             ),
         )?;
         sink.send(Event::Sized(sizing));

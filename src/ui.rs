@@ -3,18 +3,11 @@
 //! capped rate, so that one left open in tmux over SSH costs little.
 
 pub mod app;
-pub mod attention;
-pub mod chart;
-pub mod features;
 pub mod keys;
-pub mod layernorm;
-pub mod paint;
-pub mod patches;
-pub mod predictions;
-pub mod runs;
+pub mod shell;
+pub mod tabs;
 pub mod theme;
-pub mod training;
-pub mod view;
+pub mod widgets;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

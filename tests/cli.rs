@@ -391,10 +391,11 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
         "{config}"
     );
     // The runs screen's compare mode: two of them side by side at their last common probe.
-    let comparison = vitscope::compare::Comparison::open(std::slice::from_ref(&folder)).unwrap();
-    let pair = vitscope::ui::runs::load_pair(&comparison, 0).unwrap();
+    let comparison =
+        vitscope::run::compare::Comparison::open(std::slice::from_ref(&folder)).unwrap();
+    let pair = vitscope::ui::tabs::runs::load_pair(&comparison, 0).unwrap();
     assert!(pair.common && pair.probes.iter().all(Option::is_some));
-    let mut view = vitscope::ui::runs::RunsView::new(vitscope::ui::theme::Theme::new(
+    let mut view = vitscope::ui::tabs::runs::RunsView::new(vitscope::ui::theme::Theme::new(
         vitscope::ui::theme::ColorMode::NoColor,
         "braille",
     ));
@@ -405,7 +406,13 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
     let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(200, 60)).unwrap();
     terminal
         .draw(|f| {
-            vitscope::ui::runs::render(&comparison, &view, Some(&pair), f.area(), f.buffer_mut())
+            vitscope::ui::tabs::runs::render(
+                &comparison,
+                &view,
+                Some(&pair),
+                f.area(),
+                f.buffer_mut(),
+            )
         })
         .unwrap();
     let buf = terminal.backend().buffer();

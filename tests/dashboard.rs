@@ -13,8 +13,8 @@ use std::sync::Arc;
 use vitscope::config::Config;
 use vitscope::data::LoadProgress;
 use vitscope::events::{Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
-use vitscope::predictions::{Predictions, PredictionsMeta};
-use vitscope::probe::{Distribution, LayerNormProbe, ProbeMeta, ProbeSnapshot, Stats};
+use vitscope::inspect::predictions::{Predictions, PredictionsMeta};
+use vitscope::inspect::probe::{Distribution, LayerNormProbe, ProbeMeta, ProbeSnapshot, Stats};
 use vitscope::ui::app::{App, Mode, ProcessStats, Tab};
 use vitscope::ui::theme::{ColorMode, Theme};
 
@@ -943,7 +943,7 @@ fn predictions_tab_snapshots_and_filters() {
 }
 
 /// Three runs that differ in model.norm, with training and evaluation records.
-fn norm_runs(root: &std::path::Path) -> vitscope::compare::Comparison {
+fn norm_runs(root: &std::path::Path) -> vitscope::run::compare::Comparison {
     for (n, norm) in ["pre", "post", "none"].iter().enumerate() {
         let dir = root.join(format!("norm={norm}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -977,25 +977,25 @@ fn norm_runs(root: &std::path::Path) -> vitscope::compare::Comparison {
         };
         std::fs::write(dir.join("run.log"), log).unwrap();
     }
-    vitscope::compare::Comparison::open(&[root.to_path_buf()]).unwrap()
+    vitscope::run::compare::Comparison::open(&[root.to_path_buf()]).unwrap()
 }
 
 fn runs_screen(
-    c: &vitscope::compare::Comparison,
-    v: &vitscope::ui::runs::RunsView,
+    c: &vitscope::run::compare::Comparison,
+    v: &vitscope::ui::tabs::runs::RunsView,
     w: u16,
     h: u16,
 ) -> String {
     let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
     terminal
-        .draw(|f| vitscope::ui::runs::render(c, v, None, f.area(), f.buffer_mut()))
+        .draw(|f| vitscope::ui::tabs::runs::render(c, v, None, f.area(), f.buffer_mut()))
         .unwrap();
     text_of(terminal.backend().buffer())
 }
 
 #[test]
 fn the_runs_screen_overlays_runs_named_by_what_differs() {
-    use vitscope::ui::runs::RunsView;
+    use vitscope::ui::tabs::runs::RunsView;
     let tmp = tempfile::tempdir().unwrap();
     let c = norm_runs(tmp.path());
     assert_eq!(c.labels(), vec!["norm=none", "norm=post", "norm=pre"]);

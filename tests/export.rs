@@ -7,9 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use vitscope::export::pictures::{attention_cell, tile_origin, MATRIX_ORIGIN, TILE_SCALE};
+use vitscope::palette::{heat_rgb, image_pixel};
 use vitscope::run::RunDir;
-use vitscope::ui::paint::image_pixel;
-use vitscope::ui::theme::heat_rgb;
 
 fn vitscope(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vitscope"))
@@ -261,7 +260,7 @@ fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
     assert_eq!(probe.meta.token_name(5), "patch 5 (row 1, col 1)");
 
     // The tabs that speak of CLS speak of the mean instead.
-    let mut follower = vitscope::follow::Follower::new(RunDir::open(&run).unwrap());
+    let mut follower = vitscope::run::follow::Follower::new(RunDir::open(&run).unwrap());
     let mut app = App::new(
         Mode::Live,
         vitscope::ui::theme::Theme::new(vitscope::ui::theme::ColorMode::NoColor, "braille"),

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{DataError, Dataset, LoadProgress, Split, CIFAR10_CLASSES, IMAGE_BYTES, NUM_CLASSES};
-use crate::config::{DataConfig, DatasetKind};
+use crate::config::DatasetKind;
 
 /// Folder name inside the official archive.
 pub const LAYOUT_DIR: &str = "cifar-10-batches-bin";
@@ -41,37 +41,6 @@ pub fn find_layout(dir: &Path) -> Option<PathBuf> {
     [nested, dir.to_path_buf()]
         .into_iter()
         .find(|d| d.join(TEST_FILE).exists() || d.join(TRAIN_FILES[0]).exists())
-}
-
-/// Finds the data as configured; with no folder configured, looks in the cache and
-/// downloads there when allowed.
-pub fn locate_or_download(
-    data: &DataConfig,
-    progress: &mut dyn FnMut(LoadProgress),
-) -> Result<PathBuf, DataError> {
-    if !data.dir.is_empty() {
-        let dir = PathBuf::from(&data.dir);
-        return find_layout(&dir).ok_or_else(|| {
-            DataError::file(
-                &dir,
-                format!(
-                    "no CIFAR-10 binary files here (expected {LAYOUT_DIR}/{} ... {TEST_FILE}, \
-                     as in the official cifar-10-binary.tar.gz); fix --data-dir / data.dir, \
-                     or leave it empty to download into {}",
-                    TRAIN_FILES[0],
-                    cache_dir().display()
-                ),
-            )
-        });
-    }
-    let cache = cache_dir();
-    if let Some(found) = find_layout(&cache) {
-        return Ok(found);
-    }
-    if !data.download {
-        return Err(DataError::NotFound { dir: cache });
-    }
-    super::download::fetch_cifar(data, &cache, progress)
 }
 
 /// Reads one batch file: checks its size and every label byte.
@@ -251,17 +220,5 @@ pub(crate) mod tests {
         let err = read_batch_file(&missing).unwrap_err().to_string();
         assert!(err.starts_with(&missing.display().to_string()), "{err}");
         assert!(err.contains("cannot open"), "{err}");
-    }
-
-    #[test]
-    fn a_configured_folder_without_data_is_an_error_naming_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut data = crate::config::Config::default().data;
-        data.dir = tmp.path().display().to_string();
-        let err = locate_or_download(&data, &mut |_| {})
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with(&tmp.path().display().to_string()), "{err}");
-        assert!(err.contains("no CIFAR-10 binary files here"), "{err}");
     }
 }

@@ -11,11 +11,42 @@ use std::time::Duration;
 
 use md5::{Digest, Md5};
 
-use super::cifar::{find_layout, LAYOUT_DIR};
+use super::cifar::{cache_dir, find_layout, LAYOUT_DIR, TEST_FILE, TRAIN_FILES};
 use super::{DataError, LoadProgress};
 use crate::config::DataConfig;
 
 pub const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
+/// Finds the data as configured; with no folder configured, looks in the cache and
+/// downloads there when allowed.
+pub fn locate_or_download(
+    data: &DataConfig,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<PathBuf, DataError> {
+    if !data.dir.is_empty() {
+        let dir = PathBuf::from(&data.dir);
+        return find_layout(&dir).ok_or_else(|| {
+            DataError::file(
+                &dir,
+                format!(
+                    "no CIFAR-10 binary files here (expected {LAYOUT_DIR}/{} ... {TEST_FILE}, \
+                     as in the official cifar-10-binary.tar.gz); fix --data-dir / data.dir, \
+                     or leave it empty to download into {}",
+                    TRAIN_FILES[0],
+                    cache_dir().display()
+                ),
+            )
+        });
+    }
+    let cache = cache_dir();
+    if let Some(found) = find_layout(&cache) {
+        return Ok(found);
+    }
+    if !data.download {
+        return Err(DataError::NotFound { dir: cache });
+    }
+    fetch_cifar(data, &cache, progress)
+}
+
 /// Report download progress about this often (bytes).
 const PROGRESS_EVERY: u64 = 1 << 20;
 
@@ -310,5 +341,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(std::fs::read(dest).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_configured_folder_without_data_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut data = crate::config::Config::default().data;
+        data.dir = tmp.path().display().to_string();
+        let err = locate_or_download(&data, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&tmp.path().display().to_string()), "{err}");
+        assert!(err.contains("no CIFAR-10 binary files here"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 
 use super::canvas::{self, Canvas, BLACK, BLUE, GREY, LIGHT, ORANGE, WHITE};
 use super::{Choice, Picture, Source};
-use crate::probe::Histogram;
+use crate::inspect::probe::Histogram;
 
 pub const WIDTH: usize = 720;
 pub const HEIGHT: usize = 420;

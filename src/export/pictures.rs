@@ -4,11 +4,9 @@
 use super::canvas::{Canvas, Rgb, BLACK, BLUE, GREEN, GREY, LIGHT, ORANGE, RED, WHITE};
 use super::{Choice, Picture, Source};
 use crate::config::IMAGE_SIZE;
-use crate::features::{cosine_map, pca, row_norms, scores_to_rgb};
-use crate::probe::{ProbeMeta, ProbeSnapshot};
-use crate::ui::chart::debiased_ema;
-use crate::ui::paint::image_pixel;
-use crate::ui::theme::{heat_rgb, signed_rgb};
+use crate::inspect::features::{cosine_map, pca, row_norms, scores_to_rgb};
+use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
+use crate::palette::{debiased_ema, heat_rgb, image_pixel, signed_rgb};
 
 /// A value in [-1, 1] on the signed scale (blue, dark grey, red).
 fn signed(v: f64) -> Rgb {

@@ -925,12 +925,12 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
         assert_eq!(has("cls_token"), cfg.pool == "cls", "{names:?}");
         assert_eq!(
             state.parameter_count() as f64,
-            crate::memory::estimate(
+            crate::train::memory::estimate(
                 &Config {
                     model: cfg.clone(),
                     ..Config::default()
                 },
-                crate::memory::Workload::Headless,
+                crate::train::memory::Workload::Headless,
                 1
             )
             .parameters,

@@ -37,12 +37,6 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile
-/// registers (Linux hands them out on request only): [`super::cpu`] asks once.
-pub(super) fn amx_detect() -> bool {
-    amx::detect()
-}
-
 /// [`amx::peak_loop`]: TDPBF16PS on tiles loaded once, `iterations` x 4 times.
 ///
 /// # Safety
@@ -309,7 +303,7 @@ unsafe fn product_on(
             }
         };
         let a = rounded((m, k), lhs, lhs_strides);
-        super::products::product(
+        super::gemm::product(
             (m, n, k),
             dst,
             dst_strides,
@@ -678,31 +672,6 @@ mod amx {
     use super::{padded, BLOCK};
     use std::arch::asm;
 
-    pub fn detect() -> bool {
-        if !std::arch::is_x86_feature_detected!("avx512f")
-            || !std::arch::is_x86_feature_detected!("avx512bw")
-        {
-            return false;
-        }
-        // CPUID leaf 7 exists on every CPU with AVX-512.
-        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-        const AMX_BF16: u32 = 1 << 22;
-        const AMX_TILE: u32 = 1 << 24;
-        if leaf.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE {
-            return false;
-        }
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: a request for a permission; it changes nothing else.
-        unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            ) == 0
-        }
-    }
-
     /// Palette 1 with all eight tiles at their largest: 16 rows of 64 bytes.
     #[repr(C, align(64))]
     struct TileConfig([u8; 64]);
@@ -862,10 +831,6 @@ mod amx {
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod amx {
-    pub fn detect() -> bool {
-        false
-    }
-
     pub unsafe fn multiply(
         _: (usize, usize, usize),
         _: *mut f32,

@@ -63,7 +63,7 @@ fn detect() -> Level {
     if !(has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")) {
         return Level::Avx2;
     }
-    if has!("avx512bf16") && super::bf16::amx_detect() {
+    if has!("avx512bf16") && amx_granted() {
         return Level::Amx;
     }
     if has!("avx512bf16") {
@@ -114,6 +114,39 @@ pub fn not_runnable() -> Vec<&'static str> {
         .filter(|&l| l > level())
         .map(Level::name)
         .collect()
+}
+
+/// Whether this CPU has AMX-BF16 and Linux lets this process use the tile registers
+/// (it hands them out on request only): asked once, by [`detected`].
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_granted() -> bool {
+    if !std::arch::is_x86_feature_detected!("avx512f")
+        || !std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        return false;
+    }
+    // CPUID leaf 7 exists on every CPU with AVX-512.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    const AMX_BF16: u32 = 1 << 22;
+    const AMX_TILE: u32 = 1 << 24;
+    if leaf.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a request for a permission; it changes nothing else.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn amx_granted() -> bool {
+    false
 }
 
 #[cfg(test)]

@@ -2,15 +2,9 @@
 //! AVX-512 BF16 dot products ([`super::bf16`]) as `model.matmul` says, behind one call the ops share.
 
 use super::bf16::{self, PackedRhs};
+use super::gemm::product;
+pub(super) use super::gemm::{gemm_parallelism, IN_TASK};
 use super::Real;
-
-/// Parallelism for a product inside an op: the current rayon pool's threads.
-pub(super) fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
 
 /// How a product multiplies: f32, or bf16 factors ([`bf16`]) with the
 /// right-hand one packed for this product or packed already. bf16 applies to f32 values
@@ -85,47 +79,6 @@ pub(super) unsafe fn product_with<T: Real>(
     );
 }
 
-/// `dst (m x n) (+)= lhs (m x k) · rhs (k x n)`, strides in elements (rows, columns);
-/// with `accumulate`, dst's values are kept and the product added.
-///
-/// # Safety
-/// The pointers must cover the matrices their strides describe; `dst` must not overlap
-/// the inputs or anything another thread writes.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(super) unsafe fn product<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-    (accumulate, parallelism): (bool, gemm::Parallelism),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        parallelism,
-    );
-}
-
 /// Seconds for `reps` products (rows x k) · (k x n) as the fused ops run a linear
 /// layer: on the calling thread, single-threaded, the weights read as Wᵀ; with `bf16`,
 /// bf16 factors, the weights packed once as the fused block packs them. What
@@ -174,7 +127,3 @@ pub fn matmul_short(bf16: bool) -> &'static str {
         true => bf16::Kernel::current().short(),
     }
 }
-
-/// How the attention tasks multiply: overwrite, on the task's own thread (the tasks
-/// are the parallelism).
-pub(super) const IN_TASK: (bool, gemm::Parallelism) = (false, gemm::Parallelism::None);

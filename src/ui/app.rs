@@ -6,15 +6,15 @@ use std::collections::VecDeque;
 use crossterm::event::KeyEvent;
 
 use super::keys::{action_for, Action, Scope};
+use super::tabs::{features, predictions};
 use super::theme::Theme;
-use super::{features, predictions};
 use crate::config::Config;
 use crate::data::LoadProgress;
 use std::sync::Arc;
 
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, TrainRecord};
-use crate::predictions::Predictions;
-use crate::probe::{ProbeMeta, ProbeSnapshot};
+use crate::inspect::predictions::Predictions;
+use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 
 /// The tabs that exist. New tabs add a variant here and a view; the shell stays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub struct AttentionView {
     /// Show attention rollout instead of the selected head's raw weights.
     pub rollout: bool,
     /// How weights become shades, in the matrix, the thumbnails and the overlays.
-    pub scale: crate::attention::Scale,
+    pub scale: crate::inspect::attention::Scale,
 }
 
 /// The Features tab's view settings.
@@ -194,13 +194,13 @@ pub struct ProcessStats {
     pub cpu_percent: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
-    /// What [`crate::memory::estimate`] expected this process to need, in bytes.
+    /// What [`crate::train::memory::estimate`] expected this process to need, in bytes.
     pub estimate_bytes: Option<u64>,
 }
 
 pub const LOG_LINES: usize = 500;
 /// Full probes kept in memory for scrubbing attention (about 2 MB each by default).
-pub const FULL_PROBES_KEPT: usize = 32;
+pub const FULL_PROBES_KEPT: usize = crate::train::memory::DASHBOARD_PROBES;
 
 #[derive(Debug, Clone)]
 pub struct App {
@@ -288,7 +288,7 @@ impl App {
                 head: 0,
                 query: 0,
                 rollout: false,
-                scale: crate::attention::Scale::default(),
+                scale: crate::inspect::attention::Scale::default(),
             },
             features: FeaturesView {
                 layer: 0,
@@ -322,8 +322,12 @@ impl App {
             process: ProcessStats {
                 estimate_bytes: (mode == Mode::Live).then(|| {
                     let threads = candle_core::utils::get_num_threads();
-                    crate::memory::estimate(config, crate::memory::Workload::Dashboard, threads)
-                        .total() as u64
+                    crate::train::memory::estimate(
+                        config,
+                        crate::train::memory::Workload::Dashboard,
+                        threads,
+                    )
+                    .total() as u64
                 }),
                 ..ProcessStats::default()
             },
@@ -861,7 +865,7 @@ mod tests {
     fn a_resumed_run_shows_its_history_then_what_follows() {
         let mut a = app(Mode::Live);
         let train = crate::events::test_train;
-        let eval = crate::milestones::test_eval(1, 0.4, 5.0);
+        let eval = crate::run::milestones::test_eval(1, 0.4, 5.0);
         a.on_event(Event::History(Arc::new(vec![
             MetricRecord::Train(train(9)),
             MetricRecord::Train(train(10)),

@@ -8,12 +8,12 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
-use super::app::App;
-use super::paint::{draw_image, draw_level_map, draw_stacked};
-use super::theme::{ColorMode, Series, Theme};
-use crate::attention::{head_average, head_stats, rollout, HeadStats, Scale};
 use crate::config::IMAGE_SIZE;
-use crate::probe::ProbeSnapshot;
+use crate::inspect::attention::{head_average, head_stats, rollout, HeadStats, Scale};
+use crate::inspect::probe::ProbeSnapshot;
+use crate::ui::app::App;
+use crate::ui::theme::{ColorMode, Series, Theme};
+use crate::ui::widgets::paint::{draw_image, draw_level_map, draw_stacked};
 
 /// `values` (rows x cols, row-major) averaged down to at most `out_rows` x `out_cols`.
 pub fn shrink(

@@ -6,13 +6,14 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
-use super::app::{App, XAxis};
-use super::chart::{
-    compact, debiased_ema, downsample, log10_or_nan, stable_bounds, x_bounds, y_bounds,
-};
-use super::theme::Series;
-use super::view::bar;
 use crate::events::{Phase, TrainRecord};
+use crate::palette::debiased_ema;
+use crate::ui::app::{App, XAxis};
+use crate::ui::shell::bar;
+use crate::ui::theme::Series;
+use crate::ui::widgets::chart::{
+    compact, downsample, log10_or_nan, stable_bounds, x_bounds, y_bounds,
+};
 
 /// One curve to draw.
 struct Curve {
@@ -348,7 +349,7 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
         ),
         Line::from(vec![
             Span::styled(format!("{:<10}", "reached"), t.dim()),
-            Span::raw(crate::milestones::summary(&app.evals)),
+            Span::raw(crate::run::milestones::summary(&app.evals)),
         ]),
     ];
     let mut lines = lines;

@@ -1,25 +1,6 @@
 //! Chart helpers: smoothing, downsampling and axis bounds that survive empty series,
 //! single points, NaN and huge ranges.
 
-/// TensorBoard's smoothing: an exponential moving average, debiased for its start
-/// (so the first values are not pulled towards zero). Non-finite values are skipped
-/// (the previous smoothed value is repeated).
-pub fn debiased_ema(values: &[f64], smoothing: f64) -> Vec<f64> {
-    let w = smoothing.clamp(0.0, 0.999_999);
-    let mut last = 0.0;
-    let mut count = 0i32;
-    let mut out = Vec::with_capacity(values.len());
-    for &v in values {
-        if v.is_finite() {
-            last = last * w + (1.0 - w) * v;
-            count += 1;
-        }
-        let debias = 1.0 - w.powi(count);
-        out.push(if count == 0 { f64::NAN } else { last / debias });
-    }
-    out
-}
-
 /// At most about `max_points` points: per bucket of x, the minimum and maximum y in x
 /// order, so spikes survive. Non-finite points are dropped.
 pub fn downsample(points: &[(f64, f64)], max_points: usize) -> Vec<(f64, f64)> {
@@ -178,22 +159,6 @@ pub fn compact(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ema_is_debiased_and_skips_nan() {
-        assert!(debiased_ema(&[], 0.6).is_empty());
-        // The first smoothed value is the first value itself, not 0.4 of it.
-        let s = debiased_ema(&[2.0, 4.0], 0.5);
-        assert!((s[0] - 2.0).abs() < 1e-12);
-        // (0.5 * (0.5 * 2) + 0.5 * 4) / (1 - 0.25) = (0.5 + 2) / 0.75
-        assert!((s[1] - 2.5 / 0.75).abs() < 1e-12);
-        let s = debiased_ema(&[f64::NAN, 1.0, f64::INFINITY, 3.0], 0.0);
-        assert!(s[0].is_nan());
-        assert_eq!(&s[1..], &[1.0, 1.0, 3.0]);
-        assert!(debiased_ema(&[5.0; 4], 0.9)
-            .iter()
-            .all(|v| (v - 5.0).abs() < 1e-12));
-    }
 
     #[test]
     fn downsampling_keeps_extremes_and_order() {

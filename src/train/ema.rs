@@ -8,15 +8,6 @@ use candle_core::{DType, Result, Tensor};
 use crate::config::ModelConfig;
 use crate::model::ModelState;
 
-/// Which weights evaluations, probes and predictions show, in words.
-pub fn weights_label(ema_decay: f64) -> String {
-    if ema_decay > 0.0 {
-        format!("EMA weights ({ema_decay})")
-    } else {
-        "raw weights".into()
-    }
-}
-
 pub struct Ema {
     pub decay: f64,
     /// The averaged weights, as a model of their own.

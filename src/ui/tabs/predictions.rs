@@ -9,12 +9,12 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
-use super::app::{App, PredictionFilter};
-use super::paint::{draw_image, draw_image_half};
-use super::theme::ColorMode;
-use super::view::{bar, note, panel};
 use crate::events::EvalRecord;
-use crate::predictions::{Flip, Predictions};
+use crate::inspect::predictions::{Flip, Predictions};
+use crate::ui::app::{App, PredictionFilter};
+use crate::ui::shell::{bar, note, panel};
+use crate::ui::theme::ColorMode;
+use crate::ui::widgets::paint::{draw_image, draw_image_half};
 
 const TILE_W: u16 = 17;
 const TILE_H: u16 = 10;

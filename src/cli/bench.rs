@@ -10,11 +10,11 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
+use crate::inspect::probe::ProbeSet;
 use crate::model::{
     forward_backward, forward_flops_per_image, micro_batch_len, DropPath, ModelState, Workers,
 };
-use crate::optim::AdamW;
-use crate::probe::ProbeSet;
+use crate::train::optim::AdamW;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBreakdown {
@@ -70,7 +70,7 @@ pub struct BenchReport {
     /// Probe bytes per hour of training at that interval, in MB.
     pub probe_mb_per_hour: f64,
     pub probe_every_steps: usize,
-    /// What `crate::memory::estimate` expected the benchmark to need, in MB.
+    /// What `crate::train::memory::estimate` expected the benchmark to need, in MB.
     pub memory_estimate_mb: f64,
     /// The benchmark's measured peak resident memory, in MB (Linux; 0 elsewhere).
     pub peak_rss_mb: f64,

@@ -10,15 +10,15 @@ use ratatui::style::Style;
 use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Widget};
 
-use super::app::App;
-use super::paint::{
-    draw_image, draw_rgb, draw_signed_half, draw_signed_map, image_pixel, luminance, pixel_color,
-    Rgb,
-};
-use super::view::{note, panel, probe_tab};
 use crate::config::IMAGE_SIZE;
-use crate::features::{cosine_map, pca};
-use crate::probe::ProbeSnapshot;
+use crate::inspect::features::{cosine_map, pca};
+use crate::inspect::probe::ProbeSnapshot;
+use crate::palette::{image_pixel, Rgb};
+use crate::ui::app::App;
+use crate::ui::shell::{note, panel, probe_tab};
+use crate::ui::widgets::paint::{
+    draw_image, draw_rgb, draw_signed_half, draw_signed_map, luminance, pixel_color,
+};
 
 /// Filter components shown, as in the ViT paper's figure.
 pub const FILTER_COMPONENTS: usize = 28;

@@ -59,7 +59,7 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
         epochs,
         final_step,
         budget_secs: config.train.budget_secs().ok().flatten(),
-        weights: crate::ema::weights_label(config.train.ema_decay),
+        weights: crate::events::weights_label(config.train.ema_decay),
         start_step,
         start_wall_secs: 0.0,
         parameters: 0,
@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn predictions_and_test_images_are_replayed_once_and_dropped_past_a_resume() {
-        use crate::predictions::{Predictions, PredictionsMeta};
+        use crate::inspect::predictions::{Predictions, PredictionsMeta};
         let tmp = tempfile::tempdir().unwrap();
         let run = RunDir::create(tmp.path(), None, &crate::config::Config::default()).unwrap();
         run.write_test_images(&vec![7u8; 2 * crate::data::IMAGE_BYTES], &[3, 4])

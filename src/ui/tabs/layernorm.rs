@@ -6,10 +6,10 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
-use super::app::{App, LnSource};
-use super::chart::{compact, stable_bounds};
-use super::theme::{Series, Theme};
-use crate::probe::{Distribution, Histogram, ProbeMeta, Stats, PERCENTILE_RANKS};
+use crate::inspect::probe::{Distribution, Histogram, ProbeMeta, Stats, PERCENTILE_RANKS};
+use crate::ui::app::{App, LnSource};
+use crate::ui::theme::{Series, Theme};
+use crate::ui::widgets::chart::{compact, stable_bounds};
 
 /// Eighth-block characters, from empty to full, for bars.
 const EIGHTHS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -252,8 +252,8 @@ fn render_bands(app: &App, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
     };
     let all: Vec<(f64, f64)> = series.iter().flatten().copied().collect();
     let (Some(xb), Some(yb)) = (
-        super::chart::x_bounds([all.as_slice()]),
-        super::chart::y_bounds([all.as_slice()]),
+        crate::ui::widgets::chart::x_bounds([all.as_slice()]),
+        crate::ui::widgets::chart::y_bounds([all.as_slice()]),
     ) else {
         Paragraph::new(Line::styled("waiting for probes …", t.dim()))
             .block(block)

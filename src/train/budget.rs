@@ -17,19 +17,7 @@ pub const PLANNED_SHARE: f64 = 0.9;
 /// test-accuracy curve (every fifth epoch at worst).
 pub const MAX_SKIPPED_IN_ROW: u32 = 4;
 
-/// What the measurement decided.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sizing {
-    /// The run ends after this many optimizer steps (also the schedule's horizon).
-    pub final_step: u64,
-    /// Epochs begun by then (the last one may be partial).
-    pub epochs: u64,
-    pub secs_per_step: f64,
-    /// One evaluation of the whole test set.
-    pub eval_secs: f64,
-    /// Training and evaluations as planned, from the run's first step.
-    pub planned_secs: f64,
-}
+pub use crate::events::Sizing;
 
 /// Seconds from the start of the run to the end of step `n`, with an evaluation at each
 /// epoch's end and one after a last partial epoch; `elapsed` was spent by step `at`.

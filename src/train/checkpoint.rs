@@ -9,10 +9,10 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::ema::Ema;
 use crate::model::ModelState;
-use crate::optim::AdamW;
 use crate::run::{write_atomic, RunError};
+use crate::train::ema::Ema;
+use crate::train::optim::AdamW;
 
 pub const FORMAT: &str = "vitscope-checkpoint-1";
 

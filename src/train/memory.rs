@@ -19,8 +19,8 @@ const BASE_BYTES: f64 = 12e6;
 const CIFAR_IMAGES: f64 = 60_000.0;
 /// Batches alive at once on the data side: two queued, one being built, one in use.
 const BATCHES_IN_FLIGHT: f64 = 4.0;
-/// Full probes the dashboard keeps ([`crate::ui::app::FULL_PROBES_KEPT`]).
-const DASHBOARD_PROBES: f64 = 32.0;
+/// Full probes the dashboard keeps (newest first): the bound its memory is sized by.
+pub const DASHBOARD_PROBES: usize = 32;
 
 /// What runs in the process, which decides what it holds besides the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +190,7 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     // Each probe's histograms: input and output of every LayerNorm, 8-byte counts.
     let histograms = 2.0 * f(m.layer_norms()) * f(config.probe.histogram_bins) * 2.0;
     let kept = if workload == Workload::Dashboard {
-        DASHBOARD_PROBES
+        DASHBOARD_PROBES as f64
     } else {
         1.0
     };

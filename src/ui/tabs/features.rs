@@ -9,13 +9,17 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget};
 
-use super::app::App;
 use super::attention::shrink;
-use super::paint::{draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked};
-use super::theme::ColorMode;
-use super::view::{note, panel, probe_tab};
-use crate::features::{cosines_to, min_max_scaled, pca, read_token, row_norms, scores_to_rgb};
-use crate::probe::ProbeSnapshot;
+use crate::inspect::features::{
+    cosines_to, min_max_scaled, pca, read_token, row_norms, scores_to_rgb,
+};
+use crate::inspect::probe::ProbeSnapshot;
+use crate::ui::app::App;
+use crate::ui::shell::{note, panel, probe_tab};
+use crate::ui::theme::ColorMode;
+use crate::ui::widgets::paint::{
+    draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked,
+};
 
 /// Channels moved by one `[` or `]`.
 pub const CHANNEL_PAGE: usize = 32;

@@ -2,11 +2,12 @@
 //! shows two pixels stacked ('▀' with the upper pixel as foreground and the lower as
 //! background). Without colour, a shading character of the brightness stands in.
 
+use crate::palette::{image_pixel, Rgb};
 use ratatui::buffer::{Buffer, Cell};
 use ratatui::style::{Color, Style};
 
-use super::theme::{ColorMode, Theme, HEAT_RAMP};
 use crate::config::IMAGE_SIZE;
+use crate::ui::theme::{ColorMode, Theme, HEAT_RAMP};
 
 /// An RGB pixel as a colour the terminal can show.
 pub fn pixel_color(mode: ColorMode, r: u8, g: u8, b: u8) -> Option<Color> {
@@ -19,8 +20,6 @@ pub fn pixel_color(mode: ColorMode, r: u8, g: u8, b: u8) -> Option<Color> {
         ColorMode::NoColor => None,
     }
 }
-
-pub type Rgb = (u8, u8, u8);
 
 /// Perceived brightness of a pixel in [0, 1] (Rec. 601 weights).
 pub fn luminance(p: Rgb) -> f64 {
@@ -58,13 +57,6 @@ pub fn draw_rgb(
             );
         }
     }
-}
-
-/// The RGB pixel (x, y) of a raw CIFAR image (3 planes of 32 x 32 bytes).
-pub fn image_pixel(pixels: &[u8], x: usize, y: usize) -> Rgb {
-    let plane = IMAGE_SIZE * IMAGE_SIZE;
-    let i = y * IMAGE_SIZE + x;
-    (pixels[i], pixels[plane + i], pixels[2 * plane + i])
 }
 
 /// A raw image at full size: 32 cells x 16 rows.

@@ -9,10 +9,10 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::app::{App, Mode, Popup, Tab};
 use super::keys::{footer_fitting, Scope, KEYS};
-use super::{attention, features, layernorm, patches, predictions, training};
+use super::tabs::{attention, features, layernorm, patches, predictions, training};
 use crate::data::LoadProgress;
 use crate::events::Phase;
-use crate::probe::ProbeSnapshot;
+use crate::inspect::probe::ProbeSnapshot;
 use std::sync::Arc;
 
 /// Below this the dashboard says so instead of drawing.

@@ -13,15 +13,16 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use super::attention::draw_layer_head_grid;
-use super::chart::{compact, debiased_ema, downsample, stable_bounds, x_bounds, y_bounds};
-use super::keys::{action_for, footer_fitting, Action, Scope};
 use super::layernorm::{bar_rows, resample, short_name};
-use super::theme::Theme;
-use crate::attention::Scale;
-use crate::compare::{Comparison, RunSeries};
-use crate::probe::ProbeSnapshot;
+use crate::inspect::attention::Scale;
+use crate::inspect::probe::ProbeSnapshot;
+use crate::palette::debiased_ema;
+use crate::run::compare::{Comparison, RunSeries};
 use crate::run::RunDir;
-use crate::ui::training::duration;
+use crate::ui::keys::{action_for, footer_fitting, Action, Scope};
+use crate::ui::tabs::training::duration;
+use crate::ui::theme::Theme;
+use crate::ui::widgets::chart::{compact, downsample, stable_bounds, x_bounds, y_bounds};
 
 /// What the x axis of the runs' curves counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,7 +472,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
 pub fn run_screen(
     c: &mut Comparison,
     v: &mut RunsView,
-    stats: &mut super::DashboardStats,
+    stats: &mut crate::ui::DashboardStats,
 ) -> std::io::Result<Option<usize>> {
     let started = Instant::now();
     let mut terminal = ratatui::init();
@@ -530,10 +531,7 @@ mod tests {
 
     #[test]
     fn keys_select_hide_switch_the_axis_open_and_quit() {
-        let mut v = RunsView::new(Theme::new(
-            super::super::theme::ColorMode::NoColor,
-            "braille",
-        ));
+        let mut v = RunsView::new(Theme::new(crate::ui::theme::ColorMode::NoColor, "braille"));
         assert_eq!(v.on_action(Action::Down, 3), None);
         assert_eq!(v.on_action(Action::Down, 3), None);
         assert_eq!(v.on_action(Action::Down, 3), None);

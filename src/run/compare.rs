@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::events::{EvalRecord, MetricRecord};
-use crate::follow::read_new_lines;
+use crate::run::follow::read_new_lines;
 use crate::run::{RunDir, CONFIG_FILE, LOG_FILE, METRICS_FILE};
 
 /// Where a run stands.
@@ -59,7 +59,7 @@ pub struct RunSeries {
 }
 
 /// After this long without a record, a run that did not end is stale.
-pub const STALE_AFTER: Duration = crate::follow::STALL_AFTER;
+pub const STALE_AFTER: Duration = crate::run::follow::STALL_AFTER;
 
 impl RunSeries {
     fn open(dir: &Path) -> Result<Self, String> {

@@ -1,0 +1,9 @@
+//! One module per tab (and the runs screen): what each draws from the run's history.
+
+pub mod attention;
+pub mod features;
+pub mod layernorm;
+pub mod patches;
+pub mod predictions;
+pub mod runs;
+pub mod training;
