@@ -234,8 +234,16 @@ impl TrainArgs {
                 return Err("--config cannot be combined with --resume: the run keeps its own config.toml; change settings with --set".into());
             }
             let run = RunDir::open(path).map_err(|e| e.to_string())?;
-            let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets)
-                .map_err(|e| e.to_string())?;
+            let file = run.file(crate::run::CONFIG_FILE);
+            let config = Config::load_run(&file, &sets).map_err(|e| e.to_string())?;
+            let trained = Config::load_run(&file, &[]).map_err(|e| e.to_string())?;
+            if let Some((key, was, now)) = trained.model_change(&config) {
+                return Err(format!(
+                    "{key} = {now} cannot apply to {}: it trained with {key} = {was}, and \
+                     the model's keys cannot change on resume (only model.matmul can)",
+                    path.display()
+                ));
+            }
             crate::sys::set_threads(config.train.threads)?;
             fits_in_memory(&config, workload)?;
             // The trainer writes the config once the checkpoint has loaded into it: a

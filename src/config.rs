@@ -327,6 +327,27 @@ impl Config {
         Self::from_sources(Some((&name, &merged)), sets)
     }
 
+    /// The first `model.*` key whose value differs between `self` (a run's config) and
+    /// `other` (the config it would resume with), as (key, self's value, other's): the
+    /// keys that define the model cannot change under a checkpoint. `model.matmul` may
+    /// (the products' kind changes the sums' order, not the model).
+    pub fn model_change(&self, other: &Config) -> Option<(String, String, String)> {
+        let table = |m: &ModelConfig| match toml::Value::try_from(m) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        let (was, now) = (table(&self.model), table(&other.model));
+        was.iter()
+            .filter(|(key, _)| key.as_str() != "matmul")
+            .find(|(key, value)| now.get(key.as_str()) != Some(value))
+            .map(|(key, value)| {
+                let other = now
+                    .get(key.as_str())
+                    .map_or("nothing".into(), |v| v.to_string());
+                (format!("model.{key}"), value.to_string(), other)
+            })
+    }
+
     /// Like [`Config::load`] with the file's text given directly as (name, text).
     pub fn from_sources(file: Option<(&str, &str)>, sets: &[String]) -> Result<Self, ConfigError> {
         let mut table = parse_table("config/default.toml", DEFAULT_TOML)?;

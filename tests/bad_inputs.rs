@@ -76,6 +76,22 @@ fn fixtures(root: &Path) {
     let checkpoint = damaged.join("checkpoint.safetensors");
     let bytes = std::fs::read(&checkpoint).unwrap();
     std::fs::write(&checkpoint, &bytes[..bytes.len() / 2]).unwrap();
+    // A run whose config.toml was edited to one block: its checkpoint holds two.
+    let shrunk = root.join("runs/shrunk");
+    std::fs::create_dir_all(shrunk.join("probes")).unwrap();
+    for entry in std::fs::read_dir(&done).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, shrunk.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = std::fs::read_to_string(shrunk.join("config.toml")).unwrap();
+    assert!(config.contains("depth = 2\n"), "{config}");
+    std::fs::write(
+        shrunk.join("config.toml"),
+        config.replace("depth = 2\n", "depth = 1\n"),
+    )
+    .unwrap();
 
     std::fs::create_dir(root.join("foreign")).unwrap();
     std::fs::write(root.join("foreign/notes.txt"), "not a run").unwrap();
@@ -154,6 +170,15 @@ fn bad_inputs_fail_in_a_few_lines_and_touch_nothing() {
             "--set",
             "model.dim=48",
         ],
+        &[
+            "train",
+            "--headless",
+            "--resume",
+            "runs/done",
+            "--set",
+            "model.depth=1",
+        ],
+        &["train", "--headless", "--resume", "runs/shrunk"],
         &[
             "train",
             "--headless",
@@ -260,7 +285,64 @@ fn bad_inputs_fail_in_a_few_lines_and_touch_nothing() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("step"));
         assert!(tree(root) == before, "view {run} changed files");
     }
-    assert!(cases.len() >= 38, "{}", cases.len());
+    assert!(cases.len() >= 40, "{}", cases.len());
+}
+
+/// A resume cannot change what the model is: a `model.*` key (the products' kind aside)
+/// is refused naming the key and both values, and a checkpoint whose tensors are not
+/// exactly the model's is refused naming them; either leaves the run as it was.
+#[test]
+fn a_resume_that_changes_the_model_is_refused_naming_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    fixtures(root);
+    let before = tree(root);
+    let stderr = |args: &[&str]| {
+        let out = vitscope(root, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).trim_end().to_string()
+    };
+    let depth = stderr(&[
+        "train",
+        "--headless",
+        "--resume",
+        "runs/done",
+        "--set",
+        "model.depth=1",
+    ]);
+    assert_eq!(depth.lines().count(), 1, "{depth}");
+    assert!(
+        depth.contains("model.depth = 1") && depth.contains("model.depth = 2"),
+        "{depth}"
+    );
+    let shrunk = stderr(&["train", "--headless", "--resume", "runs/shrunk"]);
+    assert_eq!(shrunk.lines().count(), 1, "{shrunk}");
+    assert!(
+        shrunk.contains("checkpoint.safetensors")
+            && shrunk.contains("`model.blocks.1.")
+            && shrunk.contains("that the model has not"),
+        "{shrunk}"
+    );
+    assert!(tree(root) == before, "a refused resume changed files");
+    // The products' kind may change (it says so in run.log; tests/training.rs).
+    let out = vitscope(
+        root,
+        &[
+            "train",
+            "--headless",
+            "--resume",
+            "runs/done",
+            "--max-steps",
+            "4",
+            "--set",
+            "model.matmul=f32",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A `VITSCOPE_CPU` that names no instruction level is refused in one line that names

@@ -3,7 +3,7 @@
 //! is one (`ema.<name>`) and, as JSON metadata, the step, seed
 //! and timing state that make a resume continue exactly. Written atomically.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -69,6 +69,28 @@ pub fn save(
     write_atomic(path, &bytes)
 }
 
+/// The model tensors a checkpoint lacks and those it has beyond the model's, named in
+/// one line (the first three of each), or None when the names are equal.
+fn names_differ(expected: &BTreeSet<String>, stored: &BTreeSet<String>) -> Option<String> {
+    let list = |names: Vec<&String>| {
+        let shown: Vec<String> = names.iter().take(3).map(|n| format!("`{n}`")).collect();
+        match names.len() {
+            n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
+            _ => shown.join(", "),
+        }
+    };
+    let missing: Vec<&String> = expected.difference(stored).collect();
+    let extra: Vec<&String> = stored.difference(expected).collect();
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("it lacks {}", list(missing)));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("it holds {} that the model has not", list(extra)));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 /// Loads a checkpoint into `model`, `optimizer` and `ema`, which must have the same shapes.
 pub fn load(
     path: &Path,
@@ -96,6 +118,22 @@ pub fn load(
         .ok_or_else(|| bad(path, "checkpoint lacks optimizer_steps"))?;
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| bad(path, format!("cannot read tensors: {e}")))?;
+    let expected: BTreeSet<String> = model
+        .named_vars()
+        .into_iter()
+        .map(|(name, _)| format!("model.{name}"))
+        .collect();
+    let stored: BTreeSet<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("model."))
+        .cloned()
+        .collect();
+    if let Some(differ) = names_differ(&expected, &stored) {
+        return Err(bad(
+            path,
+            format!("{differ}: the checkpoint is for another model config"),
+        ));
+    }
     for (name, var) in model.named_vars() {
         let key = format!("model.{name}");
         let t = tensors.remove(&key).ok_or_else(|| {
