@@ -194,7 +194,7 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
         "x.toml",
     ]);
     assert!(stderr_line(&out).contains("--config cannot be combined with --resume"));
-    // A resume whose model no longer fits the checkpoint is refused, and the run is
+    // A resume that changes the model's shape is refused naming the key, and the run is
     // left byte for byte as it was (its config.toml is not rewritten).
     let contents = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
         let mut files: Vec<_> = common::walk(dir)
@@ -215,7 +215,8 @@ fn headless_training_writes_a_run_and_prints_plain_lines() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr_line(&out).contains("the model expects"),
+        stderr_line(&out).contains("model.dim = 48 cannot apply")
+            && stderr_line(&out).contains("it trained with model.dim = 32"),
         "{}",
         stderr_line(&out)
     );
