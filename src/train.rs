@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod ema;
 pub mod memory;
 pub mod optim;
+pub mod step;
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -23,13 +24,14 @@ use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Si
 use crate::inspect::predictions::{Predictions, PredictionsMeta};
 use crate::inspect::probe::ProbeSet;
 use crate::model::{
-    forward_backward, images_tensor, smoothed_cross_entropy, softmax_last_dim, DropPath,
-    ModelState, VisionTransformer, Workers,
+    images_tensor, smoothed_cross_entropy, softmax_last_dim, DropPath, ModelState,
+    VisionTransformer,
 };
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
 use checkpoint::TrainState;
 use ema::Ema;
 use optim::{learning_rate, AdamW};
+use step::{forward_backward, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

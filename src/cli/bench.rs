@@ -11,10 +11,9 @@ use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
 use crate::inspect::probe::ProbeSet;
-use crate::model::{
-    forward_backward, forward_flops_per_image, micro_batch_len, DropPath, ModelState, Workers,
-};
+use crate::model::{forward_flops_per_image, DropPath, ModelState};
 use crate::train::optim::AdamW;
+use crate::train::step::{forward_backward, micro_batch_len, Workers};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBreakdown {

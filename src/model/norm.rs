@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::Capture;
+use super::capture::Capture;
 
 /// Which normalisation a layer computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

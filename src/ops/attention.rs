@@ -3,8 +3,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::kernel::Real;
 use super::products::{product_with, Factors, IN_TASK};
-use super::{contiguous, softmax_grad_in_place, softmax_in_place, Real};
+use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// Multi-head self-attention from the packed projections: qkv (B, T, 3·H·d) with the
 /// last dimension ordered (q|k|v, head, d), to (B, T, H·d) =

@@ -21,11 +21,11 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::bf16::PackedRhs;
 use super::products::pack_weight;
 
-use super::{
-    attention_backward_into, attention_forward_into, contiguous, fill_rows, gelu_grad_into,
-    gelu_into, layer_norm_grads_into, layer_norm_into, linear_grads_into, linear_into, unpack,
-    AttentionShape, Buffer, Real, Start,
-};
+use super::attention::{attention_backward_into, attention_forward_into, AttentionShape};
+use super::gelu::{gelu_grad_into, gelu_into};
+use super::kernel::{unpack, Buffer, Real};
+use super::layer_norm::{layer_norm_grads_into, layer_norm_into};
+use super::linear::{fill_rows, linear_grads_into, linear_into, Start};
 
 /// The sizes of one block. Its parameters travel packed in one vector, in the order
 /// of [`BlockShape::param_lens`].

@@ -2,7 +2,7 @@
 //! row and column strides. The lowest layer of the products: the bf16 kernels fall
 //! back to it for rounded factors, and [`super::products`] dispatches to it for f32.
 
-use super::Real;
+use super::kernel::Real;
 
 /// Parallelism for a product inside an op: the current rayon pool's threads.
 pub(super) fn gemm_parallelism() -> gemm::Parallelism {

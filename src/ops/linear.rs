@@ -4,8 +4,8 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bf16::PackedRhs;
+use super::kernel::{add_row_sums, add_rows_chunk, unpack, Real};
 use super::products::{gemm_parallelism, pack_weight, product_with, Factors};
-use super::{add_row_sums, add_rows_chunk, contiguous, unpack, Real};
 
 /// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
 /// graph instead of four (reshape, transpose, product, bias). Candle's backward

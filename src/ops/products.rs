@@ -4,7 +4,7 @@
 use super::bf16::{self, PackedRhs};
 use super::gemm::product;
 pub(super) use super::gemm::{gemm_parallelism, IN_TASK};
-use super::Real;
+use super::kernel::Real;
 
 /// How a product multiplies: f32, or bf16 factors ([`bf16`]) with the
 /// right-hand one packed for this product or packed already. bf16 applies to f32 values

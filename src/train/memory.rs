@@ -5,9 +5,9 @@
 //! Sizes are multiplied in f64: a product of absurd sizes becomes a huge number or
 //! infinity, never a wrapped one, and is refused like any other too-large estimate.
 
+use super::step::micro_batch_len;
 use crate::config::{Config, DatasetKind};
 use crate::data::{IMAGE_BYTES, NUM_CLASSES};
-use crate::model::micro_batch_len;
 use crate::ops::TILE_IMAGES;
 
 /// Bytes of an f32.
