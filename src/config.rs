@@ -8,6 +8,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+mod choice;
+mod overlay;
+
+use choice::check_choices;
+pub use choice::{
+    ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Placement, Pool, PosEmbed,
+};
+use overlay::{insert_dotted, overlay, parse_set, parse_table};
+
 /// The defaults, exactly as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -85,37 +94,68 @@ pub struct ModelConfig {
     pub heads: usize,
     pub mlp_dim: usize,
     pub layer_norm_eps: f64,
-    pub norm: String,
-    pub norm_kind: String,
-    pub pos_embed: String,
-    pub pool: String,
-    pub init: String,
+    pub norm: Placement,
+    pub norm_kind: NormKind,
+    pub pos_embed: PosEmbed,
+    pub pool: Pool,
+    pub init: Init,
     pub init_std: f64,
-    pub matmul: String,
+    pub matmul: Matmul,
 }
 
 impl ModelConfig {
-    pub const INITS: [&'static str; 2] = ["trunc_normal", "pytorch"];
-    pub const NORMS: [&'static str; 3] = ["pre", "post", "none"];
-    pub const NORM_KINDS: [&'static str; 2] = ["layernorm", "rmsnorm"];
-    pub const POS_EMBEDS: [&'static str; 3] = ["learned", "sincos", "none"];
-    pub const POOLS: [&'static str; 2] = ["cls", "mean"];
-    pub const MATMULS: [&'static str; 3] = ["auto", "f32", "bf16"];
+    /// The `[model]` keys' ranges.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = self;
+        check(
+            m.patch_size > 0 && IMAGE_SIZE.is_multiple_of(m.patch_size),
+            "model.patch_size",
+            m.patch_size,
+            "must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
+        )?;
+        check(m.dim > 0, "model.dim", m.dim, "must be at least 1")?;
+        check(m.depth > 0, "model.depth", m.depth, "must be at least 1")?;
+        check(m.heads > 0, "model.heads", m.heads, "must be at least 1")?;
+        check(
+            m.dim.is_multiple_of(m.heads),
+            "model.heads",
+            m.heads,
+            &format!("model.dim = {} is not divisible by it", m.dim),
+        )?;
+        check(
+            m.mlp_dim > 0,
+            "model.mlp_dim",
+            m.mlp_dim,
+            "must be at least 1",
+        )?;
+        positive("model.layer_norm_eps", m.layer_norm_eps)?;
+        non_negative("model.init_std", m.init_std)?;
+        check(
+            m.pos_embed != PosEmbed::Sincos || m.dim.is_multiple_of(4),
+            "model.pos_embed",
+            "\"sincos\"",
+            &format!(
+                "needs model.dim divisible by 4 (a sine and a cosine per row and column); it is {}",
+                m.dim
+            ),
+        )?;
+        Ok(())
+    }
 
     /// Whether the blocks' products multiply bf16 factors: `matmul = "bf16"`, or
     /// `"auto"` on a CPU with a bf16 instruction (AMX or AVX-512 BF16, capped by
     /// `VITSCOPE_CPU`); elsewhere `"auto"` is f32, as fast as it gets without one.
     pub fn bf16(&self) -> bool {
-        match self.matmul.as_str() {
-            "bf16" => true,
-            "auto" => crate::ops::Bf16Kernel::current().is_native(),
-            _ => false,
+        match self.matmul {
+            Matmul::Bf16 => true,
+            Matmul::Auto => crate::ops::Bf16Kernel::current().is_native(),
+            Matmul::F32 => false,
         }
     }
 
     /// The default block: pre-norm LayerNorm, which the fused block op computes.
     pub fn is_fused(&self) -> bool {
-        self.norm == "pre" && self.norm_kind == "layernorm"
+        self.norm == Placement::Pre && self.norm_kind == NormKind::LayerNorm
     }
 
     /// Patches per image side.
@@ -129,7 +169,7 @@ impl ModelConfig {
     /// Whether the sequence starts with a CLS token that the head reads (`pool = "cls"`);
     /// with `pool = "mean"` there is none and the head reads the mean of the patch tokens.
     pub fn has_cls(&self) -> bool {
-        self.pool != "mean"
+        self.pool == Pool::Cls
     }
     /// Tokens in the sequence: the CLS token (if any) followed by the patches.
     pub fn tokens(&self) -> usize {
@@ -175,6 +215,63 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The `[train]` keys' ranges.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = self;
+        check(t.epochs > 0, "train.epochs", t.epochs, "must be at least 1")?;
+        check(
+            t.batch_size > 0,
+            "train.batch_size",
+            t.batch_size,
+            "must be at least 1",
+        )?;
+        if let Err(reason) = t.budget_secs() {
+            return Err(ConfigError::Invalid {
+                key: "train.budget".into(),
+                value: format!("{:?}", t.budget),
+                reason,
+            });
+        }
+        positive("train.lr", t.lr)?;
+        non_negative("train.min_lr", t.min_lr)?;
+        check(
+            t.min_lr <= t.lr,
+            "train.min_lr",
+            t.min_lr,
+            "must not exceed train.lr",
+        )?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        for (key, beta) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            check((0.0..1.0).contains(&beta), key, beta, "must be in [0, 1)")?;
+        }
+        positive("train.adam_eps", t.adam_eps)?;
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            t.label_smoothing,
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.ema_decay),
+            "train.ema_decay",
+            t.ema_decay,
+            "must be in [0, 1) (0 = off)",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.drop_path),
+            "train.drop_path",
+            t.drop_path,
+            "must be in [0, 1) (0 = off)",
+        )?;
+        check(
+            t.eval_batch_size > 0,
+            "train.eval_batch_size",
+            t.eval_batch_size,
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
     /// The time budget in seconds (None when `budget` is empty).
     pub fn budget_secs(&self) -> Result<Option<f64>, String> {
         let text = self.budget.trim();
@@ -209,24 +306,6 @@ impl TrainConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetKind {
-    Cifar10,
-    Synthetic,
-}
-
-impl DatasetKind {
-    pub const NAMES: [&'static str; 2] = ["cifar10", "synthetic"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cifar10 => "cifar10",
-            Self::Synthetic => "synthetic",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -244,6 +323,44 @@ pub struct DataConfig {
     pub synthetic_test_size: usize,
 }
 
+impl DataConfig {
+    /// The `[data]` keys' ranges.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let d = self;
+        check(
+            (0.0..=1.0).contains(&d.random_erasing),
+            "data.random_erasing",
+            d.random_erasing,
+            "must be a probability in [0, 1]",
+        )?;
+        check(
+            d.crop_padding <= IMAGE_SIZE / 2,
+            "data.crop_padding",
+            d.crop_padding,
+            "must be at most 16",
+        )?;
+        check(
+            d.synthetic_train_size > 0,
+            "data.synthetic_train_size",
+            d.synthetic_train_size,
+            "must be at least 1",
+        )?;
+        check(
+            d.synthetic_test_size > 0,
+            "data.synthetic_test_size",
+            d.synthetic_test_size,
+            "must be at least 1",
+        )?;
+        check(
+            d.download_md5.len() == 32 && d.download_md5.chars().all(|c| c.is_ascii_hexdigit()),
+            "data.download_md5",
+            format!("{:?}", d.download_md5),
+            "must be 32 hexadecimal digits",
+        )?;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeConfig {
@@ -254,11 +371,27 @@ pub struct ProbeConfig {
     pub histogram_range: f64,
 }
 
+impl ProbeConfig {
+    /// The `[probe]` keys' ranges.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = self;
+        check(p.images > 0, "probe.images", p.images, "must be at least 1")?;
+        check(
+            (2..=MAX_HISTOGRAM_BINS).contains(&p.histogram_bins),
+            "probe.histogram_bins",
+            p.histogram_bins,
+            &format!("must be between 2 and {MAX_HISTOGRAM_BINS}"),
+        )?;
+        positive("probe.histogram_range", p.histogram_range)?;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UiConfig {
-    pub color: String,
-    pub markers: String,
+    pub color: ColorSetting,
+    pub markers: Markers,
     pub max_fps: f64,
     pub data_refresh_secs: f64,
     pub smoothing: f64,
@@ -266,8 +399,30 @@ pub struct UiConfig {
 }
 
 impl UiConfig {
-    pub const COLORS: [&'static str; 4] = ["auto", "truecolor", "256", "none"];
-    pub const MARKERS: [&'static str; 3] = ["braille", "block", "dot"];
+    /// The `[ui]` keys' ranges.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let u = self;
+        check(
+            u.max_fps.is_finite() && u.max_fps > 0.0 && u.max_fps <= 60.0,
+            "ui.max_fps",
+            u.max_fps,
+            "must be in (0, 60]",
+        )?;
+        non_negative("ui.data_refresh_secs", u.data_refresh_secs)?;
+        check(
+            (0.0..1.0).contains(&u.smoothing),
+            "ui.smoothing",
+            u.smoothing,
+            "must be in [0, 1)",
+        )?;
+        check(
+            u.recent_steps >= 2,
+            "ui.recent_steps",
+            u.recent_steps,
+            "must be at least 2",
+        )?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -361,7 +516,7 @@ impl Config {
             insert_dotted(&mut user, &key, value);
             overlay(&mut table, &user, &format!("--set {arg}"), "")?;
         }
-        check_dataset_name(&table)?;
+        check_choices(&table)?;
         let config: Config =
             toml::Value::Table(table)
                 .try_into()
@@ -379,214 +534,16 @@ impl Config {
         toml::to_string(self).expect("config serialises")
     }
 
-    /// Checks what the types alone cannot: ranges and relations between keys.
+    /// Checks what the types alone cannot: ranges and relations between keys, each
+    /// section beside its schema.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.model;
-        check(
-            m.patch_size > 0 && IMAGE_SIZE.is_multiple_of(m.patch_size),
-            "model.patch_size",
-            m.patch_size,
-            "must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
-        )?;
-        check(m.dim > 0, "model.dim", m.dim, "must be at least 1")?;
-        check(m.depth > 0, "model.depth", m.depth, "must be at least 1")?;
-        check(m.heads > 0, "model.heads", m.heads, "must be at least 1")?;
-        check(
-            m.dim.is_multiple_of(m.heads),
-            "model.heads",
-            m.heads,
-            &format!("model.dim = {} is not divisible by it", m.dim),
-        )?;
-        check(
-            m.mlp_dim > 0,
-            "model.mlp_dim",
-            m.mlp_dim,
-            "must be at least 1",
-        )?;
-        positive("model.layer_norm_eps", m.layer_norm_eps)?;
-        non_negative("model.init_std", m.init_std)?;
-        for (key, value, allowed) in [
-            ("model.norm", &m.norm, &ModelConfig::NORMS[..]),
-            (
-                "model.norm_kind",
-                &m.norm_kind,
-                &ModelConfig::NORM_KINDS[..],
-            ),
-            (
-                "model.pos_embed",
-                &m.pos_embed,
-                &ModelConfig::POS_EMBEDS[..],
-            ),
-            ("model.pool", &m.pool, &ModelConfig::POOLS[..]),
-            ("model.matmul", &m.matmul, &ModelConfig::MATMULS[..]),
-        ] {
-            check(
-                allowed.contains(&value.as_str()),
-                key,
-                format!("{value:?}"),
-                &format!("expected one of {}", allowed.join(", ")),
-            )?;
-        }
-        check(
-            m.pos_embed != "sincos" || m.dim.is_multiple_of(4),
-            "model.pos_embed",
-            "\"sincos\"",
-            &format!(
-                "needs model.dim divisible by 4 (a sine and a cosine per row and column); it is {}",
-                m.dim
-            ),
-        )?;
-        check(
-            ModelConfig::INITS.contains(&m.init.as_str()),
-            "model.init",
-            format!("{:?}", m.init),
-            &format!("expected one of {}", ModelConfig::INITS.join(", ")),
-        )?;
-
-        let t = &self.train;
-        check(t.epochs > 0, "train.epochs", t.epochs, "must be at least 1")?;
-        check(
-            t.batch_size > 0,
-            "train.batch_size",
-            t.batch_size,
-            "must be at least 1",
-        )?;
-        if let Err(reason) = t.budget_secs() {
-            return Err(ConfigError::Invalid {
-                key: "train.budget".into(),
-                value: format!("{:?}", t.budget),
-                reason,
-            });
-        }
-        positive("train.lr", t.lr)?;
-        non_negative("train.min_lr", t.min_lr)?;
-        check(
-            t.min_lr <= t.lr,
-            "train.min_lr",
-            t.min_lr,
-            "must not exceed train.lr",
-        )?;
-        non_negative("train.weight_decay", t.weight_decay)?;
-        for (key, beta) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
-            check((0.0..1.0).contains(&beta), key, beta, "must be in [0, 1)")?;
-        }
-        positive("train.adam_eps", t.adam_eps)?;
-        check(
-            (0.0..1.0).contains(&t.label_smoothing),
-            "train.label_smoothing",
-            t.label_smoothing,
-            "must be in [0, 1)",
-        )?;
-        check(
-            (0.0..1.0).contains(&t.ema_decay),
-            "train.ema_decay",
-            t.ema_decay,
-            "must be in [0, 1) (0 = off)",
-        )?;
-        check(
-            (0.0..1.0).contains(&t.drop_path),
-            "train.drop_path",
-            t.drop_path,
-            "must be in [0, 1) (0 = off)",
-        )?;
-        check(
-            t.eval_batch_size > 0,
-            "train.eval_batch_size",
-            t.eval_batch_size,
-            "must be at least 1",
-        )?;
-
-        let d = &self.data;
-        check(
-            (0.0..=1.0).contains(&d.random_erasing),
-            "data.random_erasing",
-            d.random_erasing,
-            "must be a probability in [0, 1]",
-        )?;
-        check(
-            d.crop_padding <= IMAGE_SIZE / 2,
-            "data.crop_padding",
-            d.crop_padding,
-            "must be at most 16",
-        )?;
-        check(
-            d.synthetic_train_size > 0,
-            "data.synthetic_train_size",
-            d.synthetic_train_size,
-            "must be at least 1",
-        )?;
-        check(
-            d.synthetic_test_size > 0,
-            "data.synthetic_test_size",
-            d.synthetic_test_size,
-            "must be at least 1",
-        )?;
-        check(
-            d.download_md5.len() == 32 && d.download_md5.chars().all(|c| c.is_ascii_hexdigit()),
-            "data.download_md5",
-            format!("{:?}", d.download_md5),
-            "must be 32 hexadecimal digits",
-        )?;
-
-        let p = &self.probe;
-        check(p.images > 0, "probe.images", p.images, "must be at least 1")?;
-        check(
-            (2..=MAX_HISTOGRAM_BINS).contains(&p.histogram_bins),
-            "probe.histogram_bins",
-            p.histogram_bins,
-            &format!("must be between 2 and {MAX_HISTOGRAM_BINS}"),
-        )?;
-        positive("probe.histogram_range", p.histogram_range)?;
-        let u = &self.ui;
-        check(
-            UiConfig::COLORS.contains(&u.color.as_str()),
-            "ui.color",
-            format!("{:?}", u.color),
-            &format!("expected one of {}", UiConfig::COLORS.join(", ")),
-        )?;
-        check(
-            UiConfig::MARKERS.contains(&u.markers.as_str()),
-            "ui.markers",
-            format!("{:?}", u.markers),
-            &format!("expected one of {}", UiConfig::MARKERS.join(", ")),
-        )?;
-        check(
-            u.max_fps.is_finite() && u.max_fps > 0.0 && u.max_fps <= 60.0,
-            "ui.max_fps",
-            u.max_fps,
-            "must be in (0, 60]",
-        )?;
-        non_negative("ui.data_refresh_secs", u.data_refresh_secs)?;
-        check(
-            (0.0..1.0).contains(&u.smoothing),
-            "ui.smoothing",
-            u.smoothing,
-            "must be in [0, 1)",
-        )?;
-        check(
-            u.recent_steps >= 2,
-            "ui.recent_steps",
-            u.recent_steps,
-            "must be at least 2",
-        )?;
-        positive("run.print_every_secs", self.run.print_every_secs)?;
-        Ok(())
+        self.model.validate()?;
+        self.train.validate()?;
+        self.data.validate()?;
+        self.probe.validate()?;
+        self.ui.validate()?;
+        positive("run.print_every_secs", self.run.print_every_secs)
     }
-}
-
-/// Checked before deserialising so that the error names the key.
-fn check_dataset_name(table: &toml::Table) -> Result<(), ConfigError> {
-    let name = table
-        .get("data")
-        .and_then(|d| d.get("dataset"))
-        .and_then(toml::Value::as_str)
-        .unwrap_or_default();
-    check(
-        DatasetKind::NAMES.contains(&name),
-        "data.dataset",
-        format!("{name:?}"),
-        &format!("expected one of {}", DatasetKind::NAMES.join(", ")),
-    )
 }
 
 fn check(ok: bool, key: &str, value: impl ToString, reason: &str) -> Result<(), ConfigError> {
@@ -619,126 +576,6 @@ fn non_negative(key: &str, value: f64) -> Result<(), ConfigError> {
     )
 }
 
-fn parse_table(source_name: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>().map_err(|e| {
-        let line = e.span().map_or(1, |s| {
-            text[..s.start.min(text.len())].lines().count().max(1)
-        });
-        ConfigError::Syntax {
-            source_name: source_name.into(),
-            line,
-            message: e.message().trim().to_string(),
-        }
-    })
-}
-
-/// Splits `key=value`; the value is read as TOML (`4`, `1e-3`, `true`, `"x"`),
-/// or taken as a plain string when it is not TOML (`--set data.dataset=synthetic`).
-fn parse_set(arg: &str) -> Result<(String, toml::Value), ConfigError> {
-    let (key, raw) = arg
-        .split_once('=')
-        .filter(|(k, _)| !k.trim().is_empty())
-        .ok_or_else(|| ConfigError::BadSet { arg: arg.into() })?;
-    let raw = raw.trim();
-    let value = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    Ok((key.trim().to_string(), value))
-}
-
-fn insert_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
-    match key.split_once('.') {
-        None => {
-            table.insert(key.to_string(), value);
-        }
-        Some((head, rest)) => {
-            let entry = table
-                .entry(head.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(inner) = entry {
-                insert_dotted(inner, rest, value);
-            }
-        }
-    }
-}
-
-/// `key` extended down to the first non-table value, as the user wrote it.
-fn first_leaf(key: &str, value: &toml::Value) -> String {
-    match value {
-        toml::Value::Table(t) => match t.iter().next() {
-            Some((k, v)) => first_leaf(&format!("{key}.{k}"), v),
-            None => key.to_string(),
-        },
-        _ => key.to_string(),
-    }
-}
-
-fn type_name(value: &toml::Value) -> &'static str {
-    match value {
-        toml::Value::String(_) => "a string",
-        toml::Value::Integer(_) => "an integer",
-        toml::Value::Float(_) => "a number",
-        toml::Value::Boolean(_) => "true or false",
-        toml::Value::Datetime(_) => "a date",
-        toml::Value::Array(_) => "an array",
-        toml::Value::Table(_) => "a table",
-    }
-}
-
-/// Writes `over` onto `base`, accepting only keys that `base` has, with the same type
-/// (an integer is accepted where a number is expected; integers must be >= 0).
-fn overlay(
-    base: &mut toml::Table,
-    over: &toml::Table,
-    source_name: &str,
-    prefix: &str,
-) -> Result<(), ConfigError> {
-    for (key, value) in over {
-        let full = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        let Some(slot) = base.get_mut(key) else {
-            return Err(ConfigError::UnknownKey {
-                source_name: source_name.into(),
-                key: first_leaf(&full, value),
-            });
-        };
-        let expected = type_name(slot);
-        let wrong_type = || ConfigError::WrongType {
-            source_name: source_name.into(),
-            key: full.clone(),
-            expected: expected.into(),
-            got: value.to_string(),
-        };
-        match (&mut *slot, value) {
-            (toml::Value::Table(inner), toml::Value::Table(v)) => {
-                overlay(inner, v, source_name, &full)?;
-            }
-            (toml::Value::Table(_), _) | (_, toml::Value::Table(_)) => return Err(wrong_type()),
-            (toml::Value::Float(_), toml::Value::Integer(i)) => {
-                *slot = toml::Value::Float(*i as f64);
-            }
-            (toml::Value::Integer(_), toml::Value::Integer(i)) if *i < 0 => {
-                return Err(ConfigError::WrongType {
-                    source_name: source_name.into(),
-                    key: full,
-                    expected: "a non-negative integer".into(),
-                    got: i.to_string(),
-                });
-            }
-            (current, v) if std::mem::discriminant(current) == std::mem::discriminant(v) => {
-                *slot = v.clone();
-            }
-            _ => return Err(wrong_type()),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -756,8 +593,8 @@ mod tests {
         assert_eq!(c.model.heads, 3);
         assert_eq!(c.model.mlp_dim, 192);
         // Mean pooling: no CLS token, the 64 patches are the sequence.
-        assert_eq!((c.model.pool.as_str(), c.model.tokens()), ("mean", 64));
-        assert_eq!(c.model.pos_embed, "sincos");
+        assert_eq!((c.model.pool.name(), c.model.tokens()), ("mean", 64));
+        assert_eq!(c.model.pos_embed.name(), "sincos");
         assert_eq!(c.model.head_dim(), 32);
         assert_eq!(c.train.batch_size, 64);
         assert!((c.train.lr - 1e-3).abs() < 1e-12);
@@ -811,14 +648,14 @@ mod tests {
         }
         std::fs::write(&path, toml::to_string(&old).unwrap()).unwrap();
         let c = Config::load_run(&path, &[]).unwrap();
-        assert_eq!(c.model.init, "trunc_normal");
+        assert_eq!(c.model.init.name(), "trunc_normal");
         assert_eq!(c.train.budget_secs(), Ok(None));
         assert!(!c.data.trivial_augment);
-        assert_eq!((c.train.drop_path, c.model.pool.as_str()), (0.0, "cls"));
-        assert_eq!(c.model.matmul, "f32");
+        assert_eq!((c.train.drop_path, c.model.pool.name()), (0.0, "cls"));
+        assert_eq!(c.model.matmul.name(), "f32");
         // A key the run has is kept, and --set still wins.
         let c = Config::load_run(&path, &sets(&["model.init=pytorch"])).unwrap();
-        assert_eq!(c.model.init, "pytorch");
+        assert_eq!(c.model.init.name(), "pytorch");
     }
 
     #[test]

@@ -69,6 +69,20 @@ pub enum MetricRecord {
     Eval(EvalRecord),
 }
 
+/// Records in file order, split into the training and the evaluation records.
+pub fn split_records(
+    records: impl IntoIterator<Item = MetricRecord>,
+) -> (Vec<TrainRecord>, Vec<EvalRecord>) {
+    let (mut train, mut evals) = (Vec::new(), Vec::new());
+    for record in records {
+        match record {
+            MetricRecord::Train(r) => train.push(r),
+            MetricRecord::Eval(r) => evals.push(r),
+        }
+    }
+    (train, evals)
+}
+
 impl MetricRecord {
     pub fn step(&self) -> u64 {
         match self {

@@ -19,7 +19,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::{ModelConfig, CHANNELS, IMAGE_SIZE};
+use crate::config::{ModelConfig, NormKind, Placement, PosEmbed, CHANNELS, IMAGE_SIZE};
 use crate::data::{mix_seed, NUM_CLASSES};
 use crate::ops::BlockOutput;
 
@@ -28,13 +28,11 @@ mod capture;
 mod drop_path;
 mod loss;
 mod norm;
-pub use block::{Attention, Block, Linear, Mlp, Placement};
+pub use block::{Attention, Block, Linear, Mlp};
 pub use capture::Capture;
 pub use drop_path::{Branch, DropPath};
-pub use loss::{
-    correct_predictions, log_softmax_last_dim, smoothed_cross_entropy, softmax_last_dim,
-};
-pub use norm::{layer_norm_composed, rms_norm, LayerNorm, NormKind};
+pub use loss::{correct_predictions, smoothed_cross_entropy};
+pub use norm::{rms_norm, LayerNorm};
 
 /// Cuts images (B, C, 32, 32) into flattened patches (B, N, p*p*C), patches in
 /// row-major grid order, each flattened as (row, column, channel).
@@ -65,9 +63,9 @@ impl VisionTransformer {
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(&vb.pp("blocks").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let pos_embed = match cfg.pos_embed.as_str() {
-            "none" => None,
-            "sincos" => Some(
+        let pos_embed = match cfg.pos_embed {
+            PosEmbed::None => None,
+            PosEmbed::Sincos => Some(
                 Tensor::from_vec(
                     sincos_position_embedding(cfg),
                     (1, cfg.tokens(), cfg.dim),
@@ -75,7 +73,7 @@ impl VisionTransformer {
                 )?
                 .to_dtype(vb.dtype())?,
             ),
-            _ => Some(vb.get_with_hints(
+            PosEmbed::Learned => Some(vb.get_with_hints(
                 (1, cfg.tokens(), cfg.dim),
                 "pos_embed",
                 Init::Const(0.0),
@@ -90,12 +88,7 @@ impl VisionTransformer {
             },
             pos_embed,
             blocks,
-            norm: LayerNorm::new(
-                &vb.pp("norm"),
-                cfg.dim,
-                cfg.layer_norm_eps,
-                NormKind::from_config(&cfg.norm_kind),
-            )?,
+            norm: LayerNorm::new(&vb.pp("norm"), cfg.dim, cfg.layer_norm_eps, cfg.norm_kind)?,
             head: Linear::new(&vb.pp("head"), cfg.dim, NUM_CLASSES, false)?,
         })
     }
@@ -292,7 +285,7 @@ impl ModelState {
     /// faster on CIFAR-10 in short runs). Seeded per variable, so it is reproducible.
     fn initialise(&self, seed: u64, cfg: &ModelConfig) -> Result<()> {
         let vars = self.named_vars();
-        let pytorch = cfg.init == "pytorch";
+        let pytorch = cfg.init == crate::config::Init::Pytorch;
         // A linear layer's fan-in, from its weight's shape (out, in), by the layer's prefix.
         let fan_in = |prefix: &str| {
             vars.iter()

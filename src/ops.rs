@@ -29,6 +29,7 @@ mod kernel;
 mod attention;
 mod bf16;
 mod block;
+pub mod composed;
 pub mod cpu;
 mod fastmath;
 mod gelu;

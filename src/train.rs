@@ -24,9 +24,9 @@ use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Si
 use crate::inspect::predictions::{Predictions, PredictionsMeta};
 use crate::inspect::probe::ProbeSet;
 use crate::model::{
-    images_tensor, smoothed_cross_entropy, softmax_last_dim, DropPath, ModelState,
-    VisionTransformer,
+    images_tensor, smoothed_cross_entropy, DropPath, ModelState, VisionTransformer,
 };
+use crate::ops::composed::softmax_last_dim;
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
 use checkpoint::TrainState;
 use ema::Ema;

@@ -398,7 +398,7 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
     assert!(pair.common && pair.probes.iter().all(Option::is_some));
     let mut view = vitscope::ui::tabs::runs::RunsView::new(vitscope::ui::theme::Theme::new(
         vitscope::ui::theme::ColorMode::NoColor,
-        "braille",
+        vitscope::config::Markers::Braille,
     ));
     view.on_action(
         vitscope::ui::keys::Action::ToggleCompare,

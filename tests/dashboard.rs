@@ -77,7 +77,7 @@ fn eval_record(epoch: u64) -> EvalRecord {
 fn app(mode: ColorMode) -> App {
     App::new(
         Mode::Live,
-        Theme::new(mode, "braille"),
+        Theme::new(mode, vitscope::config::Markers::Braille),
         "2026-11-28T12-00-00".into(),
         &Config::default(),
     )
@@ -999,8 +999,14 @@ fn the_runs_screen_overlays_runs_named_by_what_differs() {
     let tmp = tempfile::tempdir().unwrap();
     let c = norm_runs(tmp.path());
     assert_eq!(c.labels(), vec!["norm=none", "norm=post", "norm=pre"]);
-    let colour = RunsView::new(Theme::new(ColorMode::Ansi256, "braille"));
-    let plain = RunsView::new(Theme::new(ColorMode::NoColor, "braille"));
+    let colour = RunsView::new(Theme::new(
+        ColorMode::Ansi256,
+        vitscope::config::Markers::Braille,
+    ));
+    let plain = RunsView::new(Theme::new(
+        ColorMode::NoColor,
+        vitscope::config::Markers::Braille,
+    ));
     for (name, v) in [("runs", &colour), ("runs_no_colour", &plain)] {
         for (w, h) in [(80, 24), (200, 60)] {
             let s = runs_screen(&c, v, w, h);
@@ -1014,11 +1020,14 @@ fn the_runs_screen_overlays_runs_named_by_what_differs() {
     assert!(s.contains("differ in model.norm"), "{s}");
     assert!(s.contains("failed") && s.contains("finished"), "{s}");
     // Without colour each run has its own marker, shown in the table.
-    let theme = Theme::new(ColorMode::NoColor, "braille");
+    let theme = Theme::new(ColorMode::NoColor, vitscope::config::Markers::Braille);
     let marks: std::collections::HashSet<_> = (0..3).map(|i| theme.run_marker(i).1).collect();
     assert_eq!(marks.len(), 3);
     // A hidden run leaves the charts but stays in the table, marked.
-    let mut hidden = RunsView::new(Theme::new(ColorMode::Ansi256, "braille"));
+    let mut hidden = RunsView::new(Theme::new(
+        ColorMode::Ansi256,
+        vitscope::config::Markers::Braille,
+    ));
     hidden.on_action(vitscope::ui::keys::Action::ToggleRun, 3);
     let s = runs_screen(&c, &hidden, 200, 60);
     assert!(s.contains("(hidden)"), "{s}");

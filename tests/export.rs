@@ -263,7 +263,10 @@ fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
     let mut follower = vitscope::run::follow::Follower::new(RunDir::open(&run).unwrap());
     let mut app = App::new(
         Mode::Live,
-        vitscope::ui::theme::Theme::new(vitscope::ui::theme::ColorMode::NoColor, "braille"),
+        vitscope::ui::theme::Theme::new(
+            vitscope::ui::theme::ColorMode::NoColor,
+            vitscope::config::Markers::Braille,
+        ),
         "run".into(),
         &run_dir.read_config().unwrap(),
     );

@@ -15,6 +15,11 @@ use crate::model::{forward_flops_per_image, DropPath, ModelState};
 use crate::train::optim::AdamW;
 use crate::train::step::{forward_backward, micro_batch_len, Workers};
 
+use super::args::BenchArgs;
+use super::train::fits_in_memory;
+use crate::train::memory::Workload;
+use std::process::ExitCode;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBreakdown {
     /// Building one batch (augmentation included) on the data thread.
@@ -350,4 +355,29 @@ impl BenchReport {
             self.memory_estimate_mb,
         )
     }
+}
+
+/// `vitscope bench`: the configuration resolved, checked to fit, measured, printed.
+pub fn command(args: &BenchArgs) -> Result<ExitCode, String> {
+    let mut sets = args.config.set.clone();
+    if let Some(n) = args.threads {
+        sets.insert(0, format!("train.threads={n}"));
+    }
+    let config = Config::load(args.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
+    crate::sys::set_threads(config.train.threads)?;
+    if args.steps == 0 {
+        return Err("--steps must be at least 1".into());
+    }
+    let estimate = fits_in_memory(&config, Workload::Bench)?;
+    let report = run(&config, args.warmup, args.steps, estimate.total())
+        .map_err(|e| format!("benchmark failed: {e}"))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
 }

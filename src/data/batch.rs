@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::augment::{self, Image};
-use super::{mix_seed, Dataset, Split, IMAGE_BYTES};
+use super::dataset::{mix_seed, Dataset, Split, IMAGE_BYTES};
 use crate::config::{CHANNELS, IMAGE_SIZE};
 
 const ORDER_STREAM: u64 = 0x0DE2;

@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{DataError, Dataset, LoadProgress, Split, CIFAR10_CLASSES, IMAGE_BYTES, NUM_CLASSES};
+use super::dataset::{
+    DataError, Dataset, LoadProgress, Split, CIFAR10_CLASSES, IMAGE_BYTES, NUM_CLASSES,
+};
 use crate::config::DatasetKind;
 
 /// Folder name inside the official archive.

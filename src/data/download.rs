@@ -12,7 +12,7 @@ use std::time::Duration;
 use md5::{Digest, Md5};
 
 use super::cifar::{cache_dir, find_layout, LAYOUT_DIR, TEST_FILE, TRAIN_FILES};
-use super::{DataError, LoadProgress};
+use super::dataset::{DataError, LoadProgress};
 use crate::config::DataConfig;
 
 pub const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";

@@ -5,7 +5,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{mix_seed, Dataset, Split, IMAGE_BYTES, NUM_CLASSES};
+use super::dataset::{mix_seed, Dataset, Split, IMAGE_BYTES, NUM_CLASSES};
 use crate::config::{DatasetKind, IMAGE_SIZE};
 
 pub const CLASS_NAMES: [&str; NUM_CLASSES] = [

@@ -3,7 +3,7 @@
 //! frame.
 
 use super::canvas::{self, Canvas, BLACK, BLUE, GREY, LIGHT, ORANGE, WHITE};
-use super::{Choice, Picture, Source};
+use super::request::{Choice, Picture, Source};
 use crate::inspect::probe::Histogram;
 
 pub const WIDTH: usize = 720;

@@ -2,9 +2,9 @@
 //! drawn from the run's recorded probes, predictions and metrics.
 
 use super::canvas::{Canvas, Rgb, BLACK, BLUE, GREEN, GREY, LIGHT, ORANGE, RED, WHITE};
-use super::{Choice, Picture, Source};
+use super::request::{Choice, Picture, Source};
 use crate::config::IMAGE_SIZE;
-use crate::inspect::features::{cosine_map, pca, row_norms, scores_to_rgb};
+use crate::inspect::features::{pca, position_similarity, row_norms, scores_to_rgb};
 use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 use crate::palette::{debiased_ema, heat_rgb, image_pixel, signed_rgb};
 
@@ -482,8 +482,7 @@ pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String>
             1,
             BLACK,
         );
-        for p in 0..grid * grid {
-            let sims = cosine_map(pos, m.dim, m.first_patch() + p, m.first_patch()..m.tokens);
+        for (p, sims) in position_similarity(&probe).iter().enumerate() {
             let (x0, y0) = (
                 20 + (p % grid) as i64 * (mini + 6),
                 30 + (p / grid) as i64 * (mini + 6),

@@ -236,6 +236,18 @@ pub fn scores_to_rgb(p: &Pca) -> Vec<(u8, u8, u8)> {
         .collect()
 }
 
+/// The cosine similarity of each patch position's embedding to every other one's
+/// (CLS excluded): `maps[i][j]` for patches i, j.
+pub fn position_similarity(probe: &crate::inspect::probe::ProbeSnapshot) -> Vec<Vec<f64>> {
+    let m = &probe.meta;
+    let pos = &probe.position_embedding;
+    let patches = m.first_patch()..m.tokens;
+    patches
+        .clone()
+        .map(|i| cosine_map(pos, m.dim, i, patches.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

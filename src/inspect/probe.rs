@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::ProbeConfig;
 use crate::data::batch::{images_f32, Normalizer};
 use crate::data::{Split, IMAGE_BYTES};
-use crate::model::{images_tensor, softmax_last_dim, Capture, VisionTransformer};
+use crate::model::{images_tensor, Capture, VisionTransformer};
+use crate::ops::composed::softmax_last_dim;
 
 /// Percentile ranks stored per distribution: TensorBoard's bands (min, mean -/+ 1.5, 1,
 /// 0.5 standard deviations of a normal, median, max), in percent.

@@ -7,8 +7,8 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::capture::Capture;
-use super::norm::{norm_or_residual, LayerNorm, NormKind};
-use crate::config::ModelConfig;
+use super::norm::{norm_or_residual, LayerNorm};
+use crate::config::{ModelConfig, NormKind, Placement};
 use crate::ops::BlockOutput;
 
 /// A linear map y = x W^T + b over the last dimension.
@@ -41,19 +41,9 @@ impl Linear {
         crate::ops::linear(x, &self.weight, &self.bias, self.bf16)
     }
 
-    /// The same op by op (one 2-D product over all leading dimensions, then the bias):
-    /// the reference for [`crate::ops::linear`].
+    /// The same op by op: the reference for [`crate::ops::linear`].
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("at least one dimension") = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        crate::ops::composed::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -144,27 +134,6 @@ impl Mlp {
     }
 }
 
-/// Where a block's norms sit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// x + MHSA(norm1(x)), then x + MLP(norm2(x)): the ViT's.
-    Pre,
-    /// norm1(x + MHSA(x)), then norm2(x + MLP(x)): the original Transformer's.
-    Post,
-    /// x + MHSA(x), then x + MLP(x).
-    None,
-}
-
-impl Placement {
-    pub fn from_config(name: &str) -> Self {
-        match name {
-            "post" => Self::Post,
-            "none" => Self::None,
-            _ => Self::Pre,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Block {
     /// None when `placement` is [`Placement::None`].
@@ -177,8 +146,8 @@ pub struct Block {
 
 impl Block {
     pub(super) fn new(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let placement = Placement::from_config(&cfg.norm);
-        let kind = NormKind::from_config(&cfg.norm_kind);
+        let placement = cfg.norm;
+        let kind = cfg.norm_kind;
         let norm = |name: &str| -> Result<Option<LayerNorm>> {
             match placement {
                 Placement::None => Ok(None),

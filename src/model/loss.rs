@@ -1,23 +1,10 @@
-//! What the logits are scored by: the smoothed cross-entropy training minimises, the
-//! softmaxes composed from candle ops (differentiable; the reference for the fused
-//! softmax) and the count of correct predictions.
+//! What the logits are scored by: the smoothed cross-entropy training minimises (on
+//! the composed, differentiable log-softmax) and the count of correct predictions.
 
 use candle_core::{Result, Tensor, D};
 
-/// Softmax over the last dimension composed from candle ops (the max is a constant
-/// shift): the reference for the fused [`crate::ops::scaled_softmax`].
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
-}
+use crate::ops::composed::log_softmax_last_dim;
 
-/// log(softmax(x)) over the last dimension, differentiable.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
-}
 /// Mean cross-entropy against targets smoothed towards uniform by `smoothing`.
 pub fn smoothed_cross_entropy(logits: &Tensor, labels: &[u32], smoothing: f64) -> Result<Tensor> {
     let (b, k) = logits.dims2()?;

@@ -7,24 +7,7 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::capture::Capture;
-
-/// Which normalisation a layer computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormKind {
-    /// (x - mean) / sqrt(var + eps) * gamma + beta.
-    LayerNorm,
-    /// x / sqrt(mean(x²) + eps) * gamma: no centring, no bias (Zhang & Sennrich, 2019).
-    RmsNorm,
-}
-
-impl NormKind {
-    pub fn from_config(name: &str) -> Self {
-        match name {
-            "rmsnorm" => Self::RmsNorm,
-            _ => Self::LayerNorm,
-        }
-    }
-}
+use crate::config::NormKind;
 
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -109,13 +92,4 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&mean_square.affine(1.0, eps)?.sqrt()?)?
         .broadcast_mul(gamma)
-}
-
-/// LayerNorm composed from candle ops: the reference for the fused [`crate::ops::layer_norm`].
-pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
-    normed.broadcast_mul(gamma)?.broadcast_add(beta)
 }

@@ -3,12 +3,12 @@
 //! model's tests (`weighted_grads`, `numeric_gradient`).
 
 use super::attention::*;
+use super::composed::{self, layer_norm_composed, softmax_last_dim};
 use super::gelu::*;
 use super::kernel::*;
 use super::layer_norm::*;
 use super::linear::*;
 use super::softmax::*;
-use crate::model::{layer_norm_composed, softmax_last_dim};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -338,12 +338,7 @@ fn fused_linear_matches_product_plus_bias_forward_and_backward() {
     let b = Var::from_tensor(&random(&[4], 33)).unwrap();
     let weights = random(&[3, 5, 4], 34);
     let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), false).unwrap();
-    let reference = crate::model::Linear {
-        weight: w.as_tensor().clone(),
-        bias: b.as_tensor().clone(),
-        bf16: false,
-    };
-    let composed = reference.forward_composed(x.as_tensor()).unwrap();
+    let composed = composed::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
     assert_close(&values(&fused), &values(&composed), 1e-12, "forward");
     let g_fused = weighted_grads(fused, &weights);
     let g_comp = weighted_grads(composed, &weights);

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::dir::{RunDir, CONFIG_FILE, LOG_FILE, METRICS_FILE};
 use crate::config::Config;
 use crate::events::{EvalRecord, MetricRecord};
 use crate::run::follow::read_new_lines;
-use crate::run::{RunDir, CONFIG_FILE, LOG_FILE, METRICS_FILE};
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

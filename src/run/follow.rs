@@ -5,11 +5,11 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::dir::{RunDir, RunError, LOG_FILE, METRICS_FILE};
 use crate::config::{Config, DatasetKind};
 use crate::data::batch::BatchPlan;
 use crate::data::{synthetic, CIFAR10_CLASSES};
 use crate::events::{Event, MetricRecord, Phase, RunInfo};
-use crate::run::{RunDir, RunError, LOG_FILE, METRICS_FILE};
 
 /// How a run directory is read incrementally.
 pub struct Follower {

@@ -81,7 +81,7 @@ pub fn run_name(combo: &[(String, String)]) -> String {
 /// Whether the run in `dir` trained to its end: its log's last "finished" line is not
 /// a stop on request.
 pub fn is_finished(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(crate::run::LOG_FILE)).is_ok_and(|log| {
+    std::fs::read_to_string(dir.join(super::dir::LOG_FILE)).is_ok_and(|log| {
         log.lines()
             .rev()
             .find(|l| l.contains("finished at step"))
@@ -126,7 +126,7 @@ mod tests {
     #[test]
     fn a_run_is_finished_only_when_its_log_says_so_last() {
         let tmp = tempfile::tempdir().unwrap();
-        let log = tmp.path().join(crate::run::LOG_FILE);
+        let log = tmp.path().join(super::super::dir::LOG_FILE);
         assert!(!is_finished(tmp.path()));
         std::fs::write(&log, "t finished at step 20: stopped on request\n").unwrap();
         assert!(!is_finished(tmp.path()));

@@ -6,7 +6,7 @@
 //! infinity, never a wrapped one, and is refused like any other too-large estimate.
 
 use super::step::micro_batch_len;
-use crate::config::{Config, DatasetKind};
+use crate::config::{Config, DatasetKind, NormKind, Placement, PosEmbed};
 use crate::data::{IMAGE_BYTES, NUM_CLASSES};
 use crate::ops::TILE_IMAGES;
 
@@ -133,11 +133,19 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
 
     // Parameters, as `ModelState` creates them.
     // A norm: gamma, and beta for LayerNorm; blocks have two unless norm = "none".
-    let norm = if m.norm_kind == "rmsnorm" { d } else { 2.0 * d };
-    let block_norms = if m.norm == "none" { 0.0 } else { 2.0 * norm };
+    let norm = if m.norm_kind == NormKind::RmsNorm {
+        d
+    } else {
+        2.0 * d
+    };
+    let block_norms = if m.norm == Placement::None {
+        0.0
+    } else {
+        2.0 * norm
+    };
     let block =
         block_norms + (3.0 * d * d + 3.0 * d) + (d * d + d) + (mlp * d + mlp) + (d * mlp + d);
-    let position = if m.pos_embed == "learned" {
+    let position = if m.pos_embed == PosEmbed::Learned {
         tokens * d
     } else {
         0.0
@@ -284,6 +292,23 @@ mod tests {
     use crate::config::DEFAULT_TOML;
     use crate::model::ModelState;
     use candle_core::DType;
+
+    #[test]
+    fn the_estimate_counts_every_variants_parameters() {
+        for cfg in crate::model::tests::variants() {
+            let state = ModelState::new(&cfg, 5, candle_core::DType::F64).unwrap();
+            let config = Config {
+                model: cfg.clone(),
+                ..Config::default()
+            };
+            assert_eq!(
+                state.parameter_count() as f64,
+                estimate(&config, Workload::Headless, 1).parameters,
+                "{}",
+                crate::model::tests::variant_name(&cfg)
+            );
+        }
+    }
 
     fn config(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| (*s).to_string()).collect();

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::data::LoadProgress;
 use std::sync::Arc;
 
-use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, TrainRecord};
+use crate::events::{split_records, Control, EvalRecord, Event, Phase, RunInfo, TrainRecord};
 use crate::inspect::predictions::Predictions;
 use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 
@@ -216,7 +216,7 @@ pub struct App {
     pub dataset: String,
     /// The position embedding the model has (`model.pos_embed`): the Patches tab says
     /// whether what it shows was learned or fixed.
-    pub pos_embed: String,
+    pub pos_embed: crate::config::PosEmbed,
     pub tab: Tab,
     pub phase: Phase,
     pub popup: Option<Popup>,
@@ -270,7 +270,7 @@ impl App {
             theme,
             run_name,
             dataset: config.data.dataset.name().to_string(),
-            pos_embed: config.model.pos_embed.clone(),
+            pos_embed: config.model.pos_embed,
             tab: Tab::Training,
             phase: Phase::Loading,
             popup: None,
@@ -366,12 +366,9 @@ impl App {
                 self.loading = None;
             }
             Event::History(records) => {
-                for record in records.iter() {
-                    match record {
-                        MetricRecord::Train(r) => self.train.push(r.clone()),
-                        MetricRecord::Eval(e) => self.evals.push(e.clone()),
-                    }
-                }
+                let (train, evals) = split_records(records.iter().cloned());
+                self.train.extend(train);
+                self.evals.extend(evals);
             }
             Event::Train(record) => {
                 // A follower may replay a run: keep the history ordered by step.
@@ -785,13 +782,14 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::MetricRecord;
     use crate::ui::theme::ColorMode;
     use crossterm::event::{KeyCode, KeyModifiers};
 
     fn app(mode: Mode) -> App {
         App::new(
             mode,
-            Theme::new(ColorMode::NoColor, "braille"),
+            Theme::new(ColorMode::NoColor, crate::config::Markers::Braille),
             "run".into(),
             &Config::default(),
         )

@@ -5,6 +5,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
 use std::sync::OnceLock;
 
+use crate::config::{ColorSetting, Markers};
 use crate::palette::{heat_rgb, palette_steps, signed_rgb, signed_steps, step_of, PALETTE_STEPS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,13 +36,15 @@ impl ColorMode {
     /// (`var` reads a variable), with a note on why, for the help screen: NO_COLOR (any
     /// non-empty value) turns colour off; COLORTERM=truecolor|24bit, a TERM of a
     /// direct-colour terminal, or TERM_PROGRAM of one turn truecolor on.
-    pub fn detect(setting: &str, var: impl Fn(&str) -> Option<String>) -> (Self, String) {
+    pub fn detect(setting: ColorSetting, var: impl Fn(&str) -> Option<String>) -> (Self, String) {
         let var = |name: &str| var(name).filter(|v| !v.is_empty());
         match setting {
-            "truecolor" => return (Self::TrueColor, "set by ui.color / --color".into()),
-            "256" => return (Self::Ansi256, "set by ui.color / --color".into()),
-            "none" => return (Self::NoColor, "set by ui.color / --color".into()),
-            _ => {}
+            ColorSetting::TrueColor => {
+                return (Self::TrueColor, "set by ui.color / --color".into())
+            }
+            ColorSetting::Ansi256 => return (Self::Ansi256, "set by ui.color / --color".into()),
+            ColorSetting::None => return (Self::NoColor, "set by ui.color / --color".into()),
+            ColorSetting::Auto => {}
         }
         if var("NO_COLOR").is_some() {
             return (Self::NoColor, "NO_COLOR is set".into());
@@ -102,11 +105,11 @@ pub struct Theme {
 }
 
 impl Theme {
-    pub fn new(mode: ColorMode, markers: &str) -> Self {
+    pub fn new(mode: ColorMode, markers: Markers) -> Self {
         let line_marker = match markers {
-            "block" => Marker::HalfBlock,
-            "dot" => Marker::Dot,
-            _ => Marker::Braille,
+            Markers::Block => Marker::HalfBlock,
+            Markers::Dot => Marker::Dot,
+            Markers::Braille => Marker::Braille,
         };
         Self { mode, line_marker }
     }
@@ -310,7 +313,7 @@ mod tests {
     use crate::palette::{oklab, xterm_rgb};
 
     fn detect(setting: &str, vars: &[(&str, &str)]) -> (ColorMode, String) {
-        ColorMode::detect(setting, |name| {
+        ColorMode::detect(setting.parse().unwrap(), |name| {
             vars.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| (*v).to_string())
@@ -375,7 +378,7 @@ mod tests {
 
     #[test]
     fn heat_shades_rise_with_the_level_and_clamp() {
-        let t = Theme::new(ColorMode::NoColor, "braille");
+        let t = Theme::new(ColorMode::NoColor, crate::config::Markers::Braille);
         assert_eq!(t.heat(0.0).0, ' ');
         assert_eq!(t.heat(0.3).0, '░');
         assert_eq!(t.heat(0.5).0, '▒');
@@ -402,13 +405,13 @@ mod tests {
     #[test]
     fn the_heat_ramp_is_continuous_in_truecolor_and_has_many_steps_in_256() {
         let levels = || (0..=1000).map(|i| f64::from(i) / 1000.0);
-        let tc = Theme::new(ColorMode::TrueColor, "braille");
+        let tc = Theme::new(ColorMode::TrueColor, crate::config::Markers::Braille);
         // Viridis' ends; every level its own colour, brighter as the level rises.
         assert_eq!(tc.heat_color(0.0), Some(Color::Rgb(68, 1, 84)));
         assert_eq!(tc.heat_color(1.0), Some(Color::Rgb(253, 231, 37)));
         assert_eq!(tc.heat_color(f64::NAN), tc.heat_color(0.0));
         assert!(distinct(levels().map(|l| tc.heat_color(l))) > 250);
-        let c = Theme::new(ColorMode::Ansi256, "braille");
+        let c = Theme::new(ColorMode::Ansi256, crate::config::Markers::Braille);
         let steps = distinct(levels().map(|l| c.heat_color(l)));
         assert!(steps >= 16, "{steps} steps in 256 colours");
         for ramp in [&tc, &c] {
@@ -425,7 +428,7 @@ mod tests {
     #[test]
     fn the_signed_scale_is_dark_at_zero_and_blue_or_red_by_sign() {
         let values = || (-1000..=1000).map(|i| f64::from(i) / 1000.0);
-        let tc = Theme::new(ColorMode::TrueColor, "braille");
+        let tc = Theme::new(ColorMode::TrueColor, crate::config::Markers::Braille);
         assert_eq!(tc.signed_color(0.0), Some(Color::Rgb(30, 30, 30)));
         let Some(Color::Rgb(r, _, b)) = tc.signed_color(-1.0) else {
             panic!()
@@ -443,14 +446,14 @@ mod tests {
                 .collect();
             assert!(l.windows(2).all(|w| w[1] > w[0]), "{l:?}");
         }
-        let c = Theme::new(ColorMode::Ansi256, "braille");
+        let c = Theme::new(ColorMode::Ansi256, crate::config::Markers::Braille);
         let steps = distinct(values().map(|v| c.signed_color(v)));
         assert!(steps >= 16, "{steps} steps in 256 colours");
     }
 
     #[test]
     fn no_colour_mode_uses_no_colours_and_distinct_markers() {
-        let t = Theme::new(ColorMode::NoColor, "braille");
+        let t = Theme::new(ColorMode::NoColor, crate::config::Markers::Braille);
         for s in [
             Series::TrainRaw,
             Series::TrainSmooth,
@@ -467,11 +470,14 @@ mod tests {
         assert_ne!(symbols[0], symbols[1]);
         assert_ne!(symbols[1], symbols[2]);
         assert_eq!(
-            Theme::new(ColorMode::Ansi256, "block").marker(Series::TrainSmooth),
+            Theme::new(ColorMode::Ansi256, crate::config::Markers::Block)
+                .marker(Series::TrainSmooth),
             Marker::HalfBlock
         );
         assert_eq!(
-            Theme::new(ColorMode::Ansi256, "x").series(Series::Eval).fg,
+            Theme::new(ColorMode::Ansi256, Markers::Dot)
+                .series(Series::Eval)
+                .fg,
             Some(Color::Indexed(214))
         );
     }

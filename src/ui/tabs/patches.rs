@@ -10,8 +10,8 @@ use ratatui::style::Style;
 use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Widget};
 
-use crate::config::IMAGE_SIZE;
-use crate::inspect::features::{cosine_map, pca};
+use crate::config::{PosEmbed, IMAGE_SIZE};
+use crate::inspect::features::{pca, position_similarity};
 use crate::inspect::probe::ProbeSnapshot;
 use crate::palette::{image_pixel, Rgb};
 use crate::ui::app::App;
@@ -30,18 +30,6 @@ pub fn patch_pixels(pixels: &[u8], patch: usize, k: usize) -> Vec<Rgb> {
     let (py, px) = (k / grid, k % grid);
     (0..patch * patch)
         .map(|i| image_pixel(pixels, px * patch + i % patch, py * patch + i / patch))
-        .collect()
-}
-
-/// The cosine similarity of each patch position's embedding to every other one's
-/// (CLS excluded): `maps[i][j]` for patches i, j.
-pub fn position_similarity(probe: &ProbeSnapshot) -> Vec<Vec<f64>> {
-    let m = &probe.meta;
-    let pos = &probe.position_embedding;
-    let patches = m.first_patch()..m.tokens;
-    patches
-        .clone()
-        .map(|i| cosine_map(pos, m.dim, i, patches.clone()))
         .collect()
 }
 
@@ -272,15 +260,15 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let title = match app.pos_embed.as_str() {
-        "sincos" => "position embeddings, fixed sine-cosine: cosine similarity",
-        "learned" => "position embeddings, learned: cosine similarity",
-        _ => "position embeddings",
+    let title = match app.pos_embed {
+        PosEmbed::Sincos => "position embeddings, fixed sine-cosine: cosine similarity",
+        PosEmbed::Learned => "position embeddings, learned: cosine similarity",
+        PosEmbed::None => "position embeddings",
     };
     let inner = panel(app, title, area, buf);
     if s.probe.position_embedding.is_empty() {
-        let why = match app.pos_embed.as_str() {
-            "none" => "this model has no position embeddings (model.pos_embed = \"none\")",
+        let why = match app.pos_embed {
+            PosEmbed::None => "this model has no position embeddings (model.pos_embed = \"none\")",
             _ => "this probe has no position embeddings recorded",
         };
         note(app, why, inner, buf);

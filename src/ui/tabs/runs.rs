@@ -472,7 +472,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
 pub fn run_screen(
     c: &mut Comparison,
     v: &mut RunsView,
-    stats: &mut crate::ui::DashboardStats,
+    stats: &mut crate::ui::stats::DashboardStats,
 ) -> std::io::Result<Option<usize>> {
     let started = Instant::now();
     let mut terminal = ratatui::init();
@@ -531,7 +531,10 @@ mod tests {
 
     #[test]
     fn keys_select_hide_switch_the_axis_open_and_quit() {
-        let mut v = RunsView::new(Theme::new(crate::ui::theme::ColorMode::NoColor, "braille"));
+        let mut v = RunsView::new(Theme::new(
+            crate::ui::theme::ColorMode::NoColor,
+            crate::config::Markers::Braille,
+        ));
         assert_eq!(v.on_action(Action::Down, 3), None);
         assert_eq!(v.on_action(Action::Down, 3), None);
         assert_eq!(v.on_action(Action::Down, 3), None);

@@ -261,7 +261,7 @@ mod tests {
             }
         }
         assert_eq!(image_pixel(&pixels, 5, 7), (5, 7, 200));
-        let t = Theme::new(ColorMode::TrueColor, "braille");
+        let t = Theme::new(ColorMode::TrueColor, crate::config::Markers::Braille);
         let mut buf = Buffer::empty(Rect::new(0, 0, 40, 20));
         draw_image(&t, &pixels, 1, 1, &mut buf);
         let cell = &buf[(1 + 5, 1 + 3)];
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(half[(2, 1)].fg, Color::Rgb(4, 4, 200));
         assert_eq!(half[(2, 1)].bg, Color::Rgb(4, 6, 200));
         // No colour: brightness as shading.
-        let plain = Theme::new(ColorMode::NoColor, "braille");
+        let plain = Theme::new(ColorMode::NoColor, crate::config::Markers::Braille);
         let white = vec![255u8; 3 * 32 * 32];
         let mut b = Buffer::empty(Rect::new(0, 0, 32, 16));
         draw_image(&plain, &white, 0, 0, &mut b);

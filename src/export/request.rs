@@ -1,0 +1,166 @@
+//! What an export is asked for ([`What`], [`Choice`]), what it reads (a run
+//! directory's files as a [`Source`]) and what comes out ([`Picture`], [`Written`]):
+//! the types every picture's renderer shares, apart from the map that dispatches to
+//! them.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::events::{split_records, EvalRecord, TrainRecord};
+use crate::inspect::probe::ProbeSnapshot;
+use crate::run::RunDir;
+
+/// What can be exported; none named means all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    LayerNormGif,
+    Attention,
+    Features,
+    Patches,
+    Predictions,
+    Curves,
+}
+
+impl What {
+    pub const ALL: [What; 6] = [
+        What::LayerNormGif,
+        What::Attention,
+        What::Features,
+        What::Patches,
+        What::Predictions,
+        What::Curves,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            What::LayerNormGif => "layernorm-gif",
+            What::Attention => "attention",
+            What::Features => "features",
+            What::Patches => "patches",
+            What::Predictions => "predictions",
+            What::Curves => "curves",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown export `{name}`: expected {}", names.join(", "))
+            })
+    }
+}
+
+/// Which step, image, layer and head to show.
+#[derive(Debug, Clone, Default)]
+pub struct Choice {
+    /// The probe step (default: the latest probe).
+    pub step: Option<u64>,
+    /// The probe image.
+    pub image: usize,
+    /// The LayerNorm (for the GIF) or block (for attention).
+    pub layer: usize,
+    pub head: usize,
+}
+
+/// One picture, ready to write.
+pub struct Picture {
+    pub file: String,
+    pub caption: String,
+    pub bytes: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    /// Frames of an animation (1 for a still), and its length in hundredths of a second.
+    pub frames: usize,
+    pub duration_cs: u64,
+}
+
+impl Picture {
+    /// "720x420 GIF, 71 frames, 12.5 s" or "680x590 PNG".
+    pub fn describe(&self) -> String {
+        if self.frames > 1 {
+            format!(
+                "{}x{} GIF, {} frames, {:.1} s",
+                self.width,
+                self.height,
+                self.frames,
+                self.duration_cs as f64 / 100.0
+            )
+        } else {
+            format!("{}x{} PNG", self.width, self.height)
+        }
+    }
+}
+
+/// A file written: where, how many bytes, and what it is.
+pub struct Written {
+    pub path: PathBuf,
+    pub bytes: usize,
+    pub what: String,
+}
+
+/// What the pictures are drawn from: a run directory's files, read once.
+pub struct Source {
+    pub config: Config,
+    pub train: Vec<TrainRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub probe_files: Vec<(u64, PathBuf)>,
+    pub run: RunDir,
+    pub class_names: Vec<String>,
+    /// The first test images (3 x 32 x 32 bytes each) and their labels.
+    pub test_pixels: Vec<u8>,
+    pub test_labels: Vec<u8>,
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let run = RunDir::open(path).map_err(|e| e.to_string())?;
+        let config =
+            Config::load_run(&run.file(crate::run::CONFIG_FILE), &[]).map_err(|e| e.to_string())?;
+        let (train, evals) = split_records(run.read_metrics());
+        let info = crate::run::follow::run_info(&run, &config, 0);
+        let (test_pixels, test_labels) = run.read_test_images().unwrap_or_default();
+        Ok(Self {
+            config,
+            train,
+            evals,
+            probe_files: run.probe_files(),
+            run,
+            class_names: info.class_names,
+            test_pixels,
+            test_labels,
+        })
+    }
+
+    /// The probe at `step`, or the latest.
+    pub fn probe(&self, step: Option<u64>) -> Result<ProbeSnapshot, String> {
+        let step = match step {
+            Some(s) => {
+                if !self.probe_files.iter().any(|(p, _)| *p == s) {
+                    let near = self
+                        .probe_files
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .min_by_key(|p| p.abs_diff(s));
+                    return Err(format!(
+                        "--step {s}: no probe at that step{}",
+                        near.map_or(String::new(), |n| format!(" (nearest: {n})"))
+                    ));
+                }
+                s
+            }
+            None => self.probe_files.last().map(|(s, _)| *s).ok_or_else(|| {
+                format!("{}: the run has no probes yet", self.run.path().display())
+            })?,
+        };
+        self.run.read_probe(step).map_err(|e| e.to_string())
+    }
+
+    /// The raw bytes of test image `i`, if recorded.
+    pub fn test_image(&self, i: usize) -> Option<&[u8]> {
+        let n = crate::data::IMAGE_BYTES;
+        self.test_pixels.get(i * n..(i + 1) * n)
+    }
+}
