@@ -8,12 +8,12 @@ pub mod layernorm;
 pub mod pictures;
 mod request;
 
-pub use request::{Choice, Picture, Source, What, Written};
+pub use request::{Choice, ExportError, Picture, Source, What, Written};
 
 use std::path::Path;
 
 /// The pictures of `what`.
-pub fn render(source: &Source, what: What, choice: &Choice) -> Result<Vec<Picture>, String> {
+pub fn render(source: &Source, what: What, choice: &Choice) -> Result<Vec<Picture>, ExportError> {
     match what {
         What::LayerNormGif => layernorm::gif(source, choice).map(|p| vec![p]),
         What::Attention => pictures::attention(source, choice),
@@ -31,7 +31,7 @@ pub fn export(
     out: &Path,
     whats: &[What],
     choice: &Choice,
-) -> Result<Vec<Written>, String> {
+) -> Result<Vec<Written>, ExportError> {
     let source = Source::open(run_dir)?;
     let all = whats.is_empty();
     let whats: Vec<What> = if all {
@@ -43,11 +43,14 @@ pub fn export(
     for what in whats {
         pictures.extend(render(&source, what, choice)?);
     }
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| ExportError::Create {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let mut written = Vec::new();
     for p in &pictures {
         let path = out.join(&p.file);
-        crate::run::write_atomic(&path, &p.bytes).map_err(|e| e.to_string())?;
+        crate::run::write_atomic(&path, &p.bytes)?;
         written.push(Written {
             path,
             bytes: p.bytes.len(),
@@ -57,7 +60,7 @@ pub fn export(
     if all {
         let html = index_html(&source, &pictures);
         let path = out.join("index.html");
-        crate::run::write_atomic(&path, html.as_bytes()).map_err(|e| e.to_string())?;
+        crate::run::write_atomic(&path, html.as_bytes())?;
         written.push(Written {
             path,
             bytes: html.len(),

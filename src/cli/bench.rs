@@ -358,19 +358,19 @@ impl BenchReport {
 }
 
 /// `vitscope bench`: the configuration resolved, checked to fit, measured, printed.
-pub fn command(args: &BenchArgs) -> Result<ExitCode, String> {
+pub fn command(args: &BenchArgs) -> color_eyre::eyre::Result<ExitCode> {
     let mut sets = args.config.set.clone();
     if let Some(n) = args.threads {
         sets.insert(0, format!("train.threads={n}"));
     }
-    let config = Config::load(args.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
-    crate::sys::set_threads(config.train.threads)?;
+    let config = Config::load(args.config.config.as_deref(), &sets)?;
+    crate::sys::set_threads(config.train.threads).map_err(|e| color_eyre::eyre::eyre!(e))?;
     if args.steps == 0 {
-        return Err("--steps must be at least 1".into());
+        color_eyre::eyre::bail!("--steps must be at least 1");
     }
     let estimate = fits_in_memory(&config, Workload::Bench)?;
     let report = run(&config, args.warmup, args.steps, estimate.total())
-        .map_err(|e| format!("benchmark failed: {e}"))?;
+        .map_err(|e| color_eyre::eyre::eyre!("benchmark failed: {e}"))?;
     if args.json {
         println!(
             "{}",

@@ -1,12 +1,13 @@
 //! `vitscope export`: a run's pictures written as files, listed with their sizes.
 
+use color_eyre::eyre::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::args::ExportArgs;
 
 /// Writes the pictures and lists them with their sizes.
-pub fn export(args: &ExportArgs) -> Result<ExitCode, String> {
+pub fn export(args: &ExportArgs) -> Result<ExitCode> {
     let whats = args
         .what
         .iter()

@@ -1,6 +1,7 @@
 //! `vitscope sweep`: every combination of the `--set KEY=A,B` axes trained headless in
 //! turn, each checked before anything trains, finished ones skipped on a rerun.
 
+use color_eyre::eyre::{bail, eyre, Result};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -9,22 +10,19 @@ use super::train::train_headless;
 use crate::config::Config;
 
 /// Trains the sweep's combinations in turn; stops (to be continued) when one is stopped.
-pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
+pub fn sweep(args: &SweepArgs) -> Result<ExitCode> {
     let base = &args.train;
     if base.resume.is_some() {
-        return Err(
-            "--resume does not apply to a sweep: run the same sweep again to continue it".into(),
-        );
+        bail!("--resume does not apply to a sweep: run the same sweep again to continue it");
     }
-    let (axes, fixed) = crate::run::sweep::axes(&base.config.set)?;
+    let (axes, fixed) = crate::run::sweep::axes(&base.config.set).map_err(|e| eyre!(e))?;
     if axes.is_empty() {
-        return Err("nothing to sweep: give at least one --set KEY=A,B,…".into());
+        bail!("nothing to sweep: give at least one --set KEY=A,B,…");
     }
     let folder = match &base.run_dir {
         Some(dir) => dir.clone(),
         None => {
-            let config = Config::load(base.config.config.as_deref(), &base.flag_sets_with(&fixed))
-                .map_err(|e| e.to_string())?;
+            let config = Config::load(base.config.config.as_deref(), &base.flag_sets_with(&fixed))?;
             Path::new(&config.run.dir).join("sweep")
         }
     };
@@ -41,12 +39,12 @@ pub fn sweep(args: &SweepArgs) -> Result<ExitCode, String> {
             run.headless = true;
             run.run_dir = Some(folder.join(&name));
             Config::load(run.config.config.as_deref(), &run.flag_sets())
-                .map_err(|e| format!("{name}: {e}"))?;
+                .map_err(|e| eyre!("{name}: {e}"))?;
             Ok((name, run))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_>>()?;
     std::fs::create_dir_all(&folder)
-        .map_err(|e| format!("{}: cannot create: {e}", folder.display()))?;
+        .map_err(|e| eyre!("{}: cannot create: {e}", folder.display()))?;
     for (i, (name, mut run)) in runs.into_iter().enumerate() {
         let dir = folder.join(&name);
         let head = format!("sweep {}/{}: {name}", i + 1, combos.len());

@@ -1,6 +1,7 @@
 //! `vitscope train`: resolve the configuration and the run directory, then train with
 //! the dashboard on screen or headless (plain lines, signals stop after a checkpoint).
 
+use color_eyre::eyre::{bail, eyre, Result};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,35 +19,33 @@ use crate::ui::theme::{ColorMode, Theme};
 impl TrainArgs {
     /// Resolves the configuration and the run directory (created, or opened to resume),
     /// refusing a configuration that will not fit in memory before anything is written.
-    pub fn prepare_run(&self, workload: Workload) -> Result<(Config, RunDir, bool), String> {
+    pub fn prepare_run(&self, workload: Workload) -> Result<(Config, RunDir, bool)> {
         let sets = self.flag_sets();
         if let Some(path) = &self.resume {
             if self.config.config.is_some() {
-                return Err("--config cannot be combined with --resume: the run keeps its own config.toml; change settings with --set".into());
+                bail!("--config cannot be combined with --resume: the run keeps its own config.toml; change settings with --set");
             }
-            let run = RunDir::open(path).map_err(|e| e.to_string())?;
+            let run = RunDir::open(path)?;
             let file = run.file(crate::run::CONFIG_FILE);
-            let config = Config::load_run(&file, &sets).map_err(|e| e.to_string())?;
-            let trained = Config::load_run(&file, &[]).map_err(|e| e.to_string())?;
+            let config = Config::load_run(&file, &sets)?;
+            let trained = Config::load_run(&file, &[])?;
             if let Some((key, was, now)) = trained.model_change(&config) {
-                return Err(format!(
+                return Err(eyre!(
                     "{key} = {now} cannot apply to {}: it trained with {key} = {was}, and \
                      the model's keys cannot change on resume (only model.matmul can)",
                     path.display()
                 ));
             }
-            crate::sys::set_threads(config.train.threads)?;
+            crate::sys::set_threads(config.train.threads).map_err(|e| eyre!(e))?;
             fits_in_memory(&config, workload)?;
             // The trainer writes the config once the checkpoint has loaded into it: a
             // refused resume leaves the run as it was.
             return Ok((config, run, true));
         }
-        let config =
-            Config::load(self.config.config.as_deref(), &sets).map_err(|e| e.to_string())?;
-        crate::sys::set_threads(config.train.threads)?;
+        let config = Config::load(self.config.config.as_deref(), &sets)?;
+        crate::sys::set_threads(config.train.threads).map_err(|e| eyre!(e))?;
         fits_in_memory(&config, workload)?;
-        let run = RunDir::create(Path::new(&config.run.dir), self.run_dir.as_deref(), &config)
-            .map_err(|e| e.to_string())?;
+        let run = RunDir::create(Path::new(&config.run.dir), self.run_dir.as_deref(), &config)?;
         Ok((config, run, false))
     }
 }
@@ -55,7 +54,7 @@ impl TrainArgs {
 pub(super) fn fits_in_memory(
     config: &Config,
     workload: Workload,
-) -> Result<crate::train::memory::Estimate, String> {
+) -> Result<crate::train::memory::Estimate> {
     let threads = candle_core::utils::get_num_threads();
     crate::train::memory::check(
         config,
@@ -63,15 +62,16 @@ pub(super) fn fits_in_memory(
         threads,
         crate::train::memory::available_bytes(),
     )
+    .map_err(|e| eyre!(e))
 }
 
 /// Runs training with plain-text progress; Ctrl-C stops cleanly with a checkpoint.
-pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
+pub fn train_headless(args: &TrainArgs) -> Result<ExitCode> {
     let (config, run, resume) = args.prepare_run(Workload::Headless)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the event loop: {e}"))?;
+        .map_err(|e| eyre!("cannot start the event loop: {e}"))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
     let stdout = std::io::stdout();
@@ -120,7 +120,7 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
     drop(printer);
     let outcome = handle
         .join()
-        .map_err(|_| "the trainer thread panicked".to_string())?;
+        .map_err(|_| eyre!("the trainer thread panicked"))?;
     if !resume {
         run.discard_unstarted();
     }
@@ -133,9 +133,8 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode, String> {
             estimate / 1e6
         );
     }
-    outcome
-        .map(|_| ExitCode::SUCCESS)
-        .map_err(|e| e.to_string())
+    outcome?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The theme, and why it has its colour mode.
@@ -152,7 +151,7 @@ pub(super) fn run_name(run: &RunDir) -> String {
 }
 
 /// Trains with the dashboard on screen; the trainer runs on its own thread.
-pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
+pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode> {
     let (config, run, resume) = args.prepare_run(Workload::Dashboard)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
@@ -164,14 +163,13 @@ pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode, String> {
     let _ = control.send(Control::Stop);
     let outcome = handle
         .join()
-        .map_err(|_| "the trainer thread panicked".to_string())?;
+        .map_err(|_| eyre!("the trainer thread panicked"))?;
     let discarded = !resume && run.discard_unstarted();
-    let (_, stats) = shown.map_err(|e| format!("terminal error: {e}"))?;
+    let (_, stats) = shown.map_err(|e| eyre!("terminal error: {e}"))?;
     eprintln!("{}", stats.summary());
     if !discarded {
         println!("run directory: {}", run.path().display());
     }
-    outcome
-        .map(|_| ExitCode::SUCCESS)
-        .map_err(|e| e.to_string())
+    outcome?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! `vitscope view`: one run's dashboard (following it while it trains), or the runs
 //! screen over many; without a terminal, their progress as plain lines.
 
+use color_eyre::eyre::{eyre, Result};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use crate::run::RunDir;
 use crate::ui::app::{App, Mode};
 
 /// One run's dashboard, or several runs compared.
-pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
+pub fn view(args: &ViewArgs) -> Result<ExitCode> {
     match args.runs.as_slice() {
         [one] if crate::run::compare::is_run(one) || !one.is_dir() => view_run(one, args),
         paths => view_runs(paths, args),
@@ -24,9 +25,9 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode, String> {
 
 /// The runs screen; Enter opens a run's dashboard and quitting it comes back. Without
 /// a terminal, a line per run.
-fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
+fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode> {
     let opened = std::time::Instant::now();
-    let mut comparison = crate::run::compare::Comparison::open(paths)?;
+    let mut comparison = crate::run::compare::Comparison::open(paths).map_err(|e| eyre!(e))?;
     let open_secs = opened.elapsed().as_secs_f64();
     if !std::io::stdout().is_terminal() {
         for (run, label) in comparison.runs.iter().zip(comparison.labels()) {
@@ -43,7 +44,7 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let sets = color_sets(args.color.as_deref(), args.no_color, &args.set);
-    let config = Config::load(None, &sets).map_err(|e| e.to_string())?;
+    let config = Config::load(None, &sets)?;
     let mut view = crate::ui::tabs::runs::RunsView::new(theme_for(&config).0);
     let mut stats = crate::ui::DashboardStats::default();
     loop {
@@ -66,20 +67,19 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode, String> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            Err(e) => return Err(format!("terminal error: {e}")),
+            Err(e) => return Err(eyre!("terminal error: {e}")),
         }
     }
 }
 
 /// The dashboard over a run directory, or its progress lines when not on a terminal.
-fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode, String> {
-    let run = RunDir::open(path).map_err(|e| e.to_string())?;
+fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode> {
+    let run = RunDir::open(path)?;
     let sets = color_sets(args.color.as_deref(), args.no_color, &args.set);
-    let config =
-        Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets).map_err(|e| e.to_string())?;
+    let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets)?;
     if !std::io::stdout().is_terminal() {
         let mut follower = crate::run::follow::Follower::new(run);
-        let mut events = follower.start().map_err(|e| e.to_string())?;
+        let mut events = follower.start()?;
         events.extend(follower.poll());
         // About a hundred training lines however long the run, plus the last one.
         let last_step = events.iter().rev().find_map(|e| match e {
@@ -100,12 +100,12 @@ fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode, String> {
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
     let name = run_name(&run);
-    crate::run::follow::spawn(run, tx, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    crate::run::follow::spawn(run, tx, Duration::from_secs(1))?;
     let (theme, why) = theme_for(&config);
     let mut app = App::new(Mode::View, theme, name, &config);
     app.color_note = why;
     let (_, stats) =
-        crate::ui::run(app, rx, None, &config.ui).map_err(|e| format!("terminal error: {e}"))?;
+        crate::ui::run(app, rx, None, &config.ui).map_err(|e| eyre!("terminal error: {e}"))?;
     eprintln!("{}", stats.summary());
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,13 @@ use std::io::Write;
 
 use font8x8::UnicodeFonts;
 
+use super::request::ExportError;
+
+/// An encoder's error as the export's.
+fn encode(e: impl std::fmt::Display) -> ExportError {
+    ExportError::Encode(e.to_string())
+}
+
 pub type Rgb = (u8, u8, u8);
 
 pub const WHITE: Rgb = (255, 255, 255);
@@ -123,16 +130,14 @@ impl Canvas {
     }
 
     /// The canvas as a PNG file's bytes.
-    pub fn png(&self) -> Result<Vec<u8>, String> {
+    pub fn png(&self) -> Result<Vec<u8>, ExportError> {
         let mut out = Vec::new();
         {
             let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
             encoder.set_color(png::ColorType::Rgb);
             encoder.set_depth(png::BitDepth::Eight);
-            let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
-            writer
-                .write_image_data(&self.pixels)
-                .map_err(|e| e.to_string())?;
+            let mut writer = encoder.write_header().map_err(encode)?;
+            writer.write_image_data(&self.pixels).map_err(encode)?;
         }
         Ok(out)
     }
@@ -145,15 +150,15 @@ pub fn text_width(text: &str, scale: usize) -> i64 {
 
 /// Frames of equal size as an animated GIF that loops, each shown `delay_cs`
 /// hundredths of a second (the last one `last_delay_cs`).
-pub fn gif(frames: &[Canvas], delay_cs: u16, last_delay_cs: u16) -> Result<Vec<u8>, String> {
-    let first = frames.first().ok_or("no frames to animate")?;
+pub fn gif(frames: &[Canvas], delay_cs: u16, last_delay_cs: u16) -> Result<Vec<u8>, ExportError> {
+    let first = frames
+        .first()
+        .ok_or_else(|| ExportError::Encode("no frames to animate".into()))?;
     let (w, h) = (first.width as u16, first.height as u16);
     let mut out = Vec::new();
     {
-        let mut encoder = gif::Encoder::new(&mut out, w, h, &[]).map_err(|e| e.to_string())?;
-        encoder
-            .set_repeat(gif::Repeat::Infinite)
-            .map_err(|e| e.to_string())?;
+        let mut encoder = gif::Encoder::new(&mut out, w, h, &[]).map_err(encode)?;
+        encoder.set_repeat(gif::Repeat::Infinite).map_err(encode)?;
         for (i, canvas) in frames.iter().enumerate() {
             // Speed 10 of 30: the palette quantiser's quality against time, fine for
             // flat-coloured charts.
@@ -163,10 +168,10 @@ pub fn gif(frames: &[Canvas], delay_cs: u16, last_delay_cs: u16) -> Result<Vec<u
             } else {
                 delay_cs
             };
-            encoder.write_frame(&frame).map_err(|e| e.to_string())?;
+            encoder.write_frame(&frame).map_err(encode)?;
         }
     }
-    out.flush().map_err(|e| e.to_string())?;
+    out.flush().map_err(encode)?;
     Ok(out)
 }
 

@@ -3,7 +3,7 @@
 //! frame.
 
 use super::canvas::{self, Canvas, BLACK, BLUE, GREY, LIGHT, ORANGE, WHITE};
-use super::request::{Choice, Picture, Source};
+use super::request::{Choice, ExportError, Picture, Source};
 use crate::inspect::probe::Histogram;
 
 pub const WIDTH: usize = 720;
@@ -104,19 +104,19 @@ fn frame(
     c
 }
 
-pub fn gif(source: &Source, choice: &Choice) -> Result<Picture, String> {
+pub fn gif(source: &Source, choice: &Choice) -> Result<Picture, ExportError> {
     let mut histories = Vec::new();
     let mut name = String::new();
     for (step, _) in &source.probe_files {
-        let probe = source.run.read_probe(*step).map_err(|e| e.to_string())?;
+        let probe = source.run.read_probe(*step)?;
         let norms = &probe.meta.layer_norms;
         let Some(ln) = norms.get(choice.layer) else {
-            return Err(format!(
+            return Err(ExportError::Request(format!(
                 "--layer {}: the model has {} LayerNorms (0 to {})",
                 choice.layer,
                 norms.len(),
                 norms.len().saturating_sub(1)
-            ));
+            )));
         };
         name.clone_from(&ln.name);
         histories.push((
@@ -126,10 +126,10 @@ pub fn gif(source: &Source, choice: &Choice) -> Result<Picture, String> {
         ));
     }
     if histories.is_empty() {
-        return Err(format!(
+        return Err(ExportError::Missing(format!(
             "{}: the run has no probes yet",
             source.run.path().display()
-        ));
+        )));
     }
     // One axis for every frame: the largest share of any bin, output or input.
     let top = histories

@@ -2,7 +2,7 @@
 //! drawn from the run's recorded probes, predictions and metrics.
 
 use super::canvas::{Canvas, Rgb, BLACK, BLUE, GREEN, GREY, LIGHT, ORANGE, RED, WHITE};
-use super::request::{Choice, Picture, Source};
+use super::request::{Choice, ExportError, Picture, Source};
 use crate::config::IMAGE_SIZE;
 use crate::inspect::features::{pca, position_similarity, row_norms, scores_to_rgb};
 use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
@@ -13,7 +13,7 @@ fn signed(v: f64) -> Rgb {
     signed_rgb((v.clamp(-1.0, 1.0) + 1.0) / 2.0)
 }
 
-fn png(file: String, caption: String, c: &Canvas) -> Result<Picture, String> {
+fn png(file: String, caption: String, c: &Canvas) -> Result<Picture, ExportError> {
     Ok(Picture {
         file,
         caption,
@@ -56,14 +56,14 @@ fn colour_bar(
     c.text(x + w + 6, y + h - 8, lo, 1, BLACK);
 }
 
-fn check_image(probe: &ProbeSnapshot, choice: &Choice) -> Result<usize, String> {
+fn check_image(probe: &ProbeSnapshot, choice: &Choice) -> Result<usize, ExportError> {
     let images = probe.meta.images;
     if choice.image >= images {
-        return Err(format!(
+        return Err(ExportError::Request(format!(
             "--image {}: the probes hold {images} images (0 to {})",
             choice.image,
             images.saturating_sub(1)
-        ));
+        )));
     }
     Ok(choice.image)
 }
@@ -84,15 +84,15 @@ pub fn attention_cell(tokens: usize) -> i64 {
 /// Where the attention matrix starts in its picture.
 pub const MATRIX_ORIGIN: (i64, i64) = (60, 60);
 
-pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, ExportError> {
     let probe = source.probe(choice.step)?;
     let m = &probe.meta;
     let image = check_image(&probe, choice)?;
     if choice.layer >= m.depth || choice.head >= m.heads {
-        return Err(format!(
+        return Err(ExportError::Request(format!(
             "--layer {} --head {}: the model has {} blocks and {} heads",
             choice.layer, choice.head, m.depth, m.heads
-        ));
+        )));
     }
     let (t, grid, first) = (m.tokens, m.grid(), m.first_patch());
     let matrix = probe.attention_matrix(image, choice.layer, choice.head);
@@ -276,7 +276,7 @@ pub fn attention(source: &Source, choice: &Choice) -> Result<Vec<Picture>, Strin
     Ok(pictures)
 }
 
-pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, ExportError> {
     let probe = source.probe(choice.step)?;
     let m = &probe.meta;
     let image = check_image(&probe, choice)?;
@@ -408,7 +408,7 @@ pub fn features(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String
     Ok(pictures)
 }
 
-pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String> {
+pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, ExportError> {
     let probe = source.probe(choice.step)?;
     let m = &probe.meta;
     let image = check_image(&probe, choice)?;
@@ -515,7 +515,9 @@ pub fn patches(source: &Source, choice: &Choice) -> Result<Vec<Picture>, String>
         )?);
     }
     if pictures.is_empty() {
-        return Err("the run recorded neither test images nor position embeddings".into());
+        return Err(ExportError::Missing(
+            "the run recorded neither test images nor position embeddings".into(),
+        ));
     }
     Ok(pictures)
 }
@@ -535,17 +537,14 @@ pub fn tile_origin(i: usize) -> (i64, i64) {
     )
 }
 
-pub fn predictions(source: &Source) -> Result<Vec<Picture>, String> {
+pub fn predictions(source: &Source) -> Result<Vec<Picture>, ExportError> {
     let Some((step, _)) = source.run.prediction_files().last().cloned() else {
-        return Err(format!(
+        return Err(ExportError::Missing(format!(
             "{}: the run has no recorded predictions yet",
             source.run.path().display()
-        ));
+        )));
     };
-    let pred = source
-        .run
-        .read_predictions(step)
-        .map_err(|e| e.to_string())?;
+    let pred = source.run.read_predictions(step)?;
     let name = |c: usize| {
         source
             .class_names
@@ -672,7 +671,9 @@ pub fn predictions(source: &Source) -> Result<Vec<Picture>, String> {
         )?);
     }
     if pictures.is_empty() {
-        return Err("the run has no predictions or evaluations yet".into());
+        return Err(ExportError::Missing(
+            "the run has no predictions or evaluations yet".into(),
+        ));
     }
     Ok(pictures)
 }
@@ -760,12 +761,12 @@ fn smoothed(points: &[(f64, f64)], smoothing: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
-pub fn curves(source: &Source) -> Result<Picture, String> {
+pub fn curves(source: &Source) -> Result<Picture, ExportError> {
     if source.train.is_empty() {
-        return Err(format!(
+        return Err(ExportError::Missing(format!(
             "{}: the run has no training records yet",
             source.run.path().display()
-        ));
+        )));
     }
     let x_max = source.train.last().map_or(1, |r| r.step) as f64;
     let pts = |f: fn(&crate::events::TrainRecord) -> f64| -> Vec<(f64, f64)> {

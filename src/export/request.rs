@@ -6,9 +6,30 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::config::ConfigError;
 use crate::events::{split_records, EvalRecord, TrainRecord};
 use crate::inspect::probe::ProbeSnapshot;
-use crate::run::RunDir;
+use crate::run::{RunDir, RunError};
+
+/// Why an export failed; each message is the one line the user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A picture, step, image, layer or head the run does not have.
+    #[error("{0}")]
+    Request(String),
+    /// The run lacks the records a picture is drawn from.
+    #[error("{0}")]
+    Missing(String),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The PNG or GIF encoder failed.
+    #[error("{0}")]
+    Encode(String),
+    #[error("{path}: cannot create: {reason}")]
+    Create { path: PathBuf, reason: String },
+}
 
 /// What can be exported; none named means all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +63,16 @@ impl What {
         }
     }
 
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, ExportError> {
         Self::ALL
             .into_iter()
             .find(|w| w.name() == name)
             .ok_or_else(|| {
                 let names: Vec<&str> = Self::ALL.iter().map(|w| w.name()).collect();
-                format!("unknown export `{name}`: expected {}", names.join(", "))
+                ExportError::Request(format!(
+                    "unknown export `{name}`: expected {}",
+                    names.join(", ")
+                ))
             })
     }
 }
@@ -115,10 +139,9 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let run = RunDir::open(path).map_err(|e| e.to_string())?;
-        let config =
-            Config::load_run(&run.file(crate::run::CONFIG_FILE), &[]).map_err(|e| e.to_string())?;
+    pub fn open(path: &Path) -> Result<Self, ExportError> {
+        let run = RunDir::open(path)?;
+        let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &[])?;
         let (train, evals) = split_records(run.read_metrics());
         let info = crate::run::follow::run_info(&run, &config, 0);
         let (test_pixels, test_labels) = run.read_test_images().unwrap_or_default();
@@ -135,7 +158,7 @@ impl Source {
     }
 
     /// The probe at `step`, or the latest.
-    pub fn probe(&self, step: Option<u64>) -> Result<ProbeSnapshot, String> {
+    pub fn probe(&self, step: Option<u64>) -> Result<ProbeSnapshot, ExportError> {
         let step = match step {
             Some(s) => {
                 if !self.probe_files.iter().any(|(p, _)| *p == s) {
@@ -144,18 +167,21 @@ impl Source {
                         .iter()
                         .map(|(p, _)| *p)
                         .min_by_key(|p| p.abs_diff(s));
-                    return Err(format!(
+                    return Err(ExportError::Request(format!(
                         "--step {s}: no probe at that step{}",
                         near.map_or(String::new(), |n| format!(" (nearest: {n})"))
-                    ));
+                    )));
                 }
                 s
             }
             None => self.probe_files.last().map(|(s, _)| *s).ok_or_else(|| {
-                format!("{}: the run has no probes yet", self.run.path().display())
+                ExportError::Missing(format!(
+                    "{}: the run has no probes yet",
+                    self.run.path().display()
+                ))
             })?,
         };
-        self.run.read_probe(step).map_err(|e| e.to_string())
+        Ok(self.run.read_probe(step)?)
     }
 
     /// The raw bytes of test image `i`, if recorded.
