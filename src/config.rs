@@ -9,12 +9,14 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 mod choice;
+mod error;
 mod overlay;
 
 use choice::check_choices;
 pub use choice::{
     ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Placement, Pool, PosEmbed,
 };
+pub use error::ConfigError;
 use overlay::{insert_dotted, overlay, parse_set, parse_table};
 
 /// The defaults, exactly as shipped in `config/default.toml`.
@@ -44,35 +46,6 @@ pub const CHANNELS: usize = 3;
 /// More histogram bins than this is finer than any terminal or picture shows, and
 /// every probe of a run keeps its histograms in the dashboard.
 pub const MAX_HISTOGRAM_BINS: usize = 4096;
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ConfigError {
-    #[error("{path}: cannot read config file: {reason}")]
-    Read { path: String, reason: String },
-    #[error("{source_name}: invalid TOML at line {line}: {message}")]
-    Syntax {
-        source_name: String,
-        line: usize,
-        message: String,
-    },
-    #[error("{source_name}: unknown key `{key}`")]
-    UnknownKey { source_name: String, key: String },
-    #[error("{source_name}: `{key}` expects {expected}, got {got}")]
-    WrongType {
-        source_name: String,
-        key: String,
-        expected: String,
-        got: String,
-    },
-    #[error("`--set {arg}`: expected KEY=VALUE, e.g. --set model.depth=4")]
-    BadSet { arg: String },
-    #[error("`{key}` = {value}: {reason}")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

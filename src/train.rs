@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod checkpoint;
 pub mod ema;
+pub mod evaluate;
 pub mod memory;
 pub mod optim;
 pub mod step;
@@ -18,15 +19,12 @@ use std::time::Instant;
 use candle_core::{DType, Var};
 
 use crate::config::Config;
-use crate::data::batch::{images_f32, BatchPlan, Normalizer};
+use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
 use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
 use crate::inspect::predictions::{Predictions, PredictionsMeta};
 use crate::inspect::probe::ProbeSet;
-use crate::model::{
-    images_tensor, smoothed_cross_entropy, DropPath, ModelState, VisionTransformer,
-};
-use crate::ops::composed::softmax_last_dim;
+use crate::model::{DropPath, ModelState, VisionTransformer};
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
 use checkpoint::TrainState;
 use ema::Ema;
@@ -107,44 +105,6 @@ pub const PRODUCTS_LABEL: &str = "products: ";
 
 fn timestamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// What one evaluation batch gives.
-struct EvalChunk {
-    /// Loss summed over the batch's images.
-    loss_sum: f64,
-    predicted: Vec<u32>,
-    labels: Vec<u32>,
-    /// Class probabilities of those of its images among the first `recorded`.
-    probabilities: Vec<f32>,
-}
-
-fn eval_chunk(
-    model: &VisionTransformer,
-    test: &crate::data::Split,
-    norm: &Normalizer,
-    chunk: &[usize],
-    recorded: usize,
-    smoothing: f64,
-) -> candle_core::Result<EvalChunk> {
-    let images = images_tensor(images_f32(test, chunk, norm), chunk.len(), DType::F32)?;
-    let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
-    let logits = model.forward(&images)?;
-    let wanted = recorded.saturating_sub(chunk[0]).min(chunk.len());
-    let probabilities = if wanted > 0 {
-        softmax_last_dim(&logits.narrow(0, 0, wanted)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-    } else {
-        Vec::new()
-    };
-    let loss: f32 = smoothed_cross_entropy(&logits, &labels, smoothing)?.to_scalar()?;
-    Ok(EvalChunk {
-        loss_sum: f64::from(loss) * chunk.len() as f64,
-        predicted: logits.argmax(1)?.to_vec1::<u32>()?,
-        labels,
-        probabilities,
-    })
 }
 
 struct Trainer {
@@ -353,12 +313,9 @@ impl Trainer {
             return Ok(0.0);
         }
         let model = self.shown_model();
-        let chunks: Vec<&[usize]> = sample.chunks(self.config.train.eval_batch_size).collect();
-        let (model, norm) = (&model, &self.norm);
         let start = Instant::now();
-        Workers::per_thread().map(&chunks, |&chunk| {
-            eval_chunk(model, test, norm, chunk, 0, 0.0)
-        })?;
+        let batch = self.config.train.eval_batch_size;
+        evaluate::test_pass(&model, test, &self.norm, &sample, batch, 0, 0.0)?;
         Ok(start.elapsed().as_secs_f64() * test.len() as f64 / sample.len() as f64)
     }
 
@@ -415,41 +372,27 @@ impl Trainer {
         let start = Instant::now();
         let model = self.shown_model();
         let test = &self.data.test;
-        let mut confusion = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
-        let mut loss_sum = 0.0;
         let recorded = self.config.probe.predictions.min(test.len());
-        let mut probabilities = Vec::with_capacity(recorded * NUM_CLASSES);
         let all: Vec<usize> = (0..test.len()).collect();
-        let chunks: Vec<&[usize]> = all.chunks(self.config.train.eval_batch_size).collect();
-        // All batches shared out over one lane per core at once: each holds only its
-        // predictions, and the lanes never wait for each other until the last one.
-        let (model, norm, smoothing) = (&model, &self.norm, self.config.train.label_smoothing);
-        for part in Workers::per_thread().map(&chunks, |&chunk| {
-            eval_chunk(model, test, norm, chunk, recorded, smoothing)
-        })? {
-            loss_sum += part.loss_sum;
-            probabilities.extend(part.probabilities);
-            for (&p, &l) in part.predicted.iter().zip(&part.labels) {
-                confusion[l as usize][p as usize] += 1;
-            }
-        }
+        let evaluate::TestPass {
+            loss_sum,
+            confusion,
+            probabilities,
+        } = evaluate::test_pass(
+            &model,
+            test,
+            &self.norm,
+            &all,
+            self.config.train.eval_batch_size,
+            recorded,
+            self.config.train.label_smoothing,
+        )?;
         let secs = start.elapsed().as_secs_f64();
         self.progress.wall_secs += secs;
         self.eval_secs = Some(secs);
         let correct: u64 = (0..NUM_CLASSES).map(|k| confusion[k][k]).sum();
         let n = test.len() as f64;
-        let per_class_accuracy = confusion
-            .iter()
-            .enumerate()
-            .map(|(k, row)| {
-                let total: u64 = row.iter().sum();
-                if total == 0 {
-                    0.0
-                } else {
-                    row[k] as f64 / total as f64
-                }
-            })
-            .collect();
+        let per_class_accuracy = evaluate::per_class_accuracy(&confusion);
         let step = self.progress.step;
         let epoch = self.epoch_of(step.max(1));
         let accuracy = correct as f64 / n;

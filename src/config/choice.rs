@@ -3,7 +3,7 @@
 //! value it does not know. An unknown value is refused before deserialising, naming
 //! the key and the allowed values ([`check_choices`]).
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 /// Defines a setting's enum: each variant with the string it is written as.
 macro_rules! choice {

@@ -2,7 +2,7 @@
 //! defaults' table, accepting only keys the defaults have, with the defaults' types,
 //! so that every mistake is named (source, key, value) before anything deserialises.
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 pub(super) fn parse_table(source_name: &str, text: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>().map_err(|e| {

@@ -1,0 +1,106 @@
+//! One pass of the model over test images: batches shared out over one lane per core,
+//! each batch's loss, predictions and (for the first images) class probabilities, summed
+//! into a confusion matrix in batch order, so the result does not depend on which lane
+//! finished first.
+
+use candle_core::{DType, Result};
+
+use super::step::Workers;
+use crate::data::batch::{images_f32, Normalizer};
+use crate::data::{Split, NUM_CLASSES};
+use crate::model::{images_tensor, smoothed_cross_entropy, VisionTransformer};
+use crate::ops::composed::softmax_last_dim;
+
+/// What one evaluation batch gives.
+struct EvalChunk {
+    /// Loss summed over the batch's images.
+    loss_sum: f64,
+    predicted: Vec<u32>,
+    labels: Vec<u32>,
+    /// Class probabilities of those of its images among the first `recorded`.
+    probabilities: Vec<f32>,
+}
+
+fn eval_chunk(
+    model: &VisionTransformer,
+    test: &Split,
+    norm: &Normalizer,
+    chunk: &[usize],
+    recorded: usize,
+    smoothing: f64,
+) -> Result<EvalChunk> {
+    let images = images_tensor(images_f32(test, chunk, norm), chunk.len(), DType::F32)?;
+    let labels: Vec<u32> = chunk.iter().map(|&i| u32::from(test.labels[i])).collect();
+    let logits = model.forward(&images)?;
+    let wanted = recorded.saturating_sub(chunk[0]).min(chunk.len());
+    let probabilities = if wanted > 0 {
+        softmax_last_dim(&logits.narrow(0, 0, wanted)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+    } else {
+        Vec::new()
+    };
+    let loss: f32 = smoothed_cross_entropy(&logits, &labels, smoothing)?.to_scalar()?;
+    Ok(EvalChunk {
+        loss_sum: f64::from(loss) * chunk.len() as f64,
+        predicted: logits.argmax(1)?.to_vec1::<u32>()?,
+        labels,
+        probabilities,
+    })
+}
+
+/// What a pass over test images gives.
+pub struct TestPass {
+    /// Loss summed over the images.
+    pub loss_sum: f64,
+    /// `confusion[label][predicted]`.
+    pub confusion: Vec<Vec<u64>>,
+    /// Class probabilities of the first `recorded` images, image after image.
+    pub probabilities: Vec<f32>,
+}
+
+/// The model over the test images `indices`, `batch` at a time: all batches shared out
+/// over one lane per core at once, each holding only its predictions, so the lanes
+/// never wait for each other until the last one.
+pub fn test_pass(
+    model: &VisionTransformer,
+    test: &Split,
+    norm: &Normalizer,
+    indices: &[usize],
+    batch: usize,
+    recorded: usize,
+    smoothing: f64,
+) -> Result<TestPass> {
+    let mut pass = TestPass {
+        loss_sum: 0.0,
+        confusion: vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES],
+        probabilities: Vec::with_capacity(recorded * NUM_CLASSES),
+    };
+    let chunks: Vec<&[usize]> = indices.chunks(batch).collect();
+    for part in Workers::per_thread().map(&chunks, |&chunk| {
+        eval_chunk(model, test, norm, chunk, recorded, smoothing)
+    })? {
+        pass.loss_sum += part.loss_sum;
+        pass.probabilities.extend(part.probabilities);
+        for (&p, &l) in part.predicted.iter().zip(&part.labels) {
+            pass.confusion[l as usize][p as usize] += 1;
+        }
+    }
+    Ok(pass)
+}
+
+/// Each class's share of its images predicted right (0 for a class with none).
+pub fn per_class_accuracy(confusion: &[Vec<u64>]) -> Vec<f64> {
+    confusion
+        .iter()
+        .enumerate()
+        .map(|(k, row)| {
+            let total: u64 = row.iter().sum();
+            if total == 0 {
+                0.0
+            } else {
+                row[k] as f64 / total as f64
+            }
+        })
+        .collect()
+}
