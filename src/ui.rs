@@ -5,6 +5,7 @@
 pub mod app;
 pub mod keys;
 pub mod shell;
+pub mod state;
 pub mod stats;
 pub mod tabs;
 pub mod theme;

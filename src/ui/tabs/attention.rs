@@ -11,7 +11,7 @@ use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragrap
 use crate::config::IMAGE_SIZE;
 use crate::inspect::attention::{head_average, head_stats, rollout, HeadStats, Scale};
 use crate::inspect::probe::ProbeSnapshot;
-use crate::ui::app::App;
+use crate::ui::state::App;
 use crate::ui::theme::{ColorMode, Series, Theme};
 use crate::ui::widgets::paint::{draw_image, draw_level_map, draw_stacked};
 

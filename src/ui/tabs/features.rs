@@ -14,9 +14,9 @@ use crate::inspect::features::{
     cosines_to, min_max_scaled, pca, read_token, row_norms, scores_to_rgb,
 };
 use crate::inspect::probe::ProbeSnapshot;
-use crate::ui::app::App;
-use crate::ui::shell::{note, panel, probe_tab};
+use crate::ui::state::App;
 use crate::ui::theme::ColorMode;
+use crate::ui::widgets::frame::{note, panel, probe_tab};
 use crate::ui::widgets::paint::{
     draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked,
 };

@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use crate::inspect::probe::{Distribution, Histogram, ProbeMeta, Stats, PERCENTILE_RANKS};
-use crate::ui::app::{App, LnSource};
+use crate::ui::state::{App, LnSource};
 use crate::ui::theme::{Series, Theme};
 use crate::ui::widgets::chart::{compact, stable_bounds};
 

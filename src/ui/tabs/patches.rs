@@ -14,8 +14,8 @@ use crate::config::{PosEmbed, IMAGE_SIZE};
 use crate::inspect::features::{pca, position_similarity};
 use crate::inspect::probe::ProbeSnapshot;
 use crate::palette::{image_pixel, Rgb};
-use crate::ui::app::App;
-use crate::ui::shell::{note, panel, probe_tab};
+use crate::ui::state::App;
+use crate::ui::widgets::frame::{note, panel, probe_tab};
 use crate::ui::widgets::paint::{
     draw_image, draw_rgb, draw_signed_half, draw_signed_map, luminance, pixel_color,
 };

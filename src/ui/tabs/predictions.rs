@@ -11,9 +11,9 @@ use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
 use crate::events::EvalRecord;
 use crate::inspect::predictions::{Flip, Predictions};
-use crate::ui::app::{App, PredictionFilter};
-use crate::ui::shell::{bar, note, panel};
+use crate::ui::state::{App, PredictionFilter};
 use crate::ui::theme::ColorMode;
+use crate::ui::widgets::frame::{bar, note, panel};
 use crate::ui::widgets::paint::{draw_image, draw_image_half};
 
 const TILE_W: u16 = 17;

@@ -8,12 +8,12 @@ use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragrap
 
 use crate::events::{Phase, TrainRecord};
 use crate::palette::debiased_ema;
-use crate::ui::app::{App, XAxis};
-use crate::ui::shell::bar;
+use crate::ui::state::{App, XAxis};
 use crate::ui::theme::Series;
 use crate::ui::widgets::chart::{
     compact, downsample, log10_or_nan, stable_bounds, x_bounds, y_bounds,
 };
+use crate::ui::widgets::frame::bar;
 
 /// One curve to draw.
 struct Curve {
