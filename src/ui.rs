@@ -7,6 +7,7 @@ pub mod keys;
 pub mod shell;
 pub mod state;
 pub mod stats;
+pub mod tab;
 pub mod tabs;
 pub mod theme;
 pub mod widgets;

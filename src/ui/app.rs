@@ -186,7 +186,7 @@ impl App {
         if self.mode == Mode::Live && !self.engine_done {
             scopes.push(Scope::Live);
         }
-        scopes.push(self.tab.scope());
+        scopes.push(Scope::Tab(self.tab));
         scopes
     }
 

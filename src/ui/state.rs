@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::keys::Scope;
+pub use super::tab::Tab;
 use super::theme::Theme;
 use crate::data::LoadProgress;
 use crate::events::{EvalRecord, Phase, RunInfo, TrainRecord};
@@ -15,57 +15,6 @@ use crate::inspect::predictions::Predictions;
 use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 
 /// The tabs that exist. New tabs add a variant here and a view; the shell stays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tab {
-    Training,
-    LayerNorm,
-    Attention,
-    Features,
-    Patches,
-    Predictions,
-}
-
-impl Tab {
-    pub const ALL: [Tab; 6] = [
-        Tab::Training,
-        Tab::LayerNorm,
-        Tab::Attention,
-        Tab::Features,
-        Tab::Patches,
-        Tab::Predictions,
-    ];
-
-    pub fn title(self) -> &'static str {
-        match self {
-            Self::Training => "Training",
-            Self::LayerNorm => "LayerNorm",
-            Self::Attention => "Attention",
-            Self::Features => "Features",
-            Self::Patches => "Patches",
-            Self::Predictions => "Predictions",
-        }
-    }
-
-    pub fn scope(self) -> Scope {
-        match self {
-            Self::Training => Scope::Training,
-            Self::LayerNorm => Scope::LayerNorm,
-            Self::Attention => Scope::Attention,
-            Self::Features => Scope::Features,
-            Self::Patches => Scope::Patches,
-            Self::Predictions => Scope::Predictions,
-        }
-    }
-
-    /// Tabs that draw probes (they share the probe image and the scrubbing).
-    pub fn shows_probes(self) -> bool {
-        matches!(
-            self,
-            Self::LayerNorm | Self::Attention | Self::Features | Self::Patches
-        )
-    }
-}
-
 /// What the LayerNorm tab shows of the selected LayerNorm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LnSource {
