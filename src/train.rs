@@ -9,6 +9,7 @@ pub mod ema;
 pub mod evaluate;
 pub mod memory;
 pub mod optim;
+pub mod state_error;
 pub mod step;
 
 use std::sync::mpsc::{Receiver, Sender};

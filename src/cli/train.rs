@@ -56,13 +56,12 @@ pub(super) fn fits_in_memory(
     workload: Workload,
 ) -> Result<crate::train::memory::Estimate> {
     let threads = candle_core::utils::get_num_threads();
-    crate::train::memory::check(
+    Ok(crate::train::memory::check(
         config,
         workload,
         threads,
         crate::train::memory::available_bytes(),
-    )
-    .map_err(|e| eyre!(e))
+    )?)
 }
 
 /// Runs training with plain-text progress; Ctrl-C stops cleanly with a checkpoint.

@@ -27,7 +27,7 @@ pub fn view(args: &ViewArgs) -> Result<ExitCode> {
 /// a terminal, a line per run.
 fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode> {
     let opened = std::time::Instant::now();
-    let mut comparison = crate::run::compare::Comparison::open(paths).map_err(|e| eyre!(e))?;
+    let mut comparison = crate::run::compare::Comparison::open(paths)?;
     let open_secs = opened.elapsed().as_secs_f64();
     if !std::io::stdout().is_terminal() {
         for (run, label) in comparison.runs.iter().zip(comparison.labels()) {

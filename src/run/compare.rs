@@ -6,10 +6,32 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::dir::RunError;
 use super::dir::{RunDir, CONFIG_FILE, LOG_FILE, METRICS_FILE};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::events::{EvalRecord, MetricRecord};
 use crate::run::follow::read_new_lines;
+
+/// Why runs cannot be compared; each message is one line naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The run's settings did not turn into a table.
+    #[error("{0}")]
+    Settings(String),
+    #[error("{}: {source}", dir.display())]
+    In {
+        dir: PathBuf,
+        source: Box<CompareError>,
+    },
+    #[error("{}: neither a vitscope run directory (no {CONFIG_FILE}) nor a folder of runs", .0.display())]
+    NotRuns(PathBuf),
+    #[error("{0}: no runs here yet (a run is a folder with a {CONFIG_FILE})")]
+    NoRuns(String),
+}
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,10 +84,11 @@ pub struct RunSeries {
 pub const STALE_AFTER: Duration = crate::run::follow::STALL_AFTER;
 
 impl RunSeries {
-    fn open(dir: &Path) -> Result<Self, String> {
-        let run = RunDir::open(dir).map_err(|e| e.to_string())?;
-        let config = Config::load_run(&run.file(CONFIG_FILE), &[]).map_err(|e| e.to_string())?;
-        let table = toml::Table::try_from(&config).map_err(|e| e.to_string())?;
+    fn open(dir: &Path) -> Result<Self, CompareError> {
+        let run = RunDir::open(dir)?;
+        let config = Config::load_run(&run.file(CONFIG_FILE), &[])?;
+        let table =
+            toml::Table::try_from(&config).map_err(|e| CompareError::Settings(e.to_string()))?;
         let mut settings = BTreeMap::new();
         for (section, values) in &table {
             if let Some(values) = values.as_table() {
@@ -197,7 +220,7 @@ fn runs_in(folder: &Path) -> Vec<PathBuf> {
 
 impl Comparison {
     /// The runs named, and those inside any folder named (watched for more).
-    pub fn open(paths: &[PathBuf]) -> Result<Self, String> {
+    pub fn open(paths: &[PathBuf]) -> Result<Self, CompareError> {
         let mut c = Self::default();
         for path in paths {
             if is_run(path) {
@@ -208,30 +231,29 @@ impl Comparison {
                 }
                 c.folders.push(path.clone());
             } else {
-                return Err(format!(
-                    "{}: neither a vitscope run directory (no {CONFIG_FILE}) nor a folder of runs",
-                    path.display()
-                ));
+                return Err(CompareError::NotRuns(path.clone()));
             }
         }
         if c.runs.is_empty() {
-            return Err(format!(
-                "{}: no runs here yet (a run is a folder with a {CONFIG_FILE})",
+            return Err(CompareError::NoRuns(
                 paths
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
             ));
         }
         Ok(c)
     }
 
-    fn add(&mut self, dir: &Path) -> Result<(), String> {
+    fn add(&mut self, dir: &Path) -> Result<(), CompareError> {
         if self.runs.iter().any(|r| r.dir == dir) {
             return Ok(());
         }
-        let series = RunSeries::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let series = RunSeries::open(dir).map_err(|e| CompareError::In {
+            dir: dir.to_path_buf(),
+            source: Box::new(e),
+        })?;
         self.runs.push(series);
         Ok(())
     }

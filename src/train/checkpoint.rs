@@ -160,9 +160,10 @@ pub fn load(
     }
     optimizer
         .load_state(optimizer_steps, |k| tensors.remove(&format!("optim.{k}")))
-        .map_err(|e| bad(path, e))?;
+        .map_err(|e| bad(path, e.to_string()))?;
     if let Some(ema) = ema {
-        ema.load(|k| tensors.remove(k)).map_err(|e| bad(path, e))?;
+        ema.load(|k| tensors.remove(k))
+            .map_err(|e| bad(path, e.to_string()))?;
     }
     Ok(state)
 }

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::state_error::StateError;
 use crate::config::ModelConfig;
 use crate::model::ModelState;
 
@@ -52,21 +53,20 @@ impl Ema {
     pub fn load(
         &self,
         mut get: impl FnMut(&str) -> Option<Tensor>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), StateError> {
         for (name, var) in self.state.named_vars() {
             let key = format!("ema.{name}");
-            let t = get(&key).ok_or_else(|| {
-                format!("`{key}` is missing: the checkpoint was written without train.ema_decay")
-            })?;
+            let Some(t) = get(&key) else {
+                return Err(StateError::EmaMissing { key });
+            };
             if t.dims() != var.dims() {
-                return Err(format!(
-                    "`{key}` has shape {:?}, the model expects {:?}",
-                    t.dims(),
-                    var.dims()
-                ));
+                return Err(StateError::EmaShape {
+                    key,
+                    got: t.dims().to_vec(),
+                    expected: var.dims().to_vec(),
+                });
             }
-            var.set(&t.to_dtype(var.dtype()).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
+            var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(())
     }
@@ -116,7 +116,7 @@ mod tests {
         let fresh = Ema::new(&cfg, 0.9, &other).unwrap();
         fresh.load(|k| saved.get(k).cloned()).unwrap();
         assert_eq!(values(&fresh.state), values(&ema.state));
-        let err = fresh.load(|_| None).unwrap_err();
+        let err = fresh.load(|_| None).unwrap_err().to_string();
         assert!(err.contains("ema."), "{err}");
     }
 }

@@ -229,6 +229,21 @@ pub fn available_bytes() -> Option<f64> {
     Some(kib * 1024.0)
 }
 
+/// Why a configuration is refused before anything is written: it would not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("the sizes overflow: {part} would take more than 10^18 bytes ({values})")]
+    Overflow { part: String, values: String },
+    #[error("this configuration needs about {needed}, more than the {available} of memory available: {part} take {takes} ({values})")]
+    TooBig {
+        needed: String,
+        available: String,
+        part: String,
+        takes: String,
+        values: String,
+    },
+}
+
 /// The estimate, or a one-line refusal naming the keys when it exceeds `available`
 /// bytes (when known) or the sizes overflow.
 pub fn check(
@@ -236,7 +251,7 @@ pub fn check(
     workload: Workload,
     threads: usize,
     available: Option<f64>,
-) -> Result<Estimate, String> {
+) -> Result<Estimate, MemoryError> {
     let e = estimate(config, workload, threads);
     let total = e.total();
     let overflow = !total.is_finite() || total >= 1e18;
@@ -251,16 +266,18 @@ pub fn check(
         .collect::<Vec<_>>()
         .join(", ");
     if overflow {
-        return Err(format!(
-            "the sizes overflow: {part} would take more than 10^18 bytes ({values})"
-        ));
+        return Err(MemoryError::Overflow {
+            part: part.to_string(),
+            values,
+        });
     }
-    Err(format!(
-        "this configuration needs about {}, more than the {} of memory available: {part} take {} ({values})",
-        human(total),
-        human(available.unwrap_or(0.0)),
-        human(bytes),
-    ))
+    Err(MemoryError::TooBig {
+        needed: human(total),
+        available: human(available.unwrap_or(0.0)),
+        part: part.to_string(),
+        takes: human(bytes),
+        values,
+    })
 }
 
 /// The value of a size key, for messages.
@@ -374,7 +391,8 @@ mod tests {
             2,
             available,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             deep.starts_with("this configuration needs about "),
             "{deep}"
@@ -391,7 +409,8 @@ mod tests {
             2,
             None,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(wide.starts_with("the sizes overflow: parameters"), "{wide}");
         assert!(wide.contains("model.dim = 999999996"), "{wide}");
         let evals = check(
@@ -400,7 +419,8 @@ mod tests {
             2,
             available,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             evals.contains("evaluation batches take")
                 && evals.contains("train.eval_batch_size = 100000000"),
@@ -415,7 +435,8 @@ mod tests {
             2,
             available,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             data.contains("data.synthetic_train_size = 100000000"),
             "{data}"
@@ -500,6 +521,7 @@ mod tests {
                     Ok(c) => {
                         for workload in [Workload::Headless, Workload::Dashboard, Workload::Bench] {
                             if let Err(e) = check(&c, workload, 2, Some(24e9)) {
+                                let e = e.to_string();
                                 assert_eq!(e.lines().count(), 1, "{set}: {e}");
                             }
                         }
@@ -534,7 +556,9 @@ mod tests {
         .chain(["model.pos_embed=\"learned\"".to_string()]) // sincos needs dim % 4 = 0
         .collect();
         let c = Config::from_sources(None, &sizes).unwrap();
-        let e = check(&c, Workload::Dashboard, 2, Some(24e9)).unwrap_err();
+        let e = check(&c, Workload::Dashboard, 2, Some(24e9))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("the sizes overflow"), "{e}");
     }
 }

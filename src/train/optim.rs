@@ -4,6 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
+use super::state_error::StateError;
 use crate::config::TrainConfig;
 
 /// The gradients of `vars` from a backward pass, detached, in order.
@@ -112,20 +113,22 @@ impl AdamW {
         &mut self,
         steps: u64,
         mut get: impl FnMut(&str) -> Option<Tensor>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), StateError> {
         for (i, (name, var, _)) in self.params.iter().enumerate() {
             for (prefix, slot) in [
                 ("m", &mut self.first_moment[i]),
                 ("v", &mut self.second_moment[i]),
             ] {
                 let key = format!("{prefix}.{name}");
-                let t = get(&key).ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                let Some(t) = get(&key) else {
+                    return Err(StateError::OptimizerMissing { key });
+                };
                 if t.dims() != var.dims() {
-                    return Err(format!(
-                        "optimizer state `{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        var.dims()
-                    ));
+                    return Err(StateError::OptimizerShape {
+                        key,
+                        got: t.dims().to_vec(),
+                        expected: var.dims().to_vec(),
+                    });
                 }
                 *slot = t;
             }
