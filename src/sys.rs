@@ -59,6 +59,47 @@ pub fn peak_rss_bytes() -> Option<u64> {
     status_kib("VmHWM:").map(|k| k * 1024)
 }
 
+/// SIGTERM and SIGHUP, the signals that end a process left in tmux or over SSH (a
+/// `kill`, a closed terminal): the headless loop and the dashboard both stop cleanly,
+/// with a checkpoint, on either. Ctrl-C is the caller's (a key in the dashboard).
+pub struct StopSignals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Listens from now on; must be called inside a tokio runtime.
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                terminate: signal(SignalKind::terminate()).ok(),
+                hangup: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Waits for the next one (forever where none could be registered).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            let Self { terminate, hangup } = self;
+            tokio::select! {
+                Some(()) = async { terminate.as_mut()?.recv().await } => {},
+                Some(()) = async { hangup.as_mut()?.recv().await } => {},
+                else => std::future::pending::<()>().await,
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

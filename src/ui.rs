@@ -85,10 +85,7 @@ async fn event_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut cpu = CpuMeter::default();
     let mut stats = DashboardStats::default();
-    #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut signals = crate::sys::StopSignals::listen();
 
     // Input and state changes redraw after `frame_gap`; data alone after `data_gap`.
     let mut input_dirty = true;
@@ -127,15 +124,6 @@ async fn event_loop(
             || Instant::now() + Duration::from_secs(3600),
             |d| d.max(Instant::now()),
         );
-        #[cfg(unix)]
-        let signal = async {
-            tokio::select! {
-                _ = terminate.recv() => {},
-                _ = hangup.recv() => {},
-            }
-        };
-        #[cfg(not(unix))]
-        let signal = std::future::pending::<()>();
         tokio::select! {
             event = engine.recv(), if engine_open => match event {
                 Some(event) => {
@@ -192,7 +180,7 @@ async fn event_loop(
                     data_dirty = true;
                 }
             },
-            () = signal => {
+            () = signals.recv() => {
                 // A closed SSH session or a kill: stop training cleanly and leave.
                 app.quit_requested = true;
                 if !app.stopping && !app.engine_done {

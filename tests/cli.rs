@@ -273,30 +273,41 @@ fn bench_reports_json_numbers() {
 
 #[cfg(unix)]
 #[test]
-fn an_interrupt_stops_headless_training_with_a_checkpoint() {
+fn an_interrupt_a_term_or_a_hangup_stops_headless_training_with_a_checkpoint() {
     use std::io::{BufRead, BufReader};
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let mut child = spawn_long_headless_run(&run, "run.print_every_secs=0.1");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // Wait until it trains, then interrupt it as Ctrl-C would.
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step ") {
-            break;
+    // Ctrl-C, `kill`, and the terminal closing under a run left in tmux or over SSH.
+    for (signal, said) in [
+        (libc::SIGINT, "interrupted: stopping"),
+        (libc::SIGTERM, "terminated: stopping"),
+        (libc::SIGHUP, "terminated: stopping"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let mut child = spawn_long_headless_run(&run, "run.print_every_secs=0.1");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Wait until it trains, then send the signal.
+        for line in lines.by_ref() {
+            if line.unwrap().starts_with("step ") {
+                break;
+            }
         }
+        // SAFETY: kill sends a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{signal}: exit status {status}; output {rest:?}"
+        );
+        assert!(rest.iter().any(|l| l.contains(said)), "{signal}: {rest:?}");
+        assert!(
+            rest.iter().any(|l| l.contains("stopped on request")),
+            "{signal}: {rest:?}"
+        );
+        assert!(run.join("checkpoint.safetensors").exists(), "{signal}");
     }
-    // SAFETY: kill sends a signal to our own child process.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
-    }
-    let rest: Vec<String> = lines.map(Result::unwrap).collect();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit status {status}; output {rest:?}");
-    assert!(
-        rest.iter().any(|l| l.contains("stopped on request")),
-        "{rest:?}"
-    );
-    assert!(run.join("checkpoint.safetensors").exists());
 }
 
 #[cfg(unix)]

@@ -82,22 +82,8 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode> {
     );
     runtime.block_on(async {
         let mut stopping = false;
-        #[cfg(unix)]
-        let (mut terminate, mut hangup) = {
-            use tokio::signal::unix::{signal, SignalKind};
-            (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok())
-        };
+        let mut signals = crate::sys::StopSignals::listen();
         loop {
-            #[cfg(unix)]
-            let other_signal = async {
-                tokio::select! {
-                    Some(()) = async { terminate.as_mut()?.recv().await } => {},
-                    Some(()) = async { hangup.as_mut()?.recv().await } => {},
-                    else => std::future::pending::<()>().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let other_signal = std::future::pending::<()>();
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => printer.handle(&event),
@@ -108,7 +94,7 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode> {
                     printer.handle(&Event::Log("interrupted: stopping after this step and writing a checkpoint".into()));
                     let _ = control.send(Control::Stop);
                 }
-                () = other_signal, if !stopping => {
+                () = signals.recv(), if !stopping => {
                     stopping = true;
                     printer.handle(&Event::Log("terminated: stopping after this step and writing a checkpoint".into()));
                     let _ = control.send(Control::Stop);
