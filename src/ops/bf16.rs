@@ -110,10 +110,6 @@ impl Kernel {
     }
 }
 
-/// The packed factors span whole tiles: 32 rows or columns (two tiles) and 32 values of
-/// the inner dimension.
-const BLOCK: usize = 32;
-
 /// A right-hand factor (k x n), packed once for every product that reads it, for the
 /// kernel that will read it.
 pub struct PackedRhs {
@@ -341,12 +337,6 @@ unsafe fn product_on(
     })
 }
 
-/// Padded sizes of the packed factors: rows of the left one, columns of the right one,
-/// and the inner dimension.
-fn padded(len: usize) -> usize {
-    len.next_multiple_of(BLOCK).max(BLOCK)
-}
-
 /// Zeros that stand in for the row past the end of a matrix with an odd number of rows.
 static ZEROS: [f32; 4096] = [0.0; 4096];
 
@@ -571,87 +561,11 @@ unsafe fn pack_rhs(
     }
 }
 
-/// The product on VDPBF16PS (AVX-512 BF16, e.g. AMD Zen 4 and 5, Intel Cooper Lake):
-/// one instruction multiplies 16 pairs of bf16 by 16 pairs and adds each pair's two
-/// products into one of 16 f32 sums, reading the right factor's pairs of rows exactly
-/// as the tiles do. Register blocking: 8 rows x 32 columns of sums (16 of the 32
-/// vector registers), one broadcast pair of a row against two loaded vectors of pairs.
+mod layout;
+use layout::{padded, BLOCK};
+
 #[cfg(target_arch = "x86_64")]
-mod dot {
-    use super::padded;
-    use std::arch::x86_64::*;
-
-    /// Rows of the output per register block (divides the packed rows' padding, 32).
-    const ROWS: usize = 8;
-    /// Columns per register block: two vectors of 16 sums.
-    const COLS: usize = 32;
-
-    /// dst (+)= A · B from the packed factors (A padded(m) rows of padded(k) / 2
-    /// pairs, B padded(k) / 2 rows of padded(n) pairs). Each sum starts at zero and
-    /// runs over the inner dimension in order, so a value does not depend on the shape
-    /// around it; dst's old value is added at the end.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn multiply(
-        (m, n, k): (usize, usize, usize),
-        dst: *mut f32,
-        (dst_rs, dst_cs): (usize, usize),
-        a: &[u32],
-        b: &[u32],
-        accumulate: bool,
-    ) {
-        let (row_pairs, np) = (padded(k) / 2, padded(n));
-        // The padding of the inner dimension is zeros: no need to multiply it.
-        let pairs = k.div_ceil(2);
-        debug_assert!(a.len() >= padded(m) * row_pairs && b.len() >= row_pairs * np);
-        for j0 in (0..n).step_by(COLS) {
-            let cols = (n - j0).min(COLS);
-            let masks = [lane_mask(cols.min(16)), lane_mask(cols.saturating_sub(16))];
-            for i0 in (0..m).step_by(ROWS) {
-                let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
-                let a0 = a.as_ptr().add(i0 * row_pairs);
-                let mut bp = b.as_ptr().add(j0);
-                for p in 0..pairs {
-                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
-                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
-                    for (r, row) in sums.iter_mut().enumerate() {
-                        let x = *a0.add(r * row_pairs + p) as i32;
-                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
-                        row[0] = _mm512_dpbf16_ps(row[0], x, b0);
-                        row[1] = _mm512_dpbf16_ps(row[1], x, b1);
-                    }
-                    bp = bp.add(np);
-                }
-                for (r, row) in sums.iter().enumerate().take(m - i0) {
-                    let d = dst.add((i0 + r) * dst_rs + j0 * dst_cs);
-                    if dst_cs == 1 {
-                        for (h, (&v, &mask)) in row.iter().zip(&masks).enumerate() {
-                            let d = d.add(16 * h);
-                            let v = match accumulate {
-                                true => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), v),
-                                false => v,
-                            };
-                            _mm512_mask_storeu_ps(d, mask, v);
-                        }
-                    } else {
-                        let mut values = [0f32; COLS];
-                        _mm512_storeu_ps(values.as_mut_ptr(), row[0]);
-                        _mm512_storeu_ps(values.as_mut_ptr().add(16), row[1]);
-                        for (c, &v) in values[..cols].iter().enumerate() {
-                            let d = d.add(c * dst_cs);
-                            *d = if accumulate { *d + v } else { v };
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A mask of the first `lanes` of 16.
-    #[inline(always)]
-    fn lane_mask(lanes: usize) -> __mmask16 {
-        ((1u32 << lanes) - 1) as __mmask16
-    }
-}
+mod dot;
 
 #[cfg(not(target_arch = "x86_64"))]
 mod dot {
@@ -668,166 +582,7 @@ mod dot {
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-mod amx {
-    use super::{padded, BLOCK};
-    use std::arch::asm;
-
-    /// Palette 1 with all eight tiles at their largest: 16 rows of 64 bytes.
-    #[repr(C, align(64))]
-    struct TileConfig([u8; 64]);
-
-    const FULL_TILES: TileConfig = {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        let mut t = 0;
-        while t < 8 {
-            c[16 + 2 * t] = 64;
-            c[48 + t] = 16;
-            t += 1;
-        }
-        TileConfig(c)
-    };
-
-    macro_rules! tile {
-        (load $t:literal, $ptr:expr, $stride:expr) => {
-            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}]"), p = in(reg) $ptr,
-                 s = in(reg) $stride, options(nostack, preserves_flags))
-        };
-        (store $t:literal, $ptr:expr, $stride:expr) => {
-            asm!(concat!("tilestored [{p} + {s}], tmm", $t), p = in(reg) $ptr,
-                 s = in(reg) $stride, options(nostack, preserves_flags))
-        };
-        (zero $t:literal) => {
-            asm!(concat!("tilezero tmm", $t), options(nostack, preserves_flags, nomem))
-        };
-        (dot $c:literal, $a:literal, $b:literal) => {
-            asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
-                 options(nostack, preserves_flags, nomem))
-        };
-    }
-
-    /// One 32 x 32 block of the output: C (f32, rows `c_stride` bytes apart) (+)= A · B
-    /// over `kp` (a multiple of 32), A 32 rows of pairs `a_stride` bytes apart, B kp / 2
-    /// rows of 32 pairs `b_stride` bytes apart. Tiles 0-3 hold C, 4-5 A, 6-7 B.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        c: *mut f32,
-        c_stride: usize,
-        load: bool,
-        a: *const u32,
-        a_stride: usize,
-        b: *const u32,
-        b_stride: usize,
-        kp: usize,
-    ) {
-        let (c1, c2) = (c.byte_add(64), c.byte_add(16 * c_stride));
-        let c3 = c2.byte_add(64);
-        if load {
-            tile!(load "0", c, c_stride);
-            tile!(load "1", c1, c_stride);
-            tile!(load "2", c2, c_stride);
-            tile!(load "3", c3, c_stride);
-        } else {
-            tile!(zero "0");
-            tile!(zero "1");
-            tile!(zero "2");
-            tile!(zero "3");
-        }
-        let a2 = a.byte_add(16 * a_stride);
-        for kb in 0..kp / BLOCK {
-            let (ak, ak2) = (a.add(kb * 16), a2.add(kb * 16));
-            let bk = b.byte_add(kb * 16 * b_stride);
-            tile!(load "4", ak, a_stride);
-            tile!(load "6", bk, b_stride);
-            tile!(load "5", ak2, a_stride);
-            tile!(load "7", bk.add(16), b_stride);
-            tile!(dot "0", "4", "6");
-            tile!(dot "1", "4", "7");
-            tile!(dot "2", "5", "6");
-            tile!(dot "3", "5", "7");
-        }
-        tile!(store "0", c, c_stride);
-        tile!(store "1", c1, c_stride);
-        tile!(store "2", c2, c_stride);
-        tile!(store "3", c3, c_stride);
-    }
-
-    /// `iterations` rounds of four independent TDPBF16PS (tiles 0-3 += 4-5 x 6-7) on
-    /// tiles loaded once: the instruction's own rate, for `vitscope bench`.
-    pub unsafe fn peak_loop(iterations: u64) -> f32 {
-        #[repr(C, align(64))]
-        struct Block([u32; 256]);
-        let ones = Block([0x3f80_3f80; 256]);
-        let mut out = Block([0; 256]);
-        asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
-        tile!(zero "0");
-        tile!(zero "1");
-        tile!(zero "2");
-        tile!(zero "3");
-        tile!(load "4", ones.0.as_ptr(), 64usize);
-        tile!(load "5", ones.0.as_ptr(), 64usize);
-        tile!(load "6", ones.0.as_ptr(), 64usize);
-        tile!(load "7", ones.0.as_ptr(), 64usize);
-        for _ in 0..iterations {
-            tile!(dot "0", "4", "6");
-            tile!(dot "1", "4", "7");
-            tile!(dot "2", "5", "6");
-            tile!(dot "3", "5", "7");
-        }
-        tile!(store "0", out.0.as_mut_ptr(), 64usize);
-        asm!("tilerelease", options(nostack, preserves_flags, nomem));
-        f32::from_bits(out.0[0])
-    }
-
-    /// dst (+)= A · B from the packed factors. The tiles write straight into `dst` when
-    /// its rows are contiguous and the shape is whole blocks; else into `out`, then added.
-    pub unsafe fn multiply(
-        (m, n, k): (usize, usize, usize),
-        dst: *mut f32,
-        (dst_rs, dst_cs): (usize, usize),
-        a: &[u32],
-        b: &[u32],
-        out: &mut Vec<f32>,
-        accumulate: bool,
-    ) {
-        let (mp, np, kp) = (padded(m), padded(n), padded(k));
-        debug_assert!(a.len() >= mp * kp / 2 && b.len() >= kp / 2 * np);
-        let direct = dst_cs == 1 && m % BLOCK == 0 && n % BLOCK == 0;
-        let (c, c_rs, load) = if direct {
-            (dst, dst_rs, accumulate)
-        } else {
-            out.clear();
-            out.resize(mp * np, 0.0);
-            (out.as_mut_ptr(), np, false)
-        };
-        asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
-        for i in (0..mp).step_by(BLOCK) {
-            for j in (0..np).step_by(BLOCK) {
-                let (a, b) = (a.as_ptr().add(i * kp / 2), b.as_ptr().add(j));
-                block(
-                    c.add(i * c_rs + j),
-                    c_rs * 4,
-                    load,
-                    a,
-                    kp * 2,
-                    b,
-                    np * 4,
-                    kp,
-                );
-            }
-        }
-        asm!("tilerelease", options(nostack, preserves_flags, nomem));
-        if !direct {
-            for i in 0..m {
-                for j in 0..n {
-                    let (v, d) = (out[i * np + j], dst.add(i * dst_rs + j * dst_cs));
-                    *d = if accumulate { *d + v } else { v };
-                }
-            }
-        }
-    }
-}
+mod amx;
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod amx {
