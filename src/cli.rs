@@ -14,7 +14,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-pub use args::{BenchArgs, Cli, Command, ConfigArgs, ExportArgs, SweepArgs, TrainArgs, ViewArgs};
+pub use args::{
+    BenchArgs, Cli, ColorArgs, Command, ConfigArgs, ExportArgs, SweepArgs, TrainArgs, ViewArgs,
+};
 
 /// Help and version as clap prints them; a usage error as its first line and a pointer
 /// to --help (clap adds the whole usage to some), with clap's exit status 2.

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ColorSetting, DatasetKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,12 +81,8 @@ pub struct ViewArgs {
     /// to compare them (runs that start there later appear too).
     #[arg(value_name = "RUN_DIR", required = true, num_args = 1..)]
     pub runs: Vec<PathBuf>,
-    /// No colours: charts stay readable through their markers.
-    #[arg(long)]
-    pub no_color: bool,
-    /// Colours: auto (from NO_COLOR, COLORTERM, TERM), truecolor, 256 or none (ui.color).
-    #[arg(long, value_name = "MODE", value_parser = ["auto", "truecolor", "256", "none"])]
-    pub color: Option<String>,
+    #[command(flatten)]
+    pub colors: ColorArgs,
     /// Override a display setting, e.g. --set ui.markers=block (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -107,17 +106,13 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Which data set to train on (data.dataset).
-    #[arg(long, value_parser = ["cifar10", "synthetic"])]
+    #[arg(long, value_parser = PossibleValuesParser::new(DatasetKind::NAMES))]
     pub dataset: Option<String>,
     /// Print progress lines instead of opening the dashboard (also when stdout is not a terminal).
     #[arg(long)]
     pub headless: bool,
-    /// No colours in the dashboard: charts stay readable through their markers (also NO_COLOR).
-    #[arg(long)]
-    pub no_color: bool,
-    /// Colours: auto (from NO_COLOR, COLORTERM, TERM), truecolor, 256 or none (ui.color).
-    #[arg(long, value_name = "MODE", value_parser = ["auto", "truecolor", "256", "none"])]
-    pub color: Option<String>,
+    #[command(flatten)]
+    pub colors: ColorArgs,
     /// Directory for this run (default: <run.dir>/<timestamp>).
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub run_dir: Option<PathBuf>,
@@ -196,11 +191,7 @@ impl TrainArgs {
         if let Some(n) = self.threads {
             sets.push(format!("train.threads={n}"));
         }
-        sets.extend(color_sets(
-            self.color.as_deref(),
-            self.no_color,
-            &self.config.set,
-        ));
+        sets.extend(self.colors.around(&self.config.set));
         sets
     }
 
@@ -212,16 +203,29 @@ impl TrainArgs {
     }
 }
 
-/// The user's `--set`s with `--color MODE` before them and `--no-color` after, so that
-/// a `--set ui.color=...` overrides `--color` and `--no-color` overrides both.
-pub(super) fn color_sets(color: Option<&str>, no_color: bool, sets: &[String]) -> Vec<String> {
-    let mut all = Vec::with_capacity(sets.len() + 2);
-    if let Some(mode) = color {
-        all.push(format!("ui.color={}", toml_string(mode)));
+/// `--color` and `--no-color`, the same on every command that draws.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ColorArgs {
+    /// No colours in the dashboard: charts stay readable through their markers (also NO_COLOR).
+    #[arg(long)]
+    pub no_color: bool,
+    /// Colours: auto (from NO_COLOR, COLORTERM, TERM), truecolor, 256 or none (ui.color).
+    #[arg(long, value_name = "MODE", value_parser = PossibleValuesParser::new(ColorSetting::NAMES))]
+    pub color: Option<String>,
+}
+
+impl ColorArgs {
+    /// The user's `--set`s with `--color MODE` before them and `--no-color` after, so
+    /// that a `--set ui.color=...` overrides `--color` and `--no-color` overrides both.
+    pub(super) fn around(&self, sets: &[String]) -> Vec<String> {
+        let mut all = Vec::with_capacity(sets.len() + 2);
+        if let Some(mode) = &self.color {
+            all.push(format!("ui.color={}", toml_string(mode)));
+        }
+        all.extend(sets.iter().cloned());
+        if self.no_color {
+            all.push("ui.color=\"none\"".into());
+        }
+        all
     }
-    all.extend(sets.iter().cloned());
-    if no_color {
-        all.push("ui.color=\"none\"".into());
-    }
-    all
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::args::{color_sets, ViewArgs};
+use super::args::ViewArgs;
 use super::train::{run_name, theme_for};
 use crate::config::Config;
 use crate::events::Event;
@@ -43,7 +43,7 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let sets = color_sets(args.color.as_deref(), args.no_color, &args.set);
+    let sets = args.colors.around(&args.set);
     let config = Config::load(None, &sets)?;
     let mut view = crate::ui::tabs::runs::RunsView::new(theme_for(&config).0);
     let mut stats = crate::ui::DashboardStats::default();
@@ -54,16 +54,15 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode> {
                 view_run(&dir, args)?;
             }
             Ok(None) => {
-                let mut sorted = stats.render_ms.clone();
-                sorted.sort_by(f64::total_cmp);
+                let (median, worst) = stats.render_median_worst_ms();
                 eprintln!(
                     "runs screen: {} runs ({} training records) read in {:.0} ms; {} frames, render median {:.2} ms, worst {:.2} ms",
                     comparison.runs.len(),
                     comparison.runs.iter().map(|r| r.train.len()).sum::<usize>(),
                     open_secs * 1e3,
                     stats.frames,
-                    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
-                    sorted.last().copied().unwrap_or(0.0)
+                    median,
+                    worst
                 );
                 return Ok(ExitCode::SUCCESS);
             }
@@ -75,7 +74,7 @@ fn view_runs(paths: &[PathBuf], args: &ViewArgs) -> Result<ExitCode> {
 /// The dashboard over a run directory, or its progress lines when not on a terminal.
 fn view_run(path: &Path, args: &ViewArgs) -> Result<ExitCode> {
     let run = RunDir::open(path)?;
-    let sets = color_sets(args.color.as_deref(), args.no_color, &args.set);
+    let sets = args.colors.around(&args.set);
     let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &sets)?;
     if !std::io::stdout().is_terminal() {
         let mut follower = crate::run::follow::Follower::new(run);

@@ -11,11 +11,16 @@ pub struct DashboardStats {
 }
 
 impl DashboardStats {
-    pub fn summary(&self) -> String {
+    /// The median and the worst frame's render time, in ms (0 before any frame).
+    pub fn render_median_worst_ms(&self) -> (f64, f64) {
         let mut sorted = self.render_ms.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-        let worst = sorted.last().copied().unwrap_or(0.0);
+        (median, sorted.last().copied().unwrap_or(0.0))
+    }
+
+    pub fn summary(&self) -> String {
+        let (median, worst) = self.render_median_worst_ms();
         format!(
             "dashboard: {} frames, render median {median:.2} ms, worst {worst:.2} ms; UI thread CPU {:.2} s in {:.0} s ({:.2}%)",
             self.frames,

@@ -13,6 +13,7 @@ use crate::inspect::attention::{head_average, head_stats, rollout, HeadStats, Sc
 use crate::inspect::probe::ProbeSnapshot;
 use crate::ui::state::App;
 use crate::ui::theme::{ColorMode, Series, Theme};
+use crate::ui::widgets::frame::probe_label;
 use crate::ui::widgets::paint::{draw_image, draw_level_map, draw_stacked};
 
 /// `values` (rows x cols, row-major) averaged down to at most `out_rows` x `out_cols`.
@@ -565,13 +566,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         return;
     };
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
-    let position = app.probe_position().map_or(String::new(), |(i, n)| {
-        if i + 1 < n {
-            format!("probe {}/{n} (, . to move, End for latest)", i + 1)
-        } else {
-            format!("probe {n}/{n}, latest")
-        }
-    });
+    let position = probe_label(app.probe_position(), ", .");
     Paragraph::new(vec![
         Line::styled(match meta.cls {
             true => "softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row",

@@ -10,6 +10,7 @@ use crate::inspect::probe::{Distribution, Histogram, ProbeMeta, Stats, PERCENTIL
 use crate::ui::state::{App, LnSource};
 use crate::ui::theme::{Series, Theme};
 use crate::ui::widgets::chart::{compact, stable_bounds};
+use crate::ui::widgets::frame::probe_label;
 
 /// Eighth-block characters, from empty to full, for bars.
 const EIGHTHS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -406,11 +407,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Constraint::Fill(1),
     ])
     .areas(area);
-    let scrub = match position {
-        Some((i, n)) if i + 1 < n => format!("probe {}/{n} (←/→ to move, End for latest)", i + 1),
-        Some((_, n)) => format!("probe {n}/{n}, latest"),
-        None => String::new(),
-    };
+    let scrub = probe_label(position, "←/→");
     let kind = NormPlace::of(&ln.name);
     Paragraph::new(vec![
         Line::styled(kind.formula(), t.dim()),

@@ -38,13 +38,7 @@ pub fn probe_tab<'a>(
         return None;
     };
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
-    let position = app.probe_position().map_or(String::new(), |(i, n)| {
-        if i + 1 < n {
-            format!("probe {}/{n} (, . to move, End for latest)", i + 1)
-        } else {
-            format!("probe {n}/{n}, latest")
-        }
-    });
+    let position = probe_label(app.probe_position(), ", .");
     Paragraph::new(vec![
         Line::styled(intro.to_string(), t.dim()),
         Line::from(vec![
@@ -73,6 +67,18 @@ pub fn probe_tab<'a>(
         return None;
     }
     Some((probe, body))
+}
+
+/// Which probe is shown, of how many (`position` from `App::probe_position`), with
+/// the keys that move between them; empty before the first probe.
+pub fn probe_label(position: Option<(usize, usize)>, keys: &str) -> String {
+    match position {
+        Some((i, n)) if i + 1 < n => {
+            format!("probe {}/{n} ({keys} to move, End for latest)", i + 1)
+        }
+        Some((_, n)) => format!("probe {n}/{n}, latest"),
+        None => String::new(),
+    }
 }
 
 /// A bordered panel with a title; returns the inside.
