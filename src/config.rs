@@ -342,6 +342,11 @@ pub struct ProbeConfig {
     pub predictions: usize,
     pub histogram_bins: usize,
     pub histogram_range: f64,
+    pub grad_every_steps: usize,
+    pub layers_every_evals: usize,
+    pub layers_train_images: usize,
+    pub layers_test_images: usize,
+    pub ridge_lambda: f64,
 }
 
 impl ProbeConfig {
@@ -356,6 +361,21 @@ impl ProbeConfig {
             &format!("must be between 2 and {MAX_HISTOGRAM_BINS}"),
         )?;
         positive("probe.histogram_range", p.histogram_range)?;
+        positive("probe.ridge_lambda", p.ridge_lambda)?;
+        if p.layers_every_evals > 0 {
+            check(
+                p.layers_train_images >= 2,
+                "probe.layers_train_images",
+                p.layers_train_images,
+                "must be at least 2 while probe.layers_every_evals is on",
+            )?;
+            check(
+                p.layers_test_images >= 2,
+                "probe.layers_test_images",
+                p.layers_test_images,
+                "must be at least 2 while probe.layers_every_evals is on",
+            )?;
+        }
         Ok(())
     }
 }

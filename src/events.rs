@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::data::LoadProgress;
+pub use crate::inspect::layer_records::{GradRecord, KnowledgeRecord, LayerHistory, ScaleRecord};
 use crate::inspect::predictions::Predictions;
 use crate::inspect::probe::ProbeSnapshot;
 
@@ -67,9 +68,13 @@ pub struct EvalRecord {
 pub enum MetricRecord {
     Train(TrainRecord),
     Eval(EvalRecord),
+    Grads(GradRecord),
+    Scale(ScaleRecord),
+    Knowledge(KnowledgeRecord),
 }
 
-/// Records in file order, split into the training and the evaluation records.
+/// Records in file order, split into the training and the evaluation records (the
+/// per-layer records are left out: [`LayerHistory::from_records`] takes those).
 pub fn split_records(
     records: impl IntoIterator<Item = MetricRecord>,
 ) -> (Vec<TrainRecord>, Vec<EvalRecord>) {
@@ -78,9 +83,30 @@ pub fn split_records(
         match record {
             MetricRecord::Train(r) => train.push(r),
             MetricRecord::Eval(r) => evals.push(r),
+            _ => {}
         }
     }
     (train, evals)
+}
+
+impl LayerHistory {
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a MetricRecord>) -> Self {
+        let mut history = Self::default();
+        for record in records {
+            history.push(record);
+        }
+        history
+    }
+
+    /// Keeps a per-layer record; the others are not its business.
+    pub fn push(&mut self, record: &MetricRecord) {
+        match record {
+            MetricRecord::Grads(r) => self.push_grads(r),
+            MetricRecord::Scale(r) => self.push_scale(r),
+            MetricRecord::Knowledge(r) => self.push_knowledge(r),
+            MetricRecord::Train(_) | MetricRecord::Eval(_) => {}
+        }
+    }
 }
 
 impl MetricRecord {
@@ -88,6 +114,9 @@ impl MetricRecord {
         match self {
             Self::Train(r) => r.step,
             Self::Eval(r) => r.step,
+            Self::Grads(r) => r.step,
+            Self::Scale(r) => r.step,
+            Self::Knowledge(r) => r.step,
         }
     }
 }
@@ -160,6 +189,11 @@ pub enum Event {
     Train(TrainRecord),
     Eval(EvalRecord),
     Probe(Arc<ProbeSnapshot>),
+    /// A per-layer record ([`MetricRecord::Grads`], `Scale` or `Knowledge`), as written.
+    Layers(MetricRecord),
+    /// Something in training went wrong as it happened (a non-finite or spiking
+    /// gradient); the run's log has the same line.
+    Alert(Alert),
     /// An evaluation's predictions on the first test images (after its [`Event::Eval`]).
     Predictions(Arc<Predictions>),
     Checkpoint {
@@ -176,6 +210,19 @@ pub enum Event {
     },
     /// The run ended with an error.
     Failed(String),
+}
+
+/// How run.log marks an alert's line ("<time> alert: …"), and a fatal one after it.
+pub const ALERT_PREFIX: &str = "alert: ";
+pub const HALTED: &str = "halted: ";
+
+/// What an alert is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub step: u64,
+    /// A non-finite loss or gradient: the step was not applied and training halts.
+    pub fatal: bool,
+    pub message: String,
 }
 
 /// Control messages the trainer checks between batches.

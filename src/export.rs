@@ -21,6 +21,7 @@ pub fn render(source: &Source, what: What, choice: &Choice) -> Result<Vec<Pictur
         What::Patches => pictures::patches(source, choice),
         What::Predictions => pictures::predictions(source),
         What::Curves => pictures::curves(source).map(|p| vec![p]),
+        What::Layers => pictures::layers(source, choice.step),
     }
 }
 

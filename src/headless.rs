@@ -186,7 +186,7 @@ impl<W: Write> HeadlessPrinter<W> {
             Event::History(records) => {
                 self.evals.extend(records.iter().filter_map(|r| match r {
                     MetricRecord::Eval(e) => Some(e.clone()),
-                    MetricRecord::Train(_) => None,
+                    _ => None,
                 }));
                 if let Some(best) = milestones::best(&self.evals) {
                     let text = format!(
@@ -229,6 +229,22 @@ impl<W: Write> HeadlessPrinter<W> {
                     ));
                 }
             }
+            Event::Alert(a) => self.line(&format!("alert: {}", a.message)),
+            Event::Layers(MetricRecord::Knowledge(k)) => {
+                let percent = |v: &[f64]| {
+                    v.iter()
+                        .map(|a| format!("{:.0}", a * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                self.line(&format!(
+                    "layers (embeddings, then blocks 1..): linear probe {} %  logit lens {} %  ({:.1} s)",
+                    percent(&k.probe_accuracy),
+                    percent(&k.lens_accuracy),
+                    k.secs
+                ));
+            }
+            Event::Layers(_) => {}
             // Errors go to stderr, from the caller that joins the trainer.
             Event::Failed(_) => {}
             Event::Phase(_) | Event::Probe(_) | Event::Predictions(_) => {}

@@ -126,16 +126,7 @@ impl VisionTransformer {
         mut capture: Option<&mut Capture>,
         drop: Option<(&DropPath, std::ops::Range<usize>)>,
     ) -> Result<Tensor> {
-        let b = images.dim(0)?;
-        let patches = patchify(images, self.config.patch_size)?;
-        let x = self.patch_embed.forward(&patches)?;
-        let mut x = match &self.cls_token {
-            Some(cls) => Tensor::cat(&[&cls.broadcast_as((b, 1, self.config.dim))?, &x], 1)?,
-            None => x,
-        };
-        if let Some(pos) = &self.pos_embed {
-            x = x.broadcast_add(pos)?;
-        }
+        let mut x = self.embed(images)?;
         if let Some(c) = capture.as_deref_mut() {
             c.hidden.push(x.detach());
         }
@@ -162,11 +153,48 @@ impl VisionTransformer {
             };
         }
         let x = self.norm.forward_captured(&x, capture)?;
-        let pooled = match self.cls_token {
-            Some(_) => x.i((.., 0))?,
-            None => x.mean(1)?,
+        self.head.forward(&self.pool(&x)?)
+    }
+
+    /// Patch embeddings, CLS token and position embedding: the residual stream's start.
+    fn embed(&self, images: &Tensor) -> Result<Tensor> {
+        let b = images.dim(0)?;
+        let patches = patchify(images, self.config.patch_size)?;
+        let x = self.patch_embed.forward(&patches)?;
+        let x = match &self.cls_token {
+            Some(cls) => Tensor::cat(&[&cls.broadcast_as((b, 1, self.config.dim))?, &x], 1)?,
+            None => x,
         };
-        self.head.forward(&pooled)
+        match &self.pos_embed {
+            Some(pos) => x.broadcast_add(pos),
+            None => Ok(x),
+        }
+    }
+
+    /// The model's own pooling of tokens (B, T, D) into (B, D): CLS, or the mean.
+    fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        match self.cls_token {
+            Some(_) => x.i((.., 0)),
+            None => x.mean(1),
+        }
+    }
+
+    /// Per layer (after the embeddings, then after each block): the pooled residual
+    /// stream (B, D) and the logits the model's own final norm, pooling and head give
+    /// from there (B, classes), the logit lens. At the last layer these are the
+    /// model's logits. Fused blocks, no capture: for many images at once.
+    pub fn forward_layers(&self, images: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let view = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let lens = self.head.forward(&self.pool(&self.norm.forward(x)?)?)?;
+            Ok((self.pool(x)?, lens))
+        };
+        let mut x = self.embed(images)?;
+        let mut out = vec![view(&x)?];
+        for block in &self.blocks {
+            x = block.forward(&x, None)?;
+            out.push(view(&x)?);
+        }
+        Ok(out)
     }
 
     /// The same weights (shared storage) without gradient tracking: a forward pass

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod ema;
 pub mod evaluate;
+pub mod grad_stats;
 pub mod memory;
 pub mod optim;
 pub mod state_error;
@@ -22,13 +23,18 @@ use candle_core::{DType, Var};
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::{DataError, Dataset, NUM_CLASSES};
-use crate::events::{Control, EvalRecord, Event, MetricRecord, Phase, RunInfo, Sink, TrainRecord};
+use crate::events::{
+    Alert, Control, EvalRecord, Event, KnowledgeRecord, MetricRecord, Phase, RunInfo, Sink,
+    TrainRecord,
+};
+use crate::inspect::knowledge::KnowledgeSet;
 use crate::inspect::predictions::{Predictions, PredictionsMeta};
 use crate::inspect::probe::ProbeSet;
 use crate::model::{DropPath, ModelState, VisionTransformer};
 use crate::run::{LineAppender, RunDir, RunError, LOG_FILE, METRICS_FILE};
 use checkpoint::TrainState;
 use ema::Ema;
+use grad_stats::{GradGroups, SpikeWatch};
 use optim::{learning_rate, AdamW};
 use step::{forward_backward, Workers};
 
@@ -42,8 +48,12 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Invalid(String),
-    #[error("the loss became {value} at step {step}: training stopped; {kept}")]
-    NonFinite { step: u64, value: f64, kept: String },
+    #[error("{what} at step {step}: the step was not applied and training stopped; {kept}")]
+    NonFinite {
+        step: u64,
+        what: String,
+        kept: String,
+    },
 }
 
 /// How a run that did not fail ended.
@@ -54,17 +64,29 @@ pub struct Outcome {
     pub last_eval: Option<EvalRecord>,
 }
 
+/// What training does when a step's loss or gradient is not finite (the step is never
+/// applied, and the last good checkpoint stays as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
+    /// Stop at once (headless).
+    Stop,
+    /// Pause with the alert on screen until told to go on or stop, then stop (the
+    /// dashboard: the user can look at the last good state first).
+    Pause,
+}
+
 /// Starts training on its own thread. Returns the thread and the control channel.
 pub fn spawn(
     config: Config,
     run: RunDir,
     resume: bool,
     mut sink: Box<dyn Sink>,
+    halt: Halt,
 ) -> (JoinHandle<Result<Outcome, TrainError>>, Sender<Control>) {
     let (control_tx, control_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("vitscope-trainer".into())
-        .spawn(move || train(&config, &run, resume, sink.as_mut(), &control_rx))
+        .spawn(move || train_with(&config, &run, resume, sink.as_mut(), &control_rx, halt))
         .expect("spawn the trainer thread");
     (handle, control_tx)
 }
@@ -77,9 +99,21 @@ pub fn train(
     sink: &mut dyn Sink,
     control: &Receiver<Control>,
 ) -> Result<Outcome, TrainError> {
+    train_with(config, run, resume, sink, control, Halt::Stop)
+}
+
+/// [`train`], halting on a non-finite step as `halt` says.
+pub fn train_with(
+    config: &Config,
+    run: &RunDir,
+    resume: bool,
+    sink: &mut dyn Sink,
+    control: &Receiver<Control>,
+    halt: Halt,
+) -> Result<Outcome, TrainError> {
     // A run refused while preparing (bad data, a checkpoint that does not fit) is left
     // exactly as it was; errors once training has begun are logged in the run too.
-    let result = match Trainer::prepare(config, run, resume, sink) {
+    let result = match Trainer::prepare(config, run, resume, sink, halt) {
         Ok(mut trainer) => trainer.run(sink, control).inspect_err(|e| {
             if let Ok(mut log) = run.appender(LOG_FILE) {
                 let _ = log.append(&format!("{} error: {e}", timestamp()));
@@ -129,6 +163,15 @@ struct Trainer {
     eval_secs: Option<f64>,
     /// Evaluations a budgeted run skipped since its last one.
     skipped_evals: u32,
+    /// Evaluations done so far in the run (for `probe.layers_every_evals`).
+    evaluations: usize,
+    groups: GradGroups,
+    spikes: SpikeWatch,
+    knowledge: KnowledgeSet,
+    halt: Halt,
+    /// A test's fault: at this step, one gradient is made NaN before the check.
+    #[cfg(test)]
+    inject_non_finite: Option<u64>,
 }
 
 impl Trainer {
@@ -137,6 +180,7 @@ impl Trainer {
         run: &RunDir,
         resume: bool,
         sink: &mut dyn Sink,
+        halt: Halt,
     ) -> Result<Self, TrainError> {
         sink.send(Event::Phase(Phase::Loading));
         let mut log = run.appender(LOG_FILE)?;
@@ -237,7 +281,26 @@ impl Trainer {
             test_pixels,
             test_labels,
         };
+        let names: Vec<String> = state.named_vars().into_iter().map(|(n, _)| n).collect();
+        let knowledge = KnowledgeSet::new(
+            &data.train,
+            &data.test,
+            config.probe.layers_train_images,
+            config.probe.layers_test_images,
+        );
+        let evaluations = run
+            .read_metrics()
+            .iter()
+            .filter(|r| matches!(r, MetricRecord::Eval(_)))
+            .count();
         Ok(Self {
+            evaluations,
+            groups: GradGroups::new(&names),
+            spikes: SpikeWatch::default(),
+            knowledge,
+            halt,
+            #[cfg(test)]
+            inject_non_finite: None,
             config: config.clone(),
             run: run.clone(),
             metrics: run.appender(METRICS_FILE)?,
@@ -317,7 +380,14 @@ impl Trainer {
         let start = Instant::now();
         let batch = self.config.train.eval_batch_size;
         evaluate::test_pass(&model, test, &self.norm, &sample, batch, 0, 0.0)?;
-        Ok(start.elapsed().as_secs_f64() * test.len() as f64 / sample.len() as f64)
+        // What each layer knows runs about as fast per image, on its own images.
+        let p = &self.config.probe;
+        let knowledge = match p.layers_every_evals {
+            0 => 0.0,
+            k => (self.knowledge.train.len() + self.knowledge.test.len()) as f64 / k as f64,
+        };
+        let images = test.len() as f64 + knowledge;
+        Ok(start.elapsed().as_secs_f64() * images / sample.len() as f64)
     }
 
     fn epoch_of(&self, completed_steps: u64) -> u64 {
@@ -364,8 +434,9 @@ impl Trainer {
             self.probes
                 .probe(&model, &self.config.probe, step, self.epoch_of(step.max(1)))?;
         self.run.write_probe(&snapshot)?;
+        let scale = crate::inspect::scale::of_probe(&snapshot);
         sink.send(Event::Probe(Arc::new(snapshot)));
-        Ok(())
+        self.write_layers(sink, MetricRecord::Scale(scale))
     }
 
     fn evaluate(&mut self, sink: &mut dyn Sink) -> Result<EvalRecord, TrainError> {
@@ -428,7 +499,120 @@ impl Trainer {
         };
         self.run.write_predictions(&predictions)?;
         sink.send(Event::Predictions(Arc::new(predictions)));
+        self.evaluations += 1;
+        let every = self.config.probe.layers_every_evals;
+        // Every k-th evaluation, and always the last one.
+        let last = step >= self.info.final_step;
+        if every > 0 && (self.evaluations.is_multiple_of(every) || last) {
+            let knowledge = self.measure_knowledge(&model, (step, epoch))?;
+            self.progress.wall_secs += knowledge.secs;
+            self.eval_secs = Some(secs + knowledge.secs);
+            self.write_layers(sink, MetricRecord::Knowledge(knowledge))?;
+        }
         Ok(record)
+    }
+
+    /// What each layer of `model` knows ([`crate::inspect::knowledge`]).
+    fn measure_knowledge(
+        &self,
+        model: &VisionTransformer,
+        (step, epoch): (u64, u64),
+    ) -> Result<KnowledgeRecord, TrainError> {
+        let start = Instant::now();
+        let set = &self.knowledge;
+        let lambda = self.config.probe.ridge_lambda;
+        let k = evaluate::layer_knowledge(
+            model,
+            (&self.data.train, &self.data.test),
+            set,
+            &self.norm,
+            self.config.train.eval_batch_size,
+            lambda,
+        )?;
+        // Four decimals are plenty for a similarity, and keep metrics.jsonl small.
+        let round = |v: f64| (v * 1e4).round() / 1e4;
+        Ok(KnowledgeRecord {
+            step,
+            epoch,
+            train_images: set.train.len(),
+            test_images: set.test.len(),
+            lambda,
+            probe_accuracy: k.probe_accuracy,
+            lens_accuracy: k.lens_accuracy,
+            cka: k
+                .cka
+                .iter()
+                .map(|r| r.iter().map(|&v| round(v)).collect())
+                .collect(),
+            secs: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Appends a per-layer record to the metrics and sends it.
+    fn write_layers(
+        &mut self,
+        sink: &mut dyn Sink,
+        record: MetricRecord,
+    ) -> Result<(), TrainError> {
+        self.metrics
+            .append(&serde_json::to_string(&record).expect("record serialises"))?;
+        sink.send(Event::Layers(record));
+        Ok(())
+    }
+
+    /// An alert: in the log and to the sink, as it happens.
+    fn alert(
+        &mut self,
+        sink: &mut dyn Sink,
+        fatal: bool,
+        message: String,
+    ) -> Result<(), TrainError> {
+        let halted = if fatal { crate::events::HALTED } else { "" };
+        self.log.append(&format!(
+            "{} {}{halted}{message}",
+            timestamp(),
+            crate::events::ALERT_PREFIX
+        ))?;
+        sink.send(Event::Alert(Alert {
+            step: self.progress.step + 1,
+            fatal,
+            message,
+        }));
+        Ok(())
+    }
+
+    /// A non-finite step (not applied): the alert, a pause if the dashboard wants one,
+    /// and the error that ends the run with its last good checkpoint as it was.
+    fn halt_non_finite(
+        &mut self,
+        sink: &mut dyn Sink,
+        control: &Receiver<Control>,
+        what: String,
+    ) -> Result<TrainError, TrainError> {
+        let kept = match self.last_checkpoint {
+            Some(s) => format!(
+                "the last good checkpoint (step {s}) is kept in {}",
+                self.run.checkpoint_path().display()
+            ),
+            None => "no checkpoint had been written yet".to_string(),
+        };
+        let step = self.progress.step + 1;
+        self.alert(
+            sink,
+            true,
+            format!("{what} at step {step}: not applied; {kept}"),
+        )?;
+        if self.halt == Halt::Pause {
+            sink.send(Event::Phase(Phase::Paused));
+            // Waits for the user: going on or stopping both end the run (the same
+            // batch on the same weights would give the same result).
+            while let Ok(c) = control.recv() {
+                if matches!(c, Control::Resume | Control::Stop) {
+                    break;
+                }
+            }
+        }
+        Ok(TrainError::NonFinite { step, what, kept })
     }
 
     /// Whether a budgeted run evaluates at this epoch's end, at `secs_per_step` (this
@@ -570,24 +754,65 @@ impl Trainer {
                 &workers,
             )?;
             let loss_value = step_result.loss;
-            if !loss_value.is_finite() {
-                let kept = match self.last_checkpoint {
-                    Some(s) => format!(
-                        "the last good checkpoint (step {s}) is kept in {}",
-                        self.run.checkpoint_path().display()
-                    ),
-                    None => "no checkpoint had been written yet".to_string(),
-                };
-                return Err(TrainError::NonFinite {
-                    step: self.progress.step + 1,
-                    value: loss_value,
-                    kept,
-                });
+            #[cfg(test)]
+            let mut step_result = step_result;
+            #[cfg(test)]
+            if self.inject_non_finite == Some(self.progress.step + 1) {
+                let last = step_result.grads.len() - 1;
+                step_result.grads[last] = step_result.grads[last]
+                    .as_ref()
+                    .map(|g| g.affine(f64::NAN, 0.0))
+                    .transpose()?;
             }
+            let grad_sums = self.groups.sum_squares(&step_result.grads)?;
+            let bad = self.groups.first_non_finite(&grad_sums).map(str::to_string);
+            if !loss_value.is_finite() || bad.is_some() {
+                let what = match bad {
+                    Some(group) if loss_value.is_finite() => {
+                        format!("the gradient of {group} became non-finite (loss {loss_value:.4})")
+                    }
+                    Some(group) => format!(
+                        "the loss became {loss_value} (the first non-finite gradient: {group})"
+                    ),
+                    None => format!("the loss became {loss_value}"),
+                };
+                return Err(self.halt_non_finite(sink, control, what)?);
+            }
+            let grad_norm = grad_sums.iter().sum::<f64>().sqrt();
             let correct = step_result.correct;
             let horizon = self.config.train.schedule_steps(spe);
             let lr = learning_rate(&cfg, self.progress.step, horizon);
+            let every = self.config.probe.grad_every_steps as u64;
+            let recorded = every > 0 && (self.progress.step + 1).is_multiple_of(every);
+            let before = match recorded {
+                true => Some(GradGroups::before(&self.vars)?),
+                false => None,
+            };
             self.optimizer.step(&step_result.grads, lr)?;
+            if let Some(before) = before {
+                let step = self.progress.step + 1;
+                let record = self.groups.record(
+                    (step, self.epoch_of(step)),
+                    &grad_sums,
+                    &before,
+                    &self.vars,
+                )?;
+                self.write_layers(sink, MetricRecord::Grads(record))?;
+            }
+            if let Some(median) = self.spikes.check(grad_norm) {
+                let (top, top_sum) = (grad_sums.iter().enumerate())
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap_or((0, &0.0));
+                let message = format!(
+                    "gradient norm {grad_norm:.3} at step {} is {:.0}x the median of the last {} steps ({median:.3}); largest in {} ({:.3})",
+                    self.progress.step + 1,
+                    grad_norm / median,
+                    grad_stats::SPIKE_WINDOW,
+                    self.groups.names[top],
+                    top_sum.sqrt()
+                );
+                self.alert(sink, false, message)?;
+            }
             if let Some(ema) = &self.ema {
                 ema.update(&self.state, self.progress.step + 1)?;
             }
@@ -686,3 +911,6 @@ impl Trainer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -405,16 +405,13 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
     // The runs screen's compare mode: two of them side by side at their last common probe.
     let comparison =
         vitscope::run::compare::Comparison::open(std::slice::from_ref(&folder)).unwrap();
-    let pair = vitscope::ui::tabs::runs::load_pair(&comparison, 0).unwrap();
+    let pair = vitscope::ui::tabs::runs::load_pair(&comparison, [0, 1]).unwrap();
     assert!(pair.common && pair.probes.iter().all(Option::is_some));
     let mut view = vitscope::ui::tabs::runs::RunsView::new(vitscope::ui::theme::Theme::new(
         vitscope::ui::theme::ColorMode::NoColor,
         vitscope::config::Markers::Braille,
     ));
-    view.on_action(
-        vitscope::ui::keys::Action::ToggleCompare,
-        comparison.runs.len(),
-    );
+    view.on_action(vitscope::ui::keys::Action::ToggleCompare, &comparison);
     let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(200, 60)).unwrap();
     terminal
         .draw(|f| {
@@ -447,6 +444,13 @@ fn a_sweep_trains_each_combination_once_into_its_own_run() {
     assert!(
         screen.contains("norm=none,pos_embed=learned")
             && screen.contains("norm=none,pos_embed=sincos"),
+        "{screen}"
+    );
+    // And their per-layer quantities at that step, side by side.
+    assert!(
+        screen.contains(&format!("by depth at step {}", pair.step))
+            && screen.contains("‖g‖")
+            && screen.contains("block 1"),
         "{screen}"
     );
     // Again: everything is skipped.

@@ -1028,10 +1028,143 @@ fn the_runs_screen_overlays_runs_named_by_what_differs() {
         ColorMode::Ansi256,
         vitscope::config::Markers::Braille,
     ));
-    hidden.on_action(vitscope::ui::keys::Action::ToggleRun, 3);
+    hidden.on_action(vitscope::ui::keys::Action::ToggleRun, &c);
     let s = runs_screen(&c, &hidden, 200, 60);
     assert!(s.contains("(hidden)"), "{s}");
     for (w, h) in [(0, 0), (20, 5), (61, 19)] {
         runs_screen(&c, &colour, w, h);
     }
+}
+
+/// Per-layer records shaped like a 6-block run's (a test fixture: gradient norms that
+/// fall with training and grow towards the input, residual RMS that grows with depth,
+/// probe accuracy that rises with depth and time).
+fn layer_events(records: u64) -> Vec<Event> {
+    use vitscope::events::{GradRecord, KnowledgeRecord, MetricRecord, ScaleRecord};
+    let mut groups = vec!["patch_embed".to_string()];
+    for b in 0..6 {
+        for part in [
+            "norm1",
+            "attn.qkv",
+            "attn.proj",
+            "norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ] {
+            groups.push(format!("blocks.{b}.{part}"));
+        }
+    }
+    groups.extend(["norm".to_string(), "head".to_string()]);
+    let depth_of = |g: &str| {
+        g.split('.')
+            .nth(1)
+            .and_then(|d| d.parse::<f64>().ok())
+            .unwrap_or(6.0)
+    };
+    let mut events = Vec::new();
+    for i in 1..=records {
+        let step = i * 50;
+        let t = i as f64 / records as f64;
+        events.push(Event::Layers(MetricRecord::Grads(GradRecord {
+            step,
+            epoch: 1 + step / 390,
+            grad_norm: groups
+                .iter()
+                .map(|g| (2.0 - t) * (1.0 + 0.2 * (6.0 - depth_of(g))))
+                .collect(),
+            weight_norm: groups.iter().map(|_| 5.0).collect(),
+            update_ratio: groups.iter().map(|_| 1e-3 * (1.5 - t)).collect(),
+            groups: groups.clone(),
+        })));
+        if i % 5 == 0 {
+            events.push(Event::Layers(MetricRecord::Scale(ScaleRecord {
+                step,
+                epoch: 1 + step / 390,
+                residual_rms: (0..7).map(|l| 0.5 + l as f64 * (0.5 + t)).collect(),
+                norm_rms: vec![1.0; 13],
+            })));
+        }
+        if i % 8 == 0 {
+            let probe: Vec<f64> = (0..7).map(|l| 0.3 + 0.05 * l as f64 + 0.2 * t).collect();
+            events.push(Event::Layers(MetricRecord::Knowledge(KnowledgeRecord {
+                step,
+                epoch: 1 + step / 390,
+                train_images: 5000,
+                test_images: 1000,
+                lambda: 0.01,
+                lens_accuracy: probe
+                    .iter()
+                    .enumerate()
+                    .map(|(l, p)| p * l as f64 / 6.0)
+                    .collect(),
+                probe_accuracy: probe,
+                cka: (0..7)
+                    .map(|a: i32| {
+                        (0..7)
+                            .map(|b: i32| 1.0 - 0.1 * f64::from((a - b).abs()))
+                            .collect()
+                    })
+                    .collect(),
+                secs: 2.5,
+            })));
+        }
+    }
+    events
+}
+
+#[test]
+fn the_layers_tab_at_both_sizes_and_its_keys() {
+    let mut empty = training_app(400, ColorMode::Ansi256);
+    empty.tab = Tab::Layers;
+    assert!(screen(&empty, 80, 24).contains("Waiting for the first per-layer records"));
+    let mut a = training_app(2000, ColorMode::Ansi256);
+    for e in layer_events(40) {
+        a.on_event(e);
+    }
+    a.on_key(key(KeyCode::Char('7')));
+    assert_eq!(a.tab, Tab::Layers);
+    for (w, h) in [(80, 24), (200, 60)] {
+        insta::assert_snapshot!(format!("layers_{w}x{h}"), screen(&a, w, h));
+    }
+    let full = screen(&a, 200, 60);
+    for part in [
+        "gradient norm ‖g‖",
+        "update ratio",
+        "residual stream RMS",
+        "linear probe accuracy",
+        "logit lens accuracy",
+        "layer similarity (linear CKA",
+        "gradients by part of each block",
+    ] {
+        assert!(full.contains(part), "{part} missing:\n{full}");
+    }
+    // ↓ picks the next quantity, ← moves the cursor back a record, End returns.
+    a.on_key(key(KeyCode::Down));
+    assert_eq!(
+        a.layers_view.quantity,
+        vitscope::inspect::layers::Quantity::UpdateRatio
+    );
+    a.on_key(key(KeyCode::Left));
+    assert_eq!(a.layers_view.cursor, Some(1950));
+    assert!(screen(&a, 80, 24).contains("cursor at step 1950"));
+    a.on_key(key(KeyCode::Right));
+    assert_eq!(a.layers_view.cursor, None);
+    a.on_key(key(KeyCode::Left));
+    a.on_key(key(KeyCode::End));
+    assert_eq!(a.layers_view.cursor, None);
+    // An alert reaches the status line and the log.
+    a.on_event(Event::Alert(vitscope::events::Alert {
+        step: 2001,
+        fatal: false,
+        message: "gradient norm 40.0 at step 2001 is 20x the median of the last 100 steps (2.0); largest in head (39.0)".into(),
+    }));
+    let s = screen(&a, 200, 60);
+    assert!(
+        s.lines()
+            .nth(1)
+            .unwrap()
+            .contains("⚠ gradient norm 40.0 at step 2001"),
+        "{s}"
+    );
+    assert!(a.log.back().unwrap().starts_with("alert: gradient norm"));
 }

@@ -88,7 +88,7 @@ fn export_all(run: &Path, dir: &Path) -> std::process::Output {
 fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    train_tiny(&run, "30", &[]);
+    train_tiny(&run, "30", &["probe.grad_every_steps=10"]);
     let before = files(&run);
 
     let dir = tmp.path().join("pictures");
@@ -145,7 +145,7 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
         }
         listed += 1;
     }
-    assert_eq!(listed, 12, "{stdout}");
+    assert_eq!(listed, 18, "{stdout}");
     let index = std::fs::read_to_string(dir.join("index.html")).unwrap();
     for f in [
         "layernorm-0.gif",
@@ -154,9 +154,29 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
         "predictions-grid.png",
         "patches-grid.png",
         "features-L0.png",
+        "layers-grad-norm.png",
+        "layers-update-ratio.png",
+        "layers-residual-rms.png",
+        "layers-probe-accuracy.png",
+        "layers-lens-accuracy.png",
+        "layers-cka.png",
     ] {
         assert!(index.contains(f), "{f} not in index.html");
     }
+    // The layer maps follow the records: the CKA cell of layers 0 and 1 is the ramp's
+    // colour of its value, and the probe map's cell of the last layer at the one
+    // record that of its accuracy.
+    let history =
+        vitscope::events::LayerHistory::from_records(&RunDir::open(&run).unwrap().read_metrics());
+    let k = history.knowledge.last().unwrap();
+    let cka = decode_png(&dir.join("layers-cka.png"));
+    assert_eq!(at(&cka, 100 + 56 + 5, 70 + 5), heat_rgb(k.cka[0][1]));
+    let probe_map = decode_png(&dir.join("layers-probe-accuracy.png"));
+    let last = k.probe_accuracy.len() as i64 - 1;
+    assert_eq!(
+        at(&probe_map, 110 + 5, 50 + last * 28 + 5),
+        heat_rgb(k.probe_accuracy[last as usize])
+    );
 
     // The attention matrix: the brightest cell sits at the largest weight, the
     // darkest at the smallest, each the ramp's colour of its weight.

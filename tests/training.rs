@@ -6,7 +6,7 @@ mod common;
 use std::sync::mpsc::channel;
 
 use common::tiny_config;
-use vitscope::events::{Control, Event, MetricRecord, Phase};
+use vitscope::events::{Control, Event, LayerHistory, MetricRecord, Phase};
 use vitscope::run::RunDir;
 use vitscope::train::{spawn, train, TrainError};
 
@@ -22,7 +22,7 @@ fn train_losses(run: &RunDir) -> Vec<(u64, f64)> {
         .into_iter()
         .filter_map(|m| match m {
             MetricRecord::Train(r) => Some((r.step, r.loss)),
-            MetricRecord::Eval(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -32,7 +32,7 @@ fn eval_records(run: &RunDir) -> Vec<vitscope::events::EvalRecord> {
         .into_iter()
         .filter_map(|m| match m {
             MetricRecord::Eval(e) => Some(e),
-            MetricRecord::Train(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -242,7 +242,13 @@ fn stop_and_save_controls_are_obeyed_between_batches() {
     let config = tiny_config(&["train.epochs=1000"]);
     let run = RunDir::create(tmp.path(), None, &config).unwrap();
     let (tx, rx) = std::sync::mpsc::sync_channel(4096);
-    let (handle, control) = spawn(config, run.clone(), false, Box::new(tx));
+    let (handle, control) = spawn(
+        config,
+        run.clone(),
+        false,
+        Box::new(tx),
+        vitscope::train::Halt::Stop,
+    );
     control.send(Control::Pause).unwrap();
     control.send(Control::SaveNow).unwrap();
     control.send(Control::Resume).unwrap();
@@ -345,4 +351,64 @@ fn a_budget_sizes_the_run_records_it_and_the_record_replays_it() {
         "sized only once"
     );
     assert_eq!(train_losses(&replay), train_losses(&run));
+}
+
+#[test]
+fn the_run_records_gradients_scale_and_knowledge_by_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&[
+        "train.epochs=2",
+        "probe.grad_every_steps=5",
+        "probe.layers_every_evals=1",
+        "probe.layers_train_images=640",
+        "probe.layers_test_images=200",
+    ]);
+    let run = RunDir::create(tmp.path(), None, &config).unwrap();
+    let events = run_to_end(&config, &run, false);
+    let history = LayerHistory::from_records(&run.read_metrics());
+    // 2 epochs of 20 steps, a gradient record every 5.
+    let steps: Vec<u64> = history.grads.iter().map(|g| g.step).collect();
+    assert_eq!(steps, (1..=8).map(|i| i * 5).collect::<Vec<u64>>());
+    let first = &history.grads[0];
+    assert_eq!(
+        first.groups.first().map(String::as_str),
+        Some("patch_embed")
+    );
+    assert_eq!(first.groups.last().map(String::as_str), Some("head"));
+    assert_eq!(first.groups.len(), 1 + 2 * 6 + 2);
+    for g in &history.grads {
+        assert!(
+            g.grad_norm.iter().all(|v| v.is_finite() && *v > 0.0),
+            "{g:?}"
+        );
+        // AdamW moves every group, by far less than its size.
+        assert!(g.update_ratio.iter().all(|r| *r > 0.0 && *r < 0.5), "{g:?}");
+    }
+    // A scale record at every probe: before training, every 10 steps, at the end.
+    let probes: Vec<u64> = run.probe_files().iter().map(|(s, _)| *s).collect();
+    let scaled: Vec<u64> = history.scale.iter().map(|s| s.step).collect();
+    let mut distinct = scaled.clone();
+    distinct.dedup();
+    assert_eq!(distinct, probes);
+    assert!(history.scale.iter().all(|s| s.residual_rms.len() == 3));
+    // What each layer knows, at every evaluation; the lens at the last layer is the
+    // model itself, scored on the whole test set here.
+    let evals = eval_records(&run);
+    assert_eq!(history.knowledge.len(), evals.len());
+    for (k, e) in history.knowledge.iter().zip(&evals) {
+        assert_eq!(k.step, e.step);
+        assert_eq!((k.train_images, k.test_images), (640, 200));
+        assert_eq!(k.lens_accuracy.len(), 3);
+        assert_eq!(
+            k.lens_accuracy[2], e.accuracy,
+            "lens {k:?} vs eval {}",
+            e.accuracy
+        );
+        assert!((k.cka[1][1] - 1.0).abs() < 1e-9);
+    }
+    let last = history.knowledge.last().unwrap();
+    assert!(last.probe_accuracy[2] > 0.5, "{last:?}");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Layers(MetricRecord::Knowledge(_)))));
 }

@@ -10,8 +10,10 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::data::batch::{BatchPlan, Normalizer};
 use crate::data::synthetic;
+use crate::inspect::knowledge::KnowledgeSet;
 use crate::inspect::probe::ProbeSet;
 use crate::model::{forward_flops_per_image, DropPath, ModelState};
+use crate::train::grad_stats::GradGroups;
 use crate::train::optim::AdamW;
 use crate::train::step::{forward_backward, micro_batch_len, Workers};
 
@@ -74,6 +76,19 @@ pub struct BenchReport {
     /// Probe bytes per hour of training at that interval, in MB.
     pub probe_mb_per_hour: f64,
     pub probe_every_steps: usize,
+    /// The per-step gradient check (Σg² per group, for non-finite and spike alerts), in ms.
+    pub grad_check_ms: f64,
+    /// One gradient record (the weights copied before the update, norms after), in ms.
+    pub grad_record_ms: f64,
+    pub grad_every_steps: usize,
+    /// Share of training time both take at `probe.grad_every_steps`, in percent.
+    pub grad_overhead_percent: f64,
+    /// What each layer knows, measured once on `layers_train_images` +
+    /// `layers_test_images` (synthetic) images, in seconds.
+    pub knowledge_secs: f64,
+    /// Its share of training time at one evaluation per 50,000-image epoch, every
+    /// `probe.layers_every_evals`-th evaluation, in percent.
+    pub knowledge_overhead_percent: f64,
     /// What `crate::train::memory::estimate` expected the benchmark to need, in MB.
     pub memory_estimate_mb: f64,
     /// The benchmark's measured peak resident memory, in MB (Linux; 0 elsewhere).
@@ -140,6 +155,9 @@ pub fn run(
     let table = norm.table();
     let mut totals = [0.0f64; 4];
     let mut timed_ms = 0.0;
+    let names: Vec<String> = state.named_vars().into_iter().map(|(n, _)| n).collect();
+    let groups = GradGroups::new(&names);
+    let (mut check_ms, mut record_ms) = (0.0, 0.0);
     let workers = Workers::for_batches(config.train.batch_size, config.train.micro_batch_size);
     for step in 0..warmup + steps {
         let t0 = Instant::now();
@@ -159,9 +177,23 @@ pub fn run(
         )?;
         let (forward_ms, backward_ms) = (result.forward_secs * 1e3, result.backward_secs * 1e3);
         let grads = result.grads;
+        let t2 = Instant::now();
+        let sums = groups.sum_squares(&grads)?;
+        let check = ms_since(t2);
+        // The record's extra work (not part of every step): timed apart.
+        let t2 = Instant::now();
+        let before = GradGroups::before(&vars)?;
+        let copy = ms_since(t2);
         let t3 = Instant::now();
         optimizer.step(&grads, 1e-4)?;
         let optimizer_ms = ms_since(t3);
+        let t4 = Instant::now();
+        groups.record((step as u64, 1), &sums, &before, &vars)?;
+        let record = copy + ms_since(t4);
+        if step >= warmup {
+            check_ms += check;
+            record_ms += record;
+        }
         if step >= warmup {
             for (total, v) in
                 totals
@@ -170,7 +202,7 @@ pub fn run(
             {
                 *total += v;
             }
-            timed_ms += ms_since(t0);
+            timed_ms += ms_since(t0) - record;
         }
     }
     let train_images_per_sec = (batch * steps) as f64 / (timed_ms / 1e3);
@@ -213,6 +245,41 @@ pub fn run(
         probe_bytes as f64 / 1e6 * 3.6e6 / probe_every_ms
     };
 
+    let p = &config.probe;
+    let (check_ms, record_ms) = (
+        check_ms / steps.max(1) as f64,
+        record_ms / steps.max(1) as f64,
+    );
+    let grad_overhead_percent = match p.grad_every_steps {
+        0 => 100.0 * check_ms / step_ms,
+        every => 100.0 * (check_ms + record_ms / every as f64) / step_ms,
+    };
+    let knowledge_data = synthetic::generate(
+        config.train.seed,
+        p.layers_train_images.max(2),
+        p.layers_test_images.max(2),
+    );
+    let set = KnowledgeSet::new(
+        &knowledge_data.train,
+        &knowledge_data.test,
+        p.layers_train_images,
+        p.layers_test_images,
+    );
+    let t = Instant::now();
+    crate::train::evaluate::layer_knowledge(
+        &detached,
+        (&knowledge_data.train, &knowledge_data.test),
+        &set,
+        &norm,
+        eval_batch,
+        p.ridge_lambda,
+    )?;
+    let knowledge_secs = t.elapsed().as_secs_f64();
+    let epoch_secs = 50_000.0 / batch as f64 * step_ms / 1e3;
+    let knowledge_overhead_percent = match p.layers_every_evals {
+        0 => 0.0,
+        k => 100.0 * knowledge_secs / (epoch_secs * k as f64),
+    };
     let (peak, matmul_rows) = matmul_gflops(config, &eval_workers)?;
     let lanes: Vec<usize> = (0..eval_workers.lanes()).collect();
     let peaks = eval_workers.map(&lanes, |_| Ok(crate::ops::peak::measure(m.bf16())))?;
@@ -271,6 +338,12 @@ pub fn run(
         probe_overhead_percent,
         probe_mb_per_hour,
         probe_every_steps: config.probe.every_steps,
+        grad_check_ms: check_ms,
+        grad_record_ms: record_ms,
+        grad_every_steps: p.grad_every_steps,
+        grad_overhead_percent,
+        knowledge_secs,
+        knowledge_overhead_percent,
         augmentation: augmentation_words(&config.data),
         memory_estimate_mb: memory_estimate / 1e6,
         peak_rss_mb: crate::sys::peak_rss_bytes().map_or(0.0, |b| b as f64 / 1e6),
@@ -312,6 +385,8 @@ impl BenchReport {
              data thread  {:.0} images/s alone ({}; it runs beside training, {:.1}x ahead)\n\
              forward cost {:.4} GFLOP per image (matrix products)\n\
              probes       {:.1} ms and {:.2} MB each; every {} steps: {:.3}% of training time, {:.1} MB per hour\n\
+             gradients    check {:.2} ms every step, record {:.2} ms every {} steps: {:.2}% of training time\n\
+             layers       {:.2} s per measure of what each layer knows: {:.2}% of training time at one per 50,000-image epoch\n\
              memory       {:.0} MB peak resident, {:.0} MB estimated before the run",
             self.model,
             self.parameters,
@@ -351,6 +426,12 @@ impl BenchReport {
             self.probe_every_steps,
             self.probe_overhead_percent,
             self.probe_mb_per_hour,
+            self.grad_check_ms,
+            self.grad_record_ms,
+            self.grad_every_steps,
+            self.grad_overhead_percent,
+            self.knowledge_secs,
+            self.knowledge_overhead_percent,
             self.peak_rss_mb,
             self.memory_estimate_mb,
         )

@@ -72,7 +72,13 @@ pub fn train_headless(args: &TrainArgs) -> Result<ExitCode> {
         .build()
         .map_err(|e| eyre!("cannot start the event loop: {e}"))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(1024);
-    let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
+    let (handle, control) = crate::train::spawn(
+        config.clone(),
+        run.clone(),
+        resume,
+        Box::new(tx),
+        crate::train::Halt::Stop,
+    );
     let stdout = std::io::stdout();
     let is_terminal = stdout.is_terminal();
     let mut printer = HeadlessPrinter::new(
@@ -139,7 +145,13 @@ pub(super) fn run_name(run: &RunDir) -> String {
 pub fn train_dashboard(args: &TrainArgs) -> Result<ExitCode> {
     let (config, run, resume) = args.prepare_run(Workload::Dashboard)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1024);
-    let (handle, control) = crate::train::spawn(config.clone(), run.clone(), resume, Box::new(tx));
+    let (handle, control) = crate::train::spawn(
+        config.clone(),
+        run.clone(),
+        resume,
+        Box::new(tx),
+        crate::train::Halt::Pause,
+    );
     let (theme, why) = theme_for(&config);
     let mut app = App::new(Mode::Live, theme, run_name(&run), &config);
     app.color_note = why;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::config::ConfigError;
-use crate::events::{split_records, EvalRecord, TrainRecord};
+use crate::events::{split_records, EvalRecord, LayerHistory, TrainRecord};
 use crate::inspect::probe::ProbeSnapshot;
 use crate::run::{RunDir, RunError};
 
@@ -40,16 +40,18 @@ pub enum What {
     Patches,
     Predictions,
     Curves,
+    Layers,
 }
 
 impl What {
-    pub const ALL: [What; 6] = [
+    pub const ALL: [What; 7] = [
         What::LayerNormGif,
         What::Attention,
         What::Features,
         What::Patches,
         What::Predictions,
         What::Curves,
+        What::Layers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +62,7 @@ impl What {
             What::Patches => "patches",
             What::Predictions => "predictions",
             What::Curves => "curves",
+            What::Layers => "layers",
         }
     }
 
@@ -130,6 +133,8 @@ pub struct Source {
     pub config: Config,
     pub train: Vec<TrainRecord>,
     pub evals: Vec<EvalRecord>,
+    /// The per-layer records (gradients, scale, knowledge).
+    pub layers: LayerHistory,
     pub probe_files: Vec<(u64, PathBuf)>,
     pub run: RunDir,
     pub class_names: Vec<String>,
@@ -142,13 +147,16 @@ impl Source {
     pub fn open(path: &Path) -> Result<Self, ExportError> {
         let run = RunDir::open(path)?;
         let config = Config::load_run(&run.file(crate::run::CONFIG_FILE), &[])?;
-        let (train, evals) = split_records(run.read_metrics());
+        let records = run.read_metrics();
+        let layers = LayerHistory::from_records(&records);
+        let (train, evals) = split_records(records);
         let info = crate::run::follow::run_info(&run, &config, 0);
         let (test_pixels, test_labels) = run.read_test_images().unwrap_or_default();
         Ok(Self {
             config,
             train,
             evals,
+            layers,
             probe_files: run.probe_files(),
             run,
             class_names: info.class_names,

@@ -16,6 +16,71 @@ pub struct HeadStats {
     pub diagonal: f64,
     /// Mean weight on the CLS token; none in a model without one.
     pub cls: Option<f64>,
+    /// Mean over patch queries of the weight on patches within 1.5 patch widths (the
+    /// query's own patch and its 8 neighbours), renormalised over the patches.
+    pub near: f64,
+    /// How alike the queries' rows are: 1 − the mean total-variation distance of each
+    /// row from the mean row (1: every query attends the same way).
+    pub shared: f64,
+    /// ln of the number of tokens: the entropy of uniform attention.
+    pub uniform_entropy: f64,
+}
+
+/// The seed's attention patterns, as a head's numbers earn them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Weight spread nearly evenly: entropy at least [`BROAD_ENTROPY`] of uniform.
+    Broad,
+    /// Every query looks at the same keys: rows at least [`SHARED_ROWS`] alike.
+    QueryIndependent,
+    /// Weight near the query: at least [`LOCAL_NEAR`] on the 3×3 neighbourhood.
+    Local,
+    Mixed,
+}
+
+pub const BROAD_ENTROPY: f64 = 0.9;
+pub const SHARED_ROWS: f64 = 0.7;
+pub const LOCAL_NEAR: f64 = 0.5;
+
+impl Pattern {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Broad => "broad",
+            Self::QueryIndependent => "query-independent",
+            Self::Local => "local",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+impl HeadStats {
+    /// The pattern, checked broad first (a uniform head is also "shared").
+    pub fn pattern(&self) -> Pattern {
+        if self.uniform_entropy > 0.0 && self.entropy >= BROAD_ENTROPY * self.uniform_entropy {
+            Pattern::Broad
+        } else if self.shared >= SHARED_ROWS {
+            Pattern::QueryIndependent
+        } else if self.near >= LOCAL_NEAR {
+            Pattern::Local
+        } else {
+            Pattern::Mixed
+        }
+    }
+
+    /// The pattern with the number that earns it: "local (62% within 1 patch)".
+    pub fn pattern_reason(&self) -> String {
+        match self.pattern() {
+            Pattern::Broad => format!(
+                "broad (entropy {:.0}% of uniform)",
+                100.0 * self.entropy / self.uniform_entropy
+            ),
+            Pattern::QueryIndependent => {
+                format!("query-independent (rows {:.0}% alike)", 100.0 * self.shared)
+            }
+            Pattern::Local => format!("local ({:.0}% within 1 patch)", 100.0 * self.near),
+            Pattern::Mixed => "mixed".to_string(),
+        }
+    }
 }
 
 /// Distance in pixels between the centres of patches `a` and `b` (0-based patch indices).
@@ -52,21 +117,40 @@ pub fn head_stats(
     }
     let patches = tokens - first;
     let mut distance = 0.0;
+    let mut near = 0.0;
     let mut counted = 0;
+    let neighbour = 1.5 * patch as f64;
     for q in 0..patches {
         let r = &row(q + first)[first..];
         let mass: f64 = r.iter().map(|&p| f64::from(p)).sum();
         if mass > 0.0 {
-            let d: f64 = r
-                .iter()
-                .enumerate()
-                .map(|(k, &p)| f64::from(p) * patch_distance(q, k, grid, patch))
-                .sum();
+            let (mut d, mut close) = (0.0, 0.0);
+            for (k, &p) in r.iter().enumerate() {
+                let dist = patch_distance(q, k, grid, patch);
+                d += f64::from(p) * dist;
+                if dist <= neighbour {
+                    close += f64::from(p);
+                }
+            }
             distance += d / mass;
+            near += close / mass;
             counted += 1;
         }
     }
     let n = tokens as f64;
+    let mean_row: Vec<f64> = (0..tokens)
+        .map(|k| (0..tokens).map(|i| f64::from(row(i)[k])).sum::<f64>() / n)
+        .collect();
+    let apart: f64 = (0..tokens)
+        .map(|i| {
+            0.5 * row(i)
+                .iter()
+                .zip(&mean_row)
+                .map(|(&p, m)| (f64::from(p) - m).abs())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / n;
     HeadStats {
         entropy: entropy / n,
         mean_distance: if counted > 0 {
@@ -76,6 +160,13 @@ pub fn head_stats(
         },
         diagonal: diagonal / n,
         cls: (first > 0).then_some(cls / n),
+        near: if counted > 0 {
+            near / counted as f64
+        } else {
+            0.0
+        },
+        shared: 1.0 - apart,
+        uniform_entropy: n.ln(),
     }
 }
 
@@ -266,6 +357,32 @@ mod tests {
         assert!((s.mean_distance - 0.5).abs() < 1e-9, "{}", s.mean_distance);
         assert!((s.diagonal - 3.5 / 4.0).abs() < 1e-9);
         assert!((s.entropy - 2f64.ln() / 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn heads_earn_their_pattern_labels_by_their_numbers() {
+        // A 4x4 grid of 4-pixel patches, no CLS: 16 tokens.
+        let t = 16;
+        let matrix = |f: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+            (0..t * t).map(|i| f(i / t, i % t)).collect()
+        };
+        let stats = |m: &[f32]| head_stats(m, t, 0, (4, 4));
+        let own = stats(&matrix(&|q, k| f32::from(u8::from(q == k))));
+        assert_eq!(own.near, 1.0);
+        assert!((own.shared - 1.0 / 16.0).abs() < 1e-6, "{}", own.shared);
+        assert_eq!(own.pattern(), Pattern::Local);
+        assert_eq!(own.pattern_reason(), "local (100% within 1 patch)");
+        let uniform = stats(&matrix(&|_, _| 1.0 / 16.0));
+        assert!((uniform.entropy - uniform.uniform_entropy).abs() < 1e-6);
+        assert_eq!(uniform.pattern(), Pattern::Broad);
+        // Every query on keys 0 and 1: the same few keys.
+        let same = stats(&matrix(&|_, k| if k < 2 { 0.5 } else { 0.0 }));
+        assert!((same.shared - 1.0).abs() < 1e-9);
+        assert_eq!(same.pattern(), Pattern::QueryIndependent);
+        // Each query on the patch two rows below (8 px, beyond its neighbours).
+        let far = stats(&matrix(&|q, k| f32::from(u8::from(k == (q + 8) % 16))));
+        assert_eq!(far.near, 0.0);
+        assert_eq!(far.pattern(), Pattern::Mixed);
     }
 
     #[test]

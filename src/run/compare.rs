@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::dir::RunError;
 use super::dir::{RunDir, CONFIG_FILE, LOG_FILE, METRICS_FILE};
 use crate::config::{Config, ConfigError};
-use crate::events::{EvalRecord, MetricRecord};
+use crate::events::{EvalRecord, LayerHistory, MetricRecord};
 use crate::run::follow::read_new_lines;
 
 /// Why runs cannot be compared; each message is one line naming the path.
@@ -74,6 +74,8 @@ pub struct RunSeries {
     pub settings: BTreeMap<String, String>,
     pub train: Vec<Point>,
     pub evals: Vec<EvalRecord>,
+    /// Gradients, scale and knowledge by depth.
+    pub layers: LayerHistory,
     pub state: RunState,
     metrics_offset: u64,
     log_offset: u64,
@@ -102,6 +104,7 @@ impl RunSeries {
             settings,
             train: Vec::new(),
             evals: Vec::new(),
+            layers: LayerHistory::default(),
             state: RunState::Live,
             metrics_offset: 0,
             log_offset: 0,
@@ -138,6 +141,10 @@ impl RunSeries {
                 Ok(MetricRecord::Eval(e)) => {
                     self.evals.retain(|x| x.step < e.step);
                     self.evals.push(e);
+                    grew = true;
+                }
+                Ok(layers) => {
+                    self.layers.push(&layers);
                     grew = true;
                 }
                 Err(_) => {}
@@ -294,6 +301,23 @@ impl Comparison {
             .collect()
     }
 
+    /// Whether run `i` passes `filter`: space-separated terms, each `key=value` (a
+    /// setting named `key`, or ending in `.key`, whose value is `value`; quotes of
+    /// strings ignored) or a word its folder name contains. An empty filter passes all.
+    pub fn matches(&self, i: usize, filter: &str) -> bool {
+        let Some(run) = self.runs.get(i) else {
+            return false;
+        };
+        filter
+            .split_whitespace()
+            .all(|term| match term.split_once('=') {
+                Some((key, value)) => run.settings.iter().any(|(k, v)| {
+                    (k == key || k.ends_with(&format!(".{key}"))) && v.trim_matches('"') == value
+                }),
+                None => run.name().contains(term),
+            })
+    }
+
     /// Each run's label: what differs in its configuration (`norm=none`), or its folder
     /// name when nothing does (or two runs would read the same).
     pub fn labels(&self) -> Vec<String> {
@@ -386,5 +410,13 @@ mod tests {
         );
         assert!(Comparison::open(&[tmp.path().join("not-a-run")]).is_err());
         assert!(Comparison::open(&[tmp.path().join("missing")]).is_err());
+        // Filters by a setting's value (short or full name) and by folder name.
+        let pass = |f: &str| (0..3).filter(|&i| c.matches(i, f)).collect::<Vec<_>>();
+        assert_eq!(pass("norm=none"), [1]);
+        assert_eq!(pass("model.norm=post"), [2]);
+        assert_eq!(pass("norm=none dim=96"), [1]);
+        assert_eq!(pass("norm=none dim=48"), Vec::<usize>::new());
+        assert_eq!(pass("a"), [0]);
+        assert_eq!(pass(""), [0, 1, 2]);
     }
 }

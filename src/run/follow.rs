@@ -9,7 +9,7 @@ use super::dir::{RunDir, RunError, LOG_FILE, METRICS_FILE};
 use crate::config::{Config, DatasetKind};
 use crate::data::batch::BatchPlan;
 use crate::data::{synthetic, CIFAR10_CLASSES};
-use crate::events::{Event, MetricRecord, Phase, RunInfo};
+use crate::events::{Event, MetricRecord, Phase, RunInfo, ALERT_PREFIX, HALTED};
 
 /// How a run directory is read incrementally.
 pub struct Follower {
@@ -138,6 +138,7 @@ impl Follower {
             match serde_json::from_str::<MetricRecord>(&line) {
                 Ok(MetricRecord::Train(r)) => events.push(Event::Train(r)),
                 Ok(MetricRecord::Eval(e)) => events.push(Event::Eval(e)),
+                Ok(layers) => events.push(Event::Layers(layers)),
                 Err(_) => {}
             }
         }
@@ -158,6 +159,16 @@ impl Follower {
                 self.stalled = false;
                 events.push(Event::Failed(error.to_string()));
                 self.ended = true;
+            } else if let Some(alert) = message.strip_prefix(ALERT_PREFIX) {
+                let (fatal, text) = match alert.strip_prefix(HALTED) {
+                    Some(text) => (true, text),
+                    None => (false, alert),
+                };
+                events.push(Event::Alert(crate::events::Alert {
+                    step: 0,
+                    fatal,
+                    message: text.to_string(),
+                }));
             } else if message.starts_with("resumed from") {
                 self.ended = false;
                 self.stalled = false;

@@ -8,6 +8,7 @@ use candle_core::{DType, Result};
 use super::step::Workers;
 use crate::data::batch::{images_f32, Normalizer};
 use crate::data::{Split, NUM_CLASSES};
+use crate::inspect::knowledge::{self, Knowledge, KnowledgeSet, LayerOutputs};
 use crate::model::{images_tensor, smoothed_cross_entropy, VisionTransformer};
 use crate::ops::composed::softmax_last_dim;
 
@@ -103,4 +104,32 @@ pub fn per_class_accuracy(confusion: &[Vec<u64>]) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+/// What each layer of `model` knows ([`crate::inspect::knowledge`]) about the set's
+/// training and test images, their batches shared out over one lane per core.
+pub fn layer_knowledge(
+    model: &VisionTransformer,
+    (train, test): (&Split, &Split),
+    set: &KnowledgeSet,
+    norm: &Normalizer,
+    batch: usize,
+    lambda: f64,
+) -> Result<Knowledge> {
+    let workers = Workers::per_thread();
+    let outputs = |split: &Split, indices: &[usize]| {
+        let chunks: Vec<&[usize]> = indices.chunks(batch.max(1)).collect();
+        workers
+            .map(&chunks, |c| KnowledgeSet::run(model, split, c, norm))
+            .map(LayerOutputs::concat)
+    };
+    let train_out = outputs(train, &set.train)?;
+    let test_out = outputs(test, &set.test)?;
+    knowledge::measure(
+        &train_out,
+        &set.train_labels,
+        &test_out,
+        &set.test_labels,
+        lambda,
+    )
 }

@@ -57,6 +57,12 @@ impl App {
                 class: None,
                 scrub: None,
             },
+            layers_view: LayersView {
+                quantity: crate::inspect::layers::Quantity::GradNorm,
+                cursor: None,
+            },
+            layers: crate::events::LayerHistory::default(),
+            alert: None,
             probe_image: 0,
             predictions: Vec::new(),
             screen: (80, 24),
@@ -122,6 +128,9 @@ impl App {
                 self.loading = None;
             }
             Event::History(records) => {
+                for record in records.iter() {
+                    self.layers.push(record);
+                }
                 let (train, evals) = split_records(records.iter().cloned());
                 self.train.extend(train);
                 self.evals.extend(evals);
@@ -154,6 +163,15 @@ impl App {
                 self.predictions.retain(|p| p.meta.step < step);
                 self.predictions.push(predictions);
                 return self.tab == Tab::Predictions;
+            }
+            Event::Layers(record) => {
+                self.layers.push(&record);
+                return self.tab == Tab::Layers;
+            }
+            Event::Alert(alert) => {
+                let halted = if alert.fatal { "halted: " } else { "" };
+                self.push_log(format!("alert: {halted}{}", alert.message));
+                self.alert = Some(alert);
             }
             Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
             Event::Log(line) => self.push_log(line),
@@ -268,6 +286,7 @@ impl App {
             _ if self.tab == Tab::Features => self.on_features_action(action),
             _ if self.tab == Tab::Patches => self.on_patches_action(action),
             _ if self.tab == Tab::Predictions => self.on_predictions_action(action),
+            _ if self.tab == Tab::Layers => self.layers_view.on_action(action, &self.layers),
             Action::Latest
             | Action::ToggleSource
             | Action::ScrubBack
@@ -281,6 +300,9 @@ impl App {
             | Action::ToggleRun
             | Action::OpenRun
             | Action::ToggleCompare
+            | Action::CycleSort
+            | Action::ReverseSort
+            | Action::Filter
             | Action::ScrollBack
             | Action::ScrollForward
             | Action::PageUp
@@ -326,6 +348,8 @@ impl App {
             Tab::Features => (What::Features, self.features.layer),
             Tab::Patches => (What::Patches, 0),
             Tab::Predictions => (What::Predictions, 0),
+            Tab::Layers if self.layers.is_empty() => return None,
+            Tab::Layers => (What::Layers, 0),
         };
         if self.tab.shows_probes() && step.is_none() {
             return None;

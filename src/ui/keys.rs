@@ -46,6 +46,9 @@ pub enum Action {
     ToggleRun,
     OpenRun,
     ToggleCompare,
+    CycleSort,
+    ReverseSort,
+    Filter,
 }
 
 /// Where a binding applies.
@@ -700,6 +703,30 @@ pub const KEYS: &[Binding] = &[
         "compare",
     ),
     bind(
+        &[KeyCode::Char('o')],
+        "o",
+        Action::CycleSort,
+        Scope::Runs,
+        "sort the table by the next column (run, state, step, best, time to best)",
+        "sort",
+    ),
+    bind(
+        &[KeyCode::Char('O')],
+        "O",
+        Action::ReverseSort,
+        Scope::Runs,
+        "reverse the order",
+        "",
+    ),
+    bind(
+        &[KeyCode::Char('/')],
+        "/",
+        Action::Filter,
+        Scope::Runs,
+        "filter the runs: key=value terms (norm=none) or part of a folder name; Enter applies",
+        "filter",
+    ),
+    bind(
         &[KeyCode::Enter],
         "Enter",
         Action::OpenRun,
@@ -714,6 +741,46 @@ pub const KEYS: &[Binding] = &[
         Scope::Runs,
         "quit",
         "quit",
+    ),
+    bind(
+        &[KeyCode::Up, KeyCode::Char('k')],
+        "↑/k",
+        Action::Up,
+        Scope::Tab(Tab::Layers),
+        "previous quantity (gradient norm, update ratio, residual RMS, probe, lens)",
+        "quantity",
+    ),
+    bind(
+        &[KeyCode::Down, KeyCode::Char('j')],
+        "↓/j",
+        Action::Down,
+        Scope::Tab(Tab::Layers),
+        "next quantity",
+        "",
+    ),
+    bind(
+        &[KeyCode::Left, KeyCode::Char('h'), KeyCode::Char(',')],
+        "←/h",
+        Action::Left,
+        Scope::Tab(Tab::Layers),
+        "earlier record (move the cursor)",
+        "scrub",
+    ),
+    bind(
+        &[KeyCode::Right, KeyCode::Char('l'), KeyCode::Char('.')],
+        "→/l",
+        Action::Right,
+        Scope::Tab(Tab::Layers),
+        "later record",
+        "",
+    ),
+    bind(
+        &[KeyCode::End, KeyCode::Char('G')],
+        "End/G",
+        Action::Latest,
+        Scope::Tab(Tab::Layers),
+        "latest record",
+        "",
     ),
 ];
 

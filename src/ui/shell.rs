@@ -9,7 +9,7 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::keys::{footer_fitting, Scope, KEYS};
 use super::state::{App, Mode, Popup, Tab};
-use super::tabs::{attention, features, layernorm, patches, predictions, training};
+use super::tabs::{attention, features, layernorm, layers, patches, predictions, training};
 use super::widgets::frame::bar;
 use crate::data::LoadProgress;
 use crate::events::Phase;
@@ -43,6 +43,7 @@ impl Widget for &App {
                 Tab::Features => features::render(self, body, buf),
                 Tab::Patches => patches::render(self, body, buf),
                 Tab::Predictions => predictions::render(self, body, buf),
+                Tab::Layers => layers::render(self, body, buf),
             }
         }
         render_footer(self, foot, buf);
@@ -76,13 +77,20 @@ fn render_too_small(area: Rect, buf: &mut Buffer) {
 fn render_tabs(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let mut spans = vec![Span::styled(" vitscope ", t.title()), Span::raw(" ")];
+    let full: usize = 11
+        + Tab::ALL
+            .iter()
+            .map(|t| t.title().chars().count() + 4)
+            .sum::<usize>();
+    let fits = full <= area.width as usize;
     for (i, tab) in Tab::ALL.iter().enumerate() {
         let style = if *tab == app.tab {
             t.selected_tab()
         } else {
             t.text()
         };
-        spans.push(Span::styled(format!(" {} {} ", i + 1, tab.title()), style));
+        let title = if fits { tab.title() } else { tab.short() };
+        spans.push(Span::styled(format!(" {} {title} ", i + 1), style));
         spans.push(Span::raw(" "));
     }
     Line::from(spans).render(area, buf);
@@ -116,6 +124,18 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(sep.clone());
         spans.push(Span::styled(notice.clone(), t.accent()));
     }
+    // A halt comes first; a spike after the position (the log has the whole line).
+    let alert = app.alert.as_ref().map(|a| {
+        let text = a.message.split(';').next().unwrap_or(&a.message);
+        match a.fatal {
+            true => (true, Span::styled(format!("⚠ halted: {text}"), t.bad())),
+            false => (false, Span::styled(format!("⚠ {text}"), t.accent())),
+        }
+    });
+    if let Some((true, span)) = &alert {
+        spans.push(sep.clone());
+        spans.push(span.clone());
+    }
     if let Some(info) = &app.info {
         let step = app.train.last().map_or(info.start_step, |r| r.step);
         let epoch = app.train.last().map_or(1, |r| r.epoch);
@@ -123,6 +143,10 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(Span::raw(format!("epoch {epoch}/{}", info.epochs)));
         spans.push(sep.clone());
         spans.push(Span::raw(format!("step {step}/{}", info.final_step)));
+    }
+    if let Some((false, span)) = alert {
+        spans.push(sep.clone());
+        spans.push(span);
     }
     spans.push(sep.clone());
     spans.push(Span::raw(app.dataset.clone()));

@@ -10,7 +10,8 @@ use std::sync::Arc;
 pub use super::tab::Tab;
 use super::theme::Theme;
 use crate::data::LoadProgress;
-use crate::events::{EvalRecord, Phase, RunInfo, TrainRecord};
+use crate::events::{Alert, EvalRecord, LayerHistory, Phase, RunInfo, TrainRecord};
+use crate::inspect::layers::Quantity;
 use crate::inspect::predictions::Predictions;
 use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 
@@ -61,6 +62,40 @@ pub struct FeaturesView {
     pub layer: usize,
     /// First channel shown when the heat map is narrower than the model.
     pub channel_offset: usize,
+}
+
+/// The Layers tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayersView {
+    /// The map in front (at 80×24 the only one).
+    pub quantity: Quantity,
+    /// The record the table and the CKA matrix show, as a step; `None` follows the latest.
+    pub cursor: Option<u64>,
+}
+
+impl LayersView {
+    /// ↑/↓ pick the quantity, ←/→ move the cursor over its records, End follows the latest.
+    pub fn on_action(&mut self, action: crate::ui::keys::Action, history: &LayerHistory) {
+        use crate::ui::keys::Action;
+        let steps = self.quantity.map(history).steps;
+        let at = |cursor: Option<u64>| match cursor {
+            Some(step) => steps.iter().rposition(|&s| s <= step).unwrap_or(0),
+            None => steps.len().saturating_sub(1),
+        };
+        match action {
+            Action::Up => self.quantity = self.quantity.previous(),
+            Action::Down => self.quantity = self.quantity.next(),
+            Action::Left if !steps.is_empty() => {
+                self.cursor = Some(steps[at(self.cursor).saturating_sub(1)]);
+            }
+            Action::Right if !steps.is_empty() => {
+                let i = at(self.cursor) + 1;
+                self.cursor = (i + 1 < steps.len()).then(|| steps[i]);
+            }
+            Action::Latest => self.cursor = None,
+            _ => {}
+        }
+    }
 }
 
 /// The Patches tab's view settings.
@@ -178,6 +213,11 @@ pub struct App {
     pub features: FeaturesView,
     pub patches: PatchesView,
     pub predictions_view: PredictionsView,
+    pub layers_view: LayersView,
+    /// Gradient, scale and knowledge records by depth, as far as they have come.
+    pub layers: LayerHistory,
+    /// The latest alert (a spiking or non-finite gradient), for the status line.
+    pub alert: Option<Alert>,
     /// The probe image the probe tabs show.
     pub probe_image: usize,
     /// Every evaluation's predictions on the first test images, by step.

@@ -9,16 +9,18 @@ pub enum Tab {
     Features,
     Patches,
     Predictions,
+    Layers,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 6] = [
+    pub const ALL: [Tab; 7] = [
         Tab::Training,
         Tab::LayerNorm,
         Tab::Attention,
         Tab::Features,
         Tab::Patches,
         Tab::Predictions,
+        Tab::Layers,
     ];
 
     pub fn title(self) -> &'static str {
@@ -29,6 +31,20 @@ impl Tab {
             Self::Features => "Features",
             Self::Patches => "Patches",
             Self::Predictions => "Predictions",
+            Self::Layers => "Layers",
+        }
+    }
+
+    /// The title where the full ones do not fit (80 columns).
+    pub fn short(self) -> &'static str {
+        match self {
+            Self::Training => "Train",
+            Self::LayerNorm => "Norm",
+            Self::Attention => "Attn",
+            Self::Features => "Feat",
+            Self::Patches => "Patch",
+            Self::Predictions => "Pred",
+            Self::Layers => "Layers",
         }
     }
 

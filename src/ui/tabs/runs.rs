@@ -12,13 +12,10 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
-use super::attention::draw_layer_head_grid;
-use super::layernorm::{bar_rows, resample, short_name};
-use crate::inspect::attention::Scale;
-use crate::inspect::probe::ProbeSnapshot;
+use super::compare::render_pair;
+pub use super::compare::{load_pair, Pair};
 use crate::palette::debiased_ema;
 use crate::run::compare::{Comparison, RunSeries};
-use crate::run::RunDir;
 use crate::ui::keys::{action_for, footer_fitting, Action, Scope};
 use crate::ui::tabs::training::duration;
 use crate::ui::theme::Theme;
@@ -50,15 +47,59 @@ impl RunsAxis {
     }
 }
 
+/// The runs table's column the rows are ordered by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortBy {
+    /// As the runs were opened.
+    Listed,
+    Run,
+    State,
+    Step,
+    Best,
+    /// Training time to the best evaluation.
+    Time,
+}
+
+impl SortBy {
+    fn next(self) -> Self {
+        match self {
+            Self::Listed => Self::Run,
+            Self::Run => Self::State,
+            Self::State => Self::Step,
+            Self::Step => Self::Best,
+            Self::Best => Self::Time,
+            Self::Time => Self::Listed,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Listed => "as listed",
+            Self::Run => "run",
+            Self::State => "state",
+            Self::Step => "step",
+            Self::Best => "best test accuracy",
+            Self::Time => "time to best",
+        }
+    }
+}
+
 /// The runs screen's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunsView {
+    /// Index into the comparison's runs.
     pub selected: usize,
     pub hidden: Vec<bool>,
     pub x_axis: RunsAxis,
     pub theme: Theme,
     /// Side by side: the selected run and the next one at a common probe step.
     pub compare: bool,
+    pub sort: SortBy,
+    pub descending: bool,
+    /// Only runs matching this are listed and drawn ([`Comparison::matches`]).
+    pub filter: String,
+    /// The filter being typed after `/`, until Enter or Esc.
+    pub typing: Option<String>,
 }
 
 impl RunsView {
@@ -69,6 +110,10 @@ impl RunsView {
             x_axis: RunsAxis::Step,
             theme,
             compare: false,
+            sort: SortBy::Listed,
+            descending: false,
+            filter: String::new(),
+            typing: None,
         }
     }
 
@@ -76,11 +121,79 @@ impl RunsView {
         self.hidden.get(i).copied().unwrap_or(false)
     }
 
+    /// The runs listed, in table order: those passing the filter, sorted.
+    pub fn order(&self, c: &Comparison) -> Vec<usize> {
+        let labels = c.labels();
+        let mut order: Vec<usize> = (0..c.runs.len())
+            .filter(|&i| c.matches(i, &self.filter))
+            .collect();
+        let best = |i: usize| c.runs[i].best().map_or(f64::NEG_INFINITY, |e| e.accuracy);
+        let time = |i: usize| c.runs[i].best().map_or(f64::INFINITY, |e| e.wall_secs);
+        order.sort_by(|&a, &b| {
+            let by = match self.sort {
+                SortBy::Listed => a.cmp(&b),
+                SortBy::Run => labels[a].cmp(&labels[b]),
+                SortBy::State => c.runs[a].state.label().cmp(c.runs[b].state.label()),
+                SortBy::Step => c.runs[a].last_step().cmp(&c.runs[b].last_step()),
+                SortBy::Best => best(a).total_cmp(&best(b)),
+                SortBy::Time => time(a).total_cmp(&time(b)),
+            };
+            if self.descending {
+                by.reverse()
+            } else {
+                by
+            }
+        });
+        order
+    }
+
+    /// A key while the filter is typed: Enter applies it, Esc leaves it as it was.
+    pub fn on_typing(&mut self, code: KeyCode, c: &Comparison) {
+        let Some(text) = self.typing.as_mut() else {
+            return;
+        };
+        match code {
+            KeyCode::Enter => {
+                self.filter = self.typing.take().unwrap_or_default().trim().to_string();
+                // Keep a listed run selected.
+                if let Some(&first) = self.order(c).first() {
+                    if !self.order(c).contains(&self.selected) {
+                        self.selected = first;
+                    }
+                }
+            }
+            KeyCode::Esc => self.typing = None,
+            KeyCode::Backspace => {
+                text.pop();
+            }
+            KeyCode::Char(ch) => text.push(ch),
+            _ => {}
+        }
+    }
+
     /// Applies an action; `Some(true)` to open the selected run, `Some(false)` to quit.
-    pub fn on_action(&mut self, action: Action, runs: usize) -> Option<bool> {
+    pub fn on_action(&mut self, action: Action, c: &Comparison) -> Option<bool> {
+        let order = self.order(c);
+        let at = order.iter().position(|&i| i == self.selected);
+        let runs = c.runs.len();
         match action {
-            Action::Up => self.selected = self.selected.saturating_sub(1),
-            Action::Down => self.selected = (self.selected + 1).min(runs.saturating_sub(1)),
+            Action::Up => {
+                if let Some(&i) = at
+                    .and_then(|p| order.get(p.saturating_sub(1)))
+                    .or(order.first())
+                {
+                    self.selected = i;
+                }
+            }
+            Action::Down => {
+                let next = at.map_or(0, |p| (p + 1).min(order.len().saturating_sub(1)));
+                if let Some(&i) = order.get(next) {
+                    self.selected = i;
+                }
+            }
+            Action::CycleSort => self.sort = self.sort.next(),
+            Action::ReverseSort => self.descending = !self.descending,
+            Action::Filter => self.typing = Some(self.filter.clone()),
             Action::ToggleRun => {
                 self.hidden.resize(runs, false);
                 if let Some(h) = self.hidden.get_mut(self.selected) {
@@ -130,7 +243,7 @@ fn loss_curves(c: &Comparison, v: &RunsView, width: usize) -> Curves {
     c.runs
         .iter()
         .enumerate()
-        .filter(|(i, _)| !v.is_hidden(*i))
+        .filter(|(i, _)| !v.is_hidden(*i) && c.matches(*i, &v.filter))
         .map(|(i, r)| {
             let smooth = debiased_ema(&r.train.iter().map(|p| p.loss).collect::<Vec<_>>(), 0.9);
             let points: Vec<(f64, f64)> = r
@@ -148,7 +261,7 @@ fn accuracy_curves(c: &Comparison, v: &RunsView) -> Curves {
     c.runs
         .iter()
         .enumerate()
-        .filter(|(i, _)| !v.is_hidden(*i))
+        .filter(|(i, _)| !v.is_hidden(*i) && c.matches(*i, &v.filter))
         .map(|(i, r)| {
             let points = r
                 .evals
@@ -216,14 +329,26 @@ fn render_table(c: &Comparison, labels: &[String], v: &RunsView, area: Rect, buf
         .max()
         .unwrap_or(4)
         .clamp(4, 40);
+    let mark = |by: SortBy| match (v.sort == by, v.descending) {
+        (true, false) => "▲",
+        (true, true) => "▼",
+        _ => "",
+    };
+    let (run, state, step) = (
+        format!("run{}", mark(SortBy::Run)),
+        format!("state{}", mark(SortBy::State)),
+        format!("step{}", mark(SortBy::Step)),
+    );
+    let (best, time) = (mark(SortBy::Best), mark(SortBy::Time));
     let mut lines = vec![Line::styled(
         format!(
-            "  {:<width$}  {:<8} {:>8}  {}",
-            "run", "state", "step", "best test accuracy"
+            "  {run:<width$}  {state:<8} {step:>8}  best test accuracy{best} (epoch, at{time})"
         ),
         t.dim(),
     )];
-    for (i, (run, label)) in c.runs.iter().zip(labels).enumerate() {
+    let order = v.order(c);
+    for &i in &order {
+        let (run, label) = (&c.runs[i], &labels[i]);
         let best = run.best().map_or("-".to_string(), |e| {
             format!(
                 "{:.2}% (epoch {}, at {})",
@@ -257,166 +382,37 @@ fn render_table(c: &Comparison, labels: &[String], v: &RunsView, area: Rect, buf
         ]));
     }
     let room = area.height.saturating_sub(2) as usize;
-    let skip = (v.selected + 2).saturating_sub(room);
+    let position = order.iter().position(|&i| i == v.selected).unwrap_or(0);
+    let skip = (position + 2).saturating_sub(room);
     let mut rows = lines.into_iter();
     let shown: Vec<Line> = rows.next().into_iter().chain(rows.skip(skip)).collect();
+    let title = match (&v.typing, v.filter.is_empty()) {
+        (Some(text), _) => format!(" filter: {text}▏ (Enter to apply, Esc to leave) "),
+        (None, true) => format!(" {} runs, sorted by {} ", c.runs.len(), v.sort.label()),
+        (None, false) => format!(
+            " {} of {} runs match `{}`, sorted by {} ",
+            order.len(),
+            c.runs.len(),
+            v.filter,
+            v.sort.label()
+        ),
+    };
     Paragraph::new(shown)
         .block(
             Block::default()
                 .borders(Borders::ALL)
-                .title(Span::styled(format!(" {} runs ", c.runs.len()), t.title())),
+                .title(Span::styled(title, t.title())),
         )
         .render(area, buf);
 }
 
-/// Two runs' probes at the same step, for the compare mode.
-pub struct Pair {
-    pub runs: [usize; 2],
-    /// The step shown, and whether both runs have a probe there.
-    pub step: u64,
-    pub common: bool,
-    pub probes: [Option<ProbeSnapshot>; 2],
-}
-
-/// The selected run and the next one (wrapping), at the latest probe step both have
-/// (or each one's latest when they share none).
-pub fn load_pair(c: &Comparison, selected: usize) -> Option<Pair> {
-    let n = c.runs.len();
-    if n < 2 {
-        return None;
+impl RunsView {
+    /// The selected run and the next one listed (wrapping), for the compare mode.
+    pub fn pair_runs(&self, c: &Comparison) -> Option<[usize; 2]> {
+        let order = self.order(c);
+        let at = order.iter().position(|&i| i == self.selected)?;
+        (order.len() >= 2).then(|| [order[at], order[(at + 1) % order.len()]])
     }
-    let runs = [selected.min(n - 1), (selected + 1) % n];
-    let files = runs.map(|i| {
-        RunDir::open(&c.runs[i].dir)
-            .map(|r| {
-                r.probe_files()
-                    .into_iter()
-                    .map(|(s, _)| s)
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    });
-    let common = files[0]
-        .iter()
-        .rev()
-        .find(|s| files[1].contains(s))
-        .copied();
-    let steps = match common {
-        Some(s) => [Some(s), Some(s)],
-        None => [files[0].last().copied(), files[1].last().copied()],
-    };
-    let probes = [0, 1].map(|k| {
-        let step = steps[k]?;
-        RunDir::open(&c.runs[runs[k]].dir)
-            .ok()?
-            .read_probe(step)
-            .ok()
-    });
-    Some(Pair {
-        runs,
-        step: steps[0].or(steps[1]).unwrap_or(0),
-        common: common.is_some(),
-        probes,
-    })
-}
-
-/// A histogram's middle half as one row of eighth blocks, `width` wide (the
-/// LayerNorm tab's overview draws the whole axis the same way).
-fn sparkline(counts: &[u32], width: usize) -> String {
-    let (lo, hi) = (counts.len() / 4, counts.len() - counts.len() / 4);
-    let middle: Vec<f64> = counts[lo..hi.max(lo)]
-        .iter()
-        .map(|&c| f64::from(c))
-        .collect();
-    bar_rows(&resample(&middle, width), 1)
-        .pop()
-        .unwrap_or_default()
-}
-
-fn render_side(
-    labels: &[String],
-    v: &RunsView,
-    pair: &Pair,
-    k: usize,
-    area: Rect,
-    buf: &mut Buffer,
-) {
-    let t = &v.theme;
-    let run = pair.runs[k];
-    let label = labels.get(run).cloned().unwrap_or_default();
-    let block = Block::default().borders(Borders::ALL).title(Span::styled(
-        format!(" {} {label} ", t.run_marker(run).1),
-        t.run_style(run),
-    ));
-    let inner = block.inner(area);
-    block.render(area, buf);
-    let Some(probe) = &pair.probes[k] else {
-        Paragraph::new(Line::styled("no probe recorded yet", t.dim())).render(inner, buf);
-        return;
-    };
-    let m = &probe.meta;
-    let places = m.layer_norms.len() as u16;
-    let [ln_area, attn_area] =
-        Layout::vertical([Constraint::Length(places + 2), Constraint::Fill(1)]).areas(inner);
-    // Name (11) and the two σ (22) first: the sparkline takes what is left.
-    let spark_w = (ln_area.width as usize).saturating_sub(33).clamp(4, 48);
-    let mut lines = vec![Line::styled(
-        format!(
-            "step {} (epoch {}), norm outputs (middle half of the axis)",
-            m.step, m.epoch
-        ),
-        t.dim(),
-    )];
-    for ln in &m.layer_norms {
-        lines.push(Line::from(vec![
-            Span::styled(format!("{:<10} ", short_name(&ln.name)), t.dim()),
-            Span::styled(sparkline(&ln.output.histogram.counts, spark_w), t.gauge()),
-            Span::raw(format!(
-                "  in σ {:>4.2} out σ {:>4.2}",
-                ln.input.stats.std, ln.output.stats.std
-            )),
-        ]));
-    }
-    Paragraph::new(lines).render(ln_area, buf);
-    if probe.attention.is_empty() || m.images == 0 || attn_area.height < 3 {
-        return;
-    }
-    Paragraph::new(Line::styled(
-        "attention, image 0: layers (rows) x heads (columns)",
-        t.dim(),
-    ))
-    .render(attn_area, buf);
-    let grid = Rect::new(
-        attn_area.x,
-        attn_area.y + 1,
-        attn_area.width,
-        attn_area.height - 1,
-    );
-    draw_layer_head_grid(t, probe, 0, (Scale::MapMax, None), grid, buf);
-}
-
-fn render_pair(labels: &[String], v: &RunsView, pair: Option<&Pair>, area: Rect, buf: &mut Buffer) {
-    let t = &v.theme;
-    let Some(pair) = pair else {
-        Paragraph::new(Line::styled("compare needs two runs", t.dim()))
-            .block(Block::default().borders(Borders::ALL))
-            .render(area, buf);
-        return;
-    };
-    let [note, sides] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(area);
-    let text = if pair.common {
-        format!(
-            " side by side at step {} (the latest probe both have); c: back to the curves",
-            pair.step
-        )
-    } else {
-        " no probe step in common: each run's latest; c: back to the curves".to_string()
-    };
-    Paragraph::new(Line::styled(text, t.accent())).render(note, buf);
-    let [left, right] =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(sides);
-    render_side(labels, v, pair, 0, left, buf);
-    render_side(labels, v, pair, 1, right, buf);
 }
 
 /// The whole runs screen; in compare mode, `pair` side by side in place of the curves.
@@ -443,7 +439,7 @@ pub fn render(c: &Comparison, v: &RunsView, pair: Option<&Pair>, area: Rect, buf
     ]))
     .render(header, buf);
     if v.compare {
-        render_pair(&labels, v, pair, charts, buf);
+        render_pair(c, &labels, &v.theme, pair, charts, buf);
     } else {
         let [left, right] =
             Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
@@ -482,8 +478,9 @@ pub fn run_screen(
         let mut pair: Option<Pair> = None;
         loop {
             // Probes are read when the pair changes, never while drawing.
-            if v.compare && pair.as_ref().is_none_or(|p| p.runs[0] != v.selected) {
-                pair = load_pair(c, v.selected);
+            let wanted = v.pair_runs(c);
+            if v.compare && pair.as_ref().map(|p| p.runs) != wanted {
+                pair = wanted.and_then(|runs| load_pair(c, runs));
             }
             if dirty {
                 let t = Instant::now();
@@ -497,13 +494,18 @@ pub fn run_screen(
                     TermEvent::Key(key) if key.kind != KeyEventKind::Release => {
                         let ctrl_c = key.code == KeyCode::Char('c')
                             && key.modifiers.contains(KeyModifiers::CONTROL);
+                        if v.typing.is_some() && !ctrl_c {
+                            v.on_typing(key.code, c);
+                            dirty = true;
+                            continue;
+                        }
                         let action = if ctrl_c {
                             Some(Action::Interrupt)
                         } else {
                             action_for(key, &[Scope::Runs])
                         };
                         if let Some(action) = action {
-                            match v.on_action(action, c.runs.len()) {
+                            match v.on_action(action, c) {
                                 Some(true) => return Ok(Some(v.selected)),
                                 Some(false) => return Ok(None),
                                 None => dirty = true,
@@ -529,23 +531,93 @@ pub fn run_screen(
 mod tests {
     use super::*;
 
+    /// Three runs (norm pre, none, post) whose best accuracies are 50%, 70%, 60%.
+    fn three_runs(tmp: &std::path::Path) -> Comparison {
+        for (name, norm, acc) in [("a", "pre", 0.5), ("b", "none", 0.7), ("c", "post", 0.6)] {
+            let dir = tmp.join(name);
+            let config =
+                crate::config::Config::from_sources(None, &[format!("model.norm={norm}")]).unwrap();
+            let run = crate::run::RunDir::create(tmp, Some(&dir), &config).unwrap();
+            let mut eval = crate::run::milestones::test_eval(1, acc, 10.0 / acc);
+            eval.step = 10;
+            let line = serde_json::to_string(&crate::events::MetricRecord::Eval(eval)).unwrap();
+            std::fs::write(run.file(crate::run::METRICS_FILE), format!("{line}\n")).unwrap();
+        }
+        Comparison::open(&[tmp.to_path_buf()]).unwrap()
+    }
+
     #[test]
     fn keys_select_hide_switch_the_axis_open_and_quit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = three_runs(tmp.path());
         let mut v = RunsView::new(Theme::new(
             crate::ui::theme::ColorMode::NoColor,
             crate::config::Markers::Braille,
         ));
-        assert_eq!(v.on_action(Action::Down, 3), None);
-        assert_eq!(v.on_action(Action::Down, 3), None);
-        assert_eq!(v.on_action(Action::Down, 3), None);
+        assert_eq!(v.on_action(Action::Down, &c), None);
+        assert_eq!(v.on_action(Action::Down, &c), None);
+        assert_eq!(v.on_action(Action::Down, &c), None);
         assert_eq!(v.selected, 2);
-        v.on_action(Action::ToggleRun, 3);
+        v.on_action(Action::ToggleRun, &c);
         assert!(v.is_hidden(2) && !v.is_hidden(0));
-        v.on_action(Action::ToggleRun, 3);
+        v.on_action(Action::ToggleRun, &c);
         assert!(!v.is_hidden(2));
-        v.on_action(Action::ToggleXAxis, 3);
+        v.on_action(Action::ToggleXAxis, &c);
         assert_eq!(v.x_axis, RunsAxis::Epoch);
-        assert_eq!(v.on_action(Action::OpenRun, 3), Some(true));
-        assert_eq!(v.on_action(Action::Quit, 3), Some(false));
+        assert_eq!(v.on_action(Action::OpenRun, &c), Some(true));
+        assert_eq!(v.on_action(Action::Quit, &c), Some(false));
+    }
+
+    #[test]
+    fn the_table_sorts_by_any_column_and_filters_by_a_setting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = three_runs(tmp.path());
+        let mut v = RunsView::new(Theme::new(
+            crate::ui::theme::ColorMode::NoColor,
+            crate::config::Markers::Braille,
+        ));
+        assert_eq!(v.order(&c), [0, 1, 2]);
+        // run (by label: norm=none, norm=post, norm=pre), state, step, best.
+        v.on_action(Action::CycleSort, &c);
+        assert_eq!(v.order(&c), [1, 2, 0]);
+        for _ in 0..3 {
+            v.on_action(Action::CycleSort, &c);
+        }
+        assert_eq!(v.sort, SortBy::Best);
+        assert_eq!(v.order(&c), [0, 2, 1]);
+        v.on_action(Action::ReverseSort, &c);
+        assert_eq!(v.order(&c), [1, 2, 0]);
+        // Time to best: 10 / accuracy seconds, fastest first when ascending.
+        v.on_action(Action::CycleSort, &c);
+        v.on_action(Action::ReverseSort, &c);
+        assert_eq!(v.order(&c), [1, 2, 0]);
+        // `/norm=none` Enter: one run left, and it is selected.
+        v.on_action(Action::Filter, &c);
+        for ch in "norm=none".chars() {
+            v.on_typing(KeyCode::Char(ch), &c);
+        }
+        v.on_typing(KeyCode::Enter, &c);
+        assert_eq!(
+            (v.filter.as_str(), v.order(&c), v.selected),
+            ("norm=none", vec![1], 1)
+        );
+        let mut buf = Buffer::empty(Rect::new(0, 0, 120, 30));
+        render(&c, &v, None, buf.area, &mut buf);
+        let text: String = (0..30)
+            .map(|y| (0..120).map(|x| buf[(x, y)].symbol()).collect::<String>() + "\n")
+            .collect();
+        assert!(text.contains("1 of 3 runs match `norm=none`"), "{text}");
+        assert!(!text.contains("norm=pre "), "{text}");
+        // Esc while typing keeps the filter; an empty one shows all again.
+        v.on_action(Action::Filter, &c);
+        v.on_typing(KeyCode::Char('x'), &c);
+        v.on_typing(KeyCode::Esc, &c);
+        assert_eq!(v.filter, "norm=none");
+        v.on_action(Action::Filter, &c);
+        for _ in 0..9 {
+            v.on_typing(KeyCode::Backspace, &c);
+        }
+        v.on_typing(KeyCode::Enter, &c);
+        assert_eq!(v.order(&c), [1, 2, 0], "all three, still by time to best");
     }
 }

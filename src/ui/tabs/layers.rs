@@ -1,0 +1,434 @@
+//! The Layers tab: training dynamics by depth. Layer × time maps (one row per depth,
+//! one column per record, shade = value, log scale where it spans decades) of the
+//! gradient norm, the update ratio, the residual stream's RMS and what each layer
+//! knows (linear probe and logit lens accuracy), with a cursor on a record; the
+//! cursor's values per layer as a table with bars, the gradients by part of each
+//! block, and the CKA similarity of the layers. At 80×24: one map and the table.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Paragraph, Widget, Wrap};
+
+use crate::events::{KnowledgeRecord, LayerHistory};
+use crate::inspect::layers::{by_depth, group_value, LayerMap, Quantity, BLOCK_PARTS};
+use crate::ui::state::App;
+use crate::ui::theme::ColorMode;
+use crate::ui::widgets::frame::{bar, note, panel};
+
+/// Columns of a map's row labels.
+const LABEL_W: u16 = 10;
+/// Below this size, one map and the table only.
+const FULL_WIDTH: u16 = 140;
+const FULL_HEIGHT: u16 = 40;
+
+/// The step the cursor is on: the chosen one, or the selected quantity's latest record.
+pub fn cursor_step(app: &App) -> Option<u64> {
+    app.layers_view.cursor.or_else(|| {
+        app.layers_view
+            .quantity
+            .map(&app.layers)
+            .steps
+            .last()
+            .copied()
+    })
+}
+
+/// The knowledge record at or before `step` (the latest without one).
+pub fn knowledge_at(history: &LayerHistory, step: Option<u64>) -> Option<&KnowledgeRecord> {
+    match step {
+        Some(step) => history.knowledge.iter().rev().find(|k| k.step <= step),
+        None => history.knowledge.last(),
+    }
+}
+
+pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let history = &app.layers;
+    if history.is_empty() {
+        Paragraph::new(vec![
+            Line::styled("Layers: training dynamics by depth", t.title()),
+            Line::raw(""),
+            Line::styled(
+                "Waiting for the first per-layer records: gradient norms and update ratios every \
+                 probe.grad_every_steps steps, the residual stream's RMS at every probe, and what \
+                 each layer knows (linear probe, logit lens, CKA) at evaluations. Runs recorded \
+                 before vitscope had them show nothing here.",
+                t.dim(),
+            ),
+        ])
+        .wrap(Wrap { trim: true })
+        .render(area, buf);
+        return;
+    }
+    let full = area.width >= FULL_WIDTH && area.height >= FULL_HEIGHT;
+    let view = &app.layers_view;
+    let cursor = cursor_step(app);
+    let selected = view.quantity.map(history);
+    let position = match (view.cursor, selected.steps.len()) {
+        (_, 0) => "no records of it yet".to_string(),
+        (None, n) => format!("record {n}/{n}, latest"),
+        (Some(step), n) => format!(
+            "record {}/{n} (←/→ to move, End for latest)",
+            selected.column_at(step).map_or(0, |i| i + 1)
+        ),
+    };
+    let head = Line::from(vec![
+        Span::styled(view.quantity.title(), t.accent()),
+        Span::raw(format!(
+            " │ cursor at step {} │ {position} │ ↑/↓ quantity",
+            cursor.map_or("-".into(), |s| s.to_string())
+        )),
+    ]);
+    if !full {
+        let [header, map_area, table_area] = Layout::vertical([
+            Constraint::Length(1),
+            Constraint::Length(selected.rows.len() as u16 + 2),
+            Constraint::Fill(1),
+        ])
+        .areas(area);
+        head.render(header, buf);
+        render_map(app, &selected, cursor, true, map_area, buf);
+        render_table(app, cursor, table_area, buf);
+        return;
+    }
+    let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
+    Paragraph::new(vec![
+        Line::styled(
+            "Depth down, training time across: shade = value (log where it spans decades). \
+             ‖g‖: gradient of the batch loss; ‖Δw‖/‖w‖: what the optimizer did to the weights.",
+            t.dim(),
+        ),
+        head,
+    ])
+    .render(header, buf);
+    let [left, right] =
+        Layout::horizontal([Constraint::Percentage(58), Constraint::Fill(1)]).areas(body);
+    // Every map that fits, the selected one always.
+    let mut y = left.y;
+    let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
+    for map in &maps {
+        let h = map.rows.len().max(1) as u16 + 3;
+        let fits = y + h <= left.bottom();
+        if !fits && map.quantity != view.quantity {
+            continue;
+        }
+        let h = h.min(left.bottom().saturating_sub(y));
+        if h < 3 {
+            break;
+        }
+        let rect = Rect::new(left.x, y, left.width, h);
+        let marker = if map.quantity == view.quantity {
+            "▶ "
+        } else {
+            ""
+        };
+        let title = format!("{marker}{}{}", map.quantity.title(), scale_note(map));
+        let inner = panel(app, &title, rect, buf);
+        render_map(app, map, cursor, false, inner, buf);
+        y += h;
+    }
+    let depth_rows = table_rows(history).len() as u16;
+    let [table, parts, cka, notes] = Layout::vertical([
+        Constraint::Length(depth_rows + 3),
+        Constraint::Length(depth_rows + 1),
+        Constraint::Length(depth_rows + 2),
+        Constraint::Fill(1),
+    ])
+    .areas(right);
+    let inner = panel(
+        app,
+        &format!(
+            "per layer at step {}",
+            cursor.map_or("-".into(), |s| s.to_string())
+        ),
+        table,
+        buf,
+    );
+    render_table(app, cursor, inner, buf);
+    let inner = panel(app, "gradients by part of each block", parts, buf);
+    render_parts(app, cursor, inner, buf);
+    let record = knowledge_at(history, cursor);
+    let title = match record {
+        Some(k) => format!(
+            "layer similarity (linear CKA, {} test images) at step {}",
+            k.test_images, k.step
+        ),
+        None => "layer similarity (linear CKA)".into(),
+    };
+    let inner = panel(app, &title, cka, buf);
+    render_cka(app, record, inner, buf);
+    let about = match record {
+        Some(k) => format!(
+            "Linear probe: ridge (λ = {}) on the pooled residual stream of the first {} \
+             training images, scored on the first {} test images. Logit lens: the model's own \
+             final norm and head applied to each layer. Every number comes from the run's \
+             metrics.jsonl; `e` exports these maps as PNG.",
+            k.lambda, k.train_images, k.test_images
+        ),
+        None => "What each layer knows is measured at evaluations.".into(),
+    };
+    note(app, &about, notes, buf);
+}
+
+fn scale_note(map: &LayerMap) -> String {
+    let (lo, hi) = map.range();
+    if map.values.is_empty() {
+        return " (no records yet)".into();
+    }
+    let q = map.quantity;
+    format!(
+        " · {} … {}{}",
+        q.format(lo),
+        q.format(hi),
+        if map.log { ", log" } else { "" }
+    )
+}
+
+/// The steps every map spans: from 0 to the latest record of any kind, so that the
+/// maps' columns (and the cursor) line up across quantities.
+fn span(history: &LayerHistory) -> u64 {
+    let last = |steps: Option<u64>| steps.unwrap_or(0);
+    last(history.grads.last().map(|r| r.step))
+        .max(last(history.scale.last().map(|r| r.step)))
+        .max(last(history.knowledge.last().map(|r| r.step)))
+        .max(1)
+}
+
+/// A map into `area`: (with `titled`) a title line, one line per depth, then an axis
+/// line with the cursor's mark. Column x stands for the steps up to its share of
+/// [`span`] and shows the latest record by then (blank before the first).
+fn render_map(
+    app: &App,
+    map: &LayerMap,
+    cursor: Option<u64>,
+    titled: bool,
+    area: Rect,
+    buf: &mut Buffer,
+) {
+    let t = &app.theme;
+    let mut y = area.y;
+    if titled {
+        Line::from(vec![
+            Span::styled(map.quantity.title(), t.title()),
+            Span::styled(scale_note(map), t.dim()),
+        ])
+        .render(Rect::new(area.x, y, area.width, 1), buf);
+        y += 1;
+    }
+    if map.values.is_empty() {
+        note(
+            app,
+            "no records of this quantity yet",
+            Rect::new(area.x, y, area.width, area.bottom().saturating_sub(y)),
+            buf,
+        );
+        return;
+    }
+    let width = area.width.saturating_sub(LABEL_W + 1) as usize;
+    if width < 8 {
+        return;
+    }
+    let last = span(&app.layers);
+    let step_at = |x: usize| last * (x as u64 + 1) / width as u64;
+    let record_at: Vec<Option<usize>> = (0..width).map(|x| map.column_at(step_at(x))).collect();
+    for (r, label) in map.rows.iter().enumerate() {
+        if y >= area.bottom() {
+            return;
+        }
+        buf.set_string(area.x, y, format!("{label:>9}"), t.dim());
+        for (x, record) in record_at.iter().enumerate() {
+            let v = record
+                .and_then(|i| map.values[i].get(r).copied())
+                .unwrap_or(f64::NAN);
+            let level = map.level(v);
+            let (ch, style) = match (record.is_some(), level.is_nan()) {
+                (false, _) => (' ', t.dim()),
+                (true, true) => ('·', t.dim()),
+                (true, false) => {
+                    let (ch, style) = t.heat(level);
+                    let ch = if t.mode == ColorMode::NoColor {
+                        ch
+                    } else {
+                        '█'
+                    };
+                    (ch, style)
+                }
+            };
+            buf[(area.x + LABEL_W + x as u16, y)]
+                .set_char(ch)
+                .set_style(style);
+        }
+        y += 1;
+    }
+    if y >= area.bottom() {
+        return;
+    }
+    let axis_x = area.x + LABEL_W;
+    buf.set_string(area.x, y, format!("{:>9}", "step"), t.dim());
+    buf.set_string(axis_x, y, "0", t.dim());
+    // The end label leaves the last column to the cursor's mark.
+    let last_text = last.to_string();
+    let end = axis_x + width as u16 - 1;
+    buf.set_string(end - last_text.len() as u16, y, &last_text, t.dim());
+    if let Some(step) = cursor {
+        let x = (0..width)
+            .find(|&x| step_at(x) >= step)
+            .unwrap_or(width - 1);
+        buf.set_string(axis_x + x as u16, y, "▲", t.accent());
+    }
+}
+
+/// The depth labels every quantity's rows fall into, top to bottom.
+fn table_rows(history: &LayerHistory) -> Vec<String> {
+    let mut rows: Vec<String> = Vec::new();
+    for q in Quantity::ALL {
+        for label in q.map(history).rows {
+            if !rows.contains(&label) {
+                rows.push(label);
+            }
+        }
+    }
+    // "norm+head" (gradients only) last.
+    rows.sort_by_key(|r| match r.as_str() {
+        "embed" => (0, 0),
+        "norm+head" => (2, 0),
+        r => (1, r.trim_start_matches("block ").parse().unwrap_or(0)),
+    });
+    rows
+}
+
+/// Per layer at the cursor: every quantity's value (each from its own record at or
+/// before the cursor), with bars for the selected one.
+fn render_table(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let history = &app.layers;
+    let rows = table_rows(history);
+    let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
+    let heads = ["‖g‖", "‖Δw‖/‖w‖", "RMS", "probe", "lens"];
+    let col_w = 10usize;
+    let selected = app.layers_view.quantity;
+    let mut header = vec![Span::styled(format!("{:>9} ", "layer"), t.dim())];
+    for (q, h) in Quantity::ALL.iter().zip(heads) {
+        let style = if *q == selected { t.accent() } else { t.dim() };
+        header.push(Span::styled(format!("{h:>col_w$}"), style));
+    }
+    let bar_w = (area.width as usize).saturating_sub(10 + col_w * heads.len() + 2);
+    let mut lines = vec![Line::from(header)];
+    let at = |map: &LayerMap| match cursor {
+        Some(step) => map.column_at(step),
+        None => map.values.len().checked_sub(1),
+    };
+    for label in &rows {
+        let mut spans = vec![Span::styled(format!("{label:>9} "), t.dim())];
+        let mut level = None;
+        for map in &maps {
+            let v = at(map).and_then(|c| {
+                let r = map.rows.iter().position(|x| x == label)?;
+                map.values[c].get(r).copied()
+            });
+            let style = if map.quantity == selected {
+                t.text()
+            } else {
+                t.dim()
+            };
+            let text = v.map_or("·".into(), |v| map.quantity.format(v));
+            spans.push(Span::styled(format!("{text:>col_w$}"), style));
+            if map.quantity == selected {
+                level = v.map(|v| map.level(v));
+            }
+        }
+        if bar_w >= 4 {
+            let level = level.filter(|l| l.is_finite());
+            let style = level
+                .and_then(|l| t.heat_color(l))
+                .map_or(t.text(), |c| Style::default().fg(c));
+            spans.push(Span::raw("  "));
+            spans.push(Span::styled(bar(level.unwrap_or(0.0), bar_w), style));
+        }
+        lines.push(Line::from(spans));
+    }
+    Paragraph::new(lines).render(area, buf);
+}
+
+/// The gradient figure (norm, or update ratio when that is selected) of each part of
+/// each block at the cursor's gradient record.
+fn render_parts(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let grads = &app.layers.grads;
+    let record = match cursor {
+        Some(step) => grads.iter().rev().find(|g| g.step <= step),
+        None => grads.last(),
+    };
+    let Some(record) = record else {
+        note(app, "no gradient records yet", area, buf);
+        return;
+    };
+    let quantity = match app.layers_view.quantity {
+        Quantity::UpdateRatio => Quantity::UpdateRatio,
+        _ => Quantity::GradNorm,
+    };
+    let mut header = vec![Span::styled(format!("{:>9} ", quantity.key()), t.dim())];
+    for (_, short) in BLOCK_PARTS {
+        header.push(Span::styled(format!("{short:>10}"), t.dim()));
+    }
+    let mut lines = vec![Line::from(header)];
+    for d in by_depth(record) {
+        let crate::inspect::layers::Depth::Block(i) = d.depth else {
+            continue;
+        };
+        let mut spans = vec![Span::styled(format!("{:>9} ", d.depth.label()), t.dim())];
+        for (part, _) in BLOCK_PARTS {
+            let v = group_value(record, &format!("blocks.{i}.{part}"), quantity);
+            let text = v.map_or("·".into(), |v| quantity.format(v));
+            spans.push(Span::raw(format!("{text:>10}")));
+        }
+        lines.push(Line::from(spans));
+    }
+    Paragraph::new(lines).render(area, buf);
+}
+
+/// The CKA matrix of a knowledge record: a shade and the value per pair of layers.
+fn render_cka(app: &App, record: Option<&KnowledgeRecord>, area: Rect, buf: &mut Buffer) {
+    let t = &app.theme;
+    let Some(k) = record else {
+        note(
+            app,
+            "measured at evaluations (probe.layers_every_evals)",
+            area,
+            buf,
+        );
+        return;
+    };
+    let n = k.cka.len();
+    let label = |l: usize| match l {
+        0 => "embed".to_string(),
+        l => format!("block {}", l - 1),
+    };
+    let mut lines = vec![];
+    let mut header = vec![Span::raw(format!("{:>9} ", ""))];
+    for j in 0..n {
+        header.push(Span::styled(
+            format!(
+                "{:>6}",
+                if j == 0 {
+                    "emb".into()
+                } else {
+                    format!("b{}", j - 1)
+                }
+            ),
+            t.dim(),
+        ));
+    }
+    lines.push(Line::from(header));
+    for (i, row) in k.cka.iter().enumerate() {
+        let mut spans = vec![Span::styled(format!("{:>9} ", label(i)), t.dim())];
+        for &v in row {
+            let (_, style) = t.heat(v);
+            spans.push(Span::styled(format!("{v:>6.2}"), style));
+        }
+        lines.push(Line::from(spans));
+    }
+    Paragraph::new(lines).render(area, buf);
+}
