@@ -173,9 +173,10 @@ fn export_renders_the_run_into_valid_pictures_and_leaves_the_run_alone() {
     assert_eq!(at(&cka, 100 + 56 + 5, 70 + 5), heat_rgb(k.cka[0][1]));
     let probe_map = decode_png(&dir.join("layers-probe-accuracy.png"));
     let last = k.probe_accuracy.len() as i64 - 1;
+    let map = vitscope::inspect::layers::Quantity::ProbeAccuracy.map(&history);
     assert_eq!(
         at(&probe_map, 110 + 5, 50 + last * 28 + 5),
-        heat_rgb(k.probe_accuracy[last as usize])
+        heat_rgb(map.level(k.probe_accuracy[last as usize]))
     );
 
     // The attention matrix: the brightest cell sits at the largest weight, the

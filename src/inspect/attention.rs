@@ -71,14 +71,18 @@ impl HeadStats {
     pub fn pattern_reason(&self) -> String {
         match self.pattern() {
             Pattern::Broad => format!(
-                "broad (entropy {:.0}% of uniform)",
+                "broad ({:.0}% of uniform entropy)",
                 100.0 * self.entropy / self.uniform_entropy
             ),
             Pattern::QueryIndependent => {
-                format!("query-independent (rows {:.0}% alike)", 100.0 * self.shared)
+                format!("query-independent ({:.0}% alike)", 100.0 * self.shared)
             }
-            Pattern::Local => format!("local ({:.0}% within 1 patch)", 100.0 * self.near),
-            Pattern::Mixed => "mixed".to_string(),
+            Pattern::Local => format!("local ({:.0}% near)", 100.0 * self.near),
+            Pattern::Mixed => format!(
+                "mixed ({:.0}% alike, {:.0}% near)",
+                100.0 * self.shared,
+                100.0 * self.near
+            ),
         }
     }
 }
@@ -371,7 +375,7 @@ mod tests {
         assert_eq!(own.near, 1.0);
         assert!((own.shared - 1.0 / 16.0).abs() < 1e-6, "{}", own.shared);
         assert_eq!(own.pattern(), Pattern::Local);
-        assert_eq!(own.pattern_reason(), "local (100% within 1 patch)");
+        assert_eq!(own.pattern_reason(), "local (100% near)");
         let uniform = stats(&matrix(&|_, _| 1.0 / 16.0));
         assert!((uniform.entropy - uniform.uniform_entropy).abs() < 1e-6);
         assert_eq!(uniform.pattern(), Pattern::Broad);

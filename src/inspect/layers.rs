@@ -198,11 +198,9 @@ pub struct LayerMap {
 }
 
 impl LayerMap {
-    /// The smallest and largest finite values (accuracies: always 0..1).
+    /// The smallest and largest finite values: the shades span them (accuracies too,
+    /// so that 40% against 55% reads; the title says the range).
     pub fn range(&self) -> (f64, f64) {
-        if self.quantity.is_accuracy() {
-            return (0.0, 1.0);
-        }
         let finite = self.values.iter().flatten().filter(|v| v.is_finite());
         let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
@@ -370,8 +368,9 @@ mod tests {
         assert_eq!(r.rows, ["embed", "block 0", "block 1"]);
         assert!(!r.log, "1 to 4 is linear");
         let p = Quantity::ProbeAccuracy.map(&history);
-        assert_eq!(p.range(), (0.0, 1.0));
-        assert_eq!(p.level(0.5), 0.5);
+        assert_eq!(p.range(), (0.2, 0.5));
+        assert!(!p.log, "accuracies are linear");
+        assert!((p.level(0.35) - 0.5).abs() < 1e-12);
         assert_eq!(Quantity::LensAccuracy.map(&history).values[0][0], 0.1);
         assert_eq!(Quantity::ProbeAccuracy.format(0.4567), "45.7%");
         assert_eq!(

@@ -293,6 +293,57 @@ mod tests {
     }
 
     #[test]
+    fn layer_records_and_alerts_are_replayed_as_the_trainer_sent_them() {
+        use crate::events::{GradRecord, MetricRecord};
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path(), None, &crate::config::Config::default()).unwrap();
+        let grads = MetricRecord::Grads(GradRecord {
+            step: 50,
+            epoch: 1,
+            groups: vec!["head".into()],
+            grad_norm: vec![0.5],
+            weight_norm: vec![2.0],
+            update_ratio: vec![1e-3],
+        });
+        let line = serde_json::to_string(&grads).unwrap();
+        std::fs::write(run.file(METRICS_FILE), format!("{line}\n")).unwrap();
+        std::fs::write(
+            run.file(LOG_FILE),
+            format!(
+                "t {ALERT_PREFIX}gradient norm 9.0 at step 60 is 18x the median\n\
+                 t {ALERT_PREFIX}{HALTED}the loss became NaN at step 61: not applied\n"
+            ),
+        )
+        .unwrap();
+        let mut follower = Follower::new(run);
+        follower.start().unwrap();
+        let events = follower.poll();
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Layers(r) if *r == grads)));
+        let alerts: Vec<(bool, String)> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Alert(a) => Some((a.fatal, a.message.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            alerts,
+            [
+                (
+                    false,
+                    "gradient norm 9.0 at step 60 is 18x the median".to_string()
+                ),
+                (
+                    true,
+                    "the loss became NaN at step 61: not applied".to_string()
+                )
+            ]
+        );
+    }
+
+    #[test]
     fn predictions_and_test_images_are_replayed_once_and_dropped_past_a_resume() {
         use crate::inspect::predictions::{Predictions, PredictionsMeta};
         let tmp = tempfile::tempdir().unwrap();

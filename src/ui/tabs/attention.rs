@@ -401,10 +401,8 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
     let t = &app.theme;
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         match stats.first().and_then(|l| l.first()).and_then(|s| s.cls) {
-            Some(_) => {
-                " per head: entropy (nats) · mean distance (px) · on itself · on CLS · pattern "
-            }
-            None => " per head: entropy (nats) · mean distance (px) · on itself · pattern ",
+            Some(_) => " per head: entropy (nats) · distance (px) · self · CLS · pattern ",
+            None => " per head: entropy (nats) · distance (px) · self · pattern ",
         },
         t.title(),
     ));
@@ -436,12 +434,12 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
             };
             Line::styled(
                 format!(
-                    "L{l} H{h}  entropy {:>5.2}  distance {:>5.1}  self {:>5.1}%{}  {}",
+                    "L{l} H{h} {:>5.2} {:>5.1} {:>4.1}%{} {}",
                     s.entropy,
                     s.mean_distance,
                     s.diagonal * 100.0,
                     s.cls
-                        .map_or(String::new(), |c| format!("  CLS {:>5.1}%", c * 100.0)),
+                        .map_or(String::new(), |c| format!(" {:>4.1}%", c * 100.0)),
                     s.pattern_reason()
                 ),
                 style,
