@@ -42,6 +42,10 @@ pub fn export(
     };
     let mut pictures = Vec::new();
     for what in whats {
+        // Runs recorded before the per-layer records existed still export the rest.
+        if all && what == What::Layers && source.layers.is_empty() {
+            continue;
+        }
         pictures.extend(render(&source, what, choice)?);
     }
     std::fs::create_dir_all(out).map_err(|e| ExportError::Create {

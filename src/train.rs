@@ -765,17 +765,7 @@ impl Trainer {
                     .transpose()?;
             }
             let grad_sums = self.groups.sum_squares(&step_result.grads)?;
-            let bad = self.groups.first_non_finite(&grad_sums).map(str::to_string);
-            if !loss_value.is_finite() || bad.is_some() {
-                let what = match bad {
-                    Some(group) if loss_value.is_finite() => {
-                        format!("the gradient of {group} became non-finite (loss {loss_value:.4})")
-                    }
-                    Some(group) => format!(
-                        "the loss became {loss_value} (the first non-finite gradient: {group})"
-                    ),
-                    None => format!("the loss became {loss_value}"),
-                };
+            if let Some(what) = self.groups.non_finite(loss_value, &grad_sums) {
                 return Err(self.halt_non_finite(sink, control, what)?);
             }
             let grad_norm = grad_sums.iter().sum::<f64>().sqrt();
@@ -800,17 +790,9 @@ impl Trainer {
                 self.write_layers(sink, MetricRecord::Grads(record))?;
             }
             if let Some(median) = self.spikes.check(grad_norm) {
-                let (top, top_sum) = (grad_sums.iter().enumerate())
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .unwrap_or((0, &0.0));
-                let message = format!(
-                    "gradient norm {grad_norm:.3} at step {} is {:.0}x the median of the last {} steps ({median:.3}); largest in {} ({:.3})",
-                    self.progress.step + 1,
-                    grad_norm / median,
-                    grad_stats::SPIKE_WINDOW,
-                    self.groups.names[top],
-                    top_sum.sqrt()
-                );
+                let message = self
+                    .groups
+                    .spike((self.progress.step + 1, median), &grad_sums);
                 self.alert(sink, false, message)?;
             }
             if let Some(ema) = &self.ema {

@@ -550,7 +550,10 @@ fn attention_keys_choose_layer_head_image_query_and_probe() {
     assert!(screen(&a, 200, 60).contains("probe 3/3, latest"));
     // The statistics table lists every head with its measures.
     let s = screen(&a, 200, 60);
-    assert!(s.contains("per head: entropy (nats)") && s.contains("L1 H2 "), "{s}");
+    assert!(
+        s.contains("per head: entropy (nats)") && s.contains("L1 H2 "),
+        "{s}"
+    );
     // Each with the pattern its numbers earn.
     assert!(
         ["broad (", "query-independent (", "local (", "mixed ("]

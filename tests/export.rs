@@ -317,3 +317,30 @@ fn a_mean_pooled_run_has_no_cls_in_its_probes_tabs_or_pictures() {
     assert!(captions.contains("the mean query's weights"), "{captions}");
     assert!(!captions.contains("CLS"), "{captions}");
 }
+
+#[test]
+fn a_run_recorded_before_the_layer_records_still_exports_and_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train_tiny(&run, "10", &[]);
+    // As an older vitscope wrote it: training and evaluation records only.
+    let metrics = run.join("metrics.jsonl");
+    let old: String = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\"") || l.contains("\"kind\":\"eval\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics, old).unwrap();
+    let dir = tmp.path().join("pictures");
+    export_all(&run, &dir);
+    assert!(dir.join("curves.png").exists());
+    assert!(!common::walk(&dir)
+        .iter()
+        .any(|p| p.to_string_lossy().contains("layers-")));
+    let out = vitscope(&["export", run.to_str().unwrap(), "layers"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no per-layer records"), "{err}");
+}

@@ -55,7 +55,7 @@ pub struct ExportArgs {
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
     /// What to export (all of them, with an index.html, when none is named).
-    #[arg(value_name = "WHAT", value_parser = ["layernorm-gif", "attention", "features", "patches", "predictions", "curves"])]
+    #[arg(value_name = "WHAT", value_parser = PossibleValuesParser::new(crate::export::What::NAMES))]
     pub what: Vec<String>,
     /// Folder to write into (default: <run name>-export in the current folder).
     #[arg(long, value_name = "DIR")]

@@ -54,16 +54,20 @@ impl What {
         What::Layers,
     ];
 
+    /// Every name, in [`What::ALL`]'s order (the command line's choices).
+    pub const NAMES: [&'static str; 7] = [
+        "layernorm-gif",
+        "attention",
+        "features",
+        "patches",
+        "predictions",
+        "curves",
+        "layers",
+    ];
+
     pub fn name(self) -> &'static str {
-        match self {
-            What::LayerNormGif => "layernorm-gif",
-            What::Attention => "attention",
-            What::Features => "features",
-            What::Patches => "patches",
-            What::Predictions => "predictions",
-            What::Curves => "curves",
-            What::Layers => "layers",
-        }
+        // The variants are declared in NAMES's order.
+        Self::NAMES[self as usize]
     }
 
     pub fn parse(name: &str) -> Result<Self, ExportError> {
@@ -196,5 +200,22 @@ impl Source {
     pub fn test_image(&self, i: usize) -> Option<&[u8]> {
         let n = crate::data::IMAGE_BYTES;
         self.test_pixels.get(i * n..(i + 1) * n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_picture_kind_has_its_own_name_and_parses_back() {
+        for (i, w) in What::ALL.into_iter().enumerate() {
+            assert_eq!(w.name(), What::NAMES[i]);
+            assert_eq!(What::parse(w.name()).unwrap(), w);
+        }
+        assert!(What::parse("movies")
+            .unwrap_err()
+            .to_string()
+            .contains("layers"));
     }
 }

@@ -96,6 +96,36 @@ impl GradGroups {
             .map(|i| self.names[i].as_str())
     }
 
+    /// What went non-finite in a step, if anything: the loss, or the first group's
+    /// gradient (in model order).
+    pub fn non_finite(&self, loss: f64, sums: &[f64]) -> Option<String> {
+        match (loss.is_finite(), self.first_non_finite(sums)) {
+            (true, None) => None,
+            (true, Some(group)) => Some(format!(
+                "the gradient of {group} became non-finite (loss {loss:.4})"
+            )),
+            (false, Some(group)) => Some(format!(
+                "the loss became {loss} (the first non-finite gradient: {group})"
+            )),
+            (false, None) => Some(format!("the loss became {loss}")),
+        }
+    }
+
+    /// The alert of a spike at `step` against the recent `median`, naming the group
+    /// with the largest gradient.
+    pub fn spike(&self, (step, median): (u64, f64), sums: &[f64]) -> String {
+        let norm = sums.iter().sum::<f64>().sqrt();
+        let (top, top_sum) = (sums.iter().enumerate())
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap_or((0, &0.0));
+        format!(
+            "gradient norm {norm:.3} at step {step} is {:.0}x the median of the last {SPIKE_WINDOW} steps ({median:.3}); largest in {} ({:.3})",
+            norm / median,
+            self.names.get(top).map_or("?", String::as_str),
+            top_sum.sqrt()
+        )
+    }
+
     /// A copy of the weights, taken just before the optimizer's step.
     pub fn before(vars: &[Var]) -> Result<Before> {
         let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect();
@@ -325,6 +355,22 @@ mod tests {
         bad[j] = Some((bad[j].clone().unwrap() * f64::INFINITY).unwrap());
         let sums = groups.sum_squares(&bad).unwrap();
         assert_eq!(groups.first_non_finite(&sums), Some("blocks.1.mlp.fc2"));
+        let what = groups.non_finite(2.5, &sums).unwrap();
+        assert_eq!(
+            what,
+            "the gradient of blocks.1.mlp.fc2 became non-finite (loss 2.5000)"
+        );
+        assert!(groups
+            .non_finite(f64::NAN, &sums)
+            .unwrap()
+            .starts_with("the loss became NaN"));
+        let fine = groups.sum_squares(&grads).unwrap();
+        assert_eq!(groups.non_finite(2.5, &fine), None);
+        let spike = groups.spike((9, 0.01), &fine);
+        assert!(
+            spike.contains("at step 9 is") && spike.contains("largest in"),
+            "{spike}"
+        );
     }
 
     #[test]
