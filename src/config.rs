@@ -184,6 +184,7 @@ pub struct TrainConfig {
     pub seed: u64,
     pub checkpoint_every_steps: usize,
     pub eval_batch_size: usize,
+    pub eval_flip: bool,
     pub threads: usize,
 }
 

@@ -273,11 +273,16 @@ pub struct Sizing {
     pub planned_secs: f64,
 }
 
-/// Which weights evaluations, probes and predictions show, in words.
-pub fn weights_label(ema_decay: f64) -> String {
-    if ema_decay > 0.0 {
+/// Which weights evaluations, probes and predictions show, and how evaluations score
+/// (flip test-time augmentation), in words.
+pub fn weights_label(ema_decay: f64, eval_flip: bool) -> String {
+    let weights = if ema_decay > 0.0 {
         format!("EMA weights ({ema_decay})")
     } else {
         "raw weights".into()
+    };
+    match eval_flip {
+        true => format!("{weights}, evaluated with flip"),
+        false => weights,
     }
 }

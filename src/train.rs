@@ -277,7 +277,7 @@ impl Trainer {
                 candle_core::utils::get_num_threads(),
                 crate::ops::matmul_short(config.model.bf16())
             ),
-            weights: crate::events::weights_label(config.train.ema_decay),
+            weights: crate::events::weights_label(config.train.ema_decay, config.train.eval_flip),
             test_pixels,
             test_labels,
         };
@@ -379,7 +379,11 @@ impl Trainer {
         let model = self.shown_model();
         let start = Instant::now();
         let batch = self.config.train.eval_batch_size;
-        evaluate::test_pass(&model, test, &self.norm, &sample, batch, 0, 0.0)?;
+        let scoring = evaluate::Scoring {
+            smoothing: 0.0,
+            flip: self.config.train.eval_flip,
+        };
+        evaluate::test_pass(&model, test, &self.norm, &sample, batch, 0, scoring)?;
         // What each layer knows runs about as fast per image, on its own images.
         let p = &self.config.probe;
         let knowledge = match p.layers_every_evals {
@@ -457,7 +461,10 @@ impl Trainer {
             &all,
             self.config.train.eval_batch_size,
             recorded,
-            self.config.train.label_smoothing,
+            evaluate::Scoring {
+                smoothing: self.config.train.label_smoothing,
+                flip: self.config.train.eval_flip,
+            },
         )?;
         let secs = start.elapsed().as_secs_f64();
         self.progress.wall_secs += secs;
