@@ -1162,6 +1162,12 @@ fn the_layers_tab_at_both_sizes_and_its_keys() {
     a.on_key(key(KeyCode::Left));
     a.on_key(key(KeyCode::End));
     assert_eq!(a.layers_view.cursor, None);
+    // `e` exports the maps.
+    a.on_key(key(KeyCode::Char('e')));
+    assert_eq!(
+        a.export_request.take().map(|r| r.what),
+        Some(vitscope::export::What::Layers)
+    );
     // An alert reaches the status line and the log.
     a.on_event(Event::Alert(vitscope::events::Alert {
         step: 2001,
