@@ -234,7 +234,7 @@ pub unsafe fn product(
                     unsafe {
                         product_on(
                             kernel,
-                            (rows.min(m - i0), n, k),
+                            ((rows.min(m - i0), n, k), m),
                             dst.add(i0 * dst_strides.0),
                             dst_strides,
                             lhs.add(i0 * lhs_strides.0),
@@ -250,7 +250,7 @@ pub unsafe fn product(
     }
     product_on(
         kernel,
-        dims,
+        (dims, m),
         dst,
         dst_strides,
         lhs,
@@ -263,14 +263,15 @@ pub unsafe fn product(
 /// Fewest rows a thread multiplies when a product is split over a lane's threads.
 const SPLIT_ROWS: usize = 128;
 
-/// [`product`] on `kernel`, one of [`Kernel::runnable`].
+/// [`product`] on `kernel`, one of [`Kernel::runnable`]: rows `m` of a product of
+/// `whole_rows` (the AMX tiles pick their path by the whole product).
 ///
 /// # Safety
 /// As [`product`]; a packed `rhs` must have been packed for `kernel`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn product_on(
     kernel: Kernel,
-    (m, n, k): (usize, usize, usize),
+    ((m, n, k), whole_rows): ((usize, usize, usize), usize),
     dst: *mut f32,
     dst_strides: (usize, usize),
     lhs: *const f32,
@@ -330,7 +331,16 @@ unsafe fn product_on(
         };
         pack_lhs(a, (m, k), lhs, lhs_strides);
         match kernel {
-            Kernel::Amx => amx::multiply((m, n, k), dst, dst_strides, a, pairs, out, accumulate),
+            Kernel::Amx => amx::multiply(
+                (m, n, k),
+                whole_rows,
+                dst,
+                dst_strides,
+                a,
+                pairs,
+                out,
+                accumulate,
+            ),
             Kernel::DotProducts => dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate),
             Kernel::Rounded => unreachable!("handled above"),
         }
@@ -742,7 +752,7 @@ mod tests {
                     unsafe {
                         product_on(
                             kernel,
-                            (m, n, k),
+                            ((m, n, k), m),
                             c.as_mut_ptr(),
                             ds,
                             a.as_ptr(),

@@ -40,7 +40,7 @@ macro_rules! tile {
     };
 }
 
-/// One 32 x 32 block of the output: C (f32, rows `c_stride` bytes apart) = A · B
+/// One 32 x 32 block of the output: C (f32, rows `c_stride` bytes apart) (+)= A · B
 /// over `kp` (a multiple of 32), A 32 rows of pairs `a_stride` bytes apart, B kp / 2
 /// rows of 32 pairs `b_stride` bytes apart. Tiles 0-3 hold C, 4-5 A, 6-7 B.
 #[inline(always)]
@@ -48,6 +48,7 @@ macro_rules! tile {
 unsafe fn block(
     c: *mut f32,
     c_stride: usize,
+    load: bool,
     a: *const u32,
     a_stride: usize,
     b: *const u32,
@@ -56,10 +57,17 @@ unsafe fn block(
 ) {
     let (c1, c2) = (c.byte_add(64), c.byte_add(16 * c_stride));
     let c3 = c2.byte_add(64);
-    tile!(zero "0");
-    tile!(zero "1");
-    tile!(zero "2");
-    tile!(zero "3");
+    if load {
+        tile!(load "0", c, c_stride);
+        tile!(load "1", c1, c_stride);
+        tile!(load "2", c2, c_stride);
+        tile!(load "3", c3, c_stride);
+    } else {
+        tile!(zero "0");
+        tile!(zero "1");
+        tile!(zero "2");
+        tile!(zero "3");
+    }
     let a2 = a.byte_add(16 * a_stride);
     for kb in 0..kp / BLOCK {
         let (ak, ak2) = (a.add(kb * 16), a2.add(kb * 16));
@@ -106,13 +114,15 @@ pub unsafe fn peak_loop(iterations: u64) -> f32 {
     f32::from_bits(out.0[0])
 }
 
-/// dst (+)= A · B from the packed factors. The tiles write straight into `dst` when
-/// they can overwrite it (no accumulation, contiguous rows, whole blocks); else into
-/// `out`, then added. Either way each sum starts at zero and dst's old value is added
-/// at the end, as on VDPBF16PS, so a product split into parts of other shapes (over a
-/// lane's threads) changes no bit.
+/// dst (+)= A · B from the packed factors. The tiles write straight into `dst` (and,
+/// accumulating, start from its values) when its rows are contiguous and the shape is
+/// whole blocks; else into `out` from zero, then added: the two round differently, so
+/// `whole_rows`, the rows of the product this is a part of, decides for every part
+/// alike, and a product split over a lane's threads changes no bit.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn multiply(
     (m, n, k): (usize, usize, usize),
+    whole_rows: usize,
     dst: *mut f32,
     (dst_rs, dst_cs): (usize, usize),
     a: &[u32],
@@ -122,19 +132,31 @@ pub unsafe fn multiply(
 ) {
     let (mp, np, kp) = (padded(m), padded(n), padded(k));
     debug_assert!(a.len() >= mp * kp / 2 && b.len() >= kp / 2 * np);
-    let direct = !accumulate && dst_cs == 1 && m % BLOCK == 0 && n % BLOCK == 0;
-    let (c, c_rs) = if direct {
-        (dst, dst_rs)
+    let direct = dst_cs == 1
+        && whole_rows.is_multiple_of(BLOCK)
+        && m.is_multiple_of(BLOCK)
+        && n.is_multiple_of(BLOCK);
+    let (c, c_rs, load) = if direct {
+        (dst, dst_rs, accumulate)
     } else {
         out.clear();
         out.resize(mp * np, 0.0);
-        (out.as_mut_ptr(), np)
+        (out.as_mut_ptr(), np, false)
     };
     asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
     for i in (0..mp).step_by(BLOCK) {
         for j in (0..np).step_by(BLOCK) {
             let (a, b) = (a.as_ptr().add(i * kp / 2), b.as_ptr().add(j));
-            block(c.add(i * c_rs + j), c_rs * 4, a, kp * 2, b, np * 4, kp);
+            block(
+                c.add(i * c_rs + j),
+                c_rs * 4,
+                load,
+                a,
+                kp * 2,
+                b,
+                np * 4,
+                kp,
+            );
         }
     }
     asm!("tilerelease", options(nostack, preserves_flags, nomem));
