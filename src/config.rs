@@ -14,7 +14,8 @@ mod overlay;
 
 use choice::check_choices;
 pub use choice::{
-    ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Placement, Pool, PosEmbed,
+    ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Optimizer, Placement, Pool,
+    PosEmbed,
 };
 pub use error::ConfigError;
 use overlay::{insert_dotted, overlay, parse_set, parse_table};
@@ -178,6 +179,9 @@ pub struct TrainConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub adam_eps: f64,
+    pub optimizer: Optimizer,
+    pub muon_lr: f64,
+    pub muon_momentum: f64,
     pub label_smoothing: f64,
     pub ema_decay: f64,
     pub drop_path: f64,
@@ -219,6 +223,13 @@ impl TrainConfig {
             check((0.0..1.0).contains(&beta), key, beta, "must be in [0, 1)")?;
         }
         positive("train.adam_eps", t.adam_eps)?;
+        positive("train.muon_lr", t.muon_lr)?;
+        check(
+            (0.0..1.0).contains(&t.muon_momentum),
+            "train.muon_momentum",
+            t.muon_momentum,
+            "must be in [0, 1)",
+        )?;
         check(
             (0.0..1.0).contains(&t.label_smoothing),
             "train.label_smoothing",

@@ -412,3 +412,14 @@ fn the_run_records_gradients_scale_and_knowledge_by_depth() {
         .iter()
         .any(|e| matches!(e, Event::Layers(MetricRecord::Knowledge(_)))));
 }
+
+#[test]
+fn muon_learns_and_resumes_exactly() {
+    let losses = assert_resume_is_exact(&["train.optimizer=\"muon\""]);
+    let mean = |s: &[(u64, f64)]| s.iter().map(|x| x.1).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..10]), mean(&losses[losses.len() - 10..]));
+    assert!(
+        last < first,
+        "loss did not fall with Muon: {first} -> {last}"
+    );
+}

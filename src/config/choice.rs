@@ -129,14 +129,26 @@ choice! {
     Markers { Braille = "braille", Block = "block", Dot = "dot" }
 }
 
+choice! {
+    /// `train.optimizer`: what updates the weights.
+    Optimizer {
+        /// AdamW for every parameter.
+        AdamW = "adamw",
+        /// Muon (momentum, then the update orthogonalised by Newton-Schulz) for the
+        /// blocks' weight matrices; AdamW for the rest.
+        Muon = "muon",
+    }
+}
+
 /// Every enum-like key with its allowed values.
-const CHOICES: [(&str, &str, &[&str]); 9] = [
+const CHOICES: [(&str, &str, &[&str]); 10] = [
     ("model", "norm", Placement::NAMES),
     ("model", "norm_kind", NormKind::NAMES),
     ("model", "pos_embed", PosEmbed::NAMES),
     ("model", "pool", Pool::NAMES),
     ("model", "init", Init::NAMES),
     ("model", "matmul", Matmul::NAMES),
+    ("train", "optimizer", Optimizer::NAMES),
     ("data", "dataset", DatasetKind::NAMES),
     ("ui", "color", ColorSetting::NAMES),
     ("ui", "markers", Markers::NAMES),

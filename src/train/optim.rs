@@ -1,11 +1,13 @@
-//! AdamW with its state in plain view (so a checkpoint can hold it), and the learning
-//! rate schedule: linear warm-up, then cosine decay to `min_lr`.
+//! AdamW with its state in plain view (so a checkpoint can hold it), Muon for the
+//! blocks' weight matrices when `train.optimizer = "muon"` (its momentum kept where
+//! AdamW keeps its first moment, so checkpoints hold the same tensors), and the
+//! learning rate schedule: linear warm-up, then cosine decay to `min_lr`.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 use super::state_error::StateError;
-use crate::config::TrainConfig;
+use crate::config::{Optimizer, TrainConfig};
 
 /// The gradients of `vars` from a backward pass, detached, in order.
 pub fn gradients_of(vars: &[Var], grads: &GradStore) -> Vec<Option<Tensor>> {
@@ -26,9 +28,51 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
     cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// How a parameter is updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// AdamW, with or without weight decay.
+    Adam { decay: bool },
+    /// Muon (a block's weight matrix under `train.optimizer = "muon"`).
+    Muon,
+}
+
+/// The quintic Newton-Schulz coefficients of Muon (Jordan et al., 2024): five
+/// iterations take every singular value of a normalised matrix into about [0.7, 1.2].
+const NEWTON_SCHULZ: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
+const NEWTON_SCHULZ_STEPS: usize = 5;
+
+/// `g` (rows x cols) orthogonalised: U Vᵀ of its singular value decomposition,
+/// approximately, by Newton-Schulz iterations on g / ‖g‖_F (on the wide side, so the
+/// products are small).
+pub fn orthogonalised(g: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = g.dims2()?;
+    let norm = g
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    let mut x = g.affine(1.0 / (norm + 1e-7), 0.0)?;
+    let tall = rows > cols;
+    if tall {
+        x = x.t()?.contiguous()?;
+    }
+    let (a, b, c) = NEWTON_SCHULZ;
+    for _ in 0..NEWTON_SCHULZ_STEPS {
+        let xx = x.matmul(&x.t()?)?;
+        let poly = (xx.affine(b, 0.0)? + xx.matmul(&xx)?.affine(c, 0.0)?)?;
+        x = (x.affine(a, 0.0)? + poly.matmul(&x)?)?;
+    }
+    if tall {
+        x = x.t()?.contiguous()?;
+    }
+    Ok(x)
+}
+
 pub struct AdamW {
-    /// (name, variable, whether weight decay applies).
-    params: Vec<(String, Var, bool)>,
+    /// (name, variable, how it is updated).
+    params: Vec<(String, Var, Rule)>,
     first_moment: Vec<Tensor>,
     second_moment: Vec<Tensor>,
     /// Updates applied so far (for bias correction).
@@ -37,20 +81,29 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    /// Muon's peak rate (its rate follows lr's schedule) and momentum.
+    muon_lr: f64,
+    muon_momentum: f64,
+    /// The peak learning rate, to scale Muon's by the schedule.
+    peak_lr: f64,
 }
 
 impl AdamW {
     /// Decay applies to weight matrices only: not to biases, LayerNorm, the CLS token
-    /// or the position embedding.
+    /// or the position embedding. With Muon, the blocks' weight matrices take its rule.
     pub fn new(named_vars: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<Self> {
         let mut params = Vec::new();
         let mut first_moment = Vec::new();
         let mut second_moment = Vec::new();
         for (name, var) in named_vars {
             let decay = name.ends_with(".weight") && !name.contains("norm") && var.rank() == 2;
+            let rule = match cfg.optimizer {
+                Optimizer::Muon if decay && name.starts_with("blocks.") => Rule::Muon,
+                _ => Rule::Adam { decay },
+            };
             first_moment.push(var.zeros_like()?);
             second_moment.push(var.zeros_like()?);
-            params.push((name, var, decay));
+            params.push((name, var, rule));
         }
         Ok(Self {
             params,
@@ -61,6 +114,9 @@ impl AdamW {
             beta2: cfg.beta2,
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
+            muon_lr: cfg.muon_lr,
+            muon_momentum: cfg.muon_momentum,
+            peak_lr: cfg.lr,
         })
     }
 
@@ -71,11 +127,31 @@ impl AdamW {
         let t = self.steps as i32;
         let correction1 = 1.0 - self.beta1.powi(t);
         let correction2 = 1.0 - self.beta2.powi(t);
-        for (i, (_, var, decay)) in self.params.iter().enumerate() {
+        for (i, (_, var, rule)) in self.params.iter().enumerate() {
             let Some(grad) = grads.get(i).and_then(Option::as_ref) else {
                 continue;
             };
             let grad = grad.detach();
+            let decay = match *rule {
+                Rule::Adam { decay } => decay,
+                Rule::Muon => {
+                    // Nesterov momentum, orthogonalised, scaled for the matrix's shape.
+                    let mu = self.muon_momentum;
+                    let buffer = (self.first_moment[i].affine(mu, 0.0)? + &grad)?;
+                    let direction = (&grad + buffer.affine(mu, 0.0)?)?;
+                    let (rows, cols) = direction.dims2()?;
+                    let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
+                    let rate = self.muon_lr * lr / self.peak_lr.max(1e-30) * scale;
+                    let update = orthogonalised(&direction)?.affine(rate, 0.0)?;
+                    let theta = var
+                        .as_tensor()
+                        .detach()
+                        .affine(1.0 - lr * self.weight_decay, 0.0)?;
+                    var.set(&(theta - update)?)?;
+                    self.first_moment[i] = buffer;
+                    continue;
+                }
+            };
             let m = (self.first_moment[i].affine(self.beta1, 0.0)?
                 + grad.affine(1.0 - self.beta1, 0.0)?)?;
             let v = (self.second_moment[i].affine(self.beta2, 0.0)?
@@ -86,7 +162,7 @@ impl AdamW {
                 .affine(1.0, self.eps)?;
             let update = m.affine(1.0 / correction1, 0.0)?.div(&denom)?;
             let theta = var.as_tensor().detach();
-            let theta = if *decay {
+            let theta = if decay {
                 theta.affine(1.0 - lr * self.weight_decay, 0.0)?
             } else {
                 theta
@@ -102,6 +178,7 @@ impl AdamW {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, (name, _, _)) in self.params.iter().enumerate() {
+            // Muon's momentum sits in `m.`; its `v.` stays zeros.
             out.push((format!("m.{name}"), self.first_moment[i].clone()));
             out.push((format!("v.{name}"), self.second_moment[i].clone()));
         }
@@ -199,5 +276,123 @@ mod tests {
         assert_eq!(opt.steps, 2);
         assert_eq!(opt.state_tensors().len(), 4);
         assert_eq!(opt.state_tensors()[0].1.dtype(), DType::F64);
+    }
+
+    /// Singular values of a small matrix, from the eigenvalues of its Gram matrix by Jacobi
+    /// rotations (f64): a reference independent of Newton-Schulz.
+    #[allow(clippy::needless_range_loop)] // two rows rotated together
+    fn singular_values(g: &Tensor) -> Vec<f64> {
+        // The smaller Gram matrix: its eigenvalues are the squared singular values.
+        let (rows, cols) = g.dims2().unwrap();
+        let gtg = match rows < cols {
+            true => g.matmul(&g.t().unwrap()).unwrap(),
+            false => g.t().unwrap().matmul(g).unwrap(),
+        };
+        let n = gtg.dim(0).unwrap();
+        let mut a: Vec<Vec<f64>> = gtg.to_dtype(DType::F64).unwrap().to_vec2().unwrap();
+        for _ in 0..100 {
+            for p in 0..n {
+                for q in p + 1..n {
+                    if a[p][q].abs() < 1e-15 {
+                        continue;
+                    }
+                    let theta = 0.5 * (2.0 * a[p][q]).atan2(a[q][q] - a[p][p]);
+                    let (c, s) = (theta.cos(), theta.sin());
+                    for row in a.iter_mut() {
+                        let (x, y) = (row[p], row[q]);
+                        (row[p], row[q]) = (c * x - s * y, s * x + c * y);
+                    }
+                    for k in 0..n {
+                        let (x, y) = (a[p][k], a[q][k]);
+                        (a[p][k], a[q][k]) = (c * x - s * y, s * x + c * y);
+                    }
+                }
+            }
+        }
+        (0..n).map(|i| a[i][i].max(0.0).sqrt()).collect()
+    }
+
+    #[test]
+    fn newton_schulz_takes_every_singular_value_near_one_and_keeps_the_direction() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (rows, cols) in [(12, 4), (4, 12), (6, 6)] {
+            // Singular values spread over two decades.
+            let values: Vec<f64> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let g = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+            let scale: Vec<f64> = (0..cols)
+                .map(|j| 10f64.powf(-2.0 * j as f64 / cols as f64))
+                .collect();
+            let g = g
+                .broadcast_mul(&Tensor::from_vec(scale, (1, cols), &Device::Cpu).unwrap())
+                .unwrap();
+            let o = orthogonalised(&g).unwrap();
+            assert_eq!(o.dims(), g.dims());
+            for s in singular_values(&o) {
+                assert!(
+                    (0.55..1.25).contains(&s),
+                    "{rows}x{cols}: singular value {s}"
+                );
+            }
+            let along: f64 = (&o * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(along > 0.0);
+        }
+        // Diagonal by hand: stays diagonal with the signs kept.
+        let d = Tensor::new(&[[3.0f64, 0.0], [0.0, -0.5]], &Device::Cpu).unwrap();
+        let o: Vec<Vec<f64>> = orthogonalised(&d).unwrap().to_vec2().unwrap();
+        assert!(o[0][1].abs() < 1e-12 && o[1][0].abs() < 1e-12);
+        assert!(o[0][0] > 0.55 && o[1][1] < -0.55, "{o:?}");
+    }
+
+    #[test]
+    fn muon_steps_the_blocks_matrices_and_adamw_the_rest() {
+        let mut cfg = Config::default().train;
+        cfg.optimizer = Optimizer::Muon;
+        cfg.weight_decay = 0.1;
+        let (lr, mu) = (0.01, cfg.muon_momentum);
+        let start = [[1.0f64, -2.0], [0.5, 0.25], [0.0, 1.0]];
+        let w = Var::from_tensor(&Tensor::new(&start, &Device::Cpu).unwrap()).unwrap();
+        let h = Var::from_tensor(&Tensor::new(&[[1.0f64, -2.0]], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(
+            vec![
+                ("blocks.0.mlp.fc1.weight".into(), w.clone()),
+                ("head.weight".into(), h.clone()),
+            ],
+            &cfg,
+        )
+        .unwrap();
+        let g = Tensor::new(&[[3.0f64, 4.0], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu).unwrap();
+        let gh = Tensor::new(&[[3.0f64, 4.0]], &Device::Cpu).unwrap();
+        let mut buffer = g.zeros_like().unwrap();
+        let mut expected = Tensor::new(&start, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            opt.step(&[Some(g.clone()), Some(gh.clone())], lr).unwrap();
+            // By the rule: b = mu b + g; o = NS(g + mu b); w = w (1 - lr wd) - muon_lr
+            // (lr / peak lr) sqrt(3 / 2) o.
+            buffer = (buffer.affine(mu, 0.0).unwrap() + &g).unwrap();
+            let o = orthogonalised(&(&g + buffer.affine(mu, 0.0).unwrap()).unwrap()).unwrap();
+            let rate = cfg.muon_lr * lr / cfg.lr * 1.5f64.sqrt();
+            expected = (expected.affine(1.0 - lr * 0.1, 0.0).unwrap()
+                - o.affine(rate, 0.0).unwrap())
+            .unwrap();
+        }
+        let got: Vec<Vec<f64>> = w.as_tensor().to_vec2().unwrap();
+        let want: Vec<Vec<f64>> = expected.to_vec2().unwrap();
+        for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        // The head stays on AdamW: a constant gradient's step is lr per element.
+        let head: Vec<Vec<f64>> = h.as_tensor().to_vec2().unwrap();
+        let adam = |w0: f64| {
+            let w1 = w0 * (1.0 - lr * 0.1) - lr;
+            w1 * (1.0 - lr * 0.1) - lr
+        };
+        assert!((head[0][0] - adam(1.0)).abs() < 1e-9, "{head:?}");
+        // Muon's momentum is checkpointed as its first moment.
+        let state = opt.state_tensors();
+        let m: Vec<Vec<f64>> = state[0].1.to_vec2().unwrap();
+        assert_eq!(m, buffer.to_vec2::<f64>().unwrap());
     }
 }
