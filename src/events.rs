@@ -273,16 +273,38 @@ pub struct Sizing {
     pub planned_secs: f64,
 }
 
-/// Which weights evaluations, probes and predictions show, and how evaluations score
-/// (flip test-time augmentation), in words.
-pub fn weights_label(ema_decay: f64, eval_flip: bool) -> String {
-    let weights = if ema_decay > 0.0 {
-        format!("EMA weights ({ema_decay})")
+/// Which weights evaluations, probes and predictions show, and what differs from
+/// plain AdamW and plain evaluation (Muon, flip test-time augmentation), in words:
+/// the status line shows it whenever it is not just "raw weights".
+pub fn weights_label(train: &crate::config::TrainConfig) -> String {
+    let mut label = if train.ema_decay > 0.0 {
+        format!("EMA weights ({})", train.ema_decay)
     } else {
         "raw weights".into()
     };
-    match eval_flip {
-        true => format!("{weights}, evaluated with flip"),
-        false => weights,
+    if train.optimizer == crate::config::Optimizer::Muon {
+        label.push_str(", Muon on the blocks' matrices");
+    }
+    if train.eval_flip {
+        label.push_str(", evaluated with flip");
+    }
+    label
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_weights_label_names_what_differs_from_plain_training() {
+        let mut t = crate::config::Config::default().train;
+        assert_eq!(weights_label(&t), "raw weights");
+        t.ema_decay = 0.999;
+        t.optimizer = crate::config::Optimizer::Muon;
+        t.eval_flip = true;
+        assert_eq!(
+            weights_label(&t),
+            "EMA weights (0.999), Muon on the blocks' matrices, evaluated with flip"
+        );
     }
 }

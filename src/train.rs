@@ -277,7 +277,7 @@ impl Trainer {
                 candle_core::utils::get_num_threads(),
                 crate::ops::matmul_short(config.model.bf16())
             ),
-            weights: crate::events::weights_label(config.train.ema_decay, config.train.eval_flip),
+            weights: crate::events::weights_label(&config.train),
             test_pixels,
             test_labels,
         };

@@ -59,7 +59,7 @@ pub fn run_info(run: &RunDir, config: &Config, start_step: u64) -> RunInfo {
         epochs,
         final_step,
         budget_secs: config.train.budget_secs().ok().flatten(),
-        weights: crate::events::weights_label(config.train.ema_decay, config.train.eval_flip),
+        weights: crate::events::weights_label(&config.train),
         start_step,
         start_wall_secs: 0.0,
         parameters: 0,
