@@ -611,6 +611,7 @@ mod tests {
     fn the_quick_demo_and_budgets_parse() {
         let quick = Config::load(Some(Path::new("config/quick.toml")), &[]).unwrap();
         assert_eq!(quick.train.budget_secs(), Ok(Some(600.0)));
+        assert_eq!(quick.train.optimizer, Optimizer::Muon);
         assert_eq!(Config::default().train.budget_secs(), Ok(Some(3600.0)));
         let c = Config::from_sources(None, &sets(&["train.budget=\"1h30m\""])).unwrap();
         assert_eq!(c.train.budget_secs(), Ok(Some(5400.0)));
