@@ -72,6 +72,13 @@ fn keep<T: Clone>(list: &mut Vec<T>, r: &T, step: impl Fn(&T) -> u64) {
     list.push(r.clone());
 }
 
+fn at<T>(list: &[T], step: Option<u64>, step_of: impl Fn(&T) -> u64) -> Option<&T> {
+    match step {
+        Some(step) => list.iter().rev().find(|x| step_of(x) <= step),
+        None => list.last(),
+    }
+}
+
 impl LayerHistory {
     pub fn push_grads(&mut self, r: &GradRecord) {
         keep(&mut self.grads, r, |x| x.step);
@@ -83,6 +90,16 @@ impl LayerHistory {
 
     pub fn push_knowledge(&mut self, r: &KnowledgeRecord) {
         keep(&mut self.knowledge, r, |x| x.step);
+    }
+
+    /// The knowledge record at or before `step` (the latest without one).
+    pub fn knowledge_at(&self, step: Option<u64>) -> Option<&KnowledgeRecord> {
+        at(&self.knowledge, step, |k| k.step)
+    }
+
+    /// The gradient record at or before `step` (the latest without one).
+    pub fn grads_at(&self, step: Option<u64>) -> Option<&GradRecord> {
+        at(&self.grads, step, |g| g.step)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -75,7 +75,18 @@ impl Quantity {
         }
     }
 
-    /// A short name for files and column heads.
+    /// The head of its column in a table.
+    pub fn short(self) -> &'static str {
+        match self {
+            Self::GradNorm => "‖g‖",
+            Self::UpdateRatio => "‖Δw‖/‖w‖",
+            Self::ResidualRms => "RMS",
+            Self::ProbeAccuracy => "probe",
+            Self::LensAccuracy => "lens",
+        }
+    }
+
+    /// A short name for files.
     pub fn key(self) -> &'static str {
         match self {
             Self::GradNorm => "grad-norm",
@@ -115,7 +126,7 @@ impl Quantity {
     pub fn map(self, history: &LayerHistory) -> LayerMap {
         let (rows, columns): (Vec<String>, Vec<(u64, Vec<f64>)>) = match self {
             Self::GradNorm | Self::UpdateRatio => {
-                let rows = history.grads.last().map(depth_rows).unwrap_or_default();
+                let rows = history.grads.last().map(record_depths).unwrap_or_default();
                 let columns = history
                     .grads
                     .iter()
@@ -176,14 +187,35 @@ impl Quantity {
     }
 }
 
-/// Residual-stream layers: the embeddings, then after each block.
+/// The residual stream's layer `l`: the embeddings (0), then after each block.
+pub fn layer_label(l: usize) -> String {
+    match l {
+        0 => "embed".to_string(),
+        l => format!("block {}", l - 1),
+    }
+}
+
 fn layer_rows(layers: usize) -> Vec<String> {
-    (0..layers)
-        .map(|l| match l {
-            0 => "embed".to_string(),
-            l => format!("block {}", l - 1),
-        })
-        .collect()
+    (0..layers).map(layer_label).collect()
+}
+
+/// Every map's depth rows in one list, top to bottom ("norm+head", which only the
+/// gradient maps have, last): the rows of a table of several quantities.
+pub fn depth_rows<'a>(maps: impl IntoIterator<Item = &'a LayerMap>) -> Vec<String> {
+    let mut rows: Vec<String> = Vec::new();
+    for map in maps {
+        for r in &map.rows {
+            if !rows.contains(r) {
+                rows.push(r.clone());
+            }
+        }
+    }
+    rows.sort_by_key(|r| match r.as_str() {
+        "embed" => (0, 0),
+        "norm+head" => (2, 0),
+        r => (1, r.trim_start_matches("block ").parse().unwrap_or(0)),
+    });
+    rows
 }
 
 /// A map: `values[column][row]`, columns in step order.
@@ -232,6 +264,16 @@ impl LayerMap {
     pub fn column_at(&self, step: u64) -> Option<usize> {
         self.steps.iter().rposition(|&s| s <= step)
     }
+
+    /// Row `row`'s value at or last before `step` (the latest without one).
+    pub fn value_at(&self, step: Option<u64>, row: &str) -> Option<f64> {
+        let column = match step {
+            Some(step) => self.column_at(step),
+            None => self.values.len().checked_sub(1),
+        }?;
+        let r = self.rows.iter().position(|x| x == row)?;
+        self.values[column].get(r).copied()
+    }
 }
 
 /// One depth's gradient figures at one record.
@@ -243,7 +285,7 @@ pub struct DepthGrads {
     pub update_ratio: f64,
 }
 
-fn depth_rows(record: &GradRecord) -> Vec<Depth> {
+fn record_depths(record: &GradRecord) -> Vec<Depth> {
     let mut rows: Vec<Depth> = record.groups.iter().map(|g| Depth::of(g)).collect();
     rows.sort();
     rows.dedup();
@@ -252,7 +294,7 @@ fn depth_rows(record: &GradRecord) -> Vec<Depth> {
 
 /// A record's groups gathered by depth.
 pub fn by_depth(record: &GradRecord) -> Vec<DepthGrads> {
-    depth_rows(record)
+    record_depths(record)
         .into_iter()
         .map(|depth| {
             let (mut g2, mut w2, mut d2) = (0.0, 0.0, 0.0);
@@ -366,6 +408,14 @@ mod tests {
         assert_eq!(g.column_at(5), None);
         let r = Quantity::ResidualRms.map(&history);
         assert_eq!(r.rows, ["embed", "block 0", "block 1"]);
+        assert_eq!(
+            depth_rows([&g, &r]),
+            ["embed", "block 0", "block 1", "norm+head"]
+        );
+        assert_eq!(g.value_at(Some(15), "block 0"), Some(5.0));
+        assert_eq!(g.value_at(None, "block 0"), Some(500.0));
+        assert_eq!(g.value_at(Some(5), "block 0"), None);
+        assert_eq!(r.value_at(None, "norm+head"), None);
         assert!(!r.log, "1 to 4 is linear");
         let p = Quantity::ProbeAccuracy.map(&history);
         assert_eq!(p.range(), (0.2, 0.5));

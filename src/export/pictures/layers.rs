@@ -5,7 +5,7 @@
 use super::draw::png;
 use crate::export::canvas::{Canvas, BLACK, GREY, WHITE};
 use crate::export::request::{ExportError, Picture, Source};
-use crate::inspect::layers::Quantity;
+use crate::inspect::layers::{layer_label, Quantity};
 use crate::palette::heat_rgb;
 
 /// The font has no '‖' or 'Δ': titles in plain ASCII.
@@ -98,11 +98,7 @@ pub fn layers(source: &Source, step: Option<u64>) -> Result<Vec<Picture>, Export
             &c,
         )?);
     }
-    let record = match step {
-        Some(s) => history.knowledge.iter().rev().find(|k| k.step <= s),
-        None => history.knowledge.last(),
-    };
-    if let Some(k) = record {
+    if let Some(k) = history.knowledge_at(step) {
         let n = k.cka.len() as i64;
         let cell = 56i64;
         let (ox, oy) = (100i64, 70i64);
@@ -118,13 +114,15 @@ pub fn layers(source: &Source, step: Option<u64>) -> Result<Vec<Picture>, Export
             2,
             BLACK,
         );
-        let label = |l: i64| match l {
-            0 => "embed".to_string(),
-            l => format!("block {}", l - 1),
-        };
         for (i, row) in k.cka.iter().enumerate() {
             let i = i as i64;
-            c.text(10, oy + i * cell + cell / 2 - 4, &label(i), 1, BLACK);
+            c.text(
+                10,
+                oy + i * cell + cell / 2 - 4,
+                &layer_label(i as usize),
+                1,
+                BLACK,
+            );
             let short = if i == 0 {
                 "emb".into()
             } else {

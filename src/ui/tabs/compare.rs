@@ -11,7 +11,7 @@ use ratatui::widgets::{Block, Borders, Paragraph, Widget};
 use super::attention::draw_layer_head_grid;
 use super::layernorm::{bar_rows, resample, short_name};
 use crate::inspect::attention::Scale;
-use crate::inspect::layers::{LayerMap, Quantity};
+use crate::inspect::layers::{depth_rows, LayerMap, Quantity};
 use crate::inspect::probe::ProbeSnapshot;
 use crate::run::compare::Comparison;
 use crate::run::RunDir;
@@ -198,22 +198,10 @@ fn render_depth(
         })
         .collect();
     let marks = pair.runs.map(|i| t.run_marker(i).1);
-    let mut rows: Vec<String> = Vec::new();
-    for map in maps.iter().flatten() {
-        for r in &map.rows {
-            if !rows.contains(r) {
-                rows.push(r.clone());
-            }
-        }
-    }
-    rows.sort_by_key(|r| match r.as_str() {
-        "embed" => (0, 0),
-        "norm+head" => (2, 0),
-        r => (1, r.trim_start_matches("block ").parse().unwrap_or(0)),
-    });
-    let heads = ["‖g‖", "‖Δw‖/‖w‖", "RMS", "probe", "lens"];
+    let rows = depth_rows(maps.iter().flatten());
     let mut header = vec![Span::styled(format!("{:>9} ", "layer"), t.dim())];
-    for h in heads {
+    for q in Quantity::ALL {
+        let h = q.short();
         for (k, mark) in marks.iter().enumerate() {
             header.push(Span::styled(
                 format!("{:>11}", format!("{h} {mark}")),
@@ -228,10 +216,7 @@ fn render_depth(
         for q in 0..Quantity::ALL.len() {
             for (k, run_maps) in maps.iter().enumerate() {
                 let map = &run_maps[q];
-                let value = map.column_at(pair.step).and_then(|col| {
-                    let r = map.rows.iter().position(|x| x == row)?;
-                    map.values[col].get(r).copied()
-                });
+                let value = map.value_at(Some(pair.step), row);
                 let text = value.map_or("·".into(), |v| map.quantity.format(v));
                 spans.push(Span::styled(
                     format!("{text:>11}"),

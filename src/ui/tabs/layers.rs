@@ -12,7 +12,9 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget, Wrap};
 
 use crate::events::{KnowledgeRecord, LayerHistory};
-use crate::inspect::layers::{by_depth, group_value, LayerMap, Quantity, BLOCK_PARTS};
+use crate::inspect::layers::{
+    by_depth, depth_rows, group_value, layer_label, LayerMap, Quantity, BLOCK_PARTS,
+};
 use crate::ui::state::App;
 use crate::ui::theme::ColorMode;
 use crate::ui::widgets::frame::{bar, note, panel};
@@ -33,14 +35,6 @@ pub fn cursor_step(app: &App) -> Option<u64> {
             .last()
             .copied()
     })
-}
-
-/// The knowledge record at or before `step` (the latest without one).
-pub fn knowledge_at(history: &LayerHistory, step: Option<u64>) -> Option<&KnowledgeRecord> {
-    match step {
-        Some(step) => history.knowledge.iter().rev().find(|k| k.step <= step),
-        None => history.knowledge.last(),
-    }
 }
 
 pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
@@ -65,7 +59,12 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let full = area.width >= FULL_WIDTH && area.height >= FULL_HEIGHT;
     let view = &app.layers_view;
     let cursor = cursor_step(app);
-    let selected = view.quantity.map(history);
+    // Every quantity's map, built once per frame, in `Quantity::ALL`'s order.
+    let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
+    let selected = &maps[Quantity::ALL
+        .iter()
+        .position(|q| *q == view.quantity)
+        .unwrap_or(0)];
     let position = match (view.cursor, selected.steps.len()) {
         (_, 0) => "no records of it yet".to_string(),
         (None, n) => format!("record {n}/{n}, latest"),
@@ -89,8 +88,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         ])
         .areas(area);
         head.render(header, buf);
-        render_map(app, &selected, cursor, true, map_area, buf);
-        render_table(app, cursor, table_area, buf);
+        render_map(app, selected, cursor, true, map_area, buf);
+        render_table(app, &maps, cursor, table_area, buf);
         return;
     }
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
@@ -107,7 +106,6 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Layout::horizontal([Constraint::Percentage(58), Constraint::Fill(1)]).areas(body);
     // Every map that fits, the selected one always.
     let mut y = left.y;
-    let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
     for map in &maps {
         let h = map.rows.len().max(1) as u16 + 3;
         let fits = y + h <= left.bottom();
@@ -129,7 +127,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         render_map(app, map, cursor, false, inner, buf);
         y += h;
     }
-    let depth_rows = table_rows(history).len() as u16;
+    let depth_rows = depth_rows(&maps).len() as u16;
     let [table, parts, cka, notes] = Layout::vertical([
         Constraint::Length(depth_rows + 3),
         Constraint::Length(depth_rows + 1),
@@ -146,10 +144,10 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         table,
         buf,
     );
-    render_table(app, cursor, inner, buf);
+    render_table(app, &maps, cursor, inner, buf);
     let inner = panel(app, "gradients by part of each block", parts, buf);
     render_parts(app, cursor, inner, buf);
-    let record = knowledge_at(history, cursor);
+    let record = history.knowledge_at(cursor);
     let title = match record {
         Some(k) => format!(
             "layer similarity (linear CKA, {} test images) at step {}",
@@ -280,54 +278,25 @@ fn render_map(
     }
 }
 
-/// The depth labels every quantity's rows fall into, top to bottom.
-fn table_rows(history: &LayerHistory) -> Vec<String> {
-    let mut rows: Vec<String> = Vec::new();
-    for q in Quantity::ALL {
-        for label in q.map(history).rows {
-            if !rows.contains(&label) {
-                rows.push(label);
-            }
-        }
-    }
-    // "norm+head" (gradients only) last.
-    rows.sort_by_key(|r| match r.as_str() {
-        "embed" => (0, 0),
-        "norm+head" => (2, 0),
-        r => (1, r.trim_start_matches("block ").parse().unwrap_or(0)),
-    });
-    rows
-}
-
 /// Per layer at the cursor: every quantity's value (each from its own record at or
 /// before the cursor), with bars for the selected one.
-fn render_table(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
+fn render_table(app: &App, maps: &[LayerMap], cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let history = &app.layers;
-    let rows = table_rows(history);
-    let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
-    let heads = ["‖g‖", "‖Δw‖/‖w‖", "RMS", "probe", "lens"];
     let col_w = 10usize;
     let selected = app.layers_view.quantity;
     let mut header = vec![Span::styled(format!("{:>9} ", "layer"), t.dim())];
-    for (q, h) in Quantity::ALL.iter().zip(heads) {
-        let style = if *q == selected { t.accent() } else { t.dim() };
-        header.push(Span::styled(format!("{h:>col_w$}"), style));
+    for map in maps {
+        let q = map.quantity;
+        let style = if q == selected { t.accent() } else { t.dim() };
+        header.push(Span::styled(format!("{:>col_w$}", q.short()), style));
     }
-    let bar_w = (area.width as usize).saturating_sub(10 + col_w * heads.len() + 2);
+    let bar_w = (area.width as usize).saturating_sub(10 + col_w * maps.len() + 2);
     let mut lines = vec![Line::from(header)];
-    let at = |map: &LayerMap| match cursor {
-        Some(step) => map.column_at(step),
-        None => map.values.len().checked_sub(1),
-    };
-    for label in &rows {
+    for label in &depth_rows(maps) {
         let mut spans = vec![Span::styled(format!("{label:>9} "), t.dim())];
         let mut level = None;
-        for map in &maps {
-            let v = at(map).and_then(|c| {
-                let r = map.rows.iter().position(|x| x == label)?;
-                map.values[c].get(r).copied()
-            });
+        for map in maps {
+            let v = map.value_at(cursor, label);
             let style = if map.quantity == selected {
                 t.text()
             } else {
@@ -356,12 +325,7 @@ fn render_table(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
 /// each block at the cursor's gradient record.
 fn render_parts(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let grads = &app.layers.grads;
-    let record = match cursor {
-        Some(step) => grads.iter().rev().find(|g| g.step <= step),
-        None => grads.last(),
-    };
-    let Some(record) = record else {
+    let Some(record) = app.layers.grads_at(cursor) else {
         note(app, "no gradient records yet", area, buf);
         return;
     };
@@ -402,10 +366,6 @@ fn render_cka(app: &App, record: Option<&KnowledgeRecord>, area: Rect, buf: &mut
         return;
     };
     let n = k.cka.len();
-    let label = |l: usize| match l {
-        0 => "embed".to_string(),
-        l => format!("block {}", l - 1),
-    };
     let mut lines = vec![];
     let mut header = vec![Span::raw(format!("{:>9} ", ""))];
     for j in 0..n {
@@ -423,7 +383,7 @@ fn render_cka(app: &App, record: Option<&KnowledgeRecord>, area: Rect, buf: &mut
     }
     lines.push(Line::from(header));
     for (i, row) in k.cka.iter().enumerate() {
-        let mut spans = vec![Span::styled(format!("{:>9} ", label(i)), t.dim())];
+        let mut spans = vec![Span::styled(format!("{:>9} ", layer_label(i)), t.dim())];
         for &v in row {
             let (_, style) = t.heat(v);
             spans.push(Span::styled(format!("{v:>6.2}"), style));
