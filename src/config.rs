@@ -170,6 +170,9 @@ pub struct TrainConfig {
     pub max_steps: usize,
     pub budget: String,
     pub schedule_steps: usize,
+    /// Written by a budgeted run that fell behind its plan (see [`Replan`]).
+    #[serde(default)]
+    pub replans: Vec<Replan>,
     pub batch_size: usize,
     pub micro_batch_size: usize,
     pub lr: f64,
@@ -192,11 +195,30 @@ pub struct TrainConfig {
     pub threads: usize,
 }
 
+/// A budgeted run's re-plan: after step `at` the rest of the learning-rate schedule
+/// is compressed to end at `final_step`, and the run ends there (at once when equal).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Replan {
+    pub at: usize,
+    pub final_step: usize,
+}
+
 impl TrainConfig {
     /// The `[train]` keys' ranges.
     fn validate(&self) -> Result<(), ConfigError> {
         let t = self;
         check(t.epochs > 0, "train.epochs", t.epochs, "must be at least 1")?;
+        let mut after = 0;
+        for r in &t.replans {
+            check(
+                r.at >= after && r.at <= r.final_step,
+                "train.replans",
+                format!("{{ at = {}, final_step = {} }}", r.at, r.final_step),
+                "each re-plan must come after the one before it and not end before its own step",
+            )?;
+            after = r.at + 1;
+        }
         check(
             t.batch_size > 0,
             "train.batch_size",
@@ -522,6 +544,7 @@ impl Config {
             overlay(&mut table, &user, &format!("--set {arg}"), "")?;
         }
         check_choices(&table)?;
+        check_replans(&table)?;
         let config: Config =
             toml::Value::Table(table)
                 .try_into()
@@ -548,6 +571,33 @@ impl Config {
         self.probe.validate()?;
         self.ui.validate()?;
         positive("run.print_every_secs", self.run.print_every_secs)
+    }
+}
+
+/// `train.replans`, the one list among the keys, checked before deserialising so that
+/// its error names it.
+fn check_replans(table: &toml::Table) -> Result<(), ConfigError> {
+    let Some(list) = table.get("train").and_then(|t| t.get("replans")) else {
+        return Ok(());
+    };
+    let step = |t: &toml::Table, k: &str| {
+        t.get(k)
+            .and_then(toml::Value::as_integer)
+            .is_some_and(|i| i >= 0)
+    };
+    let entry = |e: &toml::Value| {
+        e.as_table()
+            .is_some_and(|t| t.len() == 2 && step(t, "at") && step(t, "final_step"))
+    };
+    match list.as_array() {
+        Some(entries) if entries.iter().all(entry) => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            key: "train.replans".into(),
+            value: list.to_string(),
+            reason:
+                "expected a list of { at = STEP, final_step = STEP }, as a budgeted run writes it"
+                    .into(),
+        }),
     }
 }
 

@@ -172,6 +172,10 @@ struct Trainer {
     /// A test's fault: at this step, one gradient is made NaN before the check.
     #[cfg(test)]
     inject_non_finite: Option<u64>,
+    /// A test's machine that slows down once the run is sized: every step from then
+    /// on takes this many seconds on the run's clock.
+    #[cfg(test)]
+    slow_after_sizing: Option<f64>,
 }
 
 impl Trainer {
@@ -301,6 +305,8 @@ impl Trainer {
             halt,
             #[cfg(test)]
             inject_non_finite: None,
+            #[cfg(test)]
+            slow_after_sizing: None,
             config: config.clone(),
             run: run.clone(),
             metrics: run.appender(METRICS_FILE)?,
@@ -369,6 +375,64 @@ impl Trainer {
         Ok(())
     }
 
+    /// Moves a budgeted run's end when its machine's pace drifted far from the plan (see
+    /// [`budget::replan`]): sooner when even skipping evaluations would not bring it
+    /// home, later when it would end well inside the budget. At an epoch's end, `pace`
+    /// being that epoch's seconds a step. The re-plan goes into the run's config before
+    /// the checkpoint that follows it, so a resume from any checkpoint, or a fresh run
+    /// of the recorded config, replays it exactly.
+    fn replan(&mut self, sink: &mut dyn Sink, pace: f64) -> Result<(), TrainError> {
+        let (Some(budget), Some(eval)) = (self.info.budget_secs, self.eval_secs) else {
+            return Ok(());
+        };
+        let at = self.progress.step;
+        let t = &self.config.train;
+        // A replayed run keeps the re-plans it was given; only later ones are its own.
+        if self.needs_sizing() || t.replans.last().is_some_and(|r| r.at as u64 >= at) {
+            return Ok(());
+        }
+        // The budget set max_steps (to its own end); a smaller one of the user's binds.
+        let budget_end = t.replans.last().map_or(t.schedule_steps, |r| r.final_step);
+        let may_extend = t.max_steps == budget_end;
+        let spe = self.info.steps_per_epoch;
+        let before = self.info.final_step;
+        let Some(sizing) = budget::replan(
+            budget,
+            (at, self.progress.wall_secs),
+            (pace, eval),
+            spe,
+            before,
+            may_extend,
+        ) else {
+            return Ok(());
+        };
+        let end = sizing.final_step;
+        let t = &mut self.config.train;
+        t.replans.push(crate::config::Replan {
+            at: at as usize,
+            final_step: end as usize,
+        });
+        t.max_steps = end as usize;
+        t.epochs = sizing.epochs.max(1) as usize;
+        self.info.final_step = t.final_step(spe);
+        self.info.epochs = sizing.epochs.max(1);
+        self.run.write_config(&self.config)?;
+        let (drift, schedule) = match end < before {
+            true => ("end past its budget", "compressed into"),
+            false => ("end well inside its budget", "stretched over"),
+        };
+        self.message(
+            sink,
+            format!(
+                "re-planned at step {at}: at {pace:.3} s a step lately the run would {drift}; it ends at step {end} (epoch {}) instead of {before}, the rest of the schedule {schedule} the steps left, planned {}",
+                sizing.epochs,
+                crate::run::milestones::clock(sizing.planned_secs),
+            ),
+        )?;
+        sink.send(Event::Sized(sizing));
+        Ok(())
+    }
+
     /// Seconds one evaluation of the whole test set takes, timed on its first images.
     fn time_evaluation(&self) -> Result<f64, TrainError> {
         let test = &self.data.test;
@@ -405,7 +469,10 @@ impl Trainer {
         Ok(())
     }
 
+    /// Writes the checkpoint; its time counts toward the run's clock (`wall_secs`), as
+    /// the probes' do, so that a budget holds for the whole run, not only its steps.
     fn save_checkpoint(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
+        let start = Instant::now();
         let path = self.run.checkpoint_path();
         checkpoint::save(
             &path,
@@ -415,6 +482,7 @@ impl Trainer {
             &self.progress,
         )?;
         self.last_checkpoint = Some(self.progress.step);
+        self.progress.wall_secs += start.elapsed().as_secs_f64();
         sink.send(Event::Checkpoint {
             step: self.progress.step,
             path,
@@ -432,6 +500,7 @@ impl Trainer {
     }
 
     fn probe(&mut self, sink: &mut dyn Sink) -> Result<(), TrainError> {
+        let start = Instant::now();
         let model = self.shown_model();
         let step = self.progress.step;
         let snapshot =
@@ -440,6 +509,7 @@ impl Trainer {
         self.run.write_probe(&snapshot)?;
         let scale = crate::inspect::scale::of_probe(&snapshot);
         sink.send(Event::Probe(Arc::new(snapshot)));
+        self.progress.wall_secs += start.elapsed().as_secs_f64();
         self.write_layers(sink, MetricRecord::Scale(scale))
     }
 
@@ -732,6 +802,8 @@ impl Trainer {
         // This process's pace after its first SETTLE steps: over the next MEASURE steps it
         // sizes a budgeted run, and from then on it decides which evaluations still fit.
         let (mut paced_secs, mut paced_steps) = (0.0, 0u64);
+        // The same over the latest epoch alone, for re-planning at its end.
+        let (mut epoch_secs, mut epoch_steps) = (0.0, 0u64);
         let (measure_from, measure_to) = (
             start + budget::SETTLE_STEPS,
             start + budget::SETTLE_STEPS + budget::MEASURE_STEPS,
@@ -778,7 +850,8 @@ impl Trainer {
             let grad_norm = grad_sums.iter().sum::<f64>().sqrt();
             let correct = step_result.correct;
             let horizon = self.config.train.schedule_steps(spe);
-            let lr = learning_rate(&cfg, self.progress.step, horizon);
+            // The live config: a re-plan changes the schedule mid-run.
+            let lr = learning_rate(&self.config.train, self.progress.step, horizon);
             let every = self.config.probe.grad_every_steps as u64;
             let recorded = every > 0 && (self.progress.step + 1).is_multiple_of(every);
             let before = match recorded {
@@ -807,12 +880,19 @@ impl Trainer {
             }
             drop(step_result);
             let secs = started.elapsed().as_secs_f64();
+            #[cfg(test)]
+            let secs = match self.slow_after_sizing {
+                Some(slow) if self.progress.step >= measure_to && !self.needs_sizing() => slow,
+                _ => secs,
+            };
             self.progress.step += 1;
             self.progress.wall_secs += secs;
             let step = self.progress.step;
             if step > measure_from {
                 paced_secs += secs;
                 paced_steps += 1;
+                epoch_secs += secs;
+                epoch_steps += 1;
             }
             if self.needs_sizing() && step == measure_to {
                 self.apply_budget(sink, paced_secs / paced_steps as f64)?;
@@ -837,6 +917,11 @@ impl Trainer {
             let probe_due = self.config.probe.every_steps > 0
                 && step.is_multiple_of(self.config.probe.every_steps as u64);
             if epoch_end {
+                // Not at the sizing's own step: that plan is a moment old.
+                if epoch_steps > 0 && step < self.info.final_step && step != measure_to {
+                    self.replan(sink, epoch_secs / epoch_steps as f64)?;
+                }
+                (epoch_secs, epoch_steps) = (0.0, 0);
                 let pace = (paced_steps > 0).then(|| paced_secs / paced_steps as f64);
                 if step >= self.info.final_step || self.evaluation_due(pace) {
                     last_eval = Some(self.evaluate(sink)?);
@@ -872,11 +957,18 @@ impl Trainer {
             "stopped on request".to_string()
         } else if let (Some(budget), true) = (
             self.info.budget_secs,
-            step as usize == self.config.train.schedule_steps,
+            step as usize
+                == (self.config.train.replans.last())
+                    .map_or(self.config.train.schedule_steps, |r| r.final_step),
         ) {
             format!(
-                "the {} budget's {step} steps done",
-                humantime::format_duration(std::time::Duration::from_secs(budget as u64))
+                "the {} budget's {step} steps done{}",
+                humantime::format_duration(std::time::Duration::from_secs(budget as u64)),
+                match self.config.train.replans.len() {
+                    0 => String::new(),
+                    1 => " (re-planned once)".to_string(),
+                    n => format!(" (re-planned {n} times)"),
+                }
             )
         } else if step >= self.info.epochs * spe {
             format!("all {} epochs done", self.info.epochs)

@@ -1,7 +1,10 @@
 //! A wall-clock budget for a run (`train.budget`): the trainer measures its own speed
 //! over the first steps, then fixes how many steps fit, so that training and every
 //! evaluation end within the budget. The count and the learning-rate schedule's
-//! horizon are written into the run's config, so a resumed run keeps them.
+//! horizon are written into the run's config, so a resumed run keeps them. A shared
+//! machine that slows down later first costs evaluations (skipped), then, when even
+//! those would not bring the run home, steps: the run is re-planned to end sooner
+//! ([`replan`]), recorded in its config as well.
 
 /// Steps skipped before measuring (allocator, caches and the data thread settle).
 pub const SETTLE_STEPS: u64 = 10;
@@ -81,6 +84,73 @@ pub fn evaluation_due(
         || elapsed + 2.0 * eval_secs + steps_left as f64 * secs_per_step <= budget
 }
 
+/// A run is re-planned to end sooner when, at its latest pace and doing only the
+/// evaluations it cannot skip, it would use more than this share of the budget ...
+pub const SHORTEN_ABOVE_SHARE: f64 = 0.97;
+/// ... and then aims at this share, so that one slow spell does not re-plan every epoch.
+pub const SHORTEN_TO_SHARE: f64 = 0.93;
+/// A run is re-planned to end later when, at its latest pace and with all its
+/// evaluations, it would use less than this share (it then plans PLANNED_SHARE, as the
+/// sizing does). The sizing's steps 11-100 are often slower than the rest: allocator,
+/// caches and the data thread are still settling.
+pub const EXTEND_BELOW_SHARE: f64 = 0.85;
+
+/// Seconds at which a run that spent `elapsed` by step `at` (an epoch's end) ends at
+/// step `n`, at `pace` a step, doing only the evaluations it cannot skip: the last one,
+/// and one after every MAX_SKIPPED_IN_ROW skipped.
+fn least_secs(n: u64, at: u64, elapsed: f64, pace: f64, eval: f64, spe: u64) -> f64 {
+    let epochs = n.div_ceil(spe).saturating_sub(at / spe);
+    let evals = match epochs {
+        0 => 0,
+        e => 1 + (e - 1) / (MAX_SKIPPED_IN_ROW as u64 + 1),
+    };
+    elapsed + (n - at) as f64 * pace + evals as f64 * eval
+}
+
+/// Where a budgeted run at an epoch's end (`at`, `elapsed` seconds spent, `pace` seconds
+/// a step lately) should end instead of `final_step`, or None while its plan holds:
+/// - far behind (past SHORTEN_ABOVE_SHARE even with the evaluations it may skip
+///   skipped): the latest epoch end that fits SHORTEN_TO_SHARE that way (`at` itself
+///   when none does, so the run ends with its last evaluation now);
+/// - far ahead (inside EXTEND_BELOW_SHARE with every evaluation), when `may_extend`
+///   (no max_steps of the user's binds): the length a sizing would give now, if that is
+///   an epoch longer at least.
+pub fn replan(
+    budget: f64,
+    (at, elapsed): (u64, f64),
+    (pace, eval_secs): (f64, f64),
+    steps_per_epoch: u64,
+    final_step: u64,
+    may_extend: bool,
+) -> Option<Sizing> {
+    let spe = steps_per_epoch.max(1);
+    if at >= final_step {
+        return None;
+    }
+    let least = |n| least_secs(n, at, elapsed, pace, eval_secs, spe);
+    if least(final_step) > budget * SHORTEN_ABOVE_SHARE {
+        let mut n = at + (final_step - at - 1) / spe * spe;
+        while n > at && least(n) > budget * SHORTEN_TO_SHARE {
+            n -= spe;
+        }
+        return Some(Sizing {
+            final_step: n,
+            epochs: n.div_ceil(spe),
+            secs_per_step: pace,
+            eval_secs,
+            planned_secs: least(n),
+        });
+    }
+    let all = planned_secs(final_step, at, elapsed, pace, eval_secs, spe);
+    if may_extend && all < budget * EXTEND_BELOW_SHARE {
+        let longer = size(budget, at, elapsed, pace, eval_secs, spe);
+        if longer.final_step >= final_step + spe {
+            return Some(longer);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +203,54 @@ mod tests {
     fn a_budget_already_spent_ends_at_once() {
         let s = size(60.0, 40, 100.0, 0.5, 5.0, 100);
         assert_eq!(s.final_step, 40);
+    }
+
+    #[test]
+    fn a_run_behind_its_plan_is_replanned_to_the_latest_epoch_that_fits() {
+        // An hour of 45,000 steps of 100 an epoch with 5 s evaluations, at step 20,000
+        // after 1,800 s: at 0.05 s a step it ends at 3,300 s even with all 250
+        // evaluations the skips allow at least (50), and 4,300 s with all 250: its plan
+        // holds (evaluations will be skipped).
+        assert_eq!(
+            replan(3600.0, (20_000, 1800.0), (0.05, 5.0), 100, 45_000, true),
+            None
+        );
+        // At 0.09 s a step the 25,000 steps left take 2,250 s: 4,300 s with the 50
+        // forced evaluations, past 97% of the hour. The latest epoch end inside 93%
+        // (3,348 s): 1,800 + 0.09 (n - 20,000) + 5 (1 + (epochs - 1) / 5) gives 35,400
+        // (3,341 s; one epoch more is 3,350 s).
+        let s = replan(3600.0, (20_000, 1800.0), (0.09, 5.0), 100, 45_000, true).unwrap();
+        let n = s.final_step;
+        assert_eq!((n, s.epochs, s.planned_secs), (35_400, 354, 3341.0));
+        assert!(least_secs(n, 20_000, 1800.0, 0.09, 5.0, 100) <= 3600.0 * SHORTEN_TO_SHARE);
+        assert!(least_secs(n + 100, 20_000, 1800.0, 0.09, 5.0, 100) > 3600.0 * SHORTEN_TO_SHARE);
+        // A run already out of time ends at this epoch's end, with its evaluation.
+        let now = replan(3600.0, (20_000, 3590.0), (0.09, 5.0), 100, 45_000, true).unwrap();
+        assert_eq!(now.final_step, 20_000);
+        // The run's own last step is never moved later.
+        assert_eq!(
+            replan(3600.0, (45_000, 3700.0), (0.09, 5.0), 100, 45_000, true),
+            None
+        );
+    }
+
+    #[test]
+    fn a_run_well_ahead_of_its_plan_is_replanned_to_fill_the_budget() {
+        // 1 s evaluations: at 0.04 s a step the 25,000 steps left and their 250
+        // evaluations end at 3,050 s, inside 85% of the hour (3,060 s). A sizing now
+        // fits 1,800 + 0.04 d + d / 100 <= 3,240 s: 28,800 steps more, whole epochs.
+        let s = replan(3600.0, (20_000, 1800.0), (0.04, 1.0), 100, 45_000, true).unwrap();
+        assert_eq!((s.final_step, s.epochs), (48_800, 488));
+        assert!(s.planned_secs <= 3600.0 * PLANNED_SHARE);
+        // Not when a max_steps of the user's is what ends the run ...
+        assert_eq!(
+            replan(3600.0, (20_000, 1800.0), (0.04, 1.0), 100, 45_000, false),
+            None
+        );
+        // ... nor at 0.05 s a step (3,300 s: inside the plan's 90% and above 85%).
+        assert_eq!(
+            replan(3600.0, (20_000, 1800.0), (0.05, 1.0), 100, 45_000, true),
+            None
+        );
     }
 }

@@ -23,7 +23,8 @@ pub struct TrainState {
     /// (seed, epoch) and (seed, step), so this is all the data-order state there is.
     pub step: u64,
     pub seed: u64,
-    /// Training time spent so far, pauses excluded, in seconds.
+    /// Time spent so far (steps, evaluations, probes, checkpoints), pauses excluded,
+    /// in seconds: the clock `train.budget` is held to.
     pub wall_secs: f64,
     pub best_accuracy: f64,
     /// 1-based epoch of the best evaluation (0 = none yet).

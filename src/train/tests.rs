@@ -1,6 +1,7 @@
 //! The trainer's halt on a non-finite step, with a fault injected into a real run's
 //! gradients: the step is not applied, the last good checkpoint stays as it was, the
-//! alert names the group, and the dashboard's halt waits for the user first.
+//! alert names the group, and the dashboard's halt waits for the user first. And a
+//! budgeted run on a machine made slow on purpose: it re-plans, and its record replays.
 
 use std::sync::mpsc::channel;
 
@@ -122,4 +123,91 @@ fn the_dashboards_halt_pauses_until_told_then_stops() {
         matches!(err, TrainError::NonFinite { step: 3, .. }),
         "{err}"
     );
+}
+
+#[test]
+fn a_run_that_falls_behind_its_budget_ends_sooner_and_its_record_replays_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = tiny();
+    config.train.budget = "1h".into();
+    config.train.warmup_steps = 100;
+    let run = RunDir::create(tmp.path(), Some(&tmp.path().join("slow")), &config).unwrap();
+    let (mut events, (_tx, rx)) = (Vec::new(), channel());
+    let mut trainer = Trainer::prepare(&config, &run, false, &mut events, Halt::Stop).unwrap();
+    // Sized at step 100 for an hour of this tiny model's real pace (hundreds of
+    // thousands of steps); then the machine "takes" 100 s a step. At step 110, the
+    // next epoch's end, about 1,000 s are spent: only two more epochs fit in 93% of the
+    // hour, even skipping evaluations; after that the plan holds (at step 120 a sizing
+    // would give no more epochs either).
+    trainer.slow_after_sizing = Some(100.0);
+    let outcome = trainer.run(&mut events, &rx).unwrap();
+    assert_eq!(outcome.step, 130, "{}", outcome.reason);
+    assert!(
+        outcome.reason.contains("re-planned once"),
+        "{}",
+        outcome.reason
+    );
+    assert_eq!(outcome.last_eval.as_ref().map(|e| e.step), Some(130));
+    let recorded = run.read_config().unwrap();
+    assert_eq!(
+        recorded.train.replans,
+        vec![crate::config::Replan {
+            at: 110,
+            final_step: 130
+        }]
+    );
+    assert_eq!(recorded.train.max_steps, 130);
+    let sized: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Sized(s) => Some(s.final_step),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        sized.len() == 2 && sized[0] > 10_000 && sized[1] == 130,
+        "{sized:?}"
+    );
+    let log = std::fs::read_to_string(run.file(LOG_FILE)).unwrap();
+    assert!(log.contains("re-planned at step 110:"), "{log}");
+    // The rate goes on from where it was and reaches min_lr at the new end.
+    let lrs: Vec<f64> = run
+        .read_metrics()
+        .iter()
+        .filter_map(|r| match r {
+            MetricRecord::Train(t) => Some(t.lr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lrs.len(), 130);
+    assert!(
+        lrs[100] < lrs[99] && lrs[100] > 0.99 * lrs[99],
+        "{:?}",
+        &lrs[98..102]
+    );
+    assert!(
+        (lrs[129] - config.train.min_lr).abs() < 1e-15,
+        "{}",
+        lrs[129]
+    );
+
+    // The recorded config alone (the budget off, so nothing is measured or re-planned
+    // again) trains the same run, bit for bit.
+    let mut replay_config = recorded.clone();
+    replay_config.train.budget = String::new();
+    let replay =
+        RunDir::create(tmp.path(), Some(&tmp.path().join("replay")), &replay_config).unwrap();
+    let mut replayed =
+        Trainer::prepare(&replay_config, &replay, false, &mut events, Halt::Stop).unwrap();
+    assert_eq!(replayed.run(&mut events, &rx).unwrap().step, 130);
+    let losses = |r: &RunDir| -> Vec<(u64, f64, f64)> {
+        r.read_metrics()
+            .iter()
+            .filter_map(|m| match m {
+                MetricRecord::Train(t) => Some((t.step, t.loss, t.lr)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(losses(&replay), losses(&run));
 }
