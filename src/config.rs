@@ -170,7 +170,7 @@ pub struct TrainConfig {
     pub max_steps: usize,
     pub budget: String,
     pub schedule_steps: usize,
-    /// Written by a budgeted run that fell behind its plan (see [`Replan`]).
+    /// Written by a budgeted run whose pace drifted far from its plan (see [`Replan`]).
     #[serde(default)]
     pub replans: Vec<Replan>,
     pub batch_size: usize,
@@ -196,7 +196,8 @@ pub struct TrainConfig {
 }
 
 /// A budgeted run's re-plan: after step `at` the rest of the learning-rate schedule
-/// is compressed to end at `final_step`, and the run ends there (at once when equal).
+/// is compressed or stretched to end at `final_step`, and the run ends there (at once
+/// when equal).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Replan {

@@ -446,3 +446,36 @@ fn each_optimizer_learns_and_resumes_exactly() {
         );
     }
 }
+
+/// The per-layer records read the step; they never change it: the same run with every
+/// record on and with all of them off trains the same losses, bit for bit.
+#[test]
+fn the_layer_records_change_no_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let losses = |name: &str, sets: &[&str]| {
+        let config = tiny_config(sets);
+        let run = RunDir::create(tmp.path(), Some(&tmp.path().join(name)), &config).unwrap();
+        run_to_end(&config, &run, false);
+        train_losses(&run)
+    };
+    let with = losses(
+        "with",
+        &[
+            "train.epochs=2",
+            "probe.grad_every_steps=3",
+            "probe.layers_every_evals=1",
+            "probe.layers_train_images=640",
+            "probe.layers_test_images=200",
+        ],
+    );
+    let without = losses(
+        "without",
+        &[
+            "train.epochs=2",
+            "probe.grad_every_steps=0",
+            "probe.layers_every_evals=0",
+        ],
+    );
+    assert_eq!(with.len(), 40);
+    assert_eq!(with, without);
+}

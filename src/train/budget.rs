@@ -3,8 +3,9 @@
 //! evaluation end within the budget. The count and the learning-rate schedule's
 //! horizon are written into the run's config, so a resumed run keeps them. A shared
 //! machine that slows down later first costs evaluations (skipped), then, when even
-//! those would not bring the run home, steps: the run is re-planned to end sooner
-//! ([`replan`]), recorded in its config as well.
+//! those would not bring the run home, steps: the run is re-planned to end sooner; one
+//! far ahead of its plan is re-planned to end later ([`replan`]). Each re-plan is
+//! recorded in the run's config as well.
 
 /// Steps skipped before measuring (allocator, caches and the data thread settle).
 pub const SETTLE_STEPS: u64 = 10;
@@ -208,9 +209,9 @@ mod tests {
     #[test]
     fn a_run_behind_its_plan_is_replanned_to_the_latest_epoch_that_fits() {
         // An hour of 45,000 steps of 100 an epoch with 5 s evaluations, at step 20,000
-        // after 1,800 s: at 0.05 s a step it ends at 3,300 s even with all 250
-        // evaluations the skips allow at least (50), and 4,300 s with all 250: its plan
-        // holds (evaluations will be skipped).
+        // after 1,800 s: at 0.05 s a step it ends at 3,300 s with the 50 evaluations
+        // the skips leave at least, 4,300 s with all 250: its plan holds (evaluations
+        // will be skipped).
         assert_eq!(
             replan(3600.0, (20_000, 1800.0), (0.05, 5.0), 100, 45_000, true),
             None
@@ -247,7 +248,7 @@ mod tests {
             replan(3600.0, (20_000, 1800.0), (0.04, 1.0), 100, 45_000, false),
             None
         );
-        // ... nor at 0.05 s a step (3,300 s: inside the plan's 90% and above 85%).
+        // ... nor at 0.05 s a step (3,300 s, above 85%).
         assert_eq!(
             replan(3600.0, (20_000, 1800.0), (0.05, 1.0), 100, 45_000, true),
             None

@@ -181,9 +181,9 @@ fn a_run_that_falls_behind_its_budget_ends_sooner_and_its_record_replays_it() {
         .collect();
     assert_eq!(lrs.len(), 130);
     assert!(
-        lrs[100] < lrs[99] && lrs[100] > 0.99 * lrs[99],
+        lrs[110] < lrs[109] && lrs[110] > 0.99 * lrs[109],
         "{:?}",
-        &lrs[98..102]
+        &lrs[108..112]
     );
     assert!(
         (lrs[129] - config.train.min_lr).abs() < 1e-15,
