@@ -238,7 +238,7 @@ impl<W: Write> HeadlessPrinter<W> {
                         .join(" ")
                 };
                 self.line(&format!(
-                    "layers (embeddings, then blocks 1..): linear probe {} %  logit lens {} %  ({:.1} s)",
+                    "layers (embeddings, then blocks 0..): linear probe {} %  logit lens {} %  ({:.1} s)",
                     percent(&k.probe_accuracy),
                     percent(&k.lens_accuracy),
                     k.secs
