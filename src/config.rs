@@ -304,6 +304,14 @@ impl TrainConfig {
         }
     }
 
+    /// Where a budgeted run's own plan ends: its latest re-plan's end, else the sizing's
+    /// (`schedule_steps`).
+    pub fn planned_end(&self) -> usize {
+        self.replans
+            .last()
+            .map_or(self.schedule_steps, |r| r.final_step)
+    }
+
     /// The learning-rate schedule's horizon: `schedule_steps` when set (a budgeted run
     /// fixes it), else all epochs.
     pub fn schedule_steps(&self, steps_per_epoch: u64) -> u64 {

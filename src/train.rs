@@ -392,8 +392,7 @@ impl Trainer {
             return Ok(());
         }
         // The budget set max_steps (to its own end); a smaller one of the user's binds.
-        let budget_end = t.replans.last().map_or(t.schedule_steps, |r| r.final_step);
-        let may_extend = t.max_steps == budget_end;
+        let may_extend = t.max_steps == t.planned_end();
         let spe = self.info.steps_per_epoch;
         let before = self.info.final_step;
         let Some(sizing) = budget::replan(
@@ -957,9 +956,7 @@ impl Trainer {
             "stopped on request".to_string()
         } else if let (Some(budget), true) = (
             self.info.budget_secs,
-            step as usize
-                == (self.config.train.replans.last())
-                    .map_or(self.config.train.schedule_steps, |r| r.final_step),
+            step as usize == self.config.train.planned_end(),
         ) {
             format!(
                 "the {} budget's {step} steps done{}",
