@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod keys;
+pub mod run_state;
 pub mod shell;
 pub mod state;
 pub mod stats;
@@ -139,7 +140,7 @@ async fn event_loop(
                 }
             },
             Some(message) = export_rx.recv() => {
-                app.push_log(message.clone());
+                app.run.push_log(message.clone());
                 app.notice = Some(message);
                 input_dirty = true;
             },
@@ -171,12 +172,12 @@ async fn event_loop(
             },
             _ = tick.tick(), if app.mode == app::Mode::Live => {
                 // The process's own CPU and memory: meaningful only where it trains.
-                let before = app.process;
-                app.process.cpu_percent = cpu.sample().map(|p| p.round());
-                app.process.rss_bytes = crate::sys::rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
-                app.process.peak_rss_bytes =
+                let before = app.run.process;
+                app.run.process.cpu_percent = cpu.sample().map(|p| p.round());
+                app.run.process.rss_bytes = crate::sys::rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
+                app.run.process.peak_rss_bytes =
                     crate::sys::peak_rss_bytes().map(|b| b / 1_000_000 * 1_000_000);
-                if app.process != before && !app.engine_done {
+                if app.run.process != before && !app.engine_done {
                     data_dirty = true;
                 }
             },

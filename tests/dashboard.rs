@@ -93,7 +93,7 @@ fn training_app(steps: u64, mode: ColorMode) -> App {
             a.on_event(Event::Eval(eval_record(step / 390)));
         }
     }
-    a.process = ProcessStats {
+    a.run.process = ProcessStats {
         cpu_percent: Some(198.0),
         rss_bytes: Some(612_000_000),
         peak_rss_bytes: Some(640_000_000),
@@ -1151,17 +1151,17 @@ fn the_layers_tab_at_both_sizes_and_its_keys() {
     // ↓ picks the next quantity, ← moves the cursor back a record, End returns.
     a.on_key(key(KeyCode::Down));
     assert_eq!(
-        a.layers_view.quantity,
+        a.layers.quantity,
         vitscope::inspect::layers::Quantity::UpdateRatio
     );
     a.on_key(key(KeyCode::Left));
-    assert_eq!(a.layers_view.cursor, Some(1950));
+    assert_eq!(a.layers.cursor, Some(1950));
     assert!(screen(&a, 80, 24).contains("cursor at step 1950"));
     a.on_key(key(KeyCode::Right));
-    assert_eq!(a.layers_view.cursor, None);
+    assert_eq!(a.layers.cursor, None);
     a.on_key(key(KeyCode::Left));
     a.on_key(key(KeyCode::End));
-    assert_eq!(a.layers_view.cursor, None);
+    assert_eq!(a.layers.cursor, None);
     // `e` exports the maps.
     a.on_key(key(KeyCode::Char('e')));
     assert_eq!(
@@ -1182,5 +1182,10 @@ fn the_layers_tab_at_both_sizes_and_its_keys() {
             .contains("⚠ gradient norm 40.0 at step 2001"),
         "{s}"
     );
-    assert!(a.log.back().unwrap().starts_with("alert: gradient norm"));
+    assert!(a
+        .run
+        .log
+        .back()
+        .unwrap()
+        .starts_with("alert: gradient norm"));
 }

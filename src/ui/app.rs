@@ -2,97 +2,44 @@
 //! for the trainer's (or a follower's) events, one for keys through the key table.
 //! Drawing lives in `shell.rs` and the tabs, and only reads the state.
 
-use std::collections::VecDeque;
-
 use crossterm::event::KeyEvent;
 
 use super::keys::{action_for, Action, Scope};
-use super::tabs::{features, predictions};
 use super::theme::Theme;
 use crate::config::Config;
-use crate::data::LoadProgress;
-
-use crate::events::{split_records, Control, Event, Phase};
+use crate::events::{Control, Event, Phase};
 
 pub use super::state::*;
 
 impl App {
     pub fn new(mode: Mode, theme: Theme, run_name: String, config: &Config) -> Self {
+        let mut run = RunState::new(run_name, config);
+        run.process.estimate_bytes = (mode == Mode::Live).then(|| {
+            let threads = candle_core::utils::get_num_threads();
+            crate::train::memory::estimate(
+                config,
+                crate::train::memory::Workload::Dashboard,
+                threads,
+            )
+            .total() as u64
+        });
         Self {
             mode,
             color_note: String::new(),
             export_request: None,
             notice: None,
             theme,
-            run_name,
-            dataset: config.data.dataset.name().to_string(),
-            pos_embed: config.model.pos_embed,
             tab: Tab::Training,
-            phase: Phase::Loading,
             popup: None,
-            loading: None,
-            info: None,
-            train: Vec::new(),
-            evals: Vec::new(),
-            probe_metas: Vec::new(),
-            layernorm: LayerNormView {
-                selected: 0,
-                source: LnSource::Output,
-            },
-            attention: AttentionView {
-                layer: 0,
-                head: 0,
-                query: 0,
-                rollout: false,
-                scale: crate::inspect::attention::Scale::default(),
-            },
-            features: FeaturesView {
-                layer: 0,
-                channel_offset: 0,
-            },
-            patches: PatchesView { patch: 0 },
-            predictions_view: PredictionsView {
-                selected: 0,
-                filter: PredictionFilter::All,
-                class: None,
-                scrub: None,
-            },
-            layers_view: LayersView {
-                quantity: crate::inspect::layers::Quantity::GradNorm,
-                cursor: None,
-            },
-            layers: crate::events::LayerHistory::default(),
-            alert: None,
-            probe_image: 0,
-            predictions: Vec::new(),
             screen: (80, 24),
-            probe_scrub: None,
-            full_probes: VecDeque::new(),
-            test_pixels: Vec::new(),
-            test_labels: Vec::new(),
-            last_checkpoint: None,
-            log: VecDeque::new(),
-            failure: None,
-            finished: None,
-            training: TrainingView {
-                smoothing: config.ui.smoothing,
-                log_y: false,
-                x_axis: XAxis::Step,
-                zoomed: false,
-                recent_steps: config.ui.recent_steps,
-            },
-            process: ProcessStats {
-                estimate_bytes: (mode == Mode::Live).then(|| {
-                    let threads = candle_core::utils::get_num_threads();
-                    crate::train::memory::estimate(
-                        config,
-                        crate::train::memory::Workload::Dashboard,
-                        threads,
-                    )
-                    .total() as u64
-                }),
-                ..ProcessStats::default()
-            },
+            run,
+            training: TrainingView::new(&config.ui),
+            layernorm: LayerNormView::default(),
+            attention: AttentionView::default(),
+            features: FeaturesView::default(),
+            patches: PatchesView::default(),
+            predictions: PredictionsView::default(),
+            layers: LayersView::default(),
             stopping: false,
             quit_requested: false,
             engine_done: false,
@@ -104,94 +51,16 @@ impl App {
         self.quit_requested && (self.engine_done || self.mode == Mode::View || !self.stopping)
     }
 
-    pub fn push_log(&mut self, line: String) {
-        if self.log.len() == LOG_LINES {
-            self.log.pop_front();
-        }
-        self.log.push_back(line);
-    }
-
     /// Applies an engine event. Returns whether anything visible changed.
     pub fn on_event(&mut self, event: Event) -> bool {
-        match event {
-            Event::Phase(phase) => self.phase = phase,
-            Event::Loading(progress) => {
-                if let LoadProgress::Message(m) = &progress {
-                    self.push_log(m.clone());
-                }
-                self.loading = Some(progress);
-            }
-            Event::Started(info) => {
-                self.test_pixels.clone_from(&info.test_pixels);
-                self.test_labels.clone_from(&info.test_labels);
-                self.info = Some(info);
-                self.loading = None;
-            }
-            Event::History(records) => {
-                for record in records.iter() {
-                    self.layers.push(record);
-                }
-                let (train, evals) = split_records(records.iter().cloned());
-                self.train.extend(train);
-                self.evals.extend(evals);
-            }
-            Event::Train(record) => {
-                // A follower may replay a run: keep the history ordered by step.
-                if self.train.last().is_some_and(|r| r.step >= record.step) {
-                    self.train.retain(|r| r.step < record.step);
-                }
-                self.train.push(record);
-            }
-            Event::Eval(record) => {
-                self.evals.retain(|e| e.step != record.step);
-                self.evals.push(record);
-            }
-            Event::Probe(snapshot) => {
-                let step = snapshot.meta.step;
-                // A resumed run probes again from its checkpoint: later ones are stale.
-                self.probe_metas.retain(|m| m.step < step);
-                self.probe_metas.push(snapshot.meta.clone());
-                self.full_probes.retain(|p| p.meta.step < step);
-                if self.full_probes.len() == FULL_PROBES_KEPT {
-                    self.full_probes.pop_front();
-                }
-                self.full_probes.push_back(snapshot);
-                return self.tab.shows_probes();
-            }
-            Event::Predictions(predictions) => {
-                let step = predictions.meta.step;
-                self.predictions.retain(|p| p.meta.step < step);
-                self.predictions.push(predictions);
-                return self.tab == Tab::Predictions;
-            }
-            Event::Layers(record) => {
-                self.layers.push(&record);
-                return self.tab == Tab::Layers;
-            }
-            Event::Alert(alert) => {
-                let halted = if alert.fatal { "halted: " } else { "" };
-                self.push_log(format!("alert: {halted}{}", alert.message));
-                self.alert = Some(alert);
-            }
-            Event::Checkpoint { step, .. } => self.last_checkpoint = Some(step),
-            Event::Log(line) => self.push_log(line),
-            Event::Sized(sizing) => {
-                if let Some(info) = self.info.as_mut() {
-                    info.final_step = sizing.final_step;
-                    info.epochs = sizing.epochs;
-                }
-            }
-            Event::Finished { step, reason } => {
-                self.finished = Some(format!("finished at step {step}: {reason}"));
-                self.phase = Phase::Finished;
-            }
-            Event::Failed(message) => {
-                self.push_log(format!("error: {message}"));
-                self.failure = Some(message);
-                self.phase = Phase::Failed;
-            }
-        }
-        true
+        let visible = match &event {
+            Event::Probe(_) => self.tab.shows_probes(),
+            Event::Predictions(_) => self.tab == Tab::Predictions,
+            Event::Layers(_) => self.tab == Tab::Layers,
+            _ => true,
+        };
+        self.run.apply(event);
+        visible
     }
 
     /// Scopes active now, most specific first.
@@ -255,7 +124,7 @@ impl App {
                 self.tab = Tab::ALL[next];
             }
             Action::TogglePause => {
-                return match self.phase {
+                return match self.run.phase {
                     Phase::Paused => Some(Control::Resume),
                     Phase::Training | Phase::Evaluating => Some(Control::Pause),
                     _ => None,
@@ -268,69 +137,22 @@ impl App {
                     self.notice = Some("nothing to export yet".into());
                 }
             }
+            // The probe tabs share the probe image and the shown probe.
             Action::NextImage | Action::PrevImage if self.tab.shows_probes() => {
-                let images = self.full_probes.back().map_or(1, |p| p.meta.images.max(1));
-                self.probe_image = if action == Action::NextImage {
-                    (self.probe_image + 1) % images
-                } else {
-                    (self.probe_image + images - 1) % images
-                };
+                self.run.step_image(action == Action::NextImage);
             }
-            Action::ScrubBack | Action::ScrubForward | Action::Latest
-                if self.tab.shows_probes() =>
-            {
-                self.scrub(action);
-            }
-            _ if self.tab == Tab::LayerNorm => self.on_layernorm_action(action),
-            _ if self.tab == Tab::Attention => self.on_attention_action(action),
-            _ if self.tab == Tab::Features => self.on_features_action(action),
-            _ if self.tab == Tab::Patches => self.on_patches_action(action),
-            _ if self.tab == Tab::Predictions => self.on_predictions_action(action),
-            _ if self.tab == Tab::Layers => self.layers_view.on_action(action, &self.layers),
-            Action::Latest
-            | Action::ToggleSource
-            | Action::ScrubBack
-            | Action::ScrubForward
-            | Action::NextImage
-            | Action::PrevImage
-            | Action::QueryUp
-            | Action::QueryDown
-            | Action::ToggleRollout
-            | Action::CycleScale
-            | Action::ToggleRun
-            | Action::OpenRun
-            | Action::ToggleCompare
-            | Action::CycleSort
-            | Action::ReverseSort
-            | Action::Filter
-            | Action::ScrollBack
-            | Action::ScrollForward
-            | Action::PageUp
-            | Action::PageDown
-            | Action::CycleFilter
-            | Action::CycleClass => {}
-            Action::ToggleLogScale => self.training.log_y = !self.training.log_y,
-            Action::ToggleXAxis => {
-                self.training.x_axis = match self.training.x_axis {
-                    XAxis::Step => XAxis::Time,
-                    XAxis::Time => XAxis::Step,
-                }
-            }
-            Action::ToggleZoom => self.training.zoomed = !self.training.zoomed,
-            Action::Left => {
-                self.training.zoomed = true;
-                self.training.recent_steps = (self.training.recent_steps / 2).max(10);
-            }
-            Action::Right => {
-                self.training.zoomed = true;
-                self.training.recent_steps = (self.training.recent_steps * 2).min(1 << 24);
-            }
-            Action::Up | Action::SmoothMore => {
-                self.training.smoothing = (self.training.smoothing + 0.05).min(0.99);
-            }
-            Action::Down | Action::SmoothLess => {
-                self.training.smoothing = (self.training.smoothing - 0.05).max(0.0);
-            }
+            Action::ScrubBack if self.tab.shows_probes() => self.run.scrub(Scrub::Back),
+            Action::ScrubForward if self.tab.shows_probes() => self.run.scrub(Scrub::Forward),
+            Action::Latest if self.tab.shows_probes() => self.run.scrub(Scrub::Latest),
+            _ => match self.tab {
+                Tab::Training => self.training.on_action(action),
+                Tab::LayerNorm => self.layernorm.on_action(action, &mut self.run),
+                Tab::Attention => self.attention.on_action(action, &self.run),
+                Tab::Features => self.features.on_action(action, &self.run),
+                Tab::Patches => self.patches.on_action(action, &self.run),
+                Tab::Predictions => self.predictions.on_action(action, &self.run, self.screen),
+                Tab::Layers => self.layers.on_action(action, &self.run.layers),
+            },
         }
         None
     }
@@ -339,8 +161,8 @@ impl App {
     /// into `<run name>-export` in the current folder.
     pub fn export_for_view(&self) -> Option<ExportRequest> {
         use crate::export::What;
-        let run_dir = self.info.as_ref()?.run_dir.clone();
-        let step = self.shown_probe().map(|m| m.step);
+        let run_dir = self.run.info.as_ref()?.run_dir.clone();
+        let step = self.run.shown_probe().map(|m| m.step);
         let (what, layer) = match self.tab {
             Tab::Training => (What::Curves, 0),
             Tab::LayerNorm => (What::LayerNormGif, self.layernorm.selected),
@@ -348,7 +170,7 @@ impl App {
             Tab::Features => (What::Features, self.features.layer),
             Tab::Patches => (What::Patches, 0),
             Tab::Predictions => (What::Predictions, 0),
-            Tab::Layers if self.layers.is_empty() => return None,
+            Tab::Layers if self.run.layers.is_empty() => return None,
             Tab::Layers => (What::Layers, 0),
         };
         if self.tab.shows_probes() && step.is_none() {
@@ -356,147 +178,15 @@ impl App {
         }
         Some(ExportRequest {
             run_dir,
-            out: std::path::PathBuf::from(format!("{}-export", self.run_name)),
+            out: std::path::PathBuf::from(format!("{}-export", self.run.run_name)),
             what,
             choice: crate::export::Choice {
                 step,
-                image: self.probe_image,
+                image: self.run.probe_image,
                 layer,
                 head: self.attention.head,
             },
         })
-    }
-
-    fn scrub(&mut self, action: Action) {
-        let n = self.probe_metas.len();
-        self.probe_scrub = match action {
-            Action::ScrubBack | Action::Left if n > 0 => {
-                Some(self.probe_scrub.unwrap_or(n - 1).saturating_sub(1))
-            }
-            Action::ScrubForward | Action::Right => match self.probe_scrub {
-                Some(i) if i + 2 < n => Some(i + 1),
-                _ => None,
-            },
-            Action::Latest => None,
-            _ => self.probe_scrub,
-        };
-    }
-
-    fn on_attention_action(&mut self, action: Action) {
-        let (depth, heads, tokens) = self
-            .full_probes
-            .back()
-            .map_or((1, 1, 1), |p| (p.meta.depth, p.meta.heads, p.meta.tokens));
-        let view = &mut self.attention;
-        match action {
-            Action::Up => view.layer = view.layer.saturating_sub(1),
-            Action::Down => view.layer = (view.layer + 1).min(depth.saturating_sub(1)),
-            Action::Left => view.head = view.head.saturating_sub(1),
-            Action::Right => view.head = (view.head + 1).min(heads.saturating_sub(1)),
-            Action::QueryUp => view.query = view.query.saturating_sub(1),
-            Action::QueryDown => view.query = (view.query + 1).min(tokens.saturating_sub(1)),
-            Action::ToggleRollout => view.rollout = !view.rollout,
-            Action::CycleScale => view.scale = view.scale.next(),
-            _ => {}
-        }
-    }
-
-    fn on_features_action(&mut self, action: Action) {
-        let (depth, dim) = self
-            .full_probes
-            .back()
-            .map_or((0, 1), |p| (p.meta.depth, p.meta.dim));
-        let view = &mut self.features;
-        let page = features::CHANNEL_PAGE;
-        match action {
-            Action::Up => view.layer = view.layer.saturating_sub(1),
-            Action::Down => view.layer = (view.layer + 1).min(depth),
-            Action::ScrollBack => view.channel_offset = view.channel_offset.saturating_sub(page),
-            Action::ScrollForward => {
-                view.channel_offset = (view.channel_offset + page).min(dim.saturating_sub(1));
-            }
-            _ => {}
-        }
-    }
-
-    fn on_patches_action(&mut self, action: Action) {
-        let grid = self.full_probes.back().map_or(1, |p| p.meta.grid());
-        let (row, col) = (self.patches.patch / grid, self.patches.patch % grid);
-        let (row, col) = match action {
-            Action::Up => (row.saturating_sub(1), col),
-            Action::Down => ((row + 1).min(grid - 1), col),
-            Action::Left => (row, col.saturating_sub(1)),
-            Action::Right => (row, (col + 1).min(grid - 1)),
-            _ => (row, col),
-        };
-        self.patches.patch = (row.min(grid - 1)) * grid + col.min(grid - 1);
-    }
-
-    fn on_predictions_action(&mut self, action: Action) {
-        let count = predictions::listed(self).len();
-        let (per_row, rows) = predictions::grid_shape(self.screen);
-        let per_page = per_row * rows;
-        let view = &mut self.predictions_view;
-        let last = count.saturating_sub(1);
-        match action {
-            Action::Left => view.selected = view.selected.saturating_sub(1),
-            Action::Right => view.selected = (view.selected + 1).min(last),
-            Action::Up => view.selected = view.selected.saturating_sub(per_row),
-            Action::Down => view.selected = (view.selected + per_row).min(last),
-            Action::PageUp => view.selected = view.selected.saturating_sub(per_page),
-            Action::PageDown => view.selected = (view.selected + per_page).min(last),
-            Action::CycleFilter => {
-                view.filter = match view.filter {
-                    PredictionFilter::All => PredictionFilter::Mistakes,
-                    PredictionFilter::Mistakes => PredictionFilter::UnsureRight,
-                    PredictionFilter::UnsureRight => PredictionFilter::Flipped,
-                    PredictionFilter::Flipped => PredictionFilter::All,
-                };
-                view.selected = 0;
-            }
-            Action::CycleClass => {
-                let classes = self.info.as_ref().map_or(0, |i| i.class_names.len());
-                view.class = match view.class {
-                    None if classes > 0 => Some(0),
-                    Some(k) if k + 1 < classes => Some(k + 1),
-                    _ => None,
-                };
-                view.selected = 0;
-            }
-            Action::ScrubBack => {
-                let n = self.predictions.len();
-                if n > 0 {
-                    view.scrub = Some(view.scrub.unwrap_or(n - 1).saturating_sub(1));
-                }
-            }
-            Action::ScrubForward => {
-                view.scrub = match view.scrub {
-                    Some(i) if i + 2 < self.predictions.len() => Some(i + 1),
-                    _ => None,
-                };
-            }
-            Action::Latest => view.scrub = None,
-            _ => {}
-        }
-    }
-
-    fn on_layernorm_action(&mut self, action: Action) {
-        let count = self.probe_metas.last().map_or(0, |m| m.layer_norms.len());
-        let view = &mut self.layernorm;
-        match action {
-            Action::Up => view.selected = view.selected.saturating_sub(1),
-            Action::Down => view.selected = (view.selected + 1).min(count.saturating_sub(1)),
-            Action::Left | Action::Right => self.scrub(action),
-            Action::ToggleSource => {
-                view.source = match view.source {
-                    LnSource::Output => LnSource::Input,
-                    LnSource::Input => LnSource::Gamma,
-                    LnSource::Gamma => LnSource::Beta,
-                    LnSource::Beta => LnSource::Output,
-                }
-            }
-            _ => {}
-        }
     }
 }
 
@@ -592,8 +282,8 @@ mod tests {
             MetricRecord::Eval(eval),
         ])));
         a.on_event(Event::Train(train(11)));
-        let steps: Vec<u64> = a.train.iter().map(|r| r.step).collect();
+        let steps: Vec<u64> = a.run.train.iter().map(|r| r.step).collect();
         assert_eq!(steps, [9, 10, 11]);
-        assert_eq!(a.evals.len(), 1);
+        assert_eq!(a.run.evals.len(), 1);
     }
 }

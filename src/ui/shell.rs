@@ -33,21 +33,21 @@ impl Widget for &App {
         .areas(area);
         render_tabs(self, header, buf);
         render_status(self, status, buf);
-        if self.info.is_none() && self.failure.is_none() {
+        if self.run.info.is_none() && self.run.failure.is_none() {
             render_loading(self, body, buf);
         } else {
             match self.tab {
-                Tab::Training => training::render(self, body, buf),
-                Tab::LayerNorm => layernorm::render(self, body, buf),
-                Tab::Attention => attention::render(self, body, buf),
-                Tab::Features => features::render(self, body, buf),
-                Tab::Patches => patches::render(self, body, buf),
-                Tab::Predictions => predictions::render(self, body, buf),
-                Tab::Layers => layers::render(self, body, buf),
+                Tab::Training => training::render(self.ctx(&self.training), body, buf),
+                Tab::LayerNorm => layernorm::render(self.ctx(&self.layernorm), body, buf),
+                Tab::Attention => attention::render(self.ctx(&self.attention), body, buf),
+                Tab::Features => features::render(self.ctx(&self.features), body, buf),
+                Tab::Patches => patches::render(self.ctx(&self.patches), body, buf),
+                Tab::Predictions => predictions::render(self.ctx(&self.predictions), body, buf),
+                Tab::Layers => layers::render(self.ctx(&self.layers), body, buf),
             }
         }
         render_footer(self, foot, buf);
-        if let Some(message) = &self.failure {
+        if let Some(message) = &self.run.failure {
             render_failure(self, message, body, buf);
         }
         match self.popup {
@@ -101,13 +101,13 @@ fn phase_label(app: &App) -> (String, Style) {
     if app.stopping && !app.engine_done {
         return ("stopping (writing checkpoint)".into(), t.accent());
     }
-    let style = match app.phase {
+    let style = match app.run.phase {
         Phase::Failed => t.bad(),
         Phase::Finished => t.good(),
         Phase::Paused | Phase::Evaluating | Phase::Stalled => t.accent(),
         Phase::Loading | Phase::Training => t.text().add_modifier(Modifier::BOLD),
     };
-    let mut label = app.phase.label().to_string();
+    let mut label = app.run.phase.label().to_string();
     if app.mode == Mode::View {
         label = format!("{label} (viewing)");
     }
@@ -125,7 +125,7 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(Span::styled(notice.clone(), t.accent()));
     }
     // A halt comes first; a spike after the position (the log has the whole line).
-    let alert = app.alert.as_ref().map(|a| {
+    let alert = app.run.alert.as_ref().map(|a| {
         let text = a.message.split(';').next().unwrap_or(&a.message);
         match a.fatal {
             true => (true, Span::styled(format!("⚠ halted: {text}"), t.bad())),
@@ -136,9 +136,9 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(sep.clone());
         spans.push(span.clone());
     }
-    if let Some(info) = &app.info {
-        let step = app.train.last().map_or(info.start_step, |r| r.step);
-        let epoch = app.train.last().map_or(1, |r| r.epoch);
+    if let Some(info) = &app.run.info {
+        let step = app.run.train.last().map_or(info.start_step, |r| r.step);
+        let epoch = app.run.train.last().map_or(1, |r| r.epoch);
         spans.push(sep.clone());
         spans.push(Span::raw(format!("epoch {epoch}/{}", info.epochs)));
         spans.push(sep.clone());
@@ -149,8 +149,8 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(span);
     }
     spans.push(sep.clone());
-    spans.push(Span::raw(app.dataset.clone()));
-    if let Some(info) = &app.info {
+    spans.push(Span::raw(app.run.dataset.clone()));
+    if let Some(info) = &app.run.info {
         spans.push(sep.clone());
         spans.push(Span::raw(info.device.clone()));
         if info.weights != "raw weights" {
@@ -159,7 +159,7 @@ fn render_status(app: &App, area: Rect, buf: &mut Buffer) {
         }
     }
     spans.push(sep);
-    spans.push(Span::styled(app.run_name.clone(), t.dim()));
+    spans.push(Span::styled(app.run.run_name.clone(), t.dim()));
     Line::from(spans).render(area, buf);
 }
 
@@ -176,10 +176,10 @@ fn render_footer(app: &App, area: Rect, buf: &mut Buffer) {
 fn render_loading(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let mut lines = vec![
-        Line::styled(format!("Loading {} …", app.dataset), t.title()),
+        Line::styled(format!("Loading {} …", app.run.dataset), t.title()),
         Line::raw(""),
     ];
-    match &app.loading {
+    match &app.run.loading {
         Some(LoadProgress::Downloading { done, total }) => {
             let ratio = if *total > 0 {
                 *done as f64 / *total as f64
@@ -199,7 +199,7 @@ fn render_loading(app: &App, area: Rect, buf: &mut Buffer) {
         None => lines.push(Line::styled("starting the trainer …", t.dim())),
     }
     lines.push(Line::raw(""));
-    for m in app.log.iter().rev().take(4).rev() {
+    for m in app.run.log.iter().rev().take(4).rev() {
         lines.push(Line::styled(m.clone(), t.dim()));
     }
     let block = Block::default().borders(Borders::ALL).title(" Loading ");
@@ -288,12 +288,13 @@ fn render_log(app: &App, area: Rect, buf: &mut Buffer) {
     Clear.render(rect, buf);
     let room = rect.height.saturating_sub(2) as usize;
     let lines: Vec<Line> = app
+        .run
         .log
         .iter()
-        .skip(app.log.len().saturating_sub(room))
+        .skip(app.run.log.len().saturating_sub(room))
         .map(|l| Line::raw(l.clone()))
         .collect();
-    let title = format!(" Log ({} messages, also in run.log) ", app.log.len());
+    let title = format!(" Log ({} messages, also in run.log) ", app.run.log.len());
     Paragraph::new(lines)
         .block(
             Block::default()

@@ -1,4 +1,5 @@
-//! One module per tab (and the runs screen): what each draws from the run's history.
+//! One module per tab (and the runs screen): each owns its view settings, the keys
+//! that change them, and its drawing from the run (`run_state::Ctx`, read-only).
 
 pub mod attention;
 pub mod compare;

@@ -3,4 +3,5 @@
 
 pub mod chart;
 pub mod frame;
+pub mod heat_grid;
 pub mod paint;

@@ -11,47 +11,56 @@ use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragrap
 use crate::config::IMAGE_SIZE;
 use crate::inspect::attention::{head_average, head_stats, rollout, HeadStats, Scale};
 use crate::inspect::probe::ProbeSnapshot;
-use crate::ui::state::App;
+use crate::ui::keys::Action;
+use crate::ui::run_state::{Ctx, RunState};
 use crate::ui::theme::{ColorMode, Series, Theme};
 use crate::ui::widgets::frame::probe_label;
-use crate::ui::widgets::paint::{draw_image, draw_level_map, draw_stacked};
+use crate::ui::widgets::heat_grid::{draw_half_blocks, draw_layer_head_grid, shrink};
+use crate::ui::widgets::paint::{draw_image, draw_level_map};
 
-/// `values` (rows x cols, row-major) averaged down to at most `out_rows` x `out_cols`.
-pub fn shrink(
-    values: &[f64],
-    rows: usize,
-    cols: usize,
-    out_rows: usize,
-    out_cols: usize,
-) -> (Vec<f64>, usize, usize) {
-    let (r2, c2) = (
-        out_rows.clamp(1, rows.max(1)),
-        out_cols.clamp(1, cols.max(1)),
-    );
-    let mut out = vec![0.0; r2 * c2];
-    for (r, row_out) in out.chunks_exact_mut(c2).enumerate() {
-        let (r0, r1) = (r * rows / r2, ((r + 1) * rows / r2).max(r * rows / r2 + 1));
-        for (c, v) in row_out.iter_mut().enumerate() {
-            let (c0, c1) = (c * cols / c2, ((c + 1) * cols / c2).max(c * cols / c2 + 1));
-            let mut sum = 0.0;
-            for y in r0..r1 {
-                for x in c0..c1 {
-                    sum += values[y * cols + x];
-                }
-            }
-            *v = sum / ((r1 - r0) * (c1 - c0)) as f64;
+/// The Attention tab's view settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AttentionView {
+    pub layer: usize,
+    pub head: usize,
+    /// The query token whose row is inspected (0 = CLS, or the first patch without one).
+    pub query: usize,
+    /// Show attention rollout instead of the selected head's raw weights.
+    pub rollout: bool,
+    /// How weights become shades, in the matrix, the thumbnails and the overlays.
+    pub scale: Scale,
+}
+
+impl AttentionView {
+    /// ↑/↓ layer, ←/→ head, [/] query, r rollout, v the shading scale; bounded by the
+    /// latest probe's shape.
+    pub fn on_action(&mut self, action: Action, run: &RunState) {
+        let (depth, heads, tokens) = run
+            .latest_full_probe()
+            .map_or((1, 1, 1), |p| (p.meta.depth, p.meta.heads, p.meta.tokens));
+        match action {
+            Action::Up => self.layer = self.layer.saturating_sub(1),
+            Action::Down => self.layer = (self.layer + 1).min(depth.saturating_sub(1)),
+            Action::Left => self.head = self.head.saturating_sub(1),
+            Action::Right => self.head = (self.head + 1).min(heads.saturating_sub(1)),
+            Action::QueryUp => self.query = self.query.saturating_sub(1),
+            Action::QueryDown => self.query = (self.query + 1).min(tokens.saturating_sub(1)),
+            Action::ToggleRollout => self.rollout = !self.rollout,
+            Action::CycleScale => self.scale = self.scale.next(),
+            _ => {}
         }
     }
-    (out, r2, c2)
 }
+
+pub type Cx<'a> = Ctx<'a, AttentionView>;
 
 /// The matrix shown: the selected head's weights, or the rollout through the selected
 /// layer, for the selected image.
-pub fn shown_matrix(app: &App, probe: &ProbeSnapshot) -> Vec<f64> {
+pub fn shown_matrix(cx: Cx<'_>, probe: &ProbeSnapshot) -> Vec<f64> {
     let m = &probe.meta;
-    let v = &app.attention;
+    let v = cx.view;
     let (image, layer, head) = (
-        app.probe_image.min(m.images - 1),
+        cx.run.probe_image.min(m.images - 1),
         v.layer.min(m.depth - 1),
         v.head.min(m.heads - 1),
     );
@@ -72,29 +81,6 @@ pub fn shown_matrix(app: &App, probe: &ProbeSnapshot) -> Vec<f64> {
             .map(|&x| f64::from(x))
             .collect()
     }
-}
-
-/// Half-block heatmap: each text row shows two matrix rows (upper half = fg, lower =
-/// bg); without colour, one shading character of the two rows' mean.
-/// `grid` is `(values, rows, cols)` as [`shrink`] returns it, shaded on `scale` for
-/// weights over `tokens` keys.
-fn draw_half_blocks(
-    t: &Theme,
-    grid: &(Vec<f64>, usize, usize),
-    (scale, tokens): (Scale, usize),
-    x0: u16,
-    y0: u16,
-    buf: &mut Buffer,
-) {
-    let levels = scale.levels(&grid.0, (grid.1, grid.2), tokens);
-    draw_stacked(
-        &levels,
-        (grid.1, grid.2),
-        (x0, y0),
-        buf,
-        |level| t.heat_color(level),
-        |top, bottom| t.heat((top + bottom) / 2.0).0,
-    );
 }
 
 /// The legend of a scale: the shades from black to full and what their ends mean.
@@ -131,19 +117,19 @@ fn scale_legend(t: &Theme, scale: Scale, max: f64, tokens: usize) -> Line<'stati
     Line::from(legend)
 }
 
-fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_heatmap(cx: Cx<'_>, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &probe.meta;
-    let title = if app.attention.rollout {
+    let title = if cx.view.rollout {
         format!(
             " rollout through layer {} (rows: query, columns: key) ",
-            app.attention.layer.min(m.depth - 1)
+            cx.view.layer.min(m.depth - 1)
         )
     } else {
         format!(
             " layer {} head {}: softmax(QKᵀ/√d_k), rows: query, columns: key ",
-            app.attention.layer.min(m.depth - 1),
-            app.attention.head.min(m.heads - 1)
+            cx.view.layer.min(m.depth - 1),
+            cx.view.head.min(m.heads - 1)
         )
     };
     let block = Block::default()
@@ -161,7 +147,7 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     let shrunk = shrink(matrix, tokens, tokens, avail_rows, avail_cols);
     let (rows, cols) = (shrunk.1, shrunk.2);
     let max = shrunk.0.iter().copied().fold(0.0, f64::max);
-    let scale = app.attention.scale;
+    let scale = cx.view.scale;
     draw_half_blocks(
         t,
         &shrunk,
@@ -196,7 +182,7 @@ fn render_heatmap(app: &App, probe: &ProbeSnapshot, matrix: &[f64], area: Rect, 
     );
     // Row labels and the query cursor.
     let text_rows = rows.div_ceil(2);
-    let query_row = app.attention.query.min(tokens - 1) * rows / tokens / 2;
+    let query_row = cx.view.query.min(tokens - 1) * rows / tokens / 2;
     for tr in 0..text_rows {
         // The tokens this text row covers; label it where an even patch row starts.
         let (first, last) = (
@@ -259,16 +245,16 @@ fn draw_patch_map(
 }
 
 fn render_image_panel(
-    app: &App,
+    cx: Cx<'_>,
     probe: &ProbeSnapshot,
     matrix: &[f64],
     area: Rect,
     buf: &mut Buffer,
 ) {
-    let t = &app.theme;
+    let t = cx.theme;
     let m = &probe.meta;
-    let image = app.probe_image.min(m.images - 1);
-    let query = app.attention.query.min(m.tokens - 1);
+    let image = cx.run.probe_image.min(m.images - 1);
+    let query = cx.view.query.min(m.tokens - 1);
     // What the head reads: CLS's row, or (mean pooling) the mean of every query's row.
     let title = match m.cls {
         true => " image │ query's weights │ CLS's weights ",
@@ -280,7 +266,7 @@ fn render_image_panel(
     let inner = block.inner(area);
     block.render(area, buf);
     let grid = m.grid();
-    let pixels = app.test_image(image);
+    let pixels = cx.run.test_image(image);
     let needed_w = 32 + 2 + 2 * grid as u16 + 2 + 2 * grid as u16;
     if inner.width < needed_w || inner.height < 17 {
         Paragraph::new(Line::styled(
@@ -301,7 +287,7 @@ fn render_image_panel(
     };
     let map_x = inner.x + 34;
     let shading = (
-        app.attention.scale,
+        cx.view.scale,
         matrix.iter().copied().fold(0.0, f64::max),
         m.tokens,
     );
@@ -317,8 +303,9 @@ fn render_image_panel(
         }
     };
     draw_patch_map(t, &read, shading, grid, (cls_x, inner.y), buf);
-    let label = app.test_labels.get(image).map_or(String::new(), |&l| {
-        let name = app
+    let label = cx.run.test_labels.get(image).map_or(String::new(), |&l| {
+        let name = cx
+            .run
             .class_names()
             .get(usize::from(l))
             .cloned()
@@ -331,7 +318,8 @@ fn render_image_panel(
             (0, 0.0f32),
             |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
         );
-    let pred_name = app
+    let pred_name = cx
+        .run
         .class_names()
         .get(best)
         .cloned()
@@ -397,8 +385,8 @@ pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<H
         .collect()
 }
 
-fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_stats(cx: Cx<'_>, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         match stats.first().and_then(|l| l.first()).and_then(|s| s.cls) {
             Some(_) => " per head: entropy (nats) · distance (px) · self · CLS · pattern ",
@@ -415,7 +403,7 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
         .collect();
     let selected = rows
         .iter()
-        .position(|&(l, h)| l == app.attention.layer && h == app.attention.head)
+        .position(|&(l, h)| l == cx.view.layer && h == cx.view.head)
         .unwrap_or(0);
     let room = inner.height as usize;
     let start = selected
@@ -427,7 +415,7 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
         .take(room)
         .map(|&(l, h)| {
             let s = stats[l][h];
-            let style = if (l, h) == (app.attention.layer, app.attention.head) {
+            let style = if (l, h) == (cx.view.layer, cx.view.head) {
                 t.selected_tab()
             } else {
                 t.text()
@@ -449,8 +437,8 @@ fn render_stats(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffe
     Paragraph::new(lines).render(inner, buf);
 }
 
-fn render_distance_chart(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_distance_chart(cx: Cx<'_>, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let heads = stats.first().map_or(0, Vec::len);
     let series: Vec<Vec<(f64, f64)>> = (0..heads)
         .map(|h| {
@@ -498,8 +486,8 @@ fn render_distance_chart(app: &App, stats: &[Vec<HeadStats>], area: Rect, buf: &
 }
 
 /// All layers x heads as small heatmaps; the selected one is marked.
-fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_thumbnails(cx: Cx<'_>, probe: &ProbeSnapshot, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &probe.meta;
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         " all layers (rows) × heads (columns) ",
@@ -507,56 +495,14 @@ fn render_thumbnails(app: &App, probe: &ProbeSnapshot, area: Rect, buf: &mut Buf
     ));
     let inner = block.inner(area);
     block.render(area, buf);
-    let image = app.probe_image.min(m.images - 1);
-    let selected = (app.attention.layer, app.attention.head);
-    draw_layer_head_grid(
-        t,
-        probe,
-        image,
-        (app.attention.scale, Some(selected)),
-        inner,
-        buf,
-    );
+    let image = cx.run.probe_image.min(m.images - 1);
+    let selected = (cx.view.layer, cx.view.head);
+    draw_layer_head_grid(t, probe, image, (cx.view.scale, Some(selected)), inner, buf);
 }
 
-/// Every layer's (rows) and head's (columns) attention map of probe image `image`, as
-/// small half-block heat maps filling `area` on `scale`, with a `▶` at `selected`.
-pub fn draw_layer_head_grid(
-    t: &Theme,
-    probe: &ProbeSnapshot,
-    image: usize,
-    (scale, selected): (Scale, Option<(usize, usize)>),
-    area: Rect,
-    buf: &mut Buffer,
-) {
-    let m = &probe.meta;
-    let cell_w = (area.width as usize / m.heads.max(1))
-        .saturating_sub(1)
-        .min(24);
-    let cell_h = (area.height as usize / m.depth.max(1)).min(8);
-    if cell_w < 3 || cell_h < 1 {
-        return;
-    }
-    for l in 0..m.depth {
-        for h in 0..m.heads {
-            let matrix: Vec<f64> = probe
-                .attention_matrix(image, l, h)
-                .iter()
-                .map(|&x| f64::from(x))
-                .collect();
-            let shrunk = shrink(&matrix, m.tokens, m.tokens, cell_h * 2, cell_w - 1);
-            let x0 = area.x + (h * (cell_w + 1)) as u16;
-            let y0 = area.y + (l * cell_h) as u16;
-            let mark = Span::styled(if selected == Some((l, h)) { "▶" } else { " " }, t.accent());
-            Paragraph::new(Line::from(mark)).render(Rect::new(x0, y0, 1, 1), buf);
-            draw_half_blocks(t, &shrunk, (scale, m.tokens), x0 + 1, y0, buf);
-        }
-    }
-}
-
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let Some(meta) = app.shown_probe() else {
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let Some(meta) = cx.run.shown_probe() else {
         Paragraph::new(vec![
             Line::styled("Attention weights = softmax(QKᵀ/√d_k): row i is where token i (the query) puts its weight over all tokens (the keys).", t.title()),
             Line::raw(""),
@@ -567,24 +513,24 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         return;
     };
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
-    let position = probe_label(app.probe_position(), ", .");
+    let position = probe_label(cx.run.probe_position(), ", .");
     Paragraph::new(vec![
         Line::styled(match meta.cls {
             true => "softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row",
             false => "softmax(QKᵀ/√d_k): row i = where query token i looks; tokens are the patches row by row (no CLS: the head reads their mean)",
         }, t.dim()),
         Line::from(vec![
-            Span::styled(if app.attention.rollout { "rollout " } else { "raw weights " }, t.accent()),
+            Span::styled(if cx.view.rollout { "rollout " } else { "raw weights " }, t.accent()),
             Span::raw(format!(
                 "│ shade: {} │ step {} (epoch {}) │ {position}",
-                app.attention.scale.name(),
+                cx.view.scale.name(),
                 meta.step,
                 meta.epoch
             )),
         ]),
     ])
     .render(header, buf);
-    let Some(probe) = app.shown_full_probe() else {
+    let Some(probe) = cx.run.shown_full_probe() else {
         Paragraph::new(Line::styled(
             "this probe's attention is no longer in memory (the newest 32 are kept); `vitscope view` the run to see any step",
             t.dim(),
@@ -600,9 +546,9 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         .render(body, buf);
         return;
     }
-    let matrix = shown_matrix(app, probe);
+    let matrix = shown_matrix(cx, probe);
     let patch = IMAGE_SIZE / probe.meta.grid();
-    let stats = all_stats(probe, app.probe_image.min(probe.meta.images - 1), patch);
+    let stats = all_stats(probe, cx.run.probe_image.min(probe.meta.images - 1), patch);
     let heat_w = (probe.meta.tokens as u16 + 6).min(body.width / 2);
     let [left, right] =
         Layout::horizontal([Constraint::Length(heat_w), Constraint::Fill(1)]).areas(body);
@@ -612,28 +558,13 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Constraint::Fill(1),
     ])
     .areas(left);
-    render_heatmap(app, probe, &matrix, heat, buf);
-    render_stats(app, &stats, stats_area, buf);
+    render_heatmap(cx, probe, &matrix, heat, buf);
+    render_stats(cx, &stats, stats_area, buf);
     let [image, below] =
         Layout::vertical([Constraint::Length(19), Constraint::Fill(1)]).areas(right);
-    render_image_panel(app, probe, &matrix, image, buf);
+    render_image_panel(cx, probe, &matrix, image, buf);
     let [thumbs, chart] =
         Layout::horizontal([Constraint::Percentage(55), Constraint::Fill(1)]).areas(below);
-    render_thumbnails(app, probe, thumbs, buf);
-    render_distance_chart(app, &stats, chart, buf);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shrinking_averages_blocks() {
-        let v: Vec<f64> = (0..16).map(f64::from).collect();
-        let (out, r, c) = shrink(&v, 4, 4, 2, 2);
-        assert_eq!((r, c), (2, 2));
-        assert_eq!(out, vec![2.5, 4.5, 10.5, 12.5]);
-        let (same, r, c) = shrink(&v, 4, 4, 10, 10);
-        assert_eq!((r, c, same), (4, 4, v.clone()));
-    }
+    render_thumbnails(cx, probe, thumbs, buf);
+    render_distance_chart(cx, &stats, chart, buf);
 }

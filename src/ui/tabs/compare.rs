@@ -8,7 +8,6 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget};
 
-use super::attention::draw_layer_head_grid;
 use super::layernorm::{bar_rows, resample, short_name};
 use crate::inspect::attention::Scale;
 use crate::inspect::layers::{depth_rows, LayerMap, Quantity};
@@ -16,6 +15,7 @@ use crate::inspect::probe::ProbeSnapshot;
 use crate::run::compare::Comparison;
 use crate::run::RunDir;
 use crate::ui::theme::Theme;
+use crate::ui::widgets::heat_grid::draw_layer_head_grid;
 
 /// Two runs' probes at the same step, for the compare mode.
 pub struct Pair {

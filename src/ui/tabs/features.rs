@@ -9,17 +9,50 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget};
 
-use super::attention::shrink;
 use crate::inspect::features::{
     cosines_to, min_max_scaled, pca, read_token, row_norms, scores_to_rgb,
 };
 use crate::inspect::probe::ProbeSnapshot;
-use crate::ui::state::App;
+use crate::ui::keys::Action;
+use crate::ui::run_state::{Ctx, RunState};
 use crate::ui::theme::ColorMode;
 use crate::ui::widgets::frame::{note, panel, probe_tab};
+use crate::ui::widgets::heat_grid::shrink;
 use crate::ui::widgets::paint::{
     draw_image, draw_level_map, draw_rgb, draw_signed_map, draw_stacked,
 };
+
+/// The Features tab's view settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FeaturesView {
+    /// Hidden state after this many blocks (0 = the embeddings).
+    pub layer: usize,
+    /// First channel shown when the heat map is narrower than the model.
+    pub channel_offset: usize,
+}
+
+impl FeaturesView {
+    /// ↑/↓ layer, PgUp/PgDn a page of channels; bounded by the latest probe's shape.
+    pub fn on_action(&mut self, action: Action, run: &RunState) {
+        let (depth, dim) = run
+            .latest_full_probe()
+            .map_or((0, 1), |p| (p.meta.depth, p.meta.dim));
+        match action {
+            Action::Up => self.layer = self.layer.saturating_sub(1),
+            Action::Down => self.layer = (self.layer + 1).min(depth),
+            Action::ScrollBack => {
+                self.channel_offset = self.channel_offset.saturating_sub(CHANNEL_PAGE);
+            }
+            Action::ScrollForward => {
+                self.channel_offset =
+                    (self.channel_offset + CHANNEL_PAGE).min(dim.saturating_sub(1));
+            }
+            _ => {}
+        }
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, FeaturesView>;
 
 /// Channels moved by one `[` or `]`.
 pub const CHANNEL_PAGE: usize = 32;
@@ -52,24 +85,24 @@ struct Shown<'a> {
     grid: usize,
 }
 
-fn render_heatmap(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_heatmap(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &s.probe.meta;
     let hidden = s.probe.hidden_state(s.image, s.layer);
     let inner = panel(
-        app,
+        cx.theme,
         &format!("tokens × channels, {}", layer_name(s.layer)),
         area,
         buf,
     );
     let label_w = 4u16;
     if inner.width < label_w + 8 || inner.height < 4 {
-        note(app, "(needs a larger terminal)", inner, buf);
+        note(cx.theme, "(needs a larger terminal)", inner, buf);
         return;
     }
     let visible = (inner.width - label_w) as usize;
     let visible = visible.min(m.dim);
-    let offset = app.features.channel_offset.min(m.dim - visible);
+    let offset = cx.view.channel_offset.min(m.dim - visible);
     let scale = robust_scale(hidden);
     // Rows: tokens, two per text row; folded (averaged) when the panel is too short.
     let rows_room = (inner.height as usize - 2) * 2;
@@ -145,26 +178,26 @@ fn render_heatmap(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 /// The image, the first three principal components of the patch tokens as RGB, and
 /// the cosine similarity of what the head reads (CLS, or the patches' mean) to each patch.
-fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_pictures(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &s.probe.meta;
     let title = match m.cls {
         true => "image │ PCA of patch tokens → RGB │ cos(CLS, patch)",
         false => "image │ PCA of patch tokens → RGB │ cos(mean token, patch)",
     };
-    let inner = panel(app, title, area, buf);
+    let inner = panel(cx.theme, title, area, buf);
     let g = s.grid;
     let needed = (32 + 2 + 32 + 2 + 2 * g) as u16;
     if inner.width < needed || inner.height < 17 {
         note(
-            app,
+            cx.theme,
             "(needs a larger terminal for the pictures)",
             inner,
             buf,
         );
         return;
     }
-    if let Some(px) = app.test_image(s.image) {
+    if let Some(px) = cx.run.test_image(s.image) {
         draw_image(t, px, inner.x, inner.y, buf);
     }
     let hidden = s.probe.hidden_state(s.image, s.layer);
@@ -217,10 +250,10 @@ fn render_pictures(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 /// Per layer: mean patch-token norm, the norm of what the head reads (CLS, or the
 /// patches' mean), and its mean cosine to the patches.
-fn render_layer_table(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_layer_table(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &s.probe.meta;
-    let inner = panel(app, "every layer (this image)", area, buf);
+    let inner = panel(cx.theme, "every layer (this image)", area, buf);
     let (read, cos_name) = match m.cls {
         true => ("CLS |x|", "cos CLS·patch"),
         false => ("mean |x|", "cos mean·patch"),
@@ -261,11 +294,11 @@ fn render_layer_table(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 }
 
 /// Each layer's patch-token norms as a grid map, side by side.
-fn render_norm_maps(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_norm_maps(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let m = &s.probe.meta;
     let inner = panel(
-        app,
+        cx.theme,
         "‖patch token‖ per layer (each map scaled to its own min … max)",
         area,
         buf,
@@ -275,7 +308,7 @@ fn render_norm_maps(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let maps = (m.depth + 1) as u16;
     if inner.width < map_w * maps || inner.height < g + 1 {
         note(
-            app,
+            cx.theme,
             "(needs a larger terminal for the norm maps)",
             inner,
             buf,
@@ -305,10 +338,10 @@ fn render_norm_maps(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let probe_meta = app.shown_probe();
-    let layer = probe_meta.map_or(0, |m| app.features.layer.min(m.depth));
-    let image = probe_meta.map_or(0, |m| app.probe_image.min(m.images.saturating_sub(1)));
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let probe_meta = cx.run.shown_probe();
+    let layer = probe_meta.map_or(0, |m| cx.view.layer.min(m.depth));
+    let image = probe_meta.map_or(0, |m| cx.run.probe_image.min(m.images.saturating_sub(1)));
     let detail = format!(
         "{} │ image {} of {}",
         layer_name(layer),
@@ -316,7 +349,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         probe_meta.map_or(0, |m| m.images)
     );
     let intro = "Hidden states: the residual stream of each probe image after the embeddings and after each block (↑↓ layer, n/p image)";
-    let Some((probe, body)) = probe_tab(app, intro, detail, area, buf) else {
+    let Some((probe, body)) = probe_tab(cx, intro, detail, area, buf) else {
         return;
     };
     let m = &probe.meta;
@@ -337,17 +370,17 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let heat_w = (m.dim as u16 + 6).min(top.width * 11 / 20);
     let [left, right] =
         Layout::horizontal([Constraint::Length(heat_w), Constraint::Fill(1)]).areas(top);
-    render_heatmap(app, &shown, left, buf);
+    render_heatmap(cx, &shown, left, buf);
     let [pictures, table] =
         Layout::vertical([Constraint::Length(19), Constraint::Fill(1)]).areas(right);
     if right.height >= 19 + 4 {
-        render_pictures(app, &shown, pictures, buf);
-        render_layer_table(app, &shown, table, buf);
+        render_pictures(cx, &shown, pictures, buf);
+        render_layer_table(cx, &shown, table, buf);
     } else {
-        render_layer_table(app, &shown, right, buf);
+        render_layer_table(cx, &shown, right, buf);
     }
     if let Some(bottom) = bottom {
-        render_norm_maps(app, &shown, bottom, buf);
+        render_norm_maps(cx, &shown, bottom, buf);
     }
 }
 

@@ -7,10 +7,65 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use crate::inspect::probe::{Distribution, Histogram, ProbeMeta, Stats, PERCENTILE_RANKS};
-use crate::ui::state::{App, LnSource};
+use crate::ui::keys::Action;
+use crate::ui::run_state::{Ctx, RunState, Scrub};
 use crate::ui::theme::{Series, Theme};
 use crate::ui::widgets::chart::{compact, stable_bounds};
 use crate::ui::widgets::frame::probe_label;
+
+/// What the LayerNorm tab shows of the selected LayerNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LnSource {
+    Output,
+    Input,
+    Gamma,
+    Beta,
+}
+
+/// The LayerNorm tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormView {
+    /// Index of the LayerNorm (block 0 norm1, block 0 norm2, ..., final).
+    pub selected: usize,
+    pub source: LnSource,
+}
+
+impl LayerNormView {
+    pub fn new() -> Self {
+        Self {
+            selected: 0,
+            source: LnSource::Output,
+        }
+    }
+
+    /// ↑/↓ pick the norm, ←/→ move over the probes, s cycles what is shown of it.
+    pub fn on_action(&mut self, action: Action, run: &mut RunState) {
+        let count = run.probe_metas.last().map_or(0, |m| m.layer_norms.len());
+        match action {
+            Action::Up => self.selected = self.selected.saturating_sub(1),
+            Action::Down => self.selected = (self.selected + 1).min(count.saturating_sub(1)),
+            Action::Left => run.scrub(Scrub::Back),
+            Action::Right => run.scrub(Scrub::Forward),
+            Action::ToggleSource => {
+                self.source = match self.source {
+                    LnSource::Output => LnSource::Input,
+                    LnSource::Input => LnSource::Gamma,
+                    LnSource::Gamma => LnSource::Beta,
+                    LnSource::Beta => LnSource::Output,
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Default for LayerNormView {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, LayerNormView>;
 
 /// Eighth-block characters, from empty to full, for bars.
 const EIGHTHS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -96,8 +151,8 @@ fn stats_line(theme: &Theme, d: &Distribution) -> Line<'static> {
     ])
 }
 
-fn render_histogram(app: &App, title: &str, d: &Distribution, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_histogram(cx: Cx<'_>, title: &str, d: &Distribution, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let block = Block::default()
         .borders(Borders::ALL)
         .title(Span::styled(format!(" {title} "), t.title()));
@@ -145,9 +200,9 @@ fn stats_row(t: &Theme, name: &str, s: &Stats) -> Line<'static> {
 
 /// Density of the selected distribution over the recorded probes: x = probe, y = value
 /// bins (high values on top), shade = share of the probe's values in that bin.
-fn render_heat_strip(app: &App, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let view = &app.layernorm;
+fn render_heat_strip(cx: Cx<'_>, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let view = cx.view;
     let block = Block::default().borders(Borders::ALL).title(Span::styled(
         format!(
             " {} over training (x: probe, y: value, shade: density) ",
@@ -206,9 +261,9 @@ fn render_heat_strip(app: &App, metas: &[&ProbeMeta], area: Rect, buf: &mut Buff
 }
 
 /// The TensorBoard-style percentile bands of the selected distribution against step.
-fn render_bands(app: &App, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let view = &app.layernorm;
+fn render_bands(cx: Cx<'_>, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let view = cx.view;
     let title = match view.source {
         LnSource::Gamma | LnSource::Beta => format!(
             " {} min / mean / max over training ",
@@ -296,8 +351,8 @@ fn render_bands(app: &App, metas: &[&ProbeMeta], area: Rect, buf: &mut Buffer) {
 }
 
 /// One row per LayerNorm: a mini-histogram of its output at the shown probe, mean and std.
-fn render_overview(app: &App, meta: &ProbeMeta, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_overview(cx: Cx<'_>, meta: &ProbeMeta, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let block = Block::default()
         .borders(Borders::ALL)
         .title(Span::styled(" all LayerNorms (output) ", t.title()));
@@ -309,7 +364,7 @@ fn render_overview(app: &App, meta: &ProbeMeta, area: Rect, buf: &mut Buffer) {
         .iter()
         .enumerate()
         .skip(
-            app.layernorm
+            cx.view
                 .selected
                 .saturating_sub(inner.height.saturating_sub(1) as usize),
         )
@@ -324,7 +379,7 @@ fn render_overview(app: &App, meta: &ProbeMeta, area: Rect, buf: &mut Buffer) {
             let spark = bar_rows(&resample(&counts, spark_w), 1)
                 .pop()
                 .unwrap_or_default();
-            let style = if i == app.layernorm.selected {
+            let style = if i == cx.view.selected {
                 t.selected_tab()
             } else {
                 t.text()
@@ -381,9 +436,9 @@ impl NormPlace {
     }
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let Some(meta) = app.shown_probe() else {
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let Some(meta) = cx.run.shown_probe() else {
         let text = vec![
             Line::styled("LayerNorm(x) = γ·(x − μ)/σ + β per token, μ and σ over the channels; γ, β learned.", t.title()),
             Line::raw(""),
@@ -394,13 +449,13 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
             .render(area, buf);
         return;
     };
-    let view = &app.layernorm;
+    let view = cx.view;
     let selected = view.selected.min(meta.layer_norms.len().saturating_sub(1));
     let Some(ln) = meta.layer_norms.get(selected) else {
         return;
     };
-    let metas = app.probe_history_until_shown();
-    let position = app.probe_position();
+    let metas = cx.run.probe_history_until_shown();
+    let position = cx.run.probe_position();
     let [header, top, bottom] = Layout::vertical([
         Constraint::Length(2),
         Constraint::Percentage(45),
@@ -430,8 +485,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
             Constraint::Fill(1),
         ])
         .areas(top);
-        render_histogram(app, "input (residual stream)", &ln.input, input, buf);
-        render_histogram(app, "output", &ln.output, output, buf);
+        render_histogram(cx, "input (residual stream)", &ln.input, input, buf);
+        render_histogram(cx, "output", &ln.output, output, buf);
         let [params, overview] =
             Layout::vertical([Constraint::Length(4), Constraint::Fill(1)]).areas(side);
         let params_lines = match kind {
@@ -449,17 +504,17 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
                     .title(Span::styled(" learned γ, β ", t.title())),
             )
             .render(params, buf);
-        render_overview(app, meta, overview, buf);
+        render_overview(cx, meta, overview, buf);
     } else {
         let [input, output] =
             Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(top);
-        render_histogram(app, "input", &ln.input, input, buf);
-        render_histogram(app, "output", &ln.output, output, buf);
+        render_histogram(cx, "input", &ln.input, input, buf);
+        render_histogram(cx, "output", &ln.output, output, buf);
     }
     let [strip, bands] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(bottom);
-    render_heat_strip(app, &metas, strip, buf);
-    render_bands(app, &metas, bands, buf);
+    render_heat_strip(cx, &metas, strip, buf);
+    render_bands(cx, &metas, bands, buf);
 }
 
 #[cfg(test)]

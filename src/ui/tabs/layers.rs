@@ -15,9 +15,58 @@ use crate::events::{KnowledgeRecord, LayerHistory};
 use crate::inspect::layers::{
     by_depth, depth_rows, group_value, layer_label, LayerMap, Quantity, BLOCK_PARTS,
 };
-use crate::ui::state::App;
+use crate::ui::keys::Action;
+use crate::ui::run_state::Ctx;
 use crate::ui::theme::ColorMode;
 use crate::ui::widgets::frame::{bar, note, panel};
+
+/// The Layers tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayersView {
+    /// The map in front (at 80×24 the only one).
+    pub quantity: Quantity,
+    /// The record the table and the CKA matrix show, as a step; `None` follows the latest.
+    pub cursor: Option<u64>,
+}
+
+impl LayersView {
+    pub fn new() -> Self {
+        Self {
+            quantity: Quantity::GradNorm,
+            cursor: None,
+        }
+    }
+
+    /// ↑/↓ pick the quantity, ←/→ move the cursor over its records, End follows the latest.
+    pub fn on_action(&mut self, action: Action, history: &LayerHistory) {
+        let steps = self.quantity.map(history).steps;
+        let at = |cursor: Option<u64>| match cursor {
+            Some(step) => steps.iter().rposition(|&s| s <= step).unwrap_or(0),
+            None => steps.len().saturating_sub(1),
+        };
+        match action {
+            Action::Up => self.quantity = self.quantity.previous(),
+            Action::Down => self.quantity = self.quantity.next(),
+            Action::Left if !steps.is_empty() => {
+                self.cursor = Some(steps[at(self.cursor).saturating_sub(1)]);
+            }
+            Action::Right if !steps.is_empty() => {
+                let i = at(self.cursor) + 1;
+                self.cursor = (i + 1 < steps.len()).then(|| steps[i]);
+            }
+            Action::Latest => self.cursor = None,
+            _ => {}
+        }
+    }
+}
+
+impl Default for LayersView {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, LayersView>;
 
 /// Columns of a map's row labels.
 const LABEL_W: u16 = 10;
@@ -26,20 +75,15 @@ const FULL_WIDTH: u16 = 140;
 const FULL_HEIGHT: u16 = 40;
 
 /// The step the cursor is on: the chosen one, or the selected quantity's latest record.
-pub fn cursor_step(app: &App) -> Option<u64> {
-    app.layers_view.cursor.or_else(|| {
-        app.layers_view
-            .quantity
-            .map(&app.layers)
-            .steps
-            .last()
-            .copied()
-    })
+pub fn cursor_step(cx: Cx<'_>) -> Option<u64> {
+    cx.view
+        .cursor
+        .or_else(|| cx.view.quantity.map(&cx.run.layers).steps.last().copied())
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let history = &app.layers;
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let history = &cx.run.layers;
     if history.is_empty() {
         Paragraph::new(vec![
             Line::styled("Layers: training dynamics by depth", t.title()),
@@ -57,8 +101,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         return;
     }
     let full = area.width >= FULL_WIDTH && area.height >= FULL_HEIGHT;
-    let view = &app.layers_view;
-    let cursor = cursor_step(app);
+    let view = cx.view;
+    let cursor = cursor_step(cx);
     // Every quantity's map, built once per frame, in `Quantity::ALL`'s order.
     let maps: Vec<LayerMap> = Quantity::ALL.iter().map(|q| q.map(history)).collect();
     let selected = &maps[Quantity::ALL
@@ -88,8 +132,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         ])
         .areas(area);
         head.render(header, buf);
-        render_map(app, selected, cursor, true, map_area, buf);
-        render_table(app, &maps, cursor, table_area, buf);
+        render_map(cx, selected, cursor, true, map_area, buf);
+        render_table(cx, &maps, cursor, table_area, buf);
         return;
     }
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
@@ -123,8 +167,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
             ""
         };
         let title = format!("{marker}{}{}", map.quantity.title(), scale_note(map));
-        let inner = panel(app, &title, rect, buf);
-        render_map(app, map, cursor, false, inner, buf);
+        let inner = panel(cx.theme, &title, rect, buf);
+        render_map(cx, map, cursor, false, inner, buf);
         y += h;
     }
     let depth_rows = depth_rows(&maps).len() as u16;
@@ -136,7 +180,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     ])
     .areas(right);
     let inner = panel(
-        app,
+        cx.theme,
         &format!(
             "per layer at step {}",
             cursor.map_or("-".into(), |s| s.to_string())
@@ -144,9 +188,9 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         table,
         buf,
     );
-    render_table(app, &maps, cursor, inner, buf);
-    let inner = panel(app, "gradients by part of each block", parts, buf);
-    render_parts(app, cursor, inner, buf);
+    render_table(cx, &maps, cursor, inner, buf);
+    let inner = panel(cx.theme, "gradients by part of each block", parts, buf);
+    render_parts(cx, cursor, inner, buf);
     let record = history.knowledge_at(cursor);
     let title = match record {
         Some(k) => format!(
@@ -155,8 +199,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         ),
         None => "layer similarity (linear CKA)".into(),
     };
-    let inner = panel(app, &title, cka, buf);
-    render_cka(app, record, inner, buf);
+    let inner = panel(cx.theme, &title, cka, buf);
+    render_cka(cx, record, inner, buf);
     let about = match record {
         Some(k) => format!(
             "Linear probe: ridge (λ = {}) on the pooled residual stream of the first {} \
@@ -167,7 +211,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         ),
         None => "What each layer knows is measured at evaluations.".into(),
     };
-    note(app, &about, notes, buf);
+    note(cx.theme, &about, notes, buf);
 }
 
 fn scale_note(map: &LayerMap) -> String {
@@ -198,14 +242,14 @@ fn span(history: &LayerHistory) -> u64 {
 /// line with the cursor's mark. Column x stands for the steps up to its share of
 /// [`span`] and shows the latest record by then (blank before the first).
 fn render_map(
-    app: &App,
+    cx: Cx<'_>,
     map: &LayerMap,
     cursor: Option<u64>,
     titled: bool,
     area: Rect,
     buf: &mut Buffer,
 ) {
-    let t = &app.theme;
+    let t = cx.theme;
     let mut y = area.y;
     if titled {
         Line::from(vec![
@@ -217,7 +261,7 @@ fn render_map(
     }
     if map.values.is_empty() {
         note(
-            app,
+            cx.theme,
             "no records of this quantity yet",
             Rect::new(area.x, y, area.width, area.bottom().saturating_sub(y)),
             buf,
@@ -228,7 +272,7 @@ fn render_map(
     if width < 8 {
         return;
     }
-    let last = span(&app.layers);
+    let last = span(&cx.run.layers);
     let step_at = |x: usize| last * (x as u64 + 1) / width as u64;
     let record_at: Vec<Option<usize>> = (0..width).map(|x| map.column_at(step_at(x))).collect();
     for (r, label) in map.rows.iter().enumerate() {
@@ -280,10 +324,10 @@ fn render_map(
 
 /// Per layer at the cursor: every quantity's value (each from its own record at or
 /// before the cursor), with bars for the selected one.
-fn render_table(app: &App, maps: &[LayerMap], cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_table(cx: Cx<'_>, maps: &[LayerMap], cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let col_w = 10usize;
-    let selected = app.layers_view.quantity;
+    let selected = cx.view.quantity;
     let mut header = vec![Span::styled(format!("{:>9} ", "layer"), t.dim())];
     for map in maps {
         let q = map.quantity;
@@ -323,13 +367,13 @@ fn render_table(app: &App, maps: &[LayerMap], cursor: Option<u64>, area: Rect, b
 
 /// The gradient figure (norm, or update ratio when that is selected) of each part of
 /// each block at the cursor's gradient record.
-fn render_parts(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let Some(record) = app.layers.grads_at(cursor) else {
-        note(app, "no gradient records yet", area, buf);
+fn render_parts(cx: Cx<'_>, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let Some(record) = cx.run.layers.grads_at(cursor) else {
+        note(cx.theme, "no gradient records yet", area, buf);
         return;
     };
-    let quantity = match app.layers_view.quantity {
+    let quantity = match cx.view.quantity {
         Quantity::UpdateRatio => Quantity::UpdateRatio,
         _ => Quantity::GradNorm,
     };
@@ -354,11 +398,11 @@ fn render_parts(app: &App, cursor: Option<u64>, area: Rect, buf: &mut Buffer) {
 }
 
 /// The CKA matrix of a knowledge record: a shade and the value per pair of layers.
-fn render_cka(app: &App, record: Option<&KnowledgeRecord>, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_cka(cx: Cx<'_>, record: Option<&KnowledgeRecord>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let Some(k) = record else {
         note(
-            app,
+            cx.theme,
             "measured at evaluations (probe.layers_every_evals)",
             area,
             buf,

@@ -14,11 +14,37 @@ use crate::config::{PosEmbed, IMAGE_SIZE};
 use crate::inspect::features::{pca, position_similarity};
 use crate::inspect::probe::ProbeSnapshot;
 use crate::palette::{image_pixel, Rgb};
-use crate::ui::state::App;
+use crate::ui::keys::Action;
+use crate::ui::run_state::{Ctx, RunState};
 use crate::ui::widgets::frame::{note, panel, probe_tab};
 use crate::ui::widgets::paint::{
     draw_image, draw_rgb, draw_signed_half, draw_signed_map, luminance, pixel_color,
 };
+
+/// The Patches tab's view settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PatchesView {
+    /// The selected patch, row-major (token = patch + 1).
+    pub patch: usize,
+}
+
+impl PatchesView {
+    /// The arrows move the selected patch over the latest probe's grid.
+    pub fn on_action(&mut self, action: Action, run: &RunState) {
+        let grid = run.latest_full_probe().map_or(1, |p| p.meta.grid());
+        let (row, col) = (self.patch / grid, self.patch % grid);
+        let (row, col) = match action {
+            Action::Up => (row.saturating_sub(1), col),
+            Action::Down => ((row + 1).min(grid - 1), col),
+            Action::Left => (row, col.saturating_sub(1)),
+            Action::Right => (row, (col + 1).min(grid - 1)),
+            _ => (row, col),
+        };
+        self.patch = (row.min(grid - 1)) * grid + col.min(grid - 1);
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, PatchesView>;
 
 /// Filter components shown, as in the ViT paper's figure.
 pub const FILTER_COMPONENTS: usize = 28;
@@ -73,10 +99,10 @@ struct Shown<'a> {
     size: usize,
 }
 
-fn render_cut(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_cut(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let inner = panel(
-        app,
+        cx.theme,
         &format!(
             "image → {0}×{0} patches of {1}×{1} pixels, in sequence order",
             s.grid, s.size
@@ -87,11 +113,16 @@ fn render_cut(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let cut_w = (s.grid * (s.size + 1)) as u16;
     let cut_h = (s.grid * (s.size / 2 + 1)) as u16;
     if inner.width < 32 + 3 + cut_w || inner.height < cut_h.max(17) {
-        note(app, "(needs a larger terminal for the cut)", inner, buf);
+        note(
+            cx.theme,
+            "(needs a larger terminal for the cut)",
+            inner,
+            buf,
+        );
         return;
     }
     let Some(pixels) = s.pixels else {
-        note(app, "image not recorded", inner, buf);
+        note(cx.theme, "image not recorded", inner, buf);
         return;
     };
     draw_image(t, pixels, inner.x, inner.y, buf);
@@ -123,14 +154,14 @@ fn render_cut(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 /// The input sequence: CLS (if the model has one), then every patch at half size (2 x 2
 /// pixels per cell pair).
-fn render_strip(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_strip(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let cls = s.probe.meta.cls;
     let title = match cls {
         true => "the input sequence: [CLS] + patches 0 … n−1 (each token = its patch's 48 values, projected)",
         false => "the input sequence: patches 0 … n−1 (each token = its patch's 48 values, projected; no CLS: the head reads their mean)",
     };
-    let inner = panel(app, title, area, buf);
+    let inner = panel(cx.theme, title, area, buf);
     let Some(pixels) = s.pixels else {
         return;
     };
@@ -178,11 +209,11 @@ fn render_strip(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
 }
 
-fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_detail(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let (row, col) = (s.patch / s.grid, s.patch % s.grid);
     let inner = panel(
-        app,
+        cx.theme,
         &format!(
             "patch {} (row {row}, col {col}) = token {}: raw R,G,B",
             s.patch,
@@ -192,14 +223,19 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
         buf,
     );
     let Some(pixels) = s.pixels else {
-        note(app, "image not recorded", inner, buf);
+        note(cx.theme, "image not recorded", inner, buf);
         return;
     };
     let px = patch_pixels(pixels, s.size, s.patch);
     let zoom = 4u16;
     let big_w = s.size as u16 * zoom;
     if inner.width < big_w + 2 + 12 * s.size as u16 || inner.height < s.size as u16 * 2 {
-        note(app, "(needs a larger terminal for the patch)", inner, buf);
+        note(
+            cx.theme,
+            "(needs a larger terminal for the patch)",
+            inner,
+            buf,
+        );
         return;
     }
     // Enlarged: each pixel 4 cells wide, 2 rows tall (full blocks).
@@ -258,20 +294,20 @@ fn render_detail(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     );
 }
 
-fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let title = match app.pos_embed {
+fn render_positions(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let title = match cx.run.pos_embed {
         PosEmbed::Sincos => "position embeddings, fixed sine-cosine: cosine similarity",
         PosEmbed::Learned => "position embeddings, learned: cosine similarity",
         PosEmbed::None => "position embeddings",
     };
-    let inner = panel(app, title, area, buf);
+    let inner = panel(cx.theme, title, area, buf);
     if s.probe.position_embedding.is_empty() {
-        let why = match app.pos_embed {
+        let why = match cx.run.pos_embed {
             PosEmbed::None => "this model has no position embeddings (model.pos_embed = \"none\")",
             _ => "this probe has no position embeddings recorded",
         };
-        note(app, why, inner, buf);
+        note(cx.theme, why, inner, buf);
         return;
     }
     let maps = position_similarity(s.probe);
@@ -279,7 +315,7 @@ fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     let selected_w = (2 * g) as u16;
     // The selected patch's map, large.
     if inner.width < selected_w + 2 || inner.height < g as u16 + 4 {
-        note(app, "(needs a larger terminal)", inner, buf);
+        note(cx.theme, "(needs a larger terminal)", inner, buf);
         return;
     }
     Paragraph::new(Line::styled(format!("patch {}", s.patch), t.accent()))
@@ -319,17 +355,17 @@ fn render_positions(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
 }
 
-fn render_filters(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_filters(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let inner = panel(
-        app,
+        cx.theme,
         "patch-embedding filters: principal components as RGB (variance share)",
         area,
         buf,
     );
     let tiles = filter_components(s.probe, FILTER_COMPONENTS);
     if tiles.is_empty() {
-        note(app, "this probe has no filters recorded", inner, buf);
+        note(cx.theme, "this probe has no filters recorded", inner, buf);
         return;
     }
     let tile_w = (s.size as u16).max(4) + 1;
@@ -352,11 +388,11 @@ fn render_filters(app: &App, s: &Shown, area: Rect, buf: &mut Buffer) {
     }
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let meta = app.shown_probe();
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let meta = cx.run.shown_probe();
     let grid = meta.map_or(8, |m| m.grid());
-    let patch = app.patches.patch.min(grid * grid - 1);
-    let image = meta.map_or(0, |m| app.probe_image.min(m.images.saturating_sub(1)));
+    let patch = cx.view.patch.min(grid * grid - 1);
+    let image = meta.map_or(0, |m| cx.run.probe_image.min(m.images.saturating_sub(1)));
     let detail = format!(
         "patch {patch} │ image {} of {}",
         image + 1,
@@ -366,12 +402,12 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         true => "ViT patching: the image is cut into patches, each flattened and projected to a token; CLS goes first and position embeddings are added (arrows: patch, n/p image)",
         false => "ViT patching: the image is cut into patches, each flattened and projected to a token; position embeddings are added; no CLS: the head reads the tokens' mean (arrows: patch, n/p image)",
     };
-    let Some((probe, body)) = probe_tab(app, intro, detail, area, buf) else {
+    let Some((probe, body)) = probe_tab(cx, intro, detail, area, buf) else {
         return;
     };
     let shown = Shown {
         probe,
-        pixels: app.test_image(image),
+        pixels: cx.run.test_image(image),
         patch,
         grid,
         size: IMAGE_SIZE / grid,
@@ -383,8 +419,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
             Constraint::Fill(1),
         ])
         .areas(body);
-        render_detail(app, &shown, top, buf);
-        render_positions(app, &shown, bottom, buf);
+        render_detail(cx, &shown, top, buf);
+        render_positions(cx, &shown, bottom, buf);
         return;
     }
     let [main, strip] = Layout::vertical([Constraint::Fill(1), Constraint::Length(5)]).areas(body);
@@ -397,11 +433,11 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Constraint::Fill(1),
     ])
     .areas(left);
-    render_cut(app, &shown, cut, buf);
-    render_detail(app, &shown, detail, buf);
-    render_filters(app, &shown, filters, buf);
-    render_positions(app, &shown, right, buf);
-    render_strip(app, &shown, strip, buf);
+    render_cut(cx, &shown, cut, buf);
+    render_detail(cx, &shown, detail, buf);
+    render_filters(cx, &shown, filters, buf);
+    render_positions(cx, &shown, right, buf);
+    render_strip(cx, &shown, strip, buf);
 }
 
 #[cfg(test)]

@@ -11,10 +11,132 @@ use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
 use crate::events::EvalRecord;
 use crate::inspect::predictions::{Flip, Predictions};
-use crate::ui::state::{App, PredictionFilter};
 use crate::ui::theme::ColorMode;
 use crate::ui::widgets::frame::{bar, note, panel};
 use crate::ui::widgets::paint::{draw_image, draw_image_half};
+use std::sync::Arc;
+
+use crate::ui::keys::Action;
+use crate::ui::run_state::{Ctx, RunState};
+
+/// Which test images the Predictions tab lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionFilter {
+    All,
+    Mistakes,
+    /// Right, least confident first.
+    UnsureRight,
+    /// Right or wrong changed since the previous evaluation.
+    Flipped,
+}
+
+impl PredictionFilter {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Mistakes => "mistakes",
+            Self::UnsureRight => "right, least confident first",
+            Self::Flipped => "flipped since the previous evaluation",
+        }
+    }
+}
+
+/// The Predictions tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionsView {
+    /// Position of the selected image in the filtered list.
+    pub selected: usize,
+    pub filter: PredictionFilter,
+    /// Only images of this true class.
+    pub class: Option<usize>,
+    /// The evaluation shown, as an index into `RunState::predictions`; `None` follows
+    /// the latest.
+    pub scrub: Option<usize>,
+}
+
+impl PredictionsView {
+    pub fn new() -> Self {
+        Self {
+            selected: 0,
+            filter: PredictionFilter::All,
+            class: None,
+            scrub: None,
+        }
+    }
+
+    /// The evaluation shown and the one before it.
+    pub fn shown<'a>(
+        &self,
+        run: &'a RunState,
+    ) -> (Option<&'a Arc<Predictions>>, Option<&'a Arc<Predictions>>) {
+        let n = run.predictions.len();
+        if n == 0 {
+            return (None, None);
+        }
+        let i = self.scrub.unwrap_or(n - 1).min(n - 1);
+        (
+            run.predictions.get(i),
+            i.checked_sub(1).and_then(|j| run.predictions.get(j)),
+        )
+    }
+
+    /// The arrows and pages move over the grid (as `screen` lays it out), f and c
+    /// filter, ←/→ with Shift (the scrub keys) pick the evaluation.
+    pub fn on_action(&mut self, action: Action, run: &RunState, screen: (u16, u16)) {
+        let count = listed(run, self).len();
+        let (per_row, rows) = grid_shape(screen);
+        let per_page = per_row * rows;
+        let last = count.saturating_sub(1);
+        match action {
+            Action::Left => self.selected = self.selected.saturating_sub(1),
+            Action::Right => self.selected = (self.selected + 1).min(last),
+            Action::Up => self.selected = self.selected.saturating_sub(per_row),
+            Action::Down => self.selected = (self.selected + per_row).min(last),
+            Action::PageUp => self.selected = self.selected.saturating_sub(per_page),
+            Action::PageDown => self.selected = (self.selected + per_page).min(last),
+            Action::CycleFilter => {
+                self.filter = match self.filter {
+                    PredictionFilter::All => PredictionFilter::Mistakes,
+                    PredictionFilter::Mistakes => PredictionFilter::UnsureRight,
+                    PredictionFilter::UnsureRight => PredictionFilter::Flipped,
+                    PredictionFilter::Flipped => PredictionFilter::All,
+                };
+                self.selected = 0;
+            }
+            Action::CycleClass => {
+                let classes = run.class_names().len();
+                self.class = match self.class {
+                    None if classes > 0 => Some(0),
+                    Some(k) if k + 1 < classes => Some(k + 1),
+                    _ => None,
+                };
+                self.selected = 0;
+            }
+            Action::ScrubBack => {
+                let n = run.predictions.len();
+                if n > 0 {
+                    self.scrub = Some(self.scrub.unwrap_or(n - 1).saturating_sub(1));
+                }
+            }
+            Action::ScrubForward => {
+                self.scrub = match self.scrub {
+                    Some(i) if i + 2 < run.predictions.len() => Some(i + 1),
+                    _ => None,
+                };
+            }
+            Action::Latest => self.scrub = None,
+            _ => {}
+        }
+    }
+}
+
+impl Default for PredictionsView {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, PredictionsView>;
 
 const TILE_W: u16 = 17;
 const TILE_H: u16 = 10;
@@ -40,12 +162,11 @@ pub fn grid_shape(screen: (u16, u16)) -> (usize, usize) {
 }
 
 /// The test images listed under the current filter and class, in display order.
-pub fn listed(app: &App) -> Vec<usize> {
-    let (Some(now), previous) = app.shown_predictions() else {
+pub fn listed(run: &RunState, view: &PredictionsView) -> Vec<usize> {
+    let (Some(now), previous) = view.shown(run) else {
         return Vec::new();
     };
-    let labels = &app.test_labels;
-    let view = &app.predictions_view;
+    let labels = &run.test_labels;
     let count = now.len().min(labels.len());
     let label = |i: usize| usize::from(labels[i]);
     let mut images: Vec<usize> = (0..count)
@@ -68,28 +189,26 @@ pub fn listed(app: &App) -> Vec<usize> {
     images
 }
 
-fn class_name(app: &App, k: usize) -> String {
-    app.class_names()
+fn class_name(cx: Cx<'_>, k: usize) -> String {
+    cx.run
+        .class_names()
         .get(k)
         .cloned()
         .unwrap_or_else(|| format!("class {k}"))
 }
 
 fn render_grid(
-    app: &App,
+    cx: Cx<'_>,
     now: &Predictions,
     previous: Option<&Predictions>,
     list: &[usize],
     area: Rect,
     buf: &mut Buffer,
 ) {
-    let t = &app.theme;
-    let (cols, rows) = grid_shape(app.screen);
+    let t = cx.theme;
+    let (cols, rows) = grid_shape(cx.screen);
     let per_page = cols * rows;
-    let selected = app
-        .predictions_view
-        .selected
-        .min(list.len().saturating_sub(1));
+    let selected = cx.view.selected.min(list.len().saturating_sub(1));
     let page = selected / per_page.max(1);
     let pages = list.len().div_ceil(per_page.max(1)).max(1);
     let title = format!(
@@ -99,9 +218,9 @@ fn render_grid(
         list.len(),
         page + 1
     );
-    let inner = panel(app, &title, area, buf);
+    let inner = panel(cx.theme, &title, area, buf);
     if list.is_empty() {
-        note(app, "no image matches this filter", inner, buf);
+        note(cx.theme, "no image matches this filter", inner, buf);
         return;
     }
     for (slot, &image) in list.iter().enumerate().skip(page * per_page).take(per_page) {
@@ -111,10 +230,10 @@ fn render_grid(
         if x + TILE_W > inner.right() + 1 || y + TILE_H > inner.bottom() + 1 {
             continue;
         }
-        if let Some(px) = app.test_image(image) {
+        if let Some(px) = cx.run.test_image(image) {
             draw_image_half(t, px, x, y, buf);
         }
-        let label = usize::from(app.test_labels[image]);
+        let label = usize::from(cx.run.test_labels[image]);
         let (guess, p) = now.predicted(image);
         let right = guess == label;
         let flip = previous.and_then(|prev| now.flip(prev, image, label));
@@ -129,7 +248,7 @@ fn render_grid(
             verdict = verdict.add_modifier(Modifier::REVERSED);
             truth = truth.add_modifier(Modifier::REVERSED);
         }
-        let name = class_name(app, guess);
+        let name = class_name(cx, guess);
         let first = format!(
             "{}{mark}{:.9} {:>3.0}%",
             if right { "✓" } else { "✗" },
@@ -139,24 +258,24 @@ fn render_grid(
         Paragraph::new(Line::styled(first, verdict))
             .render(Rect::new(x, y + 8, TILE_W - 1, 1), buf);
         Paragraph::new(Line::styled(
-            format!("#{image:<4} {:.9}", class_name(app, label)),
+            format!("#{image:<4} {:.9}", class_name(cx, label)),
             truth,
         ))
         .render(Rect::new(x, y + 9, TILE_W - 1, 1), buf);
     }
 }
 
-fn render_selected(app: &App, now: &Predictions, image: usize, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let label = usize::from(app.test_labels[image]);
+fn render_selected(cx: Cx<'_>, now: &Predictions, image: usize, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let label = usize::from(cx.run.test_labels[image]);
     let inner = panel(
-        app,
-        &format!("test image #{image}: true {}", class_name(app, label)),
+        cx.theme,
+        &format!("test image #{image}: true {}", class_name(cx, label)),
         area,
         buf,
     );
     let image_w = if inner.width >= 32 + 22 && inner.height >= 16 {
-        if let Some(px) = app.test_image(image) {
+        if let Some(px) = cx.run.test_image(image) {
             draw_image(t, px, inner.x, inner.y, buf);
         }
         34
@@ -168,7 +287,7 @@ fn render_selected(app: &App, now: &Predictions, image: usize, area: Rect, buf: 
         .chain(now.top(image, 5).into_iter().map(|(k, p)| {
             let style = if k == label { t.good() } else { t.text() };
             Line::from(vec![
-                Span::styled(format!("{:<11.10}", class_name(app, k)), style),
+                Span::styled(format!("{:<11.10}", class_name(cx, k)), style),
                 Span::styled(bar(f64::from(p), bar_w), t.gauge()),
                 Span::raw(format!(" {:>5.1}%", p * 100.0)),
             ])
@@ -186,10 +305,10 @@ fn render_selected(app: &App, now: &Predictions, image: usize, area: Rect, buf: 
 }
 
 /// Row-normalised heat behind each count; the counts carry it without colour.
-fn render_confusion(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_confusion(cx: Cx<'_>, eval: &EvalRecord, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let inner = panel(
-        app,
+        cx.theme,
         &format!(
             "confusion on all {} test images, step {} (rows: true, cols: predicted)",
             eval.confusion.iter().flatten().sum::<u64>(),
@@ -201,18 +320,12 @@ fn render_confusion(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buffer) 
     let k = eval.confusion.len();
     let mut header = vec![Span::raw(format!("{:<9}", ""))];
     for c in 0..k {
-        header.push(Span::styled(
-            format!("{:>5.4}", class_name(app, c)),
-            t.dim(),
-        ));
+        header.push(Span::styled(format!("{:>5.4}", class_name(cx, c)), t.dim()));
     }
     let mut lines = vec![Line::from(header)];
     for (r, row) in eval.confusion.iter().enumerate() {
         let total = row.iter().sum::<u64>().max(1) as f64;
-        let mut spans = vec![Span::styled(
-            format!("{:<9.9}", class_name(app, r)),
-            t.dim(),
-        )];
+        let mut spans = vec![Span::styled(format!("{:<9.9}", class_name(cx, r)), t.dim())];
         for (c, &count) in row.iter().enumerate() {
             let share = count as f64 / total;
             let style = match t.heat_color(share.sqrt()) {
@@ -234,10 +347,10 @@ fn render_confusion(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buffer) 
     Paragraph::new(lines).render(inner, buf);
 }
 
-fn render_class_accuracy(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_class_accuracy(cx: Cx<'_>, eval: &EvalRecord, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let inner = panel(
-        app,
+        cx.theme,
         &format!("per-class accuracy (overall {:.2}%)", eval.accuracy * 100.0),
         area,
         buf,
@@ -249,7 +362,7 @@ fn render_class_accuracy(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buf
         .enumerate()
         .map(|(k, &a)| {
             Line::from(vec![
-                Span::styled(format!("{:<11.10}", class_name(app, k)), t.dim()),
+                Span::styled(format!("{:<11.10}", class_name(cx, k)), t.dim()),
                 Span::styled(bar(a, bar_w), t.gauge()),
                 Span::raw(format!(" {:>5.1}%", a * 100.0)),
             ])
@@ -259,22 +372,27 @@ fn render_class_accuracy(app: &App, eval: &EvalRecord, area: Rect, buf: &mut Buf
 }
 
 fn render_flips(
-    app: &App,
+    cx: Cx<'_>,
     now: &Predictions,
     previous: Option<&Predictions>,
     area: Rect,
     buf: &mut Buffer,
 ) {
-    let t = &app.theme;
-    let inner = panel(app, "since the previous evaluation", area, buf);
+    let t = cx.theme;
+    let inner = panel(cx.theme, "since the previous evaluation", area, buf);
     let Some(prev) = previous else {
-        note(app, "first evaluation: nothing to compare yet", inner, buf);
+        note(
+            cx.theme,
+            "first evaluation: nothing to compare yet",
+            inner,
+            buf,
+        );
         return;
     };
-    let n = now.len().min(app.test_labels.len());
+    let n = now.len().min(cx.run.test_labels.len());
     let (mut up, mut down) = (0, 0);
     for i in 0..n {
-        match now.flip(prev, i, usize::from(app.test_labels[i])) {
+        match now.flip(prev, i, usize::from(cx.run.test_labels[i])) {
             Some(Flip::ToRight) => up += 1,
             Some(Flip::ToWrong) => down += 1,
             None => {}
@@ -298,9 +416,9 @@ fn render_flips(
     .render(inner, buf);
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let (Some(now), previous) = app.shown_predictions() else {
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let (Some(now), previous) = cx.view.shown(cx.run) else {
         Paragraph::new(vec![
             Line::styled(
                 "Predictions of the model on test images, from each evaluation (at every epoch's end).",
@@ -315,15 +433,15 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         return;
     };
     let previous = previous.map(AsRef::as_ref);
-    let view = &app.predictions_view;
-    let list = listed(app);
-    let n = app.predictions.len();
+    let view = cx.view;
+    let list = listed(cx.run, cx.view);
+    let n = cx.run.predictions.len();
     let position = match view.scrub {
         Some(i) if i + 1 < n => format!("evaluation {}/{n} (, . to move, End for latest)", i + 1),
         _ => format!("evaluation {n}/{n}, latest"),
     };
     let class = view.class.map_or("all classes".to_string(), |k| {
-        format!("true class {}", class_name(app, k))
+        format!("true class {}", class_name(cx, k))
     });
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
     Paragraph::new(vec![
@@ -350,22 +468,23 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     };
     let [grid, side] =
         Layout::horizontal([Constraint::Fill(1), Constraint::Length(side_w)]).areas(body);
-    render_grid(app, now, previous, &list, grid, buf);
+    render_grid(cx, now, previous, &list, grid, buf);
     let selected = list
         .get(view.selected.min(list.len().saturating_sub(1)))
         .copied();
-    let eval = app
+    let eval = cx
+        .run
         .evals
         .iter()
         .find(|e| e.step == now.meta.step)
-        .or(app.evals.last());
+        .or(cx.run.evals.last());
     let detail_h = if side_w == SIDE_WIDE { 18 } else { 8 };
     let [detail, rest] =
         Layout::vertical([Constraint::Length(detail_h), Constraint::Fill(1)]).areas(side);
     if let Some(image) = selected {
-        render_selected(app, now, image, detail, buf);
+        render_selected(cx, now, image, detail, buf);
     } else {
-        panel(app, "selected image", detail, buf);
+        panel(cx.theme, "selected image", detail, buf);
     }
     if side_w == SIDE_WIDE {
         let [confusion, classes, flips] = Layout::vertical([
@@ -375,16 +494,16 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         ])
         .areas(rest);
         if let Some(eval) = eval {
-            render_confusion(app, eval, confusion, buf);
-            render_class_accuracy(app, eval, classes, buf);
+            render_confusion(cx, eval, confusion, buf);
+            render_class_accuracy(cx, eval, classes, buf);
         }
-        render_flips(app, now, previous, flips, buf);
+        render_flips(cx, now, previous, flips, buf);
     } else {
         let [flips, more] =
             Layout::vertical([Constraint::Length(5), Constraint::Fill(1)]).areas(rest);
-        render_flips(app, now, previous, flips, buf);
+        render_flips(cx, now, previous, flips, buf);
         note(
-            app,
+            cx.theme,
             &format!("the confusion matrix and class accuracies need {WIDE} columns"),
             more,
             buf,

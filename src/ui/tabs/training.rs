@@ -8,12 +8,73 @@ use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragrap
 
 use crate::events::{Phase, TrainRecord};
 use crate::palette::debiased_ema;
-use crate::ui::state::{App, XAxis};
+use crate::ui::keys::Action;
+use crate::ui::run_state::Ctx;
 use crate::ui::theme::Series;
 use crate::ui::widgets::chart::{
     compact, downsample, log10_or_nan, stable_bounds, x_bounds, y_bounds,
 };
 use crate::ui::widgets::frame::bar;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XAxis {
+    Step,
+    Time,
+}
+
+/// The Training tab's view settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingView {
+    pub smoothing: f64,
+    pub log_y: bool,
+    pub x_axis: XAxis,
+    /// Show only the last `recent_steps` steps.
+    pub zoomed: bool,
+    pub recent_steps: usize,
+}
+
+impl TrainingView {
+    pub fn new(ui: &crate::config::UiConfig) -> Self {
+        Self {
+            smoothing: ui.smoothing,
+            log_y: false,
+            x_axis: XAxis::Step,
+            zoomed: false,
+            recent_steps: ui.recent_steps,
+        }
+    }
+
+    /// l log scale, x the axis, z the recent window, ←/→ its width, ↑/↓ or +/- smoothing.
+    pub fn on_action(&mut self, action: Action) {
+        match action {
+            Action::ToggleLogScale => self.log_y = !self.log_y,
+            Action::ToggleXAxis => {
+                self.x_axis = match self.x_axis {
+                    XAxis::Step => XAxis::Time,
+                    XAxis::Time => XAxis::Step,
+                }
+            }
+            Action::ToggleZoom => self.zoomed = !self.zoomed,
+            Action::Left => {
+                self.zoomed = true;
+                self.recent_steps = (self.recent_steps / 2).max(10);
+            }
+            Action::Right => {
+                self.zoomed = true;
+                self.recent_steps = (self.recent_steps * 2).min(1 << 24);
+            }
+            Action::Up | Action::SmoothMore => {
+                self.smoothing = (self.smoothing + 0.05).min(0.99);
+            }
+            Action::Down | Action::SmoothLess => {
+                self.smoothing = (self.smoothing - 0.05).max(0.0);
+            }
+            _ => {}
+        }
+    }
+}
+
+pub type Cx<'a> = Ctx<'a, TrainingView>;
 
 /// One curve to draw.
 struct Curve {
@@ -22,42 +83,42 @@ struct Curve {
     points: Vec<(f64, f64)>,
 }
 
-fn x_of(app: &App, step: u64, wall_secs: f64) -> f64 {
-    match app.training.x_axis {
+fn x_of(cx: Cx<'_>, step: u64, wall_secs: f64) -> f64 {
+    match cx.view.x_axis {
         XAxis::Step => step as f64,
         XAxis::Time => wall_secs / 60.0,
     }
 }
 
 /// The training records in view (all, or the recent window).
-fn visible(app: &App) -> (usize, &[TrainRecord]) {
-    let records = &app.train[..];
-    if !app.training.zoomed {
+fn visible(cx: Cx<'_>) -> (usize, &[TrainRecord]) {
+    let records = &cx.run.train[..];
+    if !cx.view.zoomed {
         return (0, records);
     }
     let last = records.last().map_or(0, |r| r.step);
-    let from = last.saturating_sub(app.training.recent_steps as u64);
+    let from = last.saturating_sub(cx.view.recent_steps as u64);
     let start = records.partition_point(|r| r.step <= from);
     (start, &records[start..])
 }
 
-fn first_visible_step(app: &App) -> u64 {
-    let (_, records) = visible(app);
+fn first_visible_step(cx: Cx<'_>) -> u64 {
+    let (_, records) = visible(cx);
     records.first().map_or(0, |r| r.step)
 }
 
 /// Raw and smoothed training curves of `value`, plus evaluation points of `eval_value`.
 fn curves(
-    app: &App,
+    cx: Cx<'_>,
     value: impl Fn(&TrainRecord) -> f64,
     eval_value: impl Fn(&crate::events::EvalRecord) -> f64,
     max_points: usize,
 ) -> Vec<Curve> {
-    let (start, records) = visible(app);
-    let all: Vec<f64> = app.train.iter().map(&value).collect();
-    let smooth = debiased_ema(&all, app.training.smoothing);
+    let (start, records) = visible(cx);
+    let all: Vec<f64> = cx.run.train.iter().map(&value).collect();
+    let smooth = debiased_ema(&all, cx.view.smoothing);
     let y = |v: f64| {
-        if app.training.log_y {
+        if cx.view.log_y {
             log10_or_nan(v)
         } else {
             v
@@ -65,21 +126,22 @@ fn curves(
     };
     let raw: Vec<(f64, f64)> = records
         .iter()
-        .map(|r| (x_of(app, r.step, r.wall_secs), y(value(r))))
+        .map(|r| (x_of(cx, r.step, r.wall_secs), y(value(r))))
         .collect();
     let smoothed: Vec<(f64, f64)> = records
         .iter()
         .zip(&smooth[start..])
-        .map(|(r, s)| (x_of(app, r.step, r.wall_secs), y(*s)))
+        .map(|(r, s)| (x_of(cx, r.step, r.wall_secs), y(*s)))
         .collect();
-    let from = first_visible_step(app);
-    let evals: Vec<(f64, f64)> = app
+    let from = first_visible_step(cx);
+    let evals: Vec<(f64, f64)> = cx
+        .run
         .evals
         .iter()
         .filter(|e| e.step >= from)
-        .map(|e| (x_of(app, e.step, e.wall_secs), y(eval_value(e))))
+        .map(|e| (x_of(cx, e.step, e.wall_secs), y(eval_value(e))))
         .collect();
-    let t = &app.theme;
+    let t = cx.theme;
     vec![
         Curve {
             name: format!("{} train", t.legend_symbol(Series::TrainRaw)),
@@ -90,7 +152,7 @@ fn curves(
             name: format!(
                 "{} smoothed {:.2}",
                 t.legend_symbol(Series::TrainSmooth),
-                app.training.smoothing
+                cx.view.smoothing
             ),
             series: Series::TrainSmooth,
             points: downsample(&smoothed, max_points),
@@ -103,8 +165,8 @@ fn curves(
     ]
 }
 
-fn x_title(app: &App) -> &'static str {
-    match app.training.x_axis {
+fn x_title(cx: Cx<'_>) -> &'static str {
+    match cx.view.x_axis {
         XAxis::Step => "step",
         XAxis::Time => "training time (min)",
     }
@@ -112,8 +174,8 @@ fn x_title(app: &App) -> &'static str {
 
 /// The x range of the charts: the whole run's steps when showing everything (curves
 /// then grow to the right without rescaling), else the data's range, rounded.
-fn x_range(app: &App, data: [f64; 2]) -> [f64; 2] {
-    match (app.training.x_axis, app.training.zoomed, &app.info) {
+fn x_range(cx: Cx<'_>, data: [f64; 2]) -> [f64; 2] {
+    match (cx.view.x_axis, cx.view.zoomed, &cx.run.info) {
         (XAxis::Step, false, Some(info)) if (info.final_step as f64) > data[0] => {
             [data[0].min(1.0), info.final_step as f64]
         }
@@ -121,8 +183,15 @@ fn x_range(app: &App, data: [f64; 2]) -> [f64; 2] {
     }
 }
 
-fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn draw_chart(
+    cx: Cx<'_>,
+    title: &str,
+    curves: &[Curve],
+    log_y: bool,
+    area: Rect,
+    buf: &mut Buffer,
+) {
+    let t = cx.theme;
     // The legend lives in the title: it costs no plot area and survives small sizes.
     let scale = if log_y { " (log y)" } else { "" };
     let mut title_spans = vec![Span::styled(format!(" {title}{scale} "), t.title())];
@@ -144,7 +213,7 @@ fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect,
             .render(area, buf);
         return;
     };
-    let xb = x_range(app, xb);
+    let xb = x_range(cx, xb);
     yb = stable_bounds(yb);
     let non_negative = slices
         .iter()
@@ -174,7 +243,7 @@ fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect,
             compact(v)
         }
     };
-    let x_label = |v: f64| match app.training.x_axis {
+    let x_label = |v: f64| match cx.view.x_axis {
         XAxis::Step => format!("{v:.0}"),
         XAxis::Time => compact(v),
     };
@@ -191,7 +260,7 @@ fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect,
         .block(block)
         .x_axis(
             Axis::default()
-                .title(Span::styled(x_title(app), t.dim()))
+                .title(Span::styled(x_title(cx), t.dim()))
                 .bounds(xb)
                 .labels(x_labels),
         )
@@ -205,14 +274,14 @@ fn draw_chart(app: &App, title: &str, curves: &[Curve], log_y: bool, area: Rect,
 }
 
 fn single_curve(
-    app: &App,
+    cx: Cx<'_>,
     name: &str,
     value: impl Fn(&TrainRecord) -> f64,
     smooth: bool,
     max_points: usize,
 ) -> Vec<Curve> {
-    let (start, records) = visible(app);
-    let values: Vec<f64> = app.train.iter().map(&value).collect();
+    let (start, records) = visible(cx);
+    let values: Vec<f64> = cx.run.train.iter().map(&value).collect();
     let values = if smooth {
         debiased_ema(&values, 0.9)
     } else {
@@ -221,7 +290,7 @@ fn single_curve(
     let points: Vec<(f64, f64)> = records
         .iter()
         .zip(&values[start..])
-        .map(|(r, v)| (x_of(app, r.step, r.wall_secs), *v))
+        .map(|(r, v)| (x_of(cx, r.step, r.wall_secs), *v))
         .collect();
     vec![Curve {
         name: name.to_string(),
@@ -232,8 +301,9 @@ fn single_curve(
 
 /// Mean seconds per step over the last few steps: the pace for ETAs, right after a
 /// resume too (it never looks at time before this process started).
-pub fn seconds_per_step(app: &App) -> Option<f64> {
-    let recent: Vec<f64> = app
+pub fn seconds_per_step(cx: Cx<'_>) -> Option<f64> {
+    let recent: Vec<f64> = cx
+        .run
         .train
         .iter()
         .rev()
@@ -244,10 +314,10 @@ pub fn seconds_per_step(app: &App) -> Option<f64> {
 }
 
 /// (seconds left in this epoch, seconds left in the run), evaluations included.
-pub fn eta(app: &App) -> Option<(f64, f64)> {
-    let info = app.info.as_ref()?;
-    let per_step = seconds_per_step(app)?;
-    let step = app.train.last().map_or(info.start_step, |r| r.step);
+pub fn eta(cx: Cx<'_>) -> Option<(f64, f64)> {
+    let info = cx.run.info.as_ref()?;
+    let per_step = seconds_per_step(cx)?;
+    let step = cx.run.train.last().map_or(info.start_step, |r| r.step);
     let spe = info.steps_per_epoch.max(1);
     let epoch_end = step.div_ceil(spe).max(1) * spe;
     let epoch_end = if step.is_multiple_of(spe) {
@@ -255,7 +325,7 @@ pub fn eta(app: &App) -> Option<(f64, f64)> {
     } else {
         epoch_end
     };
-    let eval_secs = app.evals.last().map_or(0.0, |e| {
+    let eval_secs = cx.run.evals.last().map_or(0.0, |e| {
         info.test_images as f64 / e.images_per_sec.max(1e-9)
     });
     let evals_left = info.final_step.div_ceil(spe).saturating_sub(step / spe);
@@ -277,20 +347,20 @@ pub fn duration(secs: f64) -> String {
     }
 }
 
-fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
+fn render_numbers(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
     let block = Block::default()
         .borders(Borders::ALL)
         .title(Span::styled(" Latest ", t.title()));
-    let Some(last) = app.train.last() else {
+    let Some(last) = cx.run.train.last() else {
         Paragraph::new(Line::styled("waiting for the first step …", t.dim()))
             .block(block)
             .render(area, buf);
         return;
     };
     let smooth_loss = debiased_ema(
-        &app.train.iter().map(|r| r.loss).collect::<Vec<_>>(),
-        app.training.smoothing,
+        &cx.run.train.iter().map(|r| r.loss).collect::<Vec<_>>(),
+        cx.view.smoothing,
     );
     let pair = |k1: &str, v1: String, k2: &str, v2: String| {
         Line::from(vec![
@@ -300,17 +370,19 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
             Span::raw(v2),
         ])
     };
-    let test = app.evals.last().map_or("-".to_string(), |e| {
+    let test = cx.run.evals.last().map_or("-".to_string(), |e| {
         format!("{:.2}% e{}", e.accuracy * 100.0, e.epoch)
     });
-    let best = app.best_eval().map_or("-".to_string(), |e| {
+    let best = cx.run.best_eval().map_or("-".to_string(), |e| {
         format!("{:.2}% e{}", e.accuracy * 100.0, e.epoch)
     });
-    let eval_loss = app
+    let eval_loss = cx
+        .run
         .evals
         .last()
         .map_or("-".to_string(), |e| format!("{:.4}", e.loss));
-    let cpu = app
+    let cpu = cx
+        .run
         .process
         .cpu_percent
         .map_or("-".to_string(), |c| format!("{c:.0}%"));
@@ -318,8 +390,8 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
     let mb = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1e6));
     let mem = format!(
         "{}/{} MB",
-        mb(app.process.peak_rss_bytes),
-        mb(app.process.estimate_bytes)
+        mb(cx.run.process.peak_rss_bytes),
+        mb(cx.run.process.estimate_bytes)
     );
     let lines = vec![
         pair(
@@ -349,7 +421,7 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
         ),
         Line::from(vec![
             Span::styled(format!("{:<10}", "reached"), t.dim()),
-            Span::raw(crate::run::milestones::summary(&app.evals)),
+            Span::raw(crate::run::milestones::summary(&cx.run.evals)),
         ]),
     ];
     let mut lines = lines;
@@ -361,19 +433,19 @@ fn render_numbers(app: &App, area: Rect, buf: &mut Buffer) {
     Paragraph::new(lines).block(block).render(area, buf);
 }
 
-fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
-    let t = &app.theme;
-    let Some(info) = &app.info else { return };
-    let step = app.train.last().map_or(info.start_step, |r| r.step);
+fn render_progress(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
+    let t = cx.theme;
+    let Some(info) = &cx.run.info else { return };
+    let step = cx.run.train.last().map_or(info.start_step, |r| r.step);
     let spe = info.steps_per_epoch.max(1);
     let in_epoch = if step > 0 && step.is_multiple_of(spe) {
         spe
     } else {
         step % spe
     };
-    let epoch = app.train.last().map_or(1, |r| r.epoch);
-    let eta = eta(app);
-    let eta_text = |secs: Option<f64>| match app.phase {
+    let epoch = cx.run.train.last().map_or(1, |r| r.epoch);
+    let eta = eta(cx);
+    let eta_text = |secs: Option<f64>| match cx.run.phase {
         Phase::Finished => "done".to_string(),
         Phase::Paused => "paused".to_string(),
         Phase::Failed | Phase::Stalled => "-".to_string(),
@@ -388,11 +460,12 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
     };
     // A budgeted run: where the projected end falls against the budget.
     let budget = info.budget_secs.map_or(String::new(), |b| {
-        let spent = app
+        let spent = cx
+            .run
             .train
             .last()
             .map_or(info.start_wall_secs, |r| r.wall_secs);
-        let projected = match (app.phase, eta.map(|e| e.1)) {
+        let projected = match (cx.run.phase, eta.map(|e| e.1)) {
             (Phase::Finished, _) => spent,
             (_, Some(left)) => spent + left,
             _ => f64::NAN,
@@ -430,7 +503,7 @@ fn render_progress(app: &App, area: Rect, buf: &mut Buffer) {
     Paragraph::new(lines).render(area, buf);
 }
 
-pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
+pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
     let [charts, middle, progress] = Layout::vertical([
         Constraint::Percentage(58),
         Constraint::Fill(1),
@@ -448,37 +521,37 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     ])
     .areas(middle);
     let max_points = (area.width as usize * 4).max(16);
-    let log_y = app.training.log_y;
+    let log_y = cx.view.log_y;
     draw_chart(
-        app,
+        cx,
         "Loss",
-        &curves(app, |r| r.loss, |e| e.loss, max_points),
+        &curves(cx, |r| r.loss, |e| e.loss, max_points),
         log_y,
         loss_area,
         buf,
     );
     draw_chart(
-        app,
+        cx,
         "Accuracy",
-        &curves(app, |r| r.accuracy, |e| e.accuracy, max_points),
+        &curves(cx, |r| r.accuracy, |e| e.accuracy, max_points),
         false,
         acc_area,
         buf,
     );
     draw_chart(
-        app,
+        cx,
         "Learning rate",
-        &single_curve(app, "lr", |r| r.lr, false, max_points),
+        &single_curve(cx, "lr", |r| r.lr, false, max_points),
         false,
         lr_area,
         buf,
     );
     if wide {
         draw_chart(
-            app,
+            cx,
             "Images/s",
             &single_curve(
-                app,
+                cx,
                 "img/s (smoothed)",
                 |r| r.images_per_sec,
                 true,
@@ -489,6 +562,6 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
             buf,
         );
     }
-    render_numbers(app, numbers_area, buf);
-    render_progress(app, progress, buf);
+    render_numbers(cx, numbers_area, buf);
+    render_progress(cx, progress, buf);
 }

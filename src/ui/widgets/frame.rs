@@ -10,20 +10,21 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
 use crate::inspect::probe::ProbeSnapshot;
-use crate::ui::state::App;
+use crate::ui::run_state::Ctx;
+use crate::ui::theme::Theme;
 
 /// The frame of a probe tab: two header lines (what the tab shows, then step, probe
 /// position and `detail`), and the shown probe in full with the area left below; or a
 /// note saying why there is nothing to draw yet.
-pub fn probe_tab<'a>(
-    app: &'a App,
+pub fn probe_tab<'a, V>(
+    cx: Ctx<'a, V>,
     intro: &str,
     detail: String,
     area: Rect,
     buf: &mut Buffer,
 ) -> Option<(&'a Arc<ProbeSnapshot>, Rect)> {
-    let t = &app.theme;
-    let Some(meta) = app.shown_probe() else {
+    let t = cx.theme;
+    let Some(meta) = cx.run.shown_probe() else {
         Paragraph::new(vec![
             Line::styled(intro.to_string(), t.title()),
             Line::raw(""),
@@ -38,7 +39,7 @@ pub fn probe_tab<'a>(
         return None;
     };
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
-    let position = probe_label(app.probe_position(), ", .");
+    let position = probe_label(cx.run.probe_position(), ", .");
     Paragraph::new(vec![
         Line::styled(intro.to_string(), t.dim()),
         Line::from(vec![
@@ -55,7 +56,7 @@ pub fn probe_tab<'a>(
             .wrap(Wrap { trim: true })
             .render(body, buf);
     };
-    let Some(probe) = app.shown_full_probe() else {
+    let Some(probe) = cx.run.shown_full_probe() else {
         say(
             "this probe's arrays are no longer in memory (the newest 32 are kept); `vitscope view` the run to see any step",
             buf,
@@ -69,7 +70,7 @@ pub fn probe_tab<'a>(
     Some((probe, body))
 }
 
-/// Which probe is shown, of how many (`position` from `App::probe_position`), with
+/// Which probe is shown, of how many (`position` from `RunState::probe_position`), with
 /// the keys that move between them; empty before the first probe.
 pub fn probe_label(position: Option<(usize, usize)>, keys: &str) -> String {
     match position {
@@ -82,18 +83,18 @@ pub fn probe_label(position: Option<(usize, usize)>, keys: &str) -> String {
 }
 
 /// A bordered panel with a title; returns the inside.
-pub fn panel(app: &App, title: &str, area: Rect, buf: &mut Buffer) -> Rect {
+pub fn panel(t: &Theme, title: &str, area: Rect, buf: &mut Buffer) -> Rect {
     let block = Block::default()
         .borders(Borders::ALL)
-        .title(Span::styled(format!(" {title} "), app.theme.title()));
+        .title(Span::styled(format!(" {title} "), t.title()));
     let inner = block.inner(area);
     block.render(area, buf);
     inner
 }
 
 /// A dim note in `area` (used where a panel lacks room or data).
-pub fn note(app: &App, text: &str, area: Rect, buf: &mut Buffer) {
-    Paragraph::new(Line::styled(text.to_string(), app.theme.dim()))
+pub fn note(t: &Theme, text: &str, area: Rect, buf: &mut Buffer) {
+    Paragraph::new(Line::styled(text.to_string(), t.dim()))
         .wrap(Wrap { trim: true })
         .render(area, buf);
 }
