@@ -16,18 +16,27 @@ pub fn tune_allocator() {
     }
 }
 
+/// More tensor threads asked for than this process may use.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`train.threads` = {asked} is more than the {cpus} CPUs this process may use (oversubscribing only slows training); use at most {cpus}, or 0 for the default")]
+pub struct TooManyThreads {
+    pub asked: usize,
+    pub cpus: usize,
+}
+
 /// Chooses the threads for tensor work; must run before any (the pools read these
 /// variables once, on first use). One pool: the matrix products (gemm) and the fused
 /// kernels in [`crate::ops`] run on rayon's pool of `threads` (0 = candle's default,
 /// the physical cores, or the user's RAYON_NUM_THREADS); candle's own element-wise
 /// ops run on the calling thread (CANDLE_NUM_THREADS=1 unless the user set it), since
 /// a second pool of spinning workers only competed with the first for the cores.
-pub fn set_threads(threads: usize) -> Result<(), String> {
+pub fn set_threads(threads: usize) -> Result<(), TooManyThreads> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if threads > cpus {
-        return Err(format!(
-            "`train.threads` = {threads} is more than the {cpus} CPUs this process may use (oversubscribing only slows training); use at most {cpus}, or 0 for the default"
-        ));
+        return Err(TooManyThreads {
+            asked: threads,
+            cpus,
+        });
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

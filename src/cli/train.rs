@@ -36,14 +36,14 @@ impl TrainArgs {
                     path.display()
                 ));
             }
-            crate::sys::set_threads(config.train.threads).map_err(|e| eyre!(e))?;
+            crate::sys::set_threads(config.train.threads)?;
             fits_in_memory(&config, workload)?;
             // The trainer writes the config once the checkpoint has loaded into it: a
             // refused resume leaves the run as it was.
             return Ok((config, run, true));
         }
         let config = Config::load(self.config.config.as_deref(), &sets)?;
-        crate::sys::set_threads(config.train.threads).map_err(|e| eyre!(e))?;
+        crate::sys::set_threads(config.train.threads)?;
         fits_in_memory(&config, workload)?;
         let run = RunDir::create(Path::new(&config.run.dir), self.run_dir.as_deref(), &config)?;
         Ok((config, run, false))

@@ -29,3 +29,40 @@ pub enum ConfigError {
         reason: String,
     },
 }
+
+/// The range checks every section's `validate` is written with: each error names the
+/// key, its value and what was expected.
+pub(super) fn check(
+    ok: bool,
+    key: &str,
+    value: impl ToString,
+    reason: &str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        })
+    }
+}
+
+pub(super) fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    check(
+        value.is_finite() && value > 0.0,
+        key,
+        value,
+        "must be a finite number > 0",
+    )
+}
+
+pub(super) fn non_negative(key: &str, value: f64) -> Result<(), ConfigError> {
+    check(
+        value.is_finite() && value >= 0.0,
+        key,
+        value,
+        "must be a finite number >= 0",
+    )
+}
