@@ -220,20 +220,15 @@ pub fn forward_backward(
                 (smoothing, drop),
             )
         })?;
+        let mut grads = Vec::with_capacity(results.len());
         for result in results {
             loss_sum += result.loss;
             correct += result.correct;
             forward_secs += result.forward_secs / lanes as f64;
             backward_secs += result.backward_secs / lanes as f64;
-            for (slot, g) in total.iter_mut().zip(result.grads) {
-                if let Some(g) = g {
-                    *slot = Some(match slot.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            grads.push(result.grads);
         }
+        total = sum_in_order(total, &grads)?;
     }
     Ok(StepResult {
         loss: loss_sum,
@@ -242,6 +237,31 @@ pub fn forward_backward(
         forward_secs,
         backward_secs,
     })
+}
+
+/// Each variable's gradient: `total`'s plus those of `grads` (one list per micro-batch,
+/// in batch order), added in that order. The variables are summed side by side on
+/// rayon's pool (the tensor threads), each in the same order as one thread would, so
+/// the sums do not depend on the threads: with many lanes a serial sum over every
+/// variable of every micro-batch would hold the step up.
+fn sum_in_order(
+    total: Vec<Option<Tensor>>,
+    grads: &[Vec<Option<Tensor>>],
+) -> Result<Vec<Option<Tensor>>> {
+    use rayon::prelude::*;
+    total
+        .into_par_iter()
+        .enumerate()
+        .map(|(v, mut slot)| {
+            for g in grads.iter().filter_map(|micro| micro[v].as_ref()) {
+                slot = Some(match slot {
+                    Some(a) => a.add(g)?,
+                    None => g.clone(),
+                });
+            }
+            Ok(slot)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -271,6 +291,58 @@ mod tests {
         });
         assert!(failing.unwrap_err().to_string().contains("item 7 failed"));
         assert!(workers.map(&items[..0], |&i| Ok(i)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn gradients_are_summed_in_batch_order_whatever_the_threads() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let dev = candle_core::Device::Cpu;
+        // Seven micro-batches' gradients of three variables, one of them missing in
+        // some: values whose sums depend on their order in f32.
+        let grads: Vec<Vec<Option<Tensor>>> = (0..7)
+            .map(|m| {
+                (0..3)
+                    .map(|v| {
+                        (v != 2 || m % 3 == 0).then(|| {
+                            let x: Vec<f32> = (0..1000)
+                                .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(m % 4 * 3))
+                                .collect();
+                            Tensor::from_vec(x, 1000, &dev).unwrap()
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let serial: Vec<Vec<f32>> = (0..3)
+            .map(|v| {
+                let mut acc: Option<Tensor> = None;
+                for micro in &grads {
+                    if let Some(g) = &micro[v] {
+                        acc = Some(match acc {
+                            Some(a) => (a + g).unwrap(),
+                            None => g.clone(),
+                        });
+                    }
+                }
+                acc.unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            // In two rounds, as a step with more micro-batches than a round takes.
+            let summed = pool.install(|| {
+                let first = sum_in_order(vec![None; 3], &grads[..4]).unwrap();
+                sum_in_order(first, &grads[4..]).unwrap()
+            });
+            for (v, s) in summed.iter().enumerate() {
+                let got: Vec<f32> = s.as_ref().unwrap().to_vec1().unwrap();
+                assert_eq!(got, serial[v], "{threads} threads, variable {v}");
+            }
+        }
     }
 
     #[test]
