@@ -200,7 +200,8 @@ impl Trainer {
         let plan = BatchPlan::from_config(config, train_len);
         let probes = ProbeSet::new(&data.test, config.probe.images, &norm);
         let state = ModelState::new(&config.model, config.train.seed, DType::F32)?;
-        let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+        let mut optimizer =
+            AdamW::new(state.named_vars(), &config.train)?.with_bf16_products(config.model.bf16());
         let ema = match config.train.ema_decay {
             d if d > 0.0 => Some(Ema::new(&config.model, d, &state)?),
             _ => None,

@@ -146,7 +146,8 @@ pub fn run(
     let m = &config.model;
     let batch = config.train.batch_size;
     let state = ModelState::new(m, config.train.seed, DType::F32)?;
-    let mut optimizer = AdamW::new(state.named_vars(), &config.train)?;
+    let mut optimizer =
+        AdamW::new(state.named_vars(), &config.train)?.with_bf16_products(config.model.bf16());
     let vars: Vec<candle_core::Var> = state.named_vars().into_iter().map(|(_, v)| v).collect();
     let data = synthetic::generate(config.train.seed, batch * 2, 1);
     let norm = Normalizer::from_split(&data.train);
@@ -445,7 +446,7 @@ pub fn command(args: &BenchArgs) -> color_eyre::eyre::Result<ExitCode> {
         sets.insert(0, format!("train.threads={n}"));
     }
     let config = Config::load(args.config.config.as_deref(), &sets)?;
-    crate::sys::set_threads(config.train.threads).map_err(|e| color_eyre::eyre::eyre!(e))?;
+    crate::sys::set_threads(config.train.threads)?;
     if args.steps == 0 {
         color_eyre::eyre::bail!("--steps must be at least 1");
     }

@@ -42,3 +42,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     *out_dims.last_mut().expect("at least one dimension") = weight.dim(0)?;
     y.reshape(out_dims)
 }
+
+/// Newton-Schulz iterations X ← a·X + (b·A + c·A²)·X, A = X Xᵀ, on a stack of
+/// matrices by candle's batched products: the reference for
+/// [`crate::ops::newton_schulz`] (and how Muon ran them before it).
+pub fn newton_schulz(x: &Tensor, steps: usize, (a, b, c): (f64, f64, f64)) -> Result<Tensor> {
+    let mut x = x.clone();
+    for _ in 0..steps {
+        let xx = x.matmul(&x.transpose(1, 2)?)?;
+        let poly = (xx.affine(b, 0.0)? + xx.matmul(&xx)?.affine(c, 0.0)?)?;
+        x = (x.affine(a, 0.0)? + poly.matmul(&x)?)?;
+    }
+    Ok(x)
+}

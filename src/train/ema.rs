@@ -34,8 +34,8 @@ impl Ema {
     pub fn update(&self, model: &ModelState, step: u64) -> Result<()> {
         let d = self.decay_at(step);
         for ((_, ema), (_, var)) in self.state.named_vars().iter().zip(model.named_vars()) {
-            let next = (ema.as_tensor().affine(d, 0.0)? + var.as_tensor().affine(1.0 - d, 0.0)?)?;
-            ema.set(&next)?;
+            // In place, as candle's `ema·d + var·(1 − d)` would compute it.
+            crate::ops::update::moving_average(ema.as_tensor(), var.as_tensor(), d)?;
         }
         Ok(())
     }

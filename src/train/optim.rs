@@ -63,16 +63,16 @@ const NEWTON_SCHULZ_STEPS: usize = 5;
 
 /// `g` (rows x cols) orthogonalised: U Vᵀ of its singular value decomposition,
 /// approximately, by Newton-Schulz iterations on g / ‖g‖_F (on the wide side, so the
-/// products are small).
+/// products are small), in f32 (or f64) products.
 pub fn orthogonalised(g: &Tensor) -> Result<Tensor> {
-    orthogonalised_stack(&g.unsqueeze(0)?)?.squeeze(0)
+    orthogonalised_stack(&g.unsqueeze(0)?, false)?.squeeze(0)
 }
 
 /// Several matrices of one shape, stacked (n x rows x cols), each orthogonalised as
-/// [`orthogonalised`] says, in one batched product per iteration: the six blocks'
-/// matrices of each kind go together, a sixth of the small ops that one matrix at a
-/// time takes (whose overhead, not their arithmetic, made Muon's step slow here).
-pub fn orthogonalised_stack(g: &Tensor) -> Result<Tensor> {
+/// [`orthogonalised`] says, all in one op ([`crate::ops::newton_schulz`]: a task per
+/// matrix); the six blocks' matrices of each kind go together. `bf16`: its products
+/// multiply bf16 factors, as the model's do.
+pub fn orthogonalised_stack(g: &Tensor, bf16: bool) -> Result<Tensor> {
     let (_, rows, cols) = g.dims3()?;
     let norm = g.sqr()?.sum_keepdim(2)?.sum_keepdim(1)?.sqrt()?;
     let mut x = g.broadcast_div(&norm.affine(1.0, 1e-7)?)?;
@@ -80,12 +80,7 @@ pub fn orthogonalised_stack(g: &Tensor) -> Result<Tensor> {
     if tall {
         x = x.transpose(1, 2)?.contiguous()?;
     }
-    let (a, b, c) = NEWTON_SCHULZ;
-    for _ in 0..NEWTON_SCHULZ_STEPS {
-        let xx = x.matmul(&x.transpose(1, 2)?)?;
-        let poly = (xx.affine(b, 0.0)? + xx.matmul(&xx)?.affine(c, 0.0)?)?;
-        x = (x.affine(a, 0.0)? + poly.matmul(&x)?)?;
-    }
+    x = crate::ops::newton_schulz(&x, NEWTON_SCHULZ_STEPS, NEWTON_SCHULZ, bf16)?;
     if tall {
         x = x.transpose(1, 2)?.contiguous()?;
     }
@@ -108,6 +103,8 @@ pub struct AdamW {
     muon_momentum: f64,
     /// The peak learning rate, to scale Muon's by the schedule.
     peak_lr: f64,
+    /// Muon's Newton-Schulz products multiply bf16 factors (where the model's do).
+    bf16_products: bool,
 }
 
 impl AdamW {
@@ -139,12 +136,22 @@ impl AdamW {
             muon_lr: cfg.muon_lr,
             muon_momentum: cfg.muon_momentum,
             peak_lr: cfg.lr,
+            bf16_products: false,
         })
     }
 
+    /// Muon's Newton-Schulz products in bf16 factors (`model.matmul` resolved to bf16:
+    /// Muon's own recipe runs them in bf16), or f32 (the default).
+    pub fn with_bf16_products(mut self, on: bool) -> Self {
+        self.bf16_products = on;
+        self
+    }
+
     /// One update; `grads[i]` belongs to the i-th variable given to [`AdamW::new`]
-    /// (`None` = no gradient, left unchanged).
+    /// (`None` = no gradient, left unchanged). Weights and moments change in place, each
+    /// by one op per parameter ([`crate::ops::update`]).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        use crate::ops::update;
         self.steps += 1;
         let t = self.steps as i32;
         let correction1 = 1.0 - self.beta1.powi(t);
@@ -156,53 +163,43 @@ impl AdamW {
             let Some(grad) = grads.get(i).and_then(Option::as_ref) else {
                 continue;
             };
-            let grad = grad.detach();
+            let grad = grad.detach().contiguous()?;
+            let (m, v) = (&self.first_moment[i], &self.second_moment[i]);
             let decay = match *rule {
                 Rule::Adam { decay } => decay,
                 Rule::Muon => {
                     // Nesterov momentum; orthogonalised below.
                     let mu = self.muon_momentum;
-                    let buffer = (self.first_moment[i].affine(mu, 0.0)? + &grad)?;
-                    let direction = (&grad + buffer.affine(mu, 0.0)?)?;
+                    update::momentum(m, &grad, mu)?;
+                    let direction = (&grad + m.affine(mu, 0.0)?)?;
                     muon.entry(direction.dims2()?)
                         .or_default()
                         .push((i, direction));
-                    self.first_moment[i] = buffer;
                     continue;
                 }
             };
-            let m = (self.first_moment[i].affine(self.beta1, 0.0)?
-                + grad.affine(1.0 - self.beta1, 0.0)?)?;
-            let v = (self.second_moment[i].affine(self.beta2, 0.0)?
-                + grad.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
-            let denom = v
-                .affine(1.0 / correction2, 0.0)?
-                .sqrt()?
-                .affine(1.0, self.eps)?;
-            let update = m.affine(1.0 / correction1, 0.0)?.div(&denom)?;
-            let theta = var.as_tensor().detach();
-            let theta = if decay {
-                theta.affine(1.0 - lr * self.weight_decay, 0.0)?
-            } else {
-                theta
+            update::first_moment(m, &grad, self.beta1)?;
+            update::second_moment(v, &grad, self.beta2)?;
+            let step = update::AdamStep {
+                correction1,
+                correction2,
+                eps: self.eps,
+                lr,
+                keep: decay.then_some(1.0 - lr * self.weight_decay),
             };
-            var.set(&(theta - update.affine(lr, 0.0)?)?)?;
-            self.first_moment[i] = m;
-            self.second_moment[i] = v;
+            update::adam_step_in_place(var.as_tensor(), m, v, step)?;
         }
         for ((rows, cols), members) in muon {
             let directions: Vec<&Tensor> = members.iter().map(|(_, d)| d).collect();
-            let orthogonal = orthogonalised_stack(&Tensor::stack(&directions, 0)?)?;
+            let orthogonal =
+                orthogonalised_stack(&Tensor::stack(&directions, 0)?, self.bf16_products)?;
             // Scaled for the matrix's shape, at lr's point in its schedule.
             let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
             let rate = self.muon_lr * lr / self.peak_lr.max(1e-30) * scale;
+            let keep = 1.0 - lr * self.weight_decay;
             for (k, (i, _)) in members.iter().enumerate() {
                 let var = &self.params[*i].1;
-                let theta = var
-                    .as_tensor()
-                    .detach()
-                    .affine(1.0 - lr * self.weight_decay, 0.0)?;
-                var.set(&(theta - orthogonal.get(k)?.affine(rate, 0.0)?)?)?;
+                update::decay_and_descend(var.as_tensor(), &orthogonal.get(k)?, keep, rate)?;
             }
         }
         Ok(())
@@ -254,6 +251,150 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use candle_core::{DType, Device};
+
+    /// The step as candle's ops compose it, term by term (and before the in-place
+    /// ops, how it ran): the reference `step` is held to bit for bit.
+    fn step_composed(opt: &mut AdamW, grads: &[Option<Tensor>], lr: f64) {
+        opt.steps += 1;
+        let t = opt.steps as i32;
+        let correction1 = 1.0 - opt.beta1.powi(t);
+        let correction2 = 1.0 - opt.beta2.powi(t);
+        let mut muon: std::collections::BTreeMap<(usize, usize), Vec<(usize, Tensor)>> =
+            Default::default();
+        for (i, (_, var, rule)) in opt.params.iter().enumerate() {
+            let Some(grad) = grads.get(i).and_then(Option::as_ref) else {
+                continue;
+            };
+            let grad = grad.detach();
+            let decay = match *rule {
+                Rule::Adam { decay } => decay,
+                Rule::Muon => {
+                    let mu = opt.muon_momentum;
+                    let buffer = (opt.first_moment[i].affine(mu, 0.0).unwrap() + &grad).unwrap();
+                    let direction = (&grad + buffer.affine(mu, 0.0).unwrap()).unwrap();
+                    muon.entry(direction.dims2().unwrap())
+                        .or_default()
+                        .push((i, direction));
+                    opt.first_moment[i] = buffer;
+                    continue;
+                }
+            };
+            let m = (opt.first_moment[i].affine(opt.beta1, 0.0).unwrap()
+                + grad.affine(1.0 - opt.beta1, 0.0).unwrap())
+            .unwrap();
+            let v = (opt.second_moment[i].affine(opt.beta2, 0.0).unwrap()
+                + grad.sqr().unwrap().affine(1.0 - opt.beta2, 0.0).unwrap())
+            .unwrap();
+            let denom = v
+                .affine(1.0 / correction2, 0.0)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .affine(1.0, opt.eps)
+                .unwrap();
+            let update = m
+                .affine(1.0 / correction1, 0.0)
+                .unwrap()
+                .div(&denom)
+                .unwrap();
+            let theta = var.as_tensor().detach();
+            let theta = if decay {
+                theta.affine(1.0 - lr * opt.weight_decay, 0.0).unwrap()
+            } else {
+                theta
+            };
+            var.set(&(theta - update.affine(lr, 0.0).unwrap()).unwrap())
+                .unwrap();
+            opt.first_moment[i] = m;
+            opt.second_moment[i] = v;
+        }
+        for ((rows, cols), members) in muon {
+            let directions: Vec<&Tensor> = members.iter().map(|(_, d)| d).collect();
+            let orthogonal =
+                orthogonalised_stack(&Tensor::stack(&directions, 0).unwrap(), opt.bf16_products)
+                    .unwrap();
+            let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
+            let rate = opt.muon_lr * lr / opt.peak_lr.max(1e-30) * scale;
+            for (k, (i, _)) in members.iter().enumerate() {
+                let var = &opt.params[*i].1;
+                let theta = var
+                    .as_tensor()
+                    .detach()
+                    .affine(1.0 - lr * opt.weight_decay, 0.0)
+                    .unwrap();
+                let o = orthogonal.get(k).unwrap().affine(rate, 0.0).unwrap();
+                var.set(&(theta - o).unwrap()).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn the_in_place_step_is_the_composed_one_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        for dtype in [DType::F32, DType::F64] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let mut tensor = |shape: &[usize]| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                Tensor::from_vec(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            // Two Muon matrices of one shape, one of another, a decayed AdamW weight and
+            // an undecayed bias; each optimizer on its own copies of the same weights.
+            let shapes: [(&str, &[usize]); 5] = [
+                ("blocks.0.attn.qkv.weight", &[12, 4]),
+                ("blocks.1.attn.qkv.weight", &[12, 4]),
+                ("blocks.0.mlp.fc1.weight", &[8, 4]),
+                ("head.weight", &[3, 4]),
+                ("head.bias", &[3]),
+            ];
+            let start: Vec<Tensor> = shapes.iter().map(|(_, s)| tensor(s)).collect();
+            let named = |copy: bool| -> Vec<(String, Var)> {
+                shapes
+                    .iter()
+                    .zip(&start)
+                    .map(|((name, _), t)| {
+                        let t = if copy { t.copy().unwrap() } else { t.clone() };
+                        (name.to_string(), Var::from_tensor(&t).unwrap())
+                    })
+                    .collect()
+            };
+            let mut cfg = Config::default().train;
+            cfg.optimizer = Optimizer::Muon;
+            let (a, b) = (named(true), named(true));
+            let mut fused = AdamW::new(a.clone(), &cfg).unwrap();
+            let mut composed = AdamW::new(b.clone(), &cfg).unwrap();
+            for step in 0..4 {
+                let grads: Vec<Option<Tensor>> = shapes
+                    .iter()
+                    .enumerate()
+                    // The bias has no gradient in one step: it is left as it is.
+                    .map(|(i, (_, s))| (i != 4 || step != 2).then(|| tensor(s)))
+                    .collect();
+                let lr = 1e-3 * (step + 1) as f64;
+                fused.step(&grads, lr).unwrap();
+                step_composed(&mut composed, &grads, lr);
+            }
+            let bits = |t: &Tensor| -> Vec<u64> {
+                let v: Vec<f64> = t
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            for ((name, x), (_, y)) in a.iter().zip(&b) {
+                assert_eq!(bits(x.as_tensor()), bits(y.as_tensor()), "{dtype:?} {name}");
+            }
+            for ((kx, x), (_, y)) in fused.state_tensors().iter().zip(&composed.state_tensors()) {
+                assert_eq!(bits(x), bits(y), "{dtype:?} {kx}");
+            }
+        }
+    }
 
     #[test]
     fn schedule_warms_up_linearly_then_decays_by_cosine() {
@@ -432,7 +573,8 @@ mod tests {
                     Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
                 })
                 .collect();
-            let stacked = orthogonalised_stack(&Tensor::stack(&matrices, 0).unwrap()).unwrap();
+            let stacked =
+                orthogonalised_stack(&Tensor::stack(&matrices, 0).unwrap(), false).unwrap();
             for (k, g) in matrices.iter().enumerate() {
                 // Alone, by the 2-D path of the first implementation: g / ‖g‖ by a
                 // scalar, then the same iterations.
