@@ -298,8 +298,7 @@ mod tests {
     #[test]
     fn the_weights_label_names_what_differs_from_plain_training() {
         let mut t = crate::config::Config::default().train;
-        t.optimizer = crate::config::Optimizer::AdamW;
-        t.eval_flip = false;
+        (t.optimizer, t.eval_flip, t.ema_decay) = (crate::config::Optimizer::AdamW, false, 0.0);
         assert_eq!(weights_label(&t), "raw weights");
         t.ema_decay = 0.999;
         t.optimizer = crate::config::Optimizer::Muon;
