@@ -141,6 +141,7 @@ pub fn newton_schulz(
 mod tests {
     use super::super::composed;
     use super::*;
+    use crate::model::tests::values;
     use candle_core::{DType, Device};
 
     /// A stack of `n` (rows x cols) matrices, normalised as Muon normalises them.
@@ -159,15 +160,6 @@ mod tests {
             .sum_keepdim(1)
             .unwrap();
         g.broadcast_div(&norm.sqrt().unwrap()).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     const MUON: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);

@@ -3,8 +3,8 @@
 //! over a parameter's values. Composed from candle's ops each term was a pass and a
 //! fresh tensor: about 800 small ops a step for the default model, more time than
 //! their arithmetic. The arithmetic here is candle's, term by term in the same order
-//! and precision (`x * mul + add` for an affine map), so a run's bits do not change;
-//! the tests hold it to the composed ops bit for bit (`train/optim.rs`).
+//! and precision (`x * mul + add` for an affine map), so an update gives the composed
+//! ops' bits; the tests hold the whole step to them (`train/optim.rs`).
 
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use num_traits::Float;
@@ -29,31 +29,19 @@ fn cast<T: Float>(v: f64) -> T {
     T::from(v).expect("a float")
 }
 
-/// dst ← dst·a + f(src)·b, elementwise: `f` squares for AdamW's second moment; no `b`
-/// adds f(src) itself (candle's `x + g`, not `x + g·1 + 0`, which differ in a zero's sign).
-#[derive(Debug, Clone, Copy)]
-struct Blend {
-    a: f64,
-    b: Option<f64>,
-    square: bool,
+/// An elementwise update of a tensor from another of its shape, written once for f32
+/// and f64 ([`InPlace`] runs it on candle's storage).
+trait Pairwise: Copy {
+    const NAME: &'static str;
+    fn apply<T: Float>(self, dst: &mut [T], src: &[T]);
 }
 
-fn blend<T: Float>(dst: &mut [T], src: &[T], op: Blend) {
-    let (a, zero) = (cast::<T>(op.a), T::zero());
-    let b = op.b.map(cast::<T>);
-    for (d, &s) in dst.iter_mut().zip(src) {
-        let s = if op.square { s * s } else { s };
-        let term = match b {
-            Some(b) => s * b + zero,
-            None => s,
-        };
-        *d = (*d * a + zero) + term;
-    }
-}
+/// A [`Pairwise`] update as candle's in-place op on its first tensor.
+struct InPlace<P>(P);
 
-impl InplaceOp2 for Blend {
+impl<P: Pairwise> InplaceOp2 for InPlace<P> {
     fn name(&self) -> &'static str {
-        "optimizer-blend"
+        P::NAME
     }
 
     fn cpu_fwd(
@@ -63,28 +51,46 @@ impl InplaceOp2 for Blend {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
+        let name = P::NAME;
         if l1.shape() != l2.shape() {
-            bail!(
-                "{}: shapes {:?} and {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
+            bail!("{name}: shapes {:?} and {:?}", l1.dims(), l2.dims());
         }
         match (s1, s2) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => blend(
-                span_mut(d, l1, self.name())?,
-                span(s, l2, self.name())?,
-                *self,
-            ),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => blend(
-                span_mut(d, l1, self.name())?,
-                span(s, l2, self.name())?,
-                *self,
-            ),
-            _ => bail!("{}: expects two f32 or two f64 tensors", self.name()),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => {
+                self.0.apply(span_mut(d, l1, name)?, span(s, l2, name)?)
+            }
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => {
+                self.0.apply(span_mut(d, l1, name)?, span(s, l2, name)?)
+            }
+            _ => bail!("{name}: expects two f32 or two f64 tensors"),
         }
         Ok(())
+    }
+}
+
+/// dst ← dst·a + f(src)·b, elementwise: `f` squares for AdamW's second moment; no `b`
+/// adds f(src) itself (candle's `x + g`, not `x + g·1 + 0`, which differ in a zero's sign).
+#[derive(Debug, Clone, Copy)]
+struct Blend {
+    a: f64,
+    b: Option<f64>,
+    square: bool,
+}
+
+impl Pairwise for Blend {
+    const NAME: &'static str = "optimizer-blend";
+
+    fn apply<T: Float>(self, dst: &mut [T], src: &[T]) {
+        let (a, zero) = (cast::<T>(self.a), T::zero());
+        let b = self.b.map(cast::<T>);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let s = if self.square { s * s } else { s };
+            let term = match b {
+                Some(b) => s * b + zero,
+                None => s,
+            };
+            *d = (*d * a + zero) + term;
+        }
     }
 }
 
@@ -93,11 +99,11 @@ impl InplaceOp2 for Blend {
 pub fn moving_average(avg: &Tensor, x: &Tensor, beta: f64) -> Result<()> {
     avg.inplace_op2(
         x,
-        &Blend {
+        &InPlace(Blend {
             a: beta,
             b: Some(1.0 - beta),
             square: false,
-        },
+        }),
     )
 }
 
@@ -110,11 +116,11 @@ pub fn first_moment(m: &Tensor, g: &Tensor, beta: f64) -> Result<()> {
 pub fn second_moment(v: &Tensor, g: &Tensor, beta: f64) -> Result<()> {
     v.inplace_op2(
         g,
-        &Blend {
+        &InPlace(Blend {
             a: beta,
             b: Some(1.0 - beta),
             square: true,
-        },
+        }),
     )
 }
 
@@ -123,11 +129,11 @@ pub fn second_moment(v: &Tensor, g: &Tensor, beta: f64) -> Result<()> {
 pub fn momentum(buffer: &Tensor, g: &Tensor, mu: f64) -> Result<()> {
     buffer.inplace_op2(
         g,
-        &Blend {
+        &InPlace(Blend {
             a: mu,
             b: None,
             square: false,
-        },
+        }),
     )
 }
 
@@ -138,53 +144,20 @@ struct Descend {
     rate: f64,
 }
 
-fn descend<T: Float>(theta: &mut [T], update: &[T], op: Descend) {
-    let (keep, rate, zero) = (cast::<T>(op.keep), cast::<T>(op.rate), T::zero());
-    for (w, &u) in theta.iter_mut().zip(update) {
-        *w = (*w * keep + zero) - (u * rate + zero);
-    }
-}
+impl Pairwise for Descend {
+    const NAME: &'static str = "optimizer-descend";
 
-impl InplaceOp2 for Descend {
-    fn name(&self) -> &'static str {
-        "optimizer-descend"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        if l1.shape() != l2.shape() {
-            bail!(
-                "{}: shapes {:?} and {:?}",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
+    fn apply<T: Float>(self, theta: &mut [T], update: &[T]) {
+        let (keep, rate, zero) = (cast::<T>(self.keep), cast::<T>(self.rate), T::zero());
+        for (w, &u) in theta.iter_mut().zip(update) {
+            *w = (*w * keep + zero) - (u * rate + zero);
         }
-        match (s1, s2) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => descend(
-                span_mut(d, l1, self.name())?,
-                span(s, l2, self.name())?,
-                *self,
-            ),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => descend(
-                span_mut(d, l1, self.name())?,
-                span(s, l2, self.name())?,
-                *self,
-            ),
-            _ => bail!("{}: expects two f32 or two f64 tensors", self.name()),
-        }
-        Ok(())
     }
 }
 
 /// Muon's step in place: θ ← θ·(1 − lr·wd) − rate·o.
 pub fn decay_and_descend(theta: &Tensor, update: &Tensor, keep: f64, rate: f64) -> Result<()> {
-    theta.inplace_op2(update, &Descend { keep, rate })
+    theta.inplace_op2(update, &InPlace(Descend { keep, rate }))
 }
 
 /// AdamW's step from its moments: θ ← θ·keep − lr·(m / c1) / (√(v / c2) + ε), where
