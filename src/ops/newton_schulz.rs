@@ -140,8 +140,8 @@ pub fn newton_schulz(
 #[cfg(test)]
 mod tests {
     use super::super::composed;
+    use super::super::tests::values;
     use super::*;
-    use crate::model::tests::values;
     use candle_core::{DType, Device};
 
     /// A stack of `n` (rows x cols) matrices, normalised as Muon normalises them.

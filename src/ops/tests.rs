@@ -19,7 +19,7 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
+pub(crate) fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .unwrap()
         .to_dtype(DType::F64)
