@@ -107,11 +107,6 @@ pub fn moving_average(avg: &Tensor, x: &Tensor, beta: f64) -> Result<()> {
     )
 }
 
-/// AdamW's first moment in place: m ← β·m + (1 − β)·g.
-pub fn first_moment(m: &Tensor, g: &Tensor, beta: f64) -> Result<()> {
-    moving_average(m, g, beta)
-}
-
 /// AdamW's second moment in place: v ← β·v + (1 − β)·g².
 pub fn second_moment(v: &Tensor, g: &Tensor, beta: f64) -> Result<()> {
     v.inplace_op2(

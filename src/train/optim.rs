@@ -178,7 +178,7 @@ impl AdamW {
                     continue;
                 }
             };
-            update::first_moment(m, &grad, self.beta1)?;
+            update::moving_average(m, &grad, self.beta1)?;
             update::second_moment(v, &grad, self.beta2)?;
             let step = update::AdamStep {
                 correction1,

@@ -31,13 +31,6 @@ pub struct LayerNormView {
 }
 
 impl LayerNormView {
-    pub fn new() -> Self {
-        Self {
-            selected: 0,
-            source: LnSource::Output,
-        }
-    }
-
     /// ↑/↓ pick the norm, ←/→ move over the probes, s cycles what is shown of it.
     pub fn on_action(&mut self, action: Action, run: &mut RunState) {
         let count = run.probe_metas.last().map_or(0, |m| m.layer_norms.len());
@@ -61,7 +54,10 @@ impl LayerNormView {
 
 impl Default for LayerNormView {
     fn default() -> Self {
-        Self::new()
+        Self {
+            selected: 0,
+            source: LnSource::Output,
+        }
     }
 }
 

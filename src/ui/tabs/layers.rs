@@ -30,13 +30,6 @@ pub struct LayersView {
 }
 
 impl LayersView {
-    pub fn new() -> Self {
-        Self {
-            quantity: Quantity::GradNorm,
-            cursor: None,
-        }
-    }
-
     /// ↑/↓ pick the quantity, ←/→ move the cursor over its records, End follows the latest.
     pub fn on_action(&mut self, action: Action, history: &LayerHistory) {
         let steps = self.quantity.map(history).steps;
@@ -62,7 +55,10 @@ impl LayersView {
 
 impl Default for LayersView {
     fn default() -> Self {
-        Self::new()
+        Self {
+            quantity: Quantity::GradNorm,
+            cursor: None,
+        }
     }
 }
 

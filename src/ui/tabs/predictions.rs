@@ -55,15 +55,6 @@ pub struct PredictionsView {
 }
 
 impl PredictionsView {
-    pub fn new() -> Self {
-        Self {
-            selected: 0,
-            filter: PredictionFilter::All,
-            class: None,
-            scrub: None,
-        }
-    }
-
     /// The evaluation shown and the one before it.
     pub fn shown<'a>(
         &self,
@@ -132,7 +123,12 @@ impl PredictionsView {
 
 impl Default for PredictionsView {
     fn default() -> Self {
-        Self::new()
+        Self {
+            selected: 0,
+            filter: PredictionFilter::All,
+            class: None,
+            scrub: None,
+        }
     }
 }
 
