@@ -15,8 +15,8 @@ mod train_settings;
 
 use choice::check_choices;
 pub use choice::{
-    ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Optimizer, Placement, Pool,
-    PosEmbed,
+    AttentionKind, ColorSetting, DatasetKind, Init, Markers, Matmul, NormKind, Optimizer,
+    PatchTokens, Placement, Pool, PosEmbed,
 };
 pub use error::ConfigError;
 use error::{check, non_negative, positive};
@@ -34,6 +34,8 @@ pub const RUN_LEGACY_TOML: &str = r#"
 init = "trunc_normal"
 pool = "cls"
 matmul = "f32"
+patch_tokens = "plain"
+attention = "standard"
 [train]
 budget = ""
 schedule_steps = 0
@@ -67,10 +69,12 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub patch_size: usize,
+    pub patch_tokens: PatchTokens,
     pub dim: usize,
     pub depth: usize,
     pub heads: usize,
     pub mlp_dim: usize,
+    pub attention: AttentionKind,
     pub layer_norm_eps: f64,
     pub norm: Placement,
     pub norm_kind: NormKind,
@@ -90,6 +94,12 @@ impl ModelConfig {
             "model.patch_size",
             m.patch_size,
             "must divide the image size 32 (1, 2, 4, 8, 16 or 32)",
+        )?;
+        check(
+            m.patch_tokens == PatchTokens::Plain || m.patch_size >= 2,
+            "model.patch_tokens",
+            "\"shifted\"",
+            "needs model.patch_size of at least 2 (the copies shift by half a patch); it is 1",
         )?;
         check(m.dim > 0, "model.dim", m.dim, "must be at least 1")?;
         check(m.depth > 0, "model.depth", m.depth, "must be at least 1")?;
@@ -156,6 +166,11 @@ impl ModelConfig {
     /// Values in one flattened patch (patch x patch x channels).
     pub fn patch_values(&self) -> usize {
         self.patch_size * self.patch_size * CHANNELS
+    }
+    /// Values a patch token is made from: the patch's, five times over with shifted
+    /// patch tokens (the image and its four shifted copies).
+    pub fn token_values(&self) -> usize {
+        self.patch_values() * self.patch_tokens.copies()
     }
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
@@ -494,6 +509,8 @@ mod tests {
             ("train", "drop_path"),
             ("model", "pool"),
             ("model", "matmul"),
+            ("model", "patch_tokens"),
+            ("model", "attention"),
             ("data", "trivial_augment"),
             ("data", "random_erasing"),
         ] {
@@ -506,6 +523,8 @@ mod tests {
         assert!(!c.data.trivial_augment);
         assert_eq!((c.train.drop_path, c.model.pool.name()), (0.0, "cls"));
         assert_eq!(c.model.matmul.name(), "f32");
+        assert_eq!(c.model.patch_tokens.name(), "plain");
+        assert_eq!(c.model.attention.name(), "standard");
         // A key the run has is kept, and --set still wins.
         let c = Config::load_run(&path, &sets(&["model.init=pytorch"])).unwrap();
         assert_eq!(c.model.init.name(), "pytorch");
@@ -603,6 +622,14 @@ mod tests {
                 "`data.dataset` = \"mnist\": expected one of cifar10, synthetic",
             ),
         ];
+        let shifted_single_pixels = sets(&["model.patch_size=1", "model.patch_tokens=shifted"]);
+        let err = Config::from_sources(None, &shifted_single_pixels).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "`model.patch_tokens` = \"shifted\": needs model.patch_size of at least 2"
+            ),
+            "{err}"
+        );
         for (arg, expected) in cases {
             let err = Config::from_sources(None, &sets(&[arg])).unwrap_err();
             assert!(err.to_string().contains(expected), "{arg}: {err}");

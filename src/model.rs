@@ -19,7 +19,9 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::{ModelConfig, NormKind, Placement, PosEmbed, CHANNELS, IMAGE_SIZE};
+use crate::config::{
+    ModelConfig, NormKind, PatchTokens, Placement, PosEmbed, CHANNELS, IMAGE_SIZE,
+};
 use crate::data::{mix_seed, NUM_CLASSES};
 use crate::ops::BlockOutput;
 
@@ -28,6 +30,7 @@ mod capture;
 mod drop_path;
 mod loss;
 mod norm;
+pub mod shifted_patches;
 pub use block::{Attention, Block, Linear, Mlp};
 pub use capture::Capture;
 pub use drop_path::{Branch, DropPath};
@@ -48,6 +51,8 @@ pub fn patchify(images: &Tensor, patch: usize) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
     pub config: ModelConfig,
+    /// The LayerNorm over a token's values with shifted patch tokens; none for plain ones.
+    pub patch_norm: Option<LayerNorm>,
     pub patch_embed: Linear,
     /// (1, 1, dim); none with `pool = "mean"`.
     pub cls_token: Option<Tensor>,
@@ -79,9 +84,19 @@ impl VisionTransformer {
                 Init::Const(0.0),
             )?),
         };
+        let patch_norm = match cfg.patch_tokens {
+            PatchTokens::Plain => None,
+            PatchTokens::Shifted => Some(LayerNorm::new(
+                &vb.pp("patch_norm"),
+                cfg.token_values(),
+                cfg.layer_norm_eps,
+                NormKind::LayerNorm,
+            )?),
+        };
         Ok(Self {
             config: cfg.clone(),
-            patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.patch_values(), cfg.dim, false)?,
+            patch_norm,
+            patch_embed: Linear::new(&vb.pp("patch_embed"), cfg.token_values(), cfg.dim, false)?,
             cls_token: match cfg.has_cls() {
                 true => Some(vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Const(0.0))?),
                 false => None,
@@ -158,8 +173,14 @@ impl VisionTransformer {
 
     /// Patch embeddings, CLS token and position embedding: the residual stream's start.
     fn embed(&self, images: &Tensor) -> Result<Tensor> {
-        let b = images.dim(0)?;
-        let patches = patchify(images, self.config.patch_size)?;
+        let (b, p) = (images.dim(0)?, self.config.patch_size);
+        let patches = match &self.patch_norm {
+            Some(norm) => norm.forward(&patchify(
+                &shifted_patches::shifted_copies(images, p / 2)?,
+                p,
+            )?)?,
+            None => patchify(images, p)?,
+        };
         let x = self.patch_embed.forward(&patches)?;
         let x = match &self.cls_token {
             Some(cls) => Tensor::cat(&[&cls.broadcast_as((b, 1, self.config.dim))?, &x], 1)?,
@@ -202,6 +223,7 @@ impl VisionTransformer {
     pub fn detached(&self) -> Self {
         Self {
             config: self.config.clone(),
+            patch_norm: self.patch_norm.as_ref().map(LayerNorm::detached),
             patch_embed: self.patch_embed.detached(),
             cls_token: self.cls_token.as_ref().map(Tensor::detach),
             pos_embed: self.pos_embed.as_ref().map(Tensor::detach),
@@ -213,6 +235,7 @@ impl VisionTransformer {
                     attn: Attention {
                         qkv: b.attn.qkv.detached(),
                         proj: b.attn.proj.detached(),
+                        scale: b.attn.scale.as_ref().map(Tensor::detach),
                         ..b.attn.clone()
                     },
                     norm2: b.norm2.as_ref().map(LayerNorm::detached),
@@ -329,6 +352,10 @@ impl ModelState {
                 .unwrap_or(name);
             let bound = fan_in(prefix).map(|f| 1.0 / (f as f64).sqrt());
             let values: Vec<f64> = match bound {
+                // Locality self-attention's scales start where the standard one is.
+                _ if name.ends_with("attn.scale") => {
+                    vec![1.0 / (cfg.head_dim() as f64).sqrt(); var.elem_count()]
+                }
                 _ if is_norm && name.ends_with("bias") => vec![0.0; var.elem_count()],
                 _ if is_norm => vec![1.0; var.elem_count()],
                 Some(bound) if pytorch => (0..var.elem_count())
@@ -371,7 +398,7 @@ pub fn forward_flops_per_image(cfg: &ModelConfig) -> f64 {
         cfg.heads as f64,
         cfg.head_dim() as f64,
     );
-    let patch = 2.0 * cfg.patches() as f64 * cfg.patch_values() as f64 * d;
+    let patch = 2.0 * cfg.patches() as f64 * cfg.token_values() as f64 * d;
     // A block whose outputs are computed for `queries` tokens.
     let block = |queries: f64| {
         2.0 * t * d * 3.0 * d // qkv, every token

@@ -301,6 +301,7 @@ fn probe(step: u64) -> Event {
             heads: 3,
             classes: 10,
             layer_norms,
+            attention_scales: Vec::new(),
         },
         attention: vec![],
         hidden: vec![],

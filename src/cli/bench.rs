@@ -295,12 +295,20 @@ pub fn run(
     let n = steps.max(1) as f64;
     Ok(BenchReport {
         model: format!(
-            "ViT patch {} dim {} depth {} heads {} mlp {} ({} tokens; {}-norm {}, {} position embedding, {} pooling{}; products: {})",
+            "ViT patch {}{} dim {} depth {} heads {} mlp {}{} ({} tokens; {}-norm {}, {} position embedding, {} pooling{}; products: {})",
             m.patch_size,
+            match m.patch_tokens {
+                crate::config::PatchTokens::Plain => "",
+                crate::config::PatchTokens::Shifted => " (shifted patch tokens)",
+            },
             m.dim,
             m.depth,
             m.heads,
             m.mlp_dim,
+            match m.attention {
+                crate::config::AttentionKind::Standard => "",
+                crate::config::AttentionKind::Locality => " locality self-attention",
+            },
             m.tokens(),
             m.norm,
             m.norm_kind,

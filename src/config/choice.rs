@@ -84,6 +84,38 @@ choice! {
 }
 
 choice! {
+    /// `model.patch_tokens`: what a patch token is made of.
+    PatchTokens {
+        /// The patch's own pixels (the ViT's).
+        Plain = "plain",
+        /// The patch and the same patch of four copies of the image shifted by half a
+        /// patch diagonally, then a LayerNorm (shifted patch tokenisation, Lee et al. 2021).
+        Shifted = "shifted",
+    }
+}
+
+impl PatchTokens {
+    /// Images a token's values come from: the image, and its four shifted copies.
+    pub fn copies(self) -> usize {
+        match self {
+            Self::Plain => 1,
+            Self::Shifted => 5,
+        }
+    }
+}
+
+choice! {
+    /// `model.attention`: how a block's queries weigh the tokens.
+    AttentionKind {
+        /// softmax(Q Kᵀ/√d_k): the ViT's.
+        Standard = "standard",
+        /// Locality self-attention (Lee et al. 2021): each query's own token masked out
+        /// and a learned scale of Q Kᵀ per head (starting at 1/√d_k).
+        Locality = "lsa",
+    }
+}
+
+choice! {
     /// `model.pool`: what the head classifies.
     Pool {
         /// A learned CLS token's final state (the original ViT).
@@ -141,8 +173,10 @@ choice! {
 }
 
 /// Every enum-like key with its allowed values.
-const CHOICES: [(&str, &str, &[&str]); 10] = [
+const CHOICES: [(&str, &str, &[&str]); 12] = [
     ("model", "norm", Placement::NAMES),
+    ("model", "attention", AttentionKind::NAMES),
+    ("model", "patch_tokens", PatchTokens::NAMES),
     ("model", "norm_kind", NormKind::NAMES),
     ("model", "pos_embed", PosEmbed::NAMES),
     ("model", "pool", Pool::NAMES),

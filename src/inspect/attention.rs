@@ -1,8 +1,11 @@
-//! Measures of attention matrices: per-head statistics, attention rollout, and the
-//! scales that turn weights into shades.
+//! Measures of attention matrices: per-head statistics (of one matrix, or of every
+//! head of a probe image), attention rollout, locality self-attention's learned scales
+//! against the standard one, and the scales that turn weights into shades.
 //!
 //! A matrix is row-major (tokens x tokens): the CLS token first if the model has one,
 //! then the patches in row-major grid order; row i is where query i puts its weight.
+
+use super::probe::{ProbeMeta, ProbeSnapshot};
 
 /// Per-head summary of one attention matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -172,6 +175,31 @@ pub fn head_stats(
         shared: 1.0 - apart,
         uniform_entropy: n.ln(),
     }
+}
+
+/// Statistics of every head of the shown image.
+pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<HeadStats>> {
+    let m = &probe.meta;
+    let (first, grid) = (m.first_patch(), m.grid());
+    (0..m.depth)
+        .map(|l| {
+            (0..m.heads)
+                .map(|h| {
+                    let matrix = probe.attention_matrix(image, l, h);
+                    head_stats(matrix, m.tokens, first, (grid, patch))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Each head's learned scale as a multiple of the standard 1/√d_k, with locality
+/// self-attention (the probe's `attention_scales`); none for the standard attention.
+pub fn relative_scale(meta: &ProbeMeta, layer: usize, head: usize) -> Option<f64> {
+    let d_k = meta.dim / meta.heads.max(1);
+    meta.attention_scales
+        .get(layer * meta.heads + head)
+        .map(|&s| f64::from(s) * (d_k as f64).sqrt())
 }
 
 /// Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the

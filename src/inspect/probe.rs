@@ -170,6 +170,11 @@ pub struct ProbeMeta {
     pub heads: usize,
     pub classes: usize,
     pub layer_norms: Vec<LayerNormProbe>,
+    /// Locality self-attention (`model.attention = "lsa"`): each block's learned scales
+    /// of Q Kᵀ, (depth, heads), each query's own token masked; empty for the standard
+    /// attention (1/√d_k, nothing masked) and in probes recorded before the option.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention_scales: Vec<f32>,
 }
 
 fn has_cls_by_default() -> bool {
@@ -454,6 +459,12 @@ impl ProbeSet {
                 heads: mc.heads,
                 classes: logits.dim(1)?,
                 layer_norms,
+                attention_scales: model
+                    .blocks
+                    .iter()
+                    .filter_map(|b| b.attn.scale.as_ref().map(flat))
+                    .collect::<CandleResult<Vec<_>>>()?
+                    .concat(),
             },
             attention,
             hidden,
@@ -557,6 +568,24 @@ mod tests {
         assert_eq!(back.probabilities, snap.probabilities);
         assert_eq!(snap.position_embedding.len(), 64 * 96);
         assert_eq!(snap.patch_values(), 48);
+        // Shifted patch tokens: a filter weighs the image and its four shifted copies.
+        mc.patch_tokens = crate::config::PatchTokens::Shifted;
+        let shifted = ModelState::new(&mc, 1, DType::F32).unwrap();
+        let snap2 = probes.probe(&shifted.model, &config.probe, 40, 2).unwrap();
+        assert_eq!(snap2.patch_values(), 5 * 48);
+        assert!(snap.meta.attention_scales.is_empty());
+        // Locality self-attention: the scales (1/√d_k at the start) and the mask.
+        mc.attention = crate::config::AttentionKind::Locality;
+        let lsa = ModelState::new(&mc, 1, DType::F32).unwrap();
+        let snap3 = probes.probe(&lsa.model, &config.probe, 40, 2).unwrap();
+        assert_eq!(snap3.meta.attention_scales, vec![1.0 / 32f32.sqrt(); 2 * 3]);
+        assert_eq!(
+            snap3.attention_matrix(0, 1, 2)[65],
+            0.0,
+            "query 1 on itself"
+        );
+        let back3 = ProbeSnapshot::from_bytes(&snap3.to_bytes()).unwrap();
+        assert_eq!(back3.meta, snap3.meta);
         assert_eq!(back.position_embedding, snap.position_embedding);
         assert_eq!(back.patch_filters, snap.patch_filters);
         for (a, b) in back.attention.iter().zip(&snap.attention) {

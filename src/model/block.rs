@@ -8,7 +8,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::capture::Capture;
 use super::norm::{norm_or_residual, LayerNorm};
-use crate::config::{ModelConfig, NormKind, Placement};
+use crate::config::{AttentionKind, ModelConfig, NormKind, Placement};
 use crate::ops::BlockOutput;
 
 /// A linear map y = x W^T + b over the last dimension.
@@ -56,6 +56,9 @@ pub struct Attention {
     pub head_dim: usize,
     /// Whether QKᵀ and PV multiply bf16 factors (`model.matmul`).
     pub bf16: bool,
+    /// Locality self-attention (`model.attention = "lsa"`): each head's learned scale
+    /// of Q Kᵀ, (heads); the diagonal is masked then. None: 1/√d_k, nothing masked.
+    pub scale: Option<Tensor>,
 }
 
 impl Attention {
@@ -67,7 +70,18 @@ impl Attention {
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
             bf16,
+            scale: match cfg.attention {
+                AttentionKind::Standard => None,
+                AttentionKind::Locality => {
+                    Some(vb.get_with_hints(cfg.heads, "scale", Init::Const(0.0))?)
+                }
+            },
         })
+    }
+
+    /// The fixed scale of Q Kᵀ without locality self-attention: 1/√d_k.
+    pub fn fixed_scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
     }
 
     /// Sets where the products multiply bf16 factors: QKᵀ, PV and both layers.
@@ -77,23 +91,21 @@ impl Attention {
 
     pub(super) fn forward(&self, x: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = match capture {
+        let y = match (capture, &self.scale) {
             // Probes record the weights: the composed form computes them explicitly.
-            Some(c) => self.heads_composed(&qkv, scale, Some(c))?,
-            None => crate::ops::attention(&qkv, self.heads, scale, self.bf16)?,
+            // Locality self-attention runs fused only inside the fused block.
+            (Some(c), _) => self.heads_composed(&qkv, Some(c))?,
+            (None, Some(_)) => self.heads_composed(&qkv, None)?,
+            (None, None) => crate::ops::attention(&qkv, self.heads, self.fixed_scale(), self.bf16)?,
         };
         self.proj.forward(&y)
     }
 
-    /// softmax(QKᵀ/√d_k)V per head from the packed projections, op by op: the
-    /// reference for [`crate::ops::attention`], and what probes use to record weights.
-    pub fn heads_composed(
-        &self,
-        qkv: &Tensor,
-        scale: f64,
-        capture: Option<&mut Capture>,
-    ) -> Result<Tensor> {
+    /// softmax(QKᵀ/√d_k)V per head from the packed projections, op by op (with
+    /// locality self-attention softmax(s_h · QKᵀ, own token masked)V): the reference for
+    /// [`crate::ops::attention`] and the fused block's, and what probes use to record
+    /// weights.
+    pub fn heads_composed(&self, qkv: &Tensor, capture: Option<&mut Capture>) -> Result<Tensor> {
         let (b, t, c3) = qkv.dims3()?;
         let qkv = qkv
             .reshape((b, t, 3, self.heads, self.head_dim))?
@@ -110,7 +122,15 @@ impl Attention {
         let k = round(qkv.get(1)?.contiguous()?)?;
         let v = round(qkv.get(2)?.contiguous()?)?;
         // (B, H, T, T): row i = where query i looks. The 1/sqrt(d_k) is applied inside.
-        let weights = crate::ops::scaled_softmax(&q.matmul(&k.t()?)?, scale)?;
+        let scores = q.matmul(&k.t()?)?;
+        let weights = match &self.scale {
+            None => crate::ops::scaled_softmax(&scores, self.fixed_scale())?,
+            Some(scale) => {
+                let z = scores.broadcast_mul(&scale.reshape((1, self.heads, 1, 1))?)?;
+                let z = z.broadcast_add(&diagonal_mask(t, z.dtype())?)?;
+                crate::ops::scaled_softmax(&z, 1.0)?
+            }
+        };
         if let Some(c) = capture {
             c.attention.push(weights.detach());
         }
@@ -119,6 +139,17 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, c3 / 3))
     }
+}
+
+/// (T, T): −∞ on the diagonal (when there is another token to look at), else 0.
+fn diagonal_mask(t: usize, dtype: DType) -> Result<Tensor> {
+    let mask: Vec<f64> = (0..t * t)
+        .map(|i| match i / t == i % t && t > 1 {
+            true => f64::NEG_INFINITY,
+            false => 0.0,
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), &candle_core::Device::Cpu)?.to_dtype(dtype)
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +232,7 @@ impl Block {
             mlp_dim: self.mlp.fc1.bias.elem_count(),
             eps: self.norm1.as_ref().map_or(1e-5, |n| n.eps),
             bf16: self.attn.bf16,
+            lsa: self.attn.scale.is_some(),
         }
     }
 
@@ -226,23 +258,23 @@ impl Block {
             &self.mlp.fc2,
         ];
         let [qkv_w, proj_w, fc1_w, fc2_w] = linears.map(|l| l.weight.flatten_all());
-        Tensor::cat(
-            &[
-                &g1,
-                &b1,
-                &qkv_w?,
-                &self.attn.qkv.bias,
-                &proj_w?,
-                &self.attn.proj.bias,
-                &g2,
-                &b2,
-                &fc1_w?,
-                &self.mlp.fc1.bias,
-                &fc2_w?,
-                &self.mlp.fc2.bias,
-            ],
-            0,
-        )
+        let (qkv_w, proj_w, fc1_w, fc2_w) = (qkv_w?, proj_w?, fc1_w?, fc2_w?);
+        let mut pieces = vec![
+            &g1,
+            &b1,
+            &qkv_w,
+            &self.attn.qkv.bias,
+            &proj_w,
+            &self.attn.proj.bias,
+            &g2,
+            &b2,
+            &fc1_w,
+            &self.mlp.fc1.bias,
+            &fc2_w,
+            &self.mlp.fc2.bias,
+        ];
+        pieces.extend(&self.attn.scale);
+        Tensor::cat(&pieces, 0)
     }
 
     /// The block layer by layer (a fused op per layer), capturing the norms' inputs and

@@ -187,13 +187,34 @@ fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
     let mut x: Vec<Vec<f64>> = m.cls_token.iter().map(values).collect();
     for gy in 0..grid {
         for gx in 0..grid {
+            // Per pixel: the image's R, G, B, then each shifted copy's (shifted patch
+            // tokens), zero where a copy moved in from outside the image.
+            let shifts: Vec<(isize, isize)> = match m.patch_norm {
+                Some(_) => [(0, 0)]
+                    .into_iter()
+                    .chain(shifted_patches::SHIFTS)
+                    .collect(),
+                None => vec![(0, 0)],
+            };
+            let half = (p / 2) as isize;
             let mut patch = Vec::new();
             for py in 0..p {
                 for px in 0..p {
-                    for c in 0..3 {
-                        patch.push(image[c * 1024 + (gy * p + py) * 32 + gx * p + px]);
+                    for &(dy, dx) in &shifts {
+                        let y = (gy * p + py) as isize - dy * half;
+                        let x = (gx * p + px) as isize - dx * half;
+                        let inside = (0..32).contains(&y) && (0..32).contains(&x);
+                        for c in 0..3 {
+                            patch.push(match inside {
+                                true => image[c * 1024 + y as usize * 32 + x as usize],
+                                false => 0.0,
+                            });
+                        }
                     }
                 }
+            }
+            if let Some(norm) = &m.patch_norm {
+                patch = layer_norm(norm, &patch);
             }
             x.push(linear(&m.patch_embed, &patch));
         }
@@ -212,6 +233,12 @@ fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
         };
         let qkv: Vec<Vec<f64>> = h.iter().map(|r| linear(&block.attn.qkv, r)).collect();
         let (heads, hd) = (block.attn.heads, block.attn.head_dim);
+        // Locality self-attention: a learned scale per head, the query's own token masked.
+        let scales = match &block.attn.scale {
+            Some(s) => values(s),
+            None => vec![1.0 / (hd as f64).sqrt(); heads],
+        };
+        let masked = block.attn.scale.is_some();
         let mut concat = vec![vec![0.0; d]; t];
         for head in 0..heads {
             for i in 0..t {
@@ -219,7 +246,12 @@ fn naive_logits(m: &VisionTransformer, image: &[f64]) -> Vec<f64> {
                 let scores: Vec<f64> = (0..t)
                     .map(|j| {
                         let k = &qkv[j][d + head * hd..d + (head + 1) * hd];
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        match masked && i == j {
+                            true => f64::NEG_INFINITY,
+                            false => {
+                                q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scales[head]
+                            }
+                        }
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -367,7 +399,7 @@ fn random_rows(shape: (usize, usize, usize), seed: u64) -> Tensor {
 /// 9 images (two whole tiles and one of a single image), and checks that their
 /// outputs agree, that `a` detached (evaluation: no activations kept, one tile's
 /// buffers reused) gives the same values, and that the gradients of x and of all 12
-/// parameters agree.
+/// parameters (13 with locality self-attention's scales) agree.
 fn assert_same_block_function(
     block: &Block,
     seed: u64,
@@ -388,7 +420,7 @@ fn assert_same_block_function(
     let weights = random_rows((n, t, dim), seed + 1);
     let (ga, gb) = (weighted_grads(ya, &weights), weighted_grads(yb, &weights));
     let (n1, n2) = (block.norm1.as_ref().unwrap(), block.norm2.as_ref().unwrap());
-    let inputs = [
+    let mut inputs = vec![
         ("x", x.as_tensor()),
         ("norm1.gamma", &n1.gamma),
         ("norm1.beta", n1.beta.as_ref().unwrap()),
@@ -403,6 +435,7 @@ fn assert_same_block_function(
         ("fc2.weight", &block.mlp.fc2.weight),
         ("fc2.bias", &block.mlp.fc2.bias),
     ];
+    inputs.extend(block.attn.scale.iter().map(|s| ("attn.scale", s)));
     for (name, t) in inputs {
         let gradient = |g: &candle_core::backprop::GradStore| {
             values(g.get(t).unwrap_or_else(|| panic!("{name}: no gradient")))
@@ -418,28 +451,84 @@ fn assert_same_block_function(
     }
 }
 
+/// The tiny config with locality self-attention, its scales moved off their start
+/// (1/√d_k) to different values per head, as training may leave them (one negative:
+/// nothing keeps a learned scale positive).
+fn tiny_lsa_state(seed: u64) -> ModelState {
+    let mut cfg = tiny_config();
+    cfg.attention = crate::config::AttentionKind::Locality;
+    let state = ModelState::new(&cfg, seed, DType::F64).unwrap();
+    for (name, var) in state.named_vars() {
+        if name.ends_with("attn.scale") {
+            let start = values(var.as_tensor());
+            assert_eq!(start, vec![0.5; 2], "{name}: 1/√d_k for d_k = 4");
+            var.set(&Tensor::new(&[0.8f64, -0.3], &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    state
+}
+
 #[test]
 fn fused_block_matches_the_layer_by_layer_block_forward_and_backward() {
-    let state = ModelState::new(&tiny_config(), 11, DType::F64).unwrap();
-    let block = &state.model.blocks[1];
-    assert_same_block_function(
-        block,
-        12,
-        |x| block.forward(x, None).unwrap(),
-        |x| block.forward_ops(x, None).unwrap(),
-    );
+    let standard = ModelState::new(&tiny_config(), 11, DType::F64).unwrap();
+    let lsa = tiny_lsa_state(11);
+    for state in [&standard, &lsa] {
+        let block = &state.model.blocks[1];
+        assert!(block.is_fused());
+        assert_same_block_function(
+            block,
+            12,
+            |x| block.forward(x, None).unwrap(),
+            |x| block.forward_ops(x, None).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn locality_self_attention_gives_a_token_no_weight_on_itself_and_learns_each_heads_scale() {
+    let state = tiny_lsa_state(13);
+    let images = random_images(2, 3, DType::F64);
+    let mut capture = Capture::default();
+    state
+        .model
+        .forward_with(&images, Some(&mut capture))
+        .unwrap();
+    let t = state.model.config.tokens();
+    for (layer, weights) in capture.attention.iter().enumerate() {
+        let w = values(weights);
+        for (row, chunk) in w.chunks_exact(t).enumerate() {
+            let i = row % t;
+            assert_eq!(chunk[i], 0.0, "block {layer} query {i}: weight on itself");
+            assert!((chunk.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+    }
+    // The same weights without the mask and at 1/√d_k differ: the option does something.
+    let standard = ModelState::new(&tiny_config(), 13, DType::F64).unwrap();
+    let mut plain = Capture::default();
+    standard
+        .model
+        .forward_with(&images, Some(&mut plain))
+        .unwrap();
+    assert!(values(&plain.attention[0])
+        .iter()
+        .step_by(t + 1)
+        .all(|&w| w > 0.0));
 }
 
 #[test]
 fn the_cls_only_block_gives_the_cls_row_and_its_gradients_exactly() {
-    let state = ModelState::new(&tiny_config(), 21, DType::F64).unwrap();
-    let block = &state.model.blocks[1];
-    let cls = |x: &Tensor| block.forward_fused(x, BlockOutput::ClsOnly).unwrap();
-    assert_eq!(cls(&random_rows((3, 5, 8), 1)).dims(), &[3, 1, 8]);
-    assert_same_block_function(block, 22, cls, |x| {
-        let all = block.forward_fused(x, BlockOutput::AllTokens).unwrap();
-        all.narrow(1, 0, 1).unwrap()
-    });
+    let standard = ModelState::new(&tiny_config(), 21, DType::F64).unwrap();
+    let lsa = tiny_lsa_state(21);
+    for state in [&standard, &lsa] {
+        let block = &state.model.blocks[1];
+        let cls = |x: &Tensor| block.forward_fused(x, BlockOutput::ClsOnly).unwrap();
+        assert_eq!(cls(&random_rows((3, 5, 8), 1)).dims(), &[3, 1, 8]);
+        assert_same_block_function(block, 22, cls, |x| {
+            let all = block.forward_fused(x, BlockOutput::AllTokens).unwrap();
+            all.narrow(1, 0, 1).unwrap()
+        });
+    }
 }
 
 /// `model.matmul = "bf16"`: the fused block with bf16 products against the same block
@@ -774,24 +863,27 @@ fn smoothed_cross_entropy_matches_its_formula() {
 }
 
 /// The tiny model in each variant: norm placement, norm kind, position embedding,
-/// pooling (the first one is the fused default block with mean pooling).
+/// pooling, patch tokens (the first one is the fused default block with mean pooling).
 pub fn variants() -> Vec<ModelConfig> {
     [
-        ("pre", "layernorm", "sincos", "mean"),
-        ("pre", "rmsnorm", "learned", "cls"),
-        ("post", "layernorm", "sincos", "cls"),
-        ("post", "rmsnorm", "none", "mean"),
-        ("none", "layernorm", "learned", "cls"),
-        ("none", "rmsnorm", "sincos", "cls"),
+        ("pre", "layernorm", "sincos", "mean", "plain", "standard"),
+        ("pre", "layernorm", "sincos", "mean", "shifted", "lsa"),
+        ("pre", "rmsnorm", "learned", "cls", "plain", "standard"),
+        ("post", "layernorm", "sincos", "cls", "plain", "lsa"),
+        ("post", "rmsnorm", "none", "mean", "shifted", "standard"),
+        ("none", "layernorm", "learned", "cls", "plain", "standard"),
+        ("none", "rmsnorm", "sincos", "cls", "plain", "standard"),
     ]
     .iter()
-    .map(|(norm, kind, pos, pool)| {
+    .map(|(norm, kind, pos, pool, tokens, attention)| {
         let mut cfg = tiny_config();
         cfg.patch_size = 8;
         cfg.norm = norm.parse().unwrap();
         cfg.norm_kind = kind.parse().unwrap();
         cfg.pos_embed = pos.parse().unwrap();
         cfg.pool = pool.parse().unwrap();
+        cfg.patch_tokens = tokens.parse().unwrap();
+        cfg.attention = attention.parse().unwrap();
         cfg
     })
     .collect()
@@ -799,8 +891,8 @@ pub fn variants() -> Vec<ModelConfig> {
 
 pub fn variant_name(cfg: &ModelConfig) -> String {
     format!(
-        "{} {} {} {}",
-        cfg.norm, cfg.norm_kind, cfg.pos_embed, cfg.pool
+        "{} {} {} {} {} {}",
+        cfg.norm, cfg.norm_kind, cfg.pos_embed, cfg.pool, cfg.patch_tokens, cfg.attention
     )
 }
 
@@ -838,7 +930,7 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
             "{names:?}"
         );
         assert_eq!(
-            has("norm.bias"),
+            names.iter().any(|n| n == "norm.bias"),
             cfg.norm_kind.name() == "layernorm",
             "{names:?}"
         );
@@ -848,6 +940,16 @@ fn every_variant_has_its_parameters_and_their_gradients_match_finite_differences
             "{names:?}"
         );
         assert_eq!(has("cls_token"), cfg.pool.name() == "cls", "{names:?}");
+        assert_eq!(
+            has("patch_norm"),
+            cfg.patch_tokens.name() == "shifted",
+            "{names:?}"
+        );
+        assert_eq!(
+            has("attn.scale"),
+            cfg.attention.name() == "lsa",
+            "{names:?}"
+        );
         assert_gradients_match_finite_differences(&state, 2, &variant_name(&cfg));
     }
 }

@@ -1,5 +1,7 @@
 //! Multi-head self-attention as one op with its backward, from the packed q|k|v
-//! projections: what the fused block and the per-layer path both run.
+//! projections: what the fused block and the per-layer path both run. With locality
+//! self-attention (`model.attention = "lsa"`) the fused block also masks each query's
+//! own token and learns a scale per head, whose gradient the backward pass returns.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -33,6 +35,8 @@ pub(super) struct AttentionShape {
     pub(super) head_dim: usize,
     /// Whether the products multiply bf16 factors (`model.matmul`).
     pub(super) bf16: bool,
+    /// Locality self-attention's diagonal mask: query i gives token i no weight.
+    pub(super) mask_diagonal: bool,
 }
 
 impl AttentionShape {
@@ -55,6 +59,7 @@ impl AttentionShape {
             heads,
             head_dim: packed / (3 * heads),
             bf16,
+            mask_diagonal: false,
         })
     }
 
@@ -91,15 +96,8 @@ impl<T> Shared<T> {
     }
 }
 
-/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (queries x T).
-fn attention_weights<T: Real>(
-    qkv: &[T],
-    s: AttentionShape,
-    b: usize,
-    h: usize,
-    scale: T,
-    p: &mut [T],
-) {
+/// S = Q Kᵀ for one (image, head) into `p` (queries x T).
+fn attention_scores<T: Real>(qkv: &[T], s: AttentionShape, b: usize, h: usize, p: &mut [T]) {
     let (t, nq, hd, d3) = (s.tokens, s.queries, s.head_dim, 3 * s.dim());
     let base = b * t * d3;
     let q = qkv[base + h * hd..].as_ptr();
@@ -120,22 +118,71 @@ fn attention_weights<T: Real>(
             IN_TASK,
         );
     }
-    softmax_in_place(p, t, scale);
+}
+
+/// P = softmax(scale · Q Kᵀ) for one (image, head) into `p` (queries x T), each query's
+/// own token masked out when `s.mask_diagonal` (and there is another token to look at).
+fn attention_weights<T: Real>(
+    qkv: &[T],
+    s: AttentionShape,
+    b: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    attention_scores(qkv, s, b, h, p);
+    if s.mask_diagonal && s.tokens > 1 {
+        // Scaled before the row maxima are taken, as the composed form does: a learned
+        // scale may turn negative.
+        for v in p.iter_mut() {
+            *v = *v * scale;
+        }
+        for i in 0..s.queries {
+            p[i * s.tokens + i] = T::neg_infinity();
+        }
+        softmax_in_place(p, s.tokens, T::one());
+    } else {
+        softmax_in_place(p, s.tokens, scale);
+    }
+}
+
+/// One (image, head)'s part of its scale's gradient Σ dL/dZ ⊙ S, with Z = scale · S,
+/// from P, dL/dP and S: per row Σ P·dP·S − (Σ P·dP)(Σ P·S), since
+/// dL/dZ = P ⊙ (dP − Σ P·dP). Masked entries have P = 0 and add nothing.
+fn scale_grad_part<T: Real>(p: &[T], dp: &[T], scores: &[T], t: usize) -> T {
+    let rows = p
+        .chunks_exact(t)
+        .zip(dp.chunks_exact(t))
+        .zip(scores.chunks_exact(t));
+    rows.fold(T::zero(), |acc, ((p, dp), s)| {
+        let (mut pgs, mut pg, mut ps) = (T::zero(), T::zero(), T::zero());
+        for ((&p, &g), &v) in p.iter().zip(dp).zip(s) {
+            pgs += p * g * v;
+            pg += p * g;
+            ps += p * v;
+        }
+        acc + pgs - pg * ps
+    })
+}
+
+/// The same scale for every head.
+fn same_scale<T: Real>(s: AttentionShape, scale: f64) -> Vec<T> {
+    vec![T::from(scale).expect("a float"); s.heads]
 }
 
 fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut out = vec![T::zero(); s.out_len()];
     let mut weights = vec![T::zero(); s.weights_len()];
-    attention_forward_into(qkv, s, scale, &mut out, &mut weights);
+    attention_forward_into(qkv, s, &same_scale(s, scale), &mut out, &mut weights);
     out
 }
 
 /// Attention of every (image, head) into `out` (B, queries, H·d), keeping the weights
-/// P in `weights` (B, H, queries, T).
+/// P in `weights` (B, H, queries, T); `scales`: each head's scale of Q Kᵀ.
 pub(super) fn attention_forward_into<T: Real>(
     qkv: &[T],
     s: AttentionShape,
-    scale: f64,
+    scales: &[T],
     out: &mut [T],
     weights: &mut [T],
 ) {
@@ -145,14 +192,14 @@ pub(super) fn attention_forward_into<T: Real>(
     assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
     assert_eq!(out.len(), s.out_len(), "attention: output size");
     assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
-    let scale = T::from(scale).expect("a float");
+    assert_eq!(scales.len(), s.heads, "attention: a scale per head");
     let dst = Shared(out.as_mut_ptr());
     weights
         .par_chunks_exact_mut(nq * t)
         .enumerate()
         .for_each(|(task, p)| {
             let (b, h) = (task / s.heads, task % s.heads);
-            attention_weights(qkv, s, b, h, scale, p);
+            attention_weights(qkv, s, b, h, scales[h], p);
             let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
             // SAFETY: this task alone writes columns h*hd..(h+1)*hd of image b's rows.
             unsafe {
@@ -174,19 +221,23 @@ pub(super) fn attention_forward_into<T: Real>(
 
 fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut dqkv = vec![T::zero(); qkv.len()];
-    attention_backward_into(qkv, grad, s, scale, None, &mut dqkv);
+    let scales = same_scale(s, scale);
+    attention_backward_into(qkv, grad, s, &scales, None, &mut dqkv, None);
     dqkv
 }
 
 /// The gradient of the packed projections into `dqkv` (every value written), from
-/// the weights kept by the forward pass, or recomputed when `weights` is None.
+/// the weights kept by the forward pass, or recomputed when `weights` is None. With
+/// `dscales`, each head's scale gradient Σ dL/dZ ⊙ Q Kᵀ (Z = scale · Q Kᵀ) is added to
+/// it, summed over the images in order whatever the threads: Q Kᵀ is recomputed for it.
 pub(super) fn attention_backward_into<T: Real>(
     qkv: &[T],
     grad: &[T],
     s: AttentionShape,
-    scale: f64,
+    scales: &[T],
     weights: Option<&[T]>,
     dqkv: &mut [T],
+    dscales: Option<&mut [T]>,
 ) {
     use rayon::prelude::*;
     let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
@@ -199,16 +250,30 @@ pub(super) fn attention_backward_into<T: Real>(
         weights.is_none_or(|w| w.len() == s.weights_len()),
         "attention: weights size"
     );
-    let scale = T::from(scale).expect("a float");
+    assert_eq!(scales.len(), s.heads, "attention: a scale per head");
+    assert!(
+        dscales.as_ref().is_none_or(|d| d.len() == s.heads),
+        "attention: a scale gradient per head"
+    );
+    let with_scales = dscales.is_some();
     let dst = Shared(dqkv.as_mut_ptr());
-    // Two queries x t work matrices per rayon job (not per task): dP, then dS in its
-    // place; and P where it is recomputed.
-    let work = || (vec![T::zero(); nq * t], vec![T::zero(); nq * t]);
+    // Queries x t work matrices per rayon job (not per task): dP, then dS in its
+    // place; P where it is recomputed; Q Kᵀ for the scales' gradient.
+    let work = || {
+        let scores = if with_scales { nq * t } else { 0 };
+        (
+            vec![T::zero(); nq * t],
+            vec![T::zero(); nq * t],
+            vec![T::zero(); scores],
+        )
+    };
     let tasks = 0..s.batch * s.heads;
-    tasks
+    // Each task's part of its head's scale gradient (zero without `dscales`).
+    let parts: Vec<T> = tasks
         .into_par_iter()
-        .for_each_init(work, |(dp, recomputed), task| {
+        .map_init(work, |(dp, recomputed, scores), task| {
             let (b, h) = (task / s.heads, task % s.heads);
+            let scale = scales[h];
             let p = match weights {
                 Some(w) => &w[task * nq * t..(task + 1) * nq * t],
                 None => {
@@ -252,6 +317,13 @@ pub(super) fn attention_backward_into<T: Real>(
                     IN_TASK,
                 );
             }
+            let part = match with_scales {
+                true => {
+                    attention_scores(qkv, s, b, h, scores);
+                    scale_grad_part(p, dp, scores, t)
+                }
+                false => T::zero(),
+            };
             // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in dP's place.
             softmax_grad_in_place(p, dp, t, scale);
             let ds = dp;
@@ -284,7 +356,14 @@ pub(super) fn attention_backward_into<T: Real>(
                     IN_TASK,
                 );
             }
-        });
+            part
+        })
+        .collect();
+    if let Some(dscales) = dscales {
+        for (task, part) in parts.into_iter().enumerate() {
+            dscales[task % s.heads] += part;
+        }
+    }
 }
 
 impl CustomOp1 for Attention {

@@ -38,15 +38,33 @@ pub struct BlockShape {
     pub eps: f64,
     /// Whether the four linear layers multiply bf16 factors (`model.matmul`).
     pub bf16: bool,
+    /// Locality self-attention (`model.attention = "lsa"`): each query's own token
+    /// masked, and a learned scale of Q Kᵀ per head, the last packed parameters.
+    pub lsa: bool,
 }
 
 impl BlockShape {
     /// Lengths of the packed parameters: norm1 γ, β; qkv W (3D x D), b; proj W (D x D),
-    /// b; norm2 γ, β; fc1 W (M x D), b; fc2 W (D x M), b. Weights are row-major, as
-    /// stored (out x in).
-    pub fn param_lens(&self) -> [usize; 12] {
+    /// b; norm2 γ, β; fc1 W (M x D), b; fc2 W (D x M), b; the heads' scales (none
+    /// without `lsa`). Weights are row-major, as stored (out x in).
+    pub fn param_lens(&self) -> [usize; 13] {
         let (d, m) = (self.dim, self.mlp_dim);
-        [d, d, 3 * d * d, 3 * d, d * d, d, d, d, m * d, m, d * m, d]
+        let scales = if self.lsa { self.heads } else { 0 };
+        [
+            d,
+            d,
+            3 * d * d,
+            3 * d,
+            d * d,
+            d,
+            d,
+            d,
+            m * d,
+            m,
+            d * m,
+            d,
+            scales,
+        ]
     }
 
     pub fn param_count(&self) -> usize {
@@ -61,12 +79,19 @@ impl BlockShape {
             heads: self.heads,
             head_dim: self.dim / self.heads,
             bf16: self.bf16,
+            mask_diagonal: self.lsa,
         }
     }
 
-    /// 1/√d_k.
-    fn scale(&self) -> f64 {
-        1.0 / ((self.dim / self.heads) as f64).sqrt()
+    /// Each head's scale of Q Kᵀ: the learned ones with `lsa`, else 1/√d_k.
+    fn scales<T: Real>(&self, learned: &[T]) -> Vec<T> {
+        match self.lsa {
+            true => learned.to_vec(),
+            false => {
+                let fixed = 1.0 / ((self.dim / self.heads) as f64).sqrt();
+                vec![T::from(fixed).expect("a float"); self.heads]
+            }
+        }
     }
 }
 
@@ -198,8 +223,9 @@ fn block_forward<T: Real>(
     keep: bool,
 ) -> (Vec<T>, Option<Activations<T>>) {
     let (d, m, t, nq) = (s.dim, s.mlp_dim, z.tokens, z.queries);
-    let [n1g, n1b, qkv_w, qkv_b, proj_w, proj_b, n2g, n2b, fc1_w, fc1_b, fc2_w, fc2_b] =
+    let [n1g, n1b, qkv_w, qkv_b, proj_w, proj_b, n2g, n2b, fc1_w, fc1_b, fc2_w, fc2_b, learned] =
         pieces(params, s.param_lens());
+    let scales = s.scales(learned);
     let kept_images = if keep {
         z.batch
     } else {
@@ -229,7 +255,7 @@ fn block_forward<T: Real>(
         attention_forward_into(
             &a.qkv[span(&k, 3 * d)],
             attention,
-            s.scale(),
+            &scales,
             &mut a.heads_out[span(&kq, d)],
             &mut a.weights[weights],
         );
@@ -283,14 +309,29 @@ fn block_backward<T: Real>(
     z: Sizes,
 ) -> Vec<T> {
     let (d, m, t, nq) = (s.dim, s.mlp_dim, z.tokens, z.queries);
-    let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _] = pieces(params, s.param_lens());
+    let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _, learned] =
+        pieces(params, s.param_lens());
+    let scales = s.scales(learned);
     let [qkv_wp, proj_wp, fc1_wp, fc2_wp] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], false);
     let mut dparams = vec![T::zero(); s.param_count()];
     // LayerNorm's γ and β are adjacent: their gradients are one piece each.
-    let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b] =
+    let lens = s.param_lens();
+    let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_scales] =
         pieces_mut(
             &mut dparams,
-            [2 * d, 3 * d * d, 3 * d, d * d, d, 2 * d, m * d, m, d * m, d],
+            [
+                2 * d,
+                3 * d * d,
+                3 * d,
+                d * d,
+                d,
+                2 * d,
+                m * d,
+                m,
+                d * m,
+                d,
+                lens[12],
+            ],
         );
     // dx, tile by tile, then the parameter gradients.
     let mut out = Vec::with_capacity(z.batch * t * d + s.param_count());
@@ -336,9 +377,10 @@ fn block_backward<T: Real>(
             &a.qkv[span(&r, 3 * d)],
             d_heads,
             s.attention(images, z),
-            s.scale(),
+            &scales,
             Some(&a.weights[span(&r, s.heads * nq)]),
             dqkv,
+            s.lsa.then_some(&mut *d_scales),
         );
         let dh1 = &mut d_rows[span(&tt, d)];
         let (h1, wp) = (&a.h1[span(&r, d)], qkv_wp.as_ref());

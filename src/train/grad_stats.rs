@@ -20,9 +20,10 @@ pub const SPIKE_WINDOW: usize = 100;
 const SPIKE_SETTLE: usize = 20;
 
 /// A block's layers in the order the data meets them.
-const BLOCK_ORDER: [&str; 6] = [
+const BLOCK_ORDER: [&str; 7] = [
     "norm1",
     "attn.qkv",
+    "attn.scale",
     "attn.proj",
     "norm2",
     "mlp.fc1",
@@ -39,10 +40,10 @@ fn model_order(group: &str) -> (Depth, usize, String) {
                 .position(|p| *p == part)
                 .unwrap_or(BLOCK_ORDER.len())
         }
-        Depth::Embedding => ["patch_embed", "cls_token", "pos_embed"]
+        Depth::Embedding => ["patch_norm", "patch_embed", "cls_token", "pos_embed"]
             .iter()
             .position(|p| *p == group)
-            .unwrap_or(3),
+            .unwrap_or(4),
         Depth::Head => usize::from(group == "head"),
     };
     (depth, within, group.to_string())

@@ -6,7 +6,9 @@
 //! infinity, never a wrapped one, and is refused like any other too-large estimate.
 
 use super::step::micro_batch_len;
-use crate::config::{Config, DatasetKind, NormKind, Placement, PosEmbed};
+use crate::config::{
+    AttentionKind, Config, DatasetKind, NormKind, PatchTokens, Placement, PosEmbed,
+};
 use crate::data::{IMAGE_BYTES, NUM_CLASSES};
 use crate::ops::TILE_IMAGES;
 
@@ -128,7 +130,13 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     let f = |n: usize| n as f64;
     let (d, mlp, heads, depth) = (f(m.dim), f(m.mlp_dim), f(m.heads), f(m.depth));
     let tokens = f(m.tokens());
-    let patch_values = f(m.patch_size * m.patch_size * 3);
+    let patch_values = f(m.token_values());
+    // Shifted patch tokens' LayerNorm over those values.
+    let patch_norm = if m.patch_tokens == PatchTokens::Shifted {
+        2.0 * patch_values
+    } else {
+        0.0
+    };
     let classes = f(NUM_CLASSES);
 
     // Parameters, as `ModelState` creates them.
@@ -143,16 +151,31 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     } else {
         2.0 * norm
     };
-    let block =
-        block_norms + (3.0 * d * d + 3.0 * d) + (d * d + d) + (mlp * d + mlp) + (d * mlp + d);
+    // Locality self-attention's scales, one per head.
+    let scales = if m.attention == AttentionKind::Locality {
+        heads
+    } else {
+        0.0
+    };
+    let block = block_norms
+        + (3.0 * d * d + 3.0 * d)
+        + scales
+        + (d * d + d)
+        + (mlp * d + mlp)
+        + (d * mlp + d);
     let position = if m.pos_embed == PosEmbed::Learned {
         tokens * d
     } else {
         0.0
     };
     let cls = if m.has_cls() { d } else { 0.0 };
-    let parameters =
-        (patch_values * d + d) + cls + position + depth * block + norm + (d * classes + classes);
+    let parameters = patch_norm
+        + (patch_values * d + d)
+        + cls
+        + position
+        + depth * block
+        + norm
+        + (d * classes + classes);
     let micro = micro_batch_len(t.batch_size, t.micro_batch_size);
     let micro_batches = t.batch_size.div_ceil(micro);
     let lanes = f(threads.clamp(1, micro_batches.max(1)));
@@ -167,7 +190,14 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     // MLP's hidden layer before and after GELU (2M) per token, and the attention weights.
     let per_block = tokens * (8.0 * d + 2.0 * mlp) + heads * tokens * tokens;
     // The blocks, one block's worth of backward scratch, and the embedding's tensors.
-    let per_image = (depth + 1.0) * per_block + f(IMAGE_BYTES) * 2.0 + 3.0 * tokens * d;
+    // Shifted patch tokens: the copies, their patches and the norm's output (each the
+    // patches' count times a token's values).
+    let shifted = if m.patch_tokens == PatchTokens::Shifted {
+        3.0 * f(m.patches()) * patch_values
+    } else {
+        0.0
+    };
+    let per_image = (depth + 1.0) * per_block + f(IMAGE_BYTES) * 2.0 + 3.0 * tokens * d + shifted;
     let activation_bytes = lanes * f(micro) * per_image * F32;
 
     // Evaluation runs a batch per lane, keeping only a tile's activations.

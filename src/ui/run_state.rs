@@ -60,6 +60,9 @@ pub struct RunState {
     /// The position embedding the model has (`model.pos_embed`): the Patches tab says
     /// whether what it shows was learned or fixed.
     pub pos_embed: crate::config::PosEmbed,
+    /// What a token is made of (`model.patch_tokens`): the Patches tab shows the shifted
+    /// copies when there are some.
+    pub patch_tokens: crate::config::PatchTokens,
     pub phase: Phase,
     pub loading: Option<LoadProgress>,
     pub info: Option<RunInfo>,
@@ -97,6 +100,7 @@ impl RunState {
             run_name,
             dataset: config.data.dataset.name().to_string(),
             pos_embed: config.model.pos_embed,
+            patch_tokens: config.model.patch_tokens,
             phase: Phase::Loading,
             loading: None,
             info: None,

@@ -9,8 +9,10 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, GraphType, Paragraph, Widget};
 
 use crate::config::IMAGE_SIZE;
-use crate::inspect::attention::{head_average, head_stats, rollout, HeadStats, Scale};
-use crate::inspect::probe::ProbeSnapshot;
+use crate::inspect::attention::{
+    all_stats, head_average, relative_scale, rollout, HeadStats, Scale,
+};
+use crate::inspect::probe::{ProbeMeta, ProbeSnapshot};
 use crate::ui::keys::Action;
 use crate::ui::run_state::{Ctx, RunState};
 use crate::ui::theme::{ColorMode, Series, Theme};
@@ -126,11 +128,15 @@ fn render_heatmap(cx: Cx<'_>, probe: &ProbeSnapshot, matrix: &[f64], area: Rect,
             cx.view.layer.min(m.depth - 1)
         )
     } else {
-        format!(
-            " layer {} head {}: softmax(QKᵀ/√d_k), rows: query, columns: key ",
+        let (layer, head) = (
             cx.view.layer.min(m.depth - 1),
-            cx.view.head.min(m.heads - 1)
-        )
+            cx.view.head.min(m.heads - 1),
+        );
+        let formula = match relative_scale(m, layer, head) {
+            None => "softmax(QKᵀ/√d_k)".to_string(),
+            Some(r) => format!("softmax(s·QKᵀ), s√d_k {r:.2}, self masked"),
+        };
+        format!(" layer {layer} head {head}: {formula}, rows: query, columns: key ")
     };
     let block = Block::default()
         .borders(Borders::ALL)
@@ -369,31 +375,26 @@ fn render_image_panel(
     Paragraph::new(Line::from(line)).render(Rect::new(inner.x, inner.y + 16, inner.width, 1), buf);
 }
 
-/// Statistics of every head of the shown image.
-pub fn all_stats(probe: &ProbeSnapshot, image: usize, patch: usize) -> Vec<Vec<HeadStats>> {
-    let m = &probe.meta;
-    let (first, grid) = (m.first_patch(), m.grid());
-    (0..m.depth)
-        .map(|l| {
-            (0..m.heads)
-                .map(|h| {
-                    let matrix = probe.attention_matrix(image, l, h);
-                    head_stats(matrix, m.tokens, first, (grid, patch))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn render_stats(cx: Cx<'_>, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buffer) {
+fn render_stats(
+    cx: Cx<'_>,
+    stats: &[Vec<HeadStats>],
+    meta: &ProbeMeta,
+    area: Rect,
+    buf: &mut Buffer,
+) {
     let t = cx.theme;
-    let block = Block::default().borders(Borders::ALL).title(Span::styled(
-        match stats.first().and_then(|l| l.first()).and_then(|s| s.cls) {
-            Some(_) => " per head: entropy (nats) · distance (px) · self · CLS · pattern ",
-            None => " per head: entropy (nats) · distance (px) · self · pattern ",
-        },
-        t.title(),
-    ));
+    let cls = match stats.first().and_then(|l| l.first()).and_then(|s| s.cls) {
+        Some(_) => " · CLS",
+        None => "",
+    };
+    // With locality self-attention each head's learned scale, as s√d_k (1 = 1/√d_k).
+    let title = match meta.attention_scales.is_empty() {
+        true => format!(" per head: entropy (nats) · distance (px) · self{cls} · pattern "),
+        false => format!(" per head: entropy (nats) · px · self{cls} · s√d_k · pattern "),
+    };
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .title(Span::styled(title, t.title()));
     let inner = block.inner(area);
     block.render(area, buf);
     let rows: Vec<(usize, usize)> = stats
@@ -422,12 +423,13 @@ fn render_stats(cx: Cx<'_>, stats: &[Vec<HeadStats>], area: Rect, buf: &mut Buff
             };
             Line::styled(
                 format!(
-                    "L{l} H{h} {:>5.2} {:>5.1} {:>4.1}%{} {}",
+                    "L{l} H{h} {:>5.2} {:>5.1} {:>4.1}%{}{} {}",
                     s.entropy,
                     s.mean_distance,
                     s.diagonal * 100.0,
                     s.cls
                         .map_or(String::new(), |c| format!(" {:>4.1}%", c * 100.0)),
+                    relative_scale(meta, l, h).map_or(String::new(), |r| format!(" ×{r:.2}")),
                     s.pattern_reason()
                 ),
                 style,
@@ -514,13 +516,28 @@ pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
     };
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Fill(1)]).areas(area);
     let position = probe_label(cx.run.probe_position(), ", .");
+    let formula = match meta.attention_scales.is_empty() {
+        true => "softmax(QKᵀ/√d_k)",
+        false => "locality self-attention softmax(s·QKᵀ), each query's own token masked, s learned per head",
+    };
+    let tokens = match meta.cls {
+        true => "CLS is token 0, patches follow row by row",
+        false => "tokens are the patches row by row (no CLS: the head reads their mean)",
+    };
     Paragraph::new(vec![
-        Line::styled(match meta.cls {
-            true => "softmax(QKᵀ/√d_k): row i = where query token i looks; CLS is token 0, patches follow row by row",
-            false => "softmax(QKᵀ/√d_k): row i = where query token i looks; tokens are the patches row by row (no CLS: the head reads their mean)",
-        }, t.dim()),
+        Line::styled(
+            format!("{formula}: row i = where query token i looks; {tokens}"),
+            t.dim(),
+        ),
         Line::from(vec![
-            Span::styled(if cx.view.rollout { "rollout " } else { "raw weights " }, t.accent()),
+            Span::styled(
+                if cx.view.rollout {
+                    "rollout "
+                } else {
+                    "raw weights "
+                },
+                t.accent(),
+            ),
             Span::raw(format!(
                 "│ shade: {} │ step {} (epoch {}) │ {position}",
                 cx.view.scale.name(),
@@ -559,7 +576,7 @@ pub fn render(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
     ])
     .areas(left);
     render_heatmap(cx, probe, &matrix, heat, buf);
-    render_stats(cx, &stats, stats_area, buf);
+    render_stats(cx, &stats, &probe.meta, stats_area, buf);
     let [image, below] =
         Layout::vertical([Constraint::Length(19), Constraint::Fill(1)]).areas(right);
     render_image_panel(cx, probe, &matrix, image, buf);

@@ -10,9 +10,10 @@ use ratatui::style::Style;
 use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Widget};
 
-use crate::config::{PosEmbed, IMAGE_SIZE};
+use crate::config::{PatchTokens, PosEmbed, IMAGE_SIZE};
 use crate::inspect::features::{pca, position_similarity};
 use crate::inspect::probe::ProbeSnapshot;
+use crate::model::shifted_patches::SHIFTS;
 use crate::palette::{image_pixel, Rgb};
 use crate::ui::keys::Action;
 use crate::ui::run_state::{Ctx, RunState};
@@ -59,12 +60,39 @@ pub fn patch_pixels(pixels: &[u8], patch: usize, k: usize) -> Vec<Rgb> {
         .collect()
 }
 
+/// Patch `k` of the image shifted by (dy, dx) half patches (a [`SHIFTS`] entry), as
+/// shifted patch tokens see it: black where the copy moved in from outside the image.
+pub fn shifted_patch_pixels(
+    pixels: &[u8],
+    patch: usize,
+    k: usize,
+    (dy, dx): (isize, isize),
+) -> Vec<Rgb> {
+    let grid = IMAGE_SIZE / patch;
+    let (py, px) = (k / grid, k % grid);
+    let half = (patch / 2) as isize;
+    (0..patch * patch)
+        .map(|i| {
+            let y = (py * patch + i / patch) as isize - dy * half;
+            let x = (px * patch + i % patch) as isize - dx * half;
+            match (0..IMAGE_SIZE as isize).contains(&y) && (0..IMAGE_SIZE as isize).contains(&x) {
+                true => image_pixel(pixels, x as usize, y as usize),
+                false => (0, 0, 0),
+            }
+        })
+        .collect()
+}
+
 /// The first principal components of the patch-embedding filters as RGB tiles
 /// (patch x patch pixels each, scaled per tile to the full range), and each one's
-/// share of the variance.
+/// share of the variance. With shifted patch tokens a filter also weighs the four
+/// shifted copies (15 values per pixel, the image's R, G, B first): the components
+/// are of the whole filters, the tiles draw their weights on the image itself.
 pub fn filter_components(probe: &ProbeSnapshot, count: usize) -> Vec<(Vec<Rgb>, f64)> {
     let values = probe.patch_values();
-    if values == 0 {
+    let size = IMAGE_SIZE / probe.meta.grid().max(1);
+    let per_pixel = values / (size * size).max(1);
+    if values == 0 || per_pixel < 3 || per_pixel * size * size != values {
         return Vec::new();
     }
     let p = pca(&probe.patch_filters, probe.meta.dim, values, count);
@@ -72,8 +100,9 @@ pub fn filter_components(probe: &ProbeSnapshot, count: usize) -> Vec<(Vec<Rgb>, 
         .iter()
         .zip(&p.explained)
         .map(|(c, &share)| {
-            let lo = c.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = c.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let image = || c.chunks_exact(per_pixel).flat_map(|px| &px[..3]).copied();
+            let lo = image().fold(f64::INFINITY, f64::min);
+            let hi = image().fold(f64::NEG_INFINITY, f64::max);
             let byte = |v: f64| {
                 if hi > lo {
                     ((v - lo) / (hi - lo) * 255.0).round() as u8
@@ -83,7 +112,7 @@ pub fn filter_components(probe: &ProbeSnapshot, count: usize) -> Vec<(Vec<Rgb>, 
             };
             // Filters are flattened (row, column, channel), like the patches.
             let tile = c
-                .chunks_exact(3)
+                .chunks_exact(per_pixel)
                 .map(|rgb| (byte(rgb[0]), byte(rgb[1]), byte(rgb[2])))
                 .collect();
             (tile, share)
@@ -157,11 +186,20 @@ fn render_cut(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
 fn render_strip(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = cx.theme;
     let cls = s.probe.meta.cls;
-    let title = match cls {
-        true => "the input sequence: [CLS] + patches 0 … n−1 (each token = its patch's 48 values, projected)",
-        false => "the input sequence: patches 0 … n−1 (each token = its patch's 48 values, projected; no CLS: the head reads their mean)",
+    let values = s.size * s.size * 3;
+    let token = match cx.run.patch_tokens {
+        PatchTokens::Plain => format!("each token = its patch's {values} values, projected"),
+        PatchTokens::Shifted => format!(
+            "each token = its patch and the same patch of 4 shifted copies, 5 × {values} values, normalised, projected"
+        ),
     };
-    let inner = panel(cx.theme, title, area, buf);
+    let title = match cls {
+        true => format!("the input sequence: [CLS] + patches 0 … n−1 ({token})"),
+        false => format!(
+            "the input sequence: patches 0 … n−1 ({token}; no CLS: the head reads their mean)"
+        ),
+    };
+    let inner = panel(cx.theme, &title, area, buf);
     let Some(pixels) = s.pixels else {
         return;
     };
@@ -270,28 +308,56 @@ fn render_detail(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
         Rect::new(text_x, inner.y, inner.width - big_w - 2, s.size as u16),
         buf,
     );
-    Paragraph::new(vec![
-        Line::styled(
+    let values = s.size * s.size * 3;
+    let lines = match cx.run.patch_tokens {
+        PatchTokens::Plain => vec![
+            format!("flattened row by row, R G B per pixel: {values} values"),
+            "→ normalised per channel → linear map to the model width".to_string(),
+        ],
+        PatchTokens::Shifted => vec![
+            format!("R G B per pixel, row by row: {values} values, and the same"),
             format!(
-                "flattened row by row, R G B per pixel: {} values",
-                s.size * s.size * 3
+                "patch of the image moved {} px ↖ ↗ ↙ ↘ (black: outside):",
+                s.size / 2
             ),
-            t.dim(),
-        ),
-        Line::styled(
-            "→ normalised per channel → linear map to the model width",
-            t.dim(),
-        ),
-    ])
-    .render(
-        Rect::new(
-            text_x,
-            inner.y + s.size as u16 + 1,
-            inner.width - big_w - 2,
-            2,
-        ),
-        buf,
-    );
+            format!("5 × {values} values → LayerNorm → linear map to the model width"),
+        ],
+    };
+    let text_w = inner.width - big_w - 2;
+    let text_y = inner.y + s.size as u16 + 1;
+    let rows = lines.len() as u16;
+    let lines: Vec<Line> = lines
+        .into_iter()
+        .map(|l| Line::styled(l, t.dim()))
+        .collect();
+    Paragraph::new(lines).render(Rect::new(text_x, text_y, text_w, rows), buf);
+    if cx.run.patch_tokens == PatchTokens::Shifted {
+        let at = (text_x, text_y + rows);
+        render_shifted(cx, s, pixels, at, inner.bottom(), buf);
+    }
+}
+
+/// The selected patch in the four shifted copies that shifted patch tokens add, side
+/// by side at their patch size, labelled by the direction the image moved.
+fn render_shifted(
+    cx: Cx<'_>,
+    s: &Shown,
+    pixels: &[u8],
+    (x, y): (u16, u16),
+    bottom: u16,
+    buf: &mut Buffer,
+) {
+    let t = cx.theme;
+    if y + s.size.div_ceil(2) as u16 > bottom {
+        return;
+    }
+    for (i, (shift, arrow)) in SHIFTS.iter().zip(["↖", "↗", "↙", "↘"]).enumerate() {
+        let tx = x + i as u16 * (s.size as u16 + 4);
+        Paragraph::new(Line::styled(arrow, t.dim())).render(Rect::new(tx, y, 1, 1), buf);
+        let px = shifted_patch_pixels(pixels, s.size, s.patch, *shift);
+        let at = |px_x: usize, px_y: usize| px[px_y * s.size + px_x];
+        draw_rgb(t, s.size, s.size, at, (tx + 2, y), buf);
+    }
 }
 
 fn render_positions(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
@@ -357,12 +423,15 @@ fn render_positions(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
 
 fn render_filters(cx: Cx<'_>, s: &Shown, area: Rect, buf: &mut Buffer) {
     let t = cx.theme;
-    let inner = panel(
-        cx.theme,
-        "patch-embedding filters: principal components as RGB (variance share)",
-        area,
-        buf,
-    );
+    let title = match cx.run.patch_tokens {
+        PatchTokens::Plain => {
+            "patch-embedding filters: principal components as RGB (variance share)"
+        }
+        PatchTokens::Shifted => {
+            "filters' principal components, on the unshifted image (variance share)"
+        }
+    };
+    let inner = panel(cx.theme, title, area, buf);
     let tiles = filter_components(s.probe, FILTER_COMPONENTS);
     if tiles.is_empty() {
         note(cx.theme, "this probe has no filters recorded", inner, buf);
@@ -469,5 +538,99 @@ mod tests {
         let p = patch_pixels(&pixels, 4, 9);
         assert_eq!(p[0], image_pixel(&pixels, 4, 4));
         assert_eq!(p[15], image_pixel(&pixels, 7, 7));
+    }
+
+    #[test]
+    fn the_shifted_copies_drawn_are_the_values_the_model_reads_for_the_token() {
+        let pixels: Vec<u8> = (0..IMAGE_BYTES)
+            .map(|i| ((i * 37 + 11) % 241) as u8 + 1)
+            .collect();
+        let values: Vec<f32> = pixels.iter().map(|&v| f32::from(v)).collect();
+        let images = Tensor::from_vec(values, (1, 3, 32, 32), &Device::Cpu).unwrap();
+        let size = 4;
+        let copies = crate::model::shifted_patches::shifted_copies(&images, size / 2).unwrap();
+        let seq = crate::model::patchify(&copies, size).unwrap();
+        let seq: Vec<Vec<f32>> = seq.squeeze(0).unwrap().to_vec2().unwrap();
+        for (k, token) in seq.iter().enumerate() {
+            // Per pixel 15 values: the image's R, G, B, then each copy's.
+            for (c, shift) in [(0, 0)].into_iter().chain(SHIFTS).enumerate() {
+                let drawn = match c {
+                    0 => patch_pixels(&pixels, size, k),
+                    _ => shifted_patch_pixels(&pixels, size, k, shift),
+                };
+                for (i, p) in drawn.iter().enumerate() {
+                    let read = &token[i * 15 + c * 3..i * 15 + c * 3 + 3];
+                    assert_eq!(
+                        read,
+                        [f32::from(p.0), f32::from(p.1), f32::from(p.2)],
+                        "token {k} copy {c} pixel {i}"
+                    );
+                }
+            }
+        }
+        // Patch 0's up-left copy holds pixels (2..6, 2..6); its down-right copy is black
+        // in its first two rows and columns (moved in from outside the image).
+        let up_left = shifted_patch_pixels(&pixels, size, 0, (-1, -1));
+        assert_eq!(up_left[0], image_pixel(&pixels, 2, 2));
+        let down_right = shifted_patch_pixels(&pixels, size, 0, (1, 1));
+        assert_eq!(
+            (down_right[5], down_right[10]),
+            ((0, 0, 0), image_pixel(&pixels, 0, 0))
+        );
+    }
+
+    #[test]
+    fn shifted_filters_draw_their_weights_on_the_unshifted_image() {
+        // 8 filters of 4x4 pixels x 15 values: each filter's image part is k times a
+        // fixed pattern, the copies' parts noise that must not show in the tiles.
+        let (dim, size) = (8, 4);
+        let pattern: Vec<f32> = (0..size * size * 3).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mut filters = Vec::new();
+        for k in 0..dim {
+            for (i, rgb) in pattern.chunks_exact(3).enumerate() {
+                filters.extend(rgb.iter().map(|v| v * (k as f32 - 3.5)));
+                filters.extend((0..12).map(|j| ((i * 12 + j + k) % 5) as f32 * 0.01));
+            }
+        }
+        let grid = 32 / size;
+        let probe = ProbeSnapshot {
+            meta: crate::inspect::probe::ProbeMeta {
+                step: 0,
+                epoch: 1,
+                images: 0,
+                tokens: grid * grid,
+                cls: false,
+                dim,
+                depth: 0,
+                heads: 1,
+                classes: 10,
+                layer_norms: Vec::new(),
+                attention_scales: Vec::new(),
+            },
+            attention: Vec::new(),
+            hidden: Vec::new(),
+            probabilities: Vec::new(),
+            position_embedding: Vec::new(),
+            patch_filters: filters,
+        };
+        let tiles = filter_components(&probe, 2);
+        assert_eq!(tiles[0].0.len(), size * size);
+        // The first component is the pattern (up to sign): its tile orders pixels as
+        // the pattern does.
+        let first = &tiles[0].0;
+        let (lo, hi) = (
+            pattern.iter().copied().fold(f32::MAX, f32::min),
+            pattern.iter().copied().fold(f32::MIN, f32::max),
+        );
+        let at = |i: usize| first[i / 3].0;
+        let (i_lo, i_hi) = (
+            pattern.iter().position(|&v| v == lo).unwrap(),
+            pattern.iter().position(|&v| v == hi).unwrap(),
+        );
+        assert!(
+            at(i_lo) == 0 && at(i_hi) == 255 || at(i_lo) == 255 && at(i_hi) == 0,
+            "{first:?}"
+        );
+        assert!(tiles[0].1 > 0.9, "share {}", tiles[0].1);
     }
 }
