@@ -53,15 +53,12 @@ pub const FILTER_COMPONENTS: usize = 28;
 /// The pixels of patch `k` (row-major over the patch grid) of a raw image, row by row
 /// inside the patch: the values the model's token `k + 1` (`k` without CLS) is made of.
 pub fn patch_pixels(pixels: &[u8], patch: usize, k: usize) -> Vec<Rgb> {
-    let grid = IMAGE_SIZE / patch;
-    let (py, px) = (k / grid, k % grid);
-    (0..patch * patch)
-        .map(|i| image_pixel(pixels, px * patch + i % patch, py * patch + i / patch))
-        .collect()
+    shifted_patch_pixels(pixels, patch, k, (0, 0))
 }
 
-/// Patch `k` of the image shifted by (dy, dx) half patches (a [`SHIFTS`] entry), as
-/// shifted patch tokens see it: black where the copy moved in from outside the image.
+/// Patch `k` of the image shifted by (dy, dx) half patches (a [`SHIFTS`] entry, or
+/// (0, 0) for the image itself), as shifted patch tokens see it: black where the copy
+/// moved in from outside the image.
 pub fn shifted_patch_pixels(
     pixels: &[u8],
     patch: usize,
@@ -554,10 +551,7 @@ mod tests {
         for (k, token) in seq.iter().enumerate() {
             // Per pixel 15 values: the image's R, G, B, then each copy's.
             for (c, shift) in [(0, 0)].into_iter().chain(SHIFTS).enumerate() {
-                let drawn = match c {
-                    0 => patch_pixels(&pixels, size, k),
-                    _ => shifted_patch_pixels(&pixels, size, k, shift),
-                };
+                let drawn = shifted_patch_pixels(&pixels, size, k, shift);
                 for (i, p) in drawn.iter().enumerate() {
                     let read = &token[i * 15 + c * 3..i * 15 + c * 3 + 3];
                     assert_eq!(
