@@ -189,6 +189,19 @@ pub enum Rhs<'a> {
     Matrix(*const f32, (usize, usize)),
 }
 
+/// What a product's sums start from.
+#[derive(Clone, Copy)]
+pub enum Start {
+    /// Zero: dst = A · B.
+    Zero,
+    /// dst's values: dst += A · B.
+    Dst,
+    /// The n values at the pointer in every row (a bias): dst = row + A · B, the same
+    /// sums as filling dst's rows with it and adding. The AMX tiles load it straight
+    /// from the row, so dst is not written and read back first.
+    Row(*const f32),
+}
+
 /// `dst (m x n) (+)= round(lhs) (m x k) · round(rhs) (k x n)` with f32 sums, on the
 /// calling thread; strides in elements (rows, columns), as [`super::products::product`].
 /// A packed `rhs` says the kernel; a matrix goes to [`Kernel::current`].
@@ -203,7 +216,7 @@ pub unsafe fn product(
     lhs: *const f32,
     lhs_strides: (usize, usize),
     rhs: Rhs,
-    accumulate: bool,
+    start: Start,
 ) {
     let kernel = match &rhs {
         Rhs::Packed(p) => p.kernel,
@@ -226,10 +239,12 @@ pub unsafe fn product(
         let parts = threads.min(m / SPLIT_ROWS);
         let rows = m.div_ceil(parts).next_multiple_of(BLOCK);
         let (dst, lhs) = (dst as usize, lhs as usize);
+        let start = Shared(start);
         rayon::scope(|scope| {
             for i0 in (0..m).step_by(rows) {
                 scope.spawn(move |_| {
                     let (dst, lhs) = (dst as *mut f32, lhs as *const f32);
+                    let start = start.get();
                     // SAFETY: the parts write disjoint rows of dst.
                     unsafe {
                         product_on(
@@ -240,7 +255,7 @@ pub unsafe fn product(
                             lhs.add(i0 * lhs_strides.0),
                             lhs_strides,
                             Rhs::Packed(rhs),
-                            accumulate,
+                            start,
                         )
                     }
                 });
@@ -256,8 +271,23 @@ pub unsafe fn product(
         lhs,
         lhs_strides,
         rhs,
-        accumulate,
+        start,
     );
+}
+
+/// A [`Start`] sent to the threads of a split product: its row is only read, and
+/// outlives the scope they run in.
+#[derive(Clone, Copy)]
+struct Shared(Start);
+// SAFETY: see above; the row pointer is read-only for the product's duration.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The start (a method, so that a closure captures the whole `Shared`).
+    fn get(self) -> Start {
+        self.0
+    }
 }
 
 /// Fewest rows a thread multiplies when a product is split over a lane's threads.
@@ -277,7 +307,7 @@ unsafe fn product_on(
     lhs: *const f32,
     lhs_strides: (usize, usize),
     rhs: Rhs,
-    accumulate: bool,
+    start: Start,
 ) {
     if let Rhs::Packed(p) = &rhs {
         assert_eq!((p.k, p.n), (k, n), "bf16 product: packed factor's shape");
@@ -286,6 +316,20 @@ unsafe fn product_on(
     if m == 0 || n == 0 {
         return;
     }
+    // Only the AMX tiles start from a row as it is; elsewhere it is written into dst.
+    let accumulate = match start {
+        Start::Zero => false,
+        Start::Dst => true,
+        Start::Row(_) if kernel == Kernel::Amx => true,
+        Start::Row(row) => {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_strides.0 + j * dst_strides.1) = *row.add(j);
+                }
+            }
+            true
+        }
+    };
     if kernel == Kernel::Rounded {
         let owned;
         let r = match rhs {
@@ -339,7 +383,7 @@ unsafe fn product_on(
                 a,
                 pairs,
                 out,
-                accumulate,
+                start,
             ),
             Kernel::DotProducts => dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate),
             Kernel::Rounded => unreachable!("handled above"),
@@ -349,14 +393,6 @@ unsafe fn product_on(
 
 /// Zeros that stand in for the row past the end of a matrix with an odd number of rows.
 static ZEROS: [f32; 4096] = [0.0; 4096];
-
-/// `len` values from `src`, or zeros when `src` is past the end (`None`).
-unsafe fn row_or_zeros<'a>(src: Option<*const f32>, len: usize) -> &'a [f32] {
-    match src {
-        Some(src) => std::slice::from_raw_parts(src, len),
-        None => &ZEROS[..len],
-    }
-}
 
 /// Writes `lines` lines of `len` pairs across `out`: `fill(l, c0, part)` fills `part`
 /// with pairs c0.. of line l (made along memory), and pair (l, c) goes to
@@ -429,7 +465,7 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
             let l = bf16_lanes(_mm512_maskz_loadu_ps(mask, lo.add(c)));
             let h = bf16_lanes(_mm512_maskz_loadu_ps(mask, hi.add(c)));
             let pairs = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
-            _mm512_storeu_si512(dst.add(c).cast(), pairs);
+            _mm512_mask_storeu_epi32(dst.add(c).cast(), lanes_from(c, padded_len), pairs);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -439,6 +475,32 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
         } else {
             0
         };
+    }
+}
+
+/// `dst[..pairs]` = the `2 * pairs` values at `src` as bf16 pairs of neighbours,
+/// (src[2p], src[2p + 1]) in pair p: a column of a factor read transposed.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512vl")
+)]
+#[inline]
+unsafe fn pair_neighbours(dst: *mut u32, src: *const f32, pairs: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // 16 values at a time, narrowed to 16 bf16 in memory order: 8 pairs, the
+        // first of each in the low half as `pair` puts it.
+        let len = 2 * pairs;
+        for c in (0..len).step_by(16) {
+            let mask = lanes_from(c, len);
+            let v = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(c))));
+            _mm256_mask_storeu_epi16(dst.cast::<u16>().add(c).cast(), mask, v);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for p in 0..pairs {
+        *dst.add(p) = pair(*src.add(2 * p), *src.add(2 * p + 1));
     }
 }
 
@@ -495,12 +557,13 @@ unsafe fn pack_lhs(
         // Columns contiguous (a transposed gradient): columns 2p and 2p + 1 make a line
         // of pairs along the rows, written down column p of pairs.
         pairs_across(out, row_pairs, (k.div_ceil(2), m), |p, i0, line| {
-            let lo = row_or_zeros(Some(src.add(2 * p * cs + i0)), line.len());
-            let hi = (2 * p + 1 < k).then(|| src.add((2 * p + 1) * cs + i0));
-            let hi = row_or_zeros(hi, line.len());
-            for ((d, &lo), &hi) in line.iter_mut().zip(lo).zip(hi) {
-                *d = pair(lo, hi);
-            }
+            let lo = src.add(2 * p * cs + i0);
+            let hi = match 2 * p + 1 < k {
+                true => src.add((2 * p + 1) * cs + i0),
+                false => ZEROS.as_ptr(),
+            };
+            // SAFETY: both rows hold line.len() values from i0 (or are the zeros).
+            unsafe { pair_rows(line.as_mut_ptr(), lo, hi, line.len(), line.len()) };
         });
     } else {
         let at = |i: usize, j: usize| {
@@ -550,10 +613,8 @@ unsafe fn pack_rhs(
         // neighbours in a column, so column j is a line of pairs, written down column j
         // of pairs.
         pairs_across(out, np, (n, k / 2), |j, p0, line| {
-            let col = std::slice::from_raw_parts(src.add(j * cs + 2 * p0), 2 * line.len());
-            for (d, two) in line.iter_mut().zip(col.chunks_exact(2)) {
-                *d = pair(two[0], two[1]);
-            }
+            // SAFETY: column j holds k values, 2 * line.len() of them from 2 * p0.
+            unsafe { pair_neighbours(line.as_mut_ptr(), src.add(j * cs + 2 * p0), line.len()) };
         });
     } else {
         let at = |i: usize, j: usize| {
@@ -603,7 +664,7 @@ mod amx {
         _: &[u32],
         _: &[u32],
         _: &mut Vec<f32>,
-        _: bool,
+        _: super::Start,
     ) {
         unreachable!("AMX products only run where the CPU has AMX")
     }
@@ -697,6 +758,67 @@ mod tests {
         }
     }
 
+    /// The packings of a factor read transposed (a gradient read as gᵀ by the weight
+    /// gradient, keys read as Kᵀ, weights as Wᵀ) round every value as [`to_bf16`] does
+    /// too and pad with zeros: an odd number of pairs, rows that are not whole tiles.
+    #[test]
+    fn packing_a_transposed_factor_rounds_every_value_as_the_scalar_rounding() {
+        if Kernel::current() == Kernel::Rounded {
+            eprintln!("no bf16 instruction here: the packing (AVX-512) cannot run");
+            return;
+        }
+        let special = [
+            1.0 + 2f32.powi(-8),
+            f32::NAN,
+            f32::NEG_INFINITY,
+            1e-40,
+            -0.0,
+        ];
+        // src: 21 rows of 38, row-major.
+        let (rows, cols) = (21, 38);
+        let src: Vec<f32> = (0..rows * cols)
+            .map(|i| match i % 11 {
+                0..=4 => special[i % 11],
+                _ => i as f32 * 0.37 - 50.0,
+            })
+            .collect();
+        let value = |i: usize, j: usize| to_bf16(src[i * cols + j]);
+        // The left factor is srcᵀ (38 x 21: 11 pairs per row, the last one half padding).
+        let (m, k) = (cols, rows);
+        let mut lhs = vec![7u32; 3];
+        // The right factor is srcᵀ too (38 x 21 read as k x n, pairs of neighbours).
+        let (kr, n) = (cols, rows);
+        let mut rhs = vec![7u32; 3];
+        // SAFETY: src holds rows x cols values; both read it with strides (1, cols).
+        unsafe {
+            pack_lhs(&mut lhs, (m, k), src.as_ptr(), (1, cols));
+            pack_rhs(&mut rhs, (kr, n), src.as_ptr(), (1, cols));
+        }
+        let row = padded(k);
+        assert_eq!(lhs.len(), padded(m) * row / 2);
+        for i in 0..padded(m) {
+            for j in 0..row {
+                let pair = lhs[(i * row + j) / 2];
+                let got = if j % 2 == 0 {
+                    pair as u16
+                } else {
+                    (pair >> 16) as u16
+                };
+                let want = if i < m && j < k { value(j, i) } else { 0 };
+                assert_eq!(got, want, "left factor ({i}, {j})");
+            }
+        }
+        let np = padded(n);
+        assert_eq!(rhs.len(), padded(kr) / 2 * np);
+        for p in 0..padded(kr) / 2 {
+            for j in 0..np {
+                let at = |i: usize| if i < kr && j < n { value(j, i) } else { 0 };
+                let want = at(2 * p) as u32 | (at(2 * p + 1) as u32) << 16;
+                assert_eq!(rhs[p * np + j], want, "right factor pair ({p}, {j})");
+            }
+        }
+    }
+
     /// A small deterministic generator of values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -741,8 +863,9 @@ mod tests {
                 let ls = if lt { (1, m) } else { (k, 1) };
                 let rs = if rt { (1, k) } else { (n, 1) };
                 let ds = if dt { (1, m) } else { (n, 1) };
-                let run = |packed: bool| {
-                    let mut c = c0.clone();
+                let start = if acc { Start::Dst } else { Start::Zero };
+                let run_from = |packed: bool, start: Start, c0: &[f32]| {
+                    let mut c = c0.to_vec();
                     let p = unsafe { PackedRhs::for_kernel(kernel, (k, n), b.as_ptr(), rs) };
                     let rhs = match packed {
                         true => Rhs::Packed(&p),
@@ -758,15 +881,29 @@ mod tests {
                             a.as_ptr(),
                             ls,
                             rhs,
-                            acc,
+                            start,
                         )
                     };
                     c
                 };
+                let run = |packed: bool| run_from(packed, start, &c0);
                 let (c, c_packed) = (run(false), run(true));
                 assert_eq!(
                     c, c_packed,
                     "{kernel:?} case {case}: packed once or per product"
+                );
+                // Starting from a row (a bias) is adding onto rows filled with it.
+                let row = values(n, 300 + case as u64);
+                let mut filled = c0.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        filled[i * ds.0 + j * ds.1] = row[j];
+                    }
+                }
+                assert_eq!(
+                    run_from(true, Start::Row(row.as_ptr()), &c0),
+                    run_from(true, Start::Dst, &filled),
+                    "{kernel:?} case {case}: from a row against from filled rows"
                 );
                 let mut rounding_seen = 0f64;
                 for i in 0..m {
@@ -818,14 +955,17 @@ mod tests {
         let (m, n, k) = (1000, 96, 192);
         let (a, b) = (values(m * k, 3), values(k * n, 4));
         let c0 = values(m * n, 5);
-        let run = |threads: usize| {
+        let bias = values(n, 6);
+        let run = |threads: usize, start: Start| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             let mut c = c0.clone();
+            let start = Shared(start);
             pool.install(|| unsafe {
                 // SAFETY: the matrices are allocated at their shapes.
+                let start = start.get();
                 product(
                     (m, n, k),
                     c.as_mut_ptr(),
@@ -833,14 +973,16 @@ mod tests {
                     a.as_ptr(),
                     (k, 1),
                     Rhs::Matrix(b.as_ptr(), (1, k)),
-                    true,
+                    start,
                 )
             });
             c
         };
-        let one = run(1);
-        assert_ne!(one, c0);
-        assert_eq!(one, run(3), "{kernel:?}: 3 threads against 1");
+        for start in [Start::Dst, Start::Row(bias.as_ptr())] {
+            let one = run(1, start);
+            assert_ne!(one, c0);
+            assert_eq!(one, run(3, start), "{kernel:?}: 3 threads against 1");
+        }
     }
 
     /// The dispatcher's choice: bf16 instructions where the (capped) CPU has them.

@@ -25,7 +25,7 @@ use super::attention::{attention_backward_into, attention_forward_into, Attentio
 use super::gelu::{gelu_grad_into, gelu_into};
 use super::kernel::{unpack, Buffer, Real};
 use super::layer_norm::{layer_norm_grads_into, layer_norm_into};
-use super::linear::{fill_rows, linear_grads_into, linear_into, Start};
+use super::linear::{linear_grads_into, linear_into, plus_bias, residual_plus_bias, Start};
 
 /// The sizes of one block. Its parameters travel packed in one vector, in the order
 /// of [`BlockShape::param_lens`].
@@ -249,7 +249,6 @@ fn block_forward<T: Real>(
         let weights = span(&k, s.heads * nq);
         layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&k, d)]);
         let qkv = &mut a.qkv[span(&k, 3 * d)];
-        fill_rows(qkv, qkv_b);
         let wt = qkv_wt.as_ref();
         linear_into(&a.h1[span(&k, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
         attention_forward_into(
@@ -259,18 +258,19 @@ fn block_forward<T: Real>(
             &mut a.heads_out[span(&kq, d)],
             &mut a.weights[weights],
         );
-        // The residual stream of the query tokens: the first nq rows of each image.
+        // The residual stream of the query tokens (the first nq rows of each image)
+        // plus the projection's bias, then the projection added.
         let x2 = &mut a.x2[span(&kq, d)];
         for (image, x2) in x2.chunks_exact_mut(nq * d).enumerate() {
             let start = (r.start + image * t) * d;
-            x2.copy_from_slice(&x[start..start + nq * d]);
+            plus_bias(x2, &x[start..start + nq * d], proj_b);
         }
         linear_into(
             &a.heads_out[span(&kq, d)],
             proj_w,
             proj_b,
             x2,
-            Start::Residual,
+            Start::Ready,
             proj_wt.as_ref(),
         );
         layer_norm_into(
@@ -281,17 +281,16 @@ fn block_forward<T: Real>(
             &mut a.h2[span(&kq, d)],
         );
         let u = &mut a.u[span(&kq, m)];
-        fill_rows(u, fc1_b);
         let wt = fc1_wt.as_ref();
         linear_into(&a.h2[span(&kq, d)], fc1_w, fc1_b, u, Start::Bias, wt);
         gelu_into(&a.u[span(&kq, m)], &mut a.g[span(&kq, m)]);
-        y.extend_from_slice(&a.x2[span(&kq, d)]);
+        residual_plus_bias(&mut y, &a.x2[span(&kq, d)], fc2_b);
         linear_into(
             &a.g[span(&kq, m)],
             fc2_w,
             fc2_b,
             &mut y[span(&rq, d)],
-            Start::Residual,
+            Start::Ready,
             fc2_wt.as_ref(),
         );
     }

@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bf16::PackedRhs;
 use super::kernel::{add_row_sums, add_rows_chunk, unpack, Real};
-use super::products::{gemm_parallelism, pack_weight, product_with, Factors};
+use super::products::{gemm_parallelism, pack_weight, product_onto_row, product_with, Factors};
 
 /// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
 /// graph instead of four (reshape, transpose, product, bias). Candle's backward
@@ -21,7 +21,7 @@ struct Linear {
 fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T], bf16: bool) -> Vec<T> {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
-    let mut y = b.repeat(rows);
+    let mut y = vec![T::zero(); rows * out_dim];
     let wt = bf16
         .then(|| pack_weight(w, (out_dim, in_dim), true))
         .flatten();
@@ -29,18 +29,20 @@ fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T], bf16: bool) -> Vec<T> {
     y
 }
 
-/// What y holds when [`linear_into`] adds the product to it.
+/// What [`linear_into`] starts y's rows from before it adds the product.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Start {
-    /// The bias in every row already.
+    /// The bias: whatever y held is overwritten.
     Bias,
-    /// A residual stream, which the bias is added to.
-    Residual,
+    /// What y holds, the bias included already (a residual stream and the bias
+    /// written in one pass, see [`residual_plus_bias`]).
+    Ready,
 }
 
-/// y = start + x Wᵀ (+ b) over rows, in place: the rows first hold the bias or a
-/// residual (plus the bias, added here), then the product is added onto them, so
-/// there is no zero fill and no separate pass for the bias.
+/// y = start + x Wᵀ over rows, in place: the rows start from the bias, or from what
+/// they hold (a residual plus the bias), and the product is added onto them, so there
+/// is no zero fill and no separate pass for the bias (the AMX tiles load the bias
+/// themselves).
 pub(super) fn linear_into<T: Real>(
     x: &[T],
     w: &[T],
@@ -52,15 +54,24 @@ pub(super) fn linear_into<T: Real>(
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
     assert_eq!(y.len(), rows * out_dim, "linear: output size");
-    if start == Start::Residual {
-        for row in y.chunks_exact_mut(out_dim) {
-            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
-        }
-    }
     let factors = bf16_wt.map_or(Factors::F32, Factors::Bf16Packed);
     // SAFETY: y is rows x out_dim (checked), x rows x in_dim, w out_dim x in_dim
-    // (read as Wᵀ; a packed Wᵀ is checked by the product).
+    // (read as Wᵀ; a packed Wᵀ is checked by the product), b out_dim values.
     unsafe {
+        if start == Start::Bias {
+            product_onto_row(
+                (rows, out_dim, in_dim),
+                y.as_mut_ptr(),
+                out_dim,
+                x.as_ptr(),
+                (in_dim, 1),
+                w.as_ptr(),
+                (1, in_dim),
+                factors,
+                (b, gemm_parallelism()),
+            );
+            return;
+        }
         product_with(
             (rows, out_dim, in_dim),
             y.as_mut_ptr(),
@@ -75,10 +86,40 @@ pub(super) fn linear_into<T: Real>(
     }
 }
 
-/// Fills each row of `y` with `bias`.
-pub(super) fn fill_rows<T: Real>(y: &mut [T], bias: &[T]) {
-    y.chunks_exact_mut(bias.len())
-        .for_each(|row| row.copy_from_slice(bias));
+/// `dst` = `x` + `bias` in every row, in one pass: a residual stream with the bias of
+/// the layer that adds onto it ([`Start::Ready`]).
+pub(super) fn plus_bias<T: Real>(dst: &mut [T], x: &[T], bias: &[T]) {
+    assert_eq!(dst.len(), x.len(), "plus_bias: sizes");
+    for (dst, x) in dst
+        .chunks_exact_mut(bias.len())
+        .zip(x.chunks_exact(bias.len()))
+    {
+        for ((d, &x), &b) in dst.iter_mut().zip(x).zip(bias) {
+            *d = x + b;
+        }
+    }
+}
+
+/// Appends `x` + `bias` (in every row) to `y` in one pass: a residual stream with the
+/// bias of the layer that adds onto it ([`Start::Ready`]).
+pub(super) fn residual_plus_bias<T: Real>(y: &mut Vec<T>, x: &[T], bias: &[T]) {
+    assert!(
+        !bias.is_empty() && x.len().is_multiple_of(bias.len()),
+        "residual_plus_bias: whole rows"
+    );
+    let len = y.len();
+    y.reserve(x.len());
+    let spare = &mut y.spare_capacity_mut()[..x.len()];
+    for (dst, src) in spare
+        .chunks_exact_mut(bias.len())
+        .zip(x.chunks_exact(bias.len()))
+    {
+        for ((d, &x), &b) in dst.iter_mut().zip(src).zip(bias) {
+            d.write(x + b);
+        }
+    }
+    // SAFETY: the x.len() values after len were written above (x is whole rows).
+    unsafe { y.set_len(len + x.len()) };
 }
 
 /// [dx | dW | db] for y = x Wᵀ + b (W out_dim x in_dim) and the gradient g of y.

@@ -63,7 +63,11 @@ pub(super) unsafe fn product_with<T: Real>(
         if let Some(rhs) = rhs {
             // T is f32: the pointers are f32 pointers.
             let (dst, lhs) = (dst.cast(), lhs.cast());
-            bf16::product(dims, dst, dst_strides, lhs, lhs_strides, rhs, accumulate);
+            let start = match accumulate {
+                true => bf16::Start::Dst,
+                false => bf16::Start::Zero,
+            };
+            bf16::product(dims, dst, dst_strides, lhs, lhs_strides, rhs, start);
             return;
         }
     }
@@ -76,6 +80,60 @@ pub(super) unsafe fn product_with<T: Real>(
         rhs,
         rhs_strides,
         (accumulate, parallelism),
+    );
+}
+
+/// dst (m x n, rows contiguous) = `row` in every row + lhs · rhs, as
+/// [`product_with`] adding onto rows filled with `row` computes it (the same sums); bf16
+/// products start their sums from `row` itself where the kernel can (the AMX tiles),
+/// so dst is not filled and read back first.
+///
+/// # Safety
+/// As [`product_with`]; `row` holds n values.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_onto_row<T: Real>(
+    dims: (usize, usize, usize),
+    dst: *mut T,
+    dst_rows: usize,
+    lhs: *const T,
+    lhs_strides: (usize, usize),
+    rhs: *const T,
+    rhs_strides: (usize, usize),
+    factors: Factors,
+    (row, parallelism): (&[T], gemm::Parallelism),
+) {
+    let (m, n, _) = dims;
+    assert_eq!(row.len(), n, "product_onto_row: a value per column");
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let rhs = match factors {
+            Factors::F32 => None,
+            Factors::Bf16 => Some(bf16::Rhs::Matrix(rhs.cast(), rhs_strides)),
+            Factors::Bf16Packed(packed) => Some(bf16::Rhs::Packed(packed)),
+        };
+        if let Some(rhs) = rhs {
+            // T is f32: the pointers are f32 pointers.
+            let (dst, lhs, row) = (
+                dst.cast(),
+                lhs.cast(),
+                bf16::Start::Row(row.as_ptr().cast()),
+            );
+            bf16::product(dims, dst, (dst_rows, 1), lhs, lhs_strides, rhs, row);
+            return;
+        }
+    }
+    for i in 0..m {
+        std::slice::from_raw_parts_mut(dst.add(i * dst_rows), n).copy_from_slice(row);
+    }
+    product_with(
+        dims,
+        dst,
+        (dst_rows, 1),
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        factors,
+        (true, parallelism),
     );
 }
 

@@ -4,7 +4,26 @@
 //! any of it runs.
 
 use super::layout::{padded, BLOCK};
+use super::Start;
 use std::arch::asm;
+use std::cell::Cell;
+
+thread_local! {
+    /// Whether this thread's tiles hold [`FULL_TILES`]. LDTILECFG and TILERELEASE cost
+    /// more than a small product's few tile instructions (the attention runs thousands
+    /// of 64 x 64 products a step), so a thread configures its tiles once and keeps
+    /// them: Linux saves them with the thread's other registers.
+    static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Configures this thread's tiles as [`FULL_TILES`] unless they are already.
+#[inline]
+unsafe fn configure() {
+    if !CONFIGURED.get() {
+        asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
+        CONFIGURED.set(true);
+    }
+}
 
 /// Palette 1 with all eight tiles at their largest: 16 rows of 64 bytes.
 #[repr(C, align(64))]
@@ -40,15 +59,23 @@ macro_rules! tile {
     };
 }
 
-/// One 32 x 32 block of the output: C (f32, rows `c_stride` bytes apart) (+)= A · B
-/// over `kp` (a multiple of 32), A 32 rows of pairs `a_stride` bytes apart, B kp / 2
+/// What a block's sums start from: zero, or values loaded from rows `stride` bytes
+/// apart (the output itself, or one row read 32 times with stride 0: a bias).
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    Load(*const f32, usize),
+}
+
+/// One 32 x 32 block of the output: C (f32, rows `c_stride` bytes apart) = `init` + A ·
+/// B over `kp` (a multiple of 32), A 32 rows of pairs `a_stride` bytes apart, B kp / 2
 /// rows of 32 pairs `b_stride` bytes apart. Tiles 0-3 hold C, 4-5 A, 6-7 B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     c: *mut f32,
     c_stride: usize,
-    load: bool,
+    init: Init,
     a: *const u32,
     a_stride: usize,
     b: *const u32,
@@ -57,16 +84,20 @@ unsafe fn block(
 ) {
     let (c1, c2) = (c.byte_add(64), c.byte_add(16 * c_stride));
     let c3 = c2.byte_add(64);
-    if load {
-        tile!(load "0", c, c_stride);
-        tile!(load "1", c1, c_stride);
-        tile!(load "2", c2, c_stride);
-        tile!(load "3", c3, c_stride);
-    } else {
-        tile!(zero "0");
-        tile!(zero "1");
-        tile!(zero "2");
-        tile!(zero "3");
+    match init {
+        Init::Load(s, stride) => {
+            let (s1, s2) = (s.byte_add(64), s.byte_add(16 * stride));
+            tile!(load "0", s, stride);
+            tile!(load "1", s1, stride);
+            tile!(load "2", s2, stride);
+            tile!(load "3", s2.byte_add(64), stride);
+        }
+        Init::Zero => {
+            tile!(zero "0");
+            tile!(zero "1");
+            tile!(zero "2");
+            tile!(zero "3");
+        }
     }
     let a2 = a.byte_add(16 * a_stride);
     for kb in 0..kp / BLOCK {
@@ -94,7 +125,7 @@ pub unsafe fn peak_loop(iterations: u64) -> f32 {
     struct Block([u32; 256]);
     let ones = Block([0x3f80_3f80; 256]);
     let mut out = Block([0; 256]);
-    asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
+    configure();
     tile!(zero "0");
     tile!(zero "1");
     tile!(zero "2");
@@ -110,15 +141,15 @@ pub unsafe fn peak_loop(iterations: u64) -> f32 {
         tile!(dot "3", "5", "7");
     }
     tile!(store "0", out.0.as_mut_ptr(), 64usize);
-    asm!("tilerelease", options(nostack, preserves_flags, nomem));
     f32::from_bits(out.0[0])
 }
 
-/// dst (+)= A · B from the packed factors. The tiles write straight into `dst` (and,
-/// accumulating, start from its values) when its rows are contiguous and the shape is
-/// whole blocks; else into `out` from zero, then added: the two round differently, so
-/// `whole_rows`, the rows of the product this is a part of, decides for every part
-/// alike, and a product split over a lane's threads changes no bit.
+/// dst = `start` + A · B from the packed factors. The tiles write straight into `dst`
+/// (and start from its values, or from a row loaded with stride 0) when its rows are
+/// contiguous and the shape is whole blocks; else into `out` from zero, then added: the
+/// two round differently, so `whole_rows`, the rows of the product this is a part of,
+/// decides for every part alike, and a product split over a lane's threads changes no
+/// bit.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn multiply(
     (m, n, k): (usize, usize, usize),
@@ -128,7 +159,7 @@ pub unsafe fn multiply(
     a: &[u32],
     b: &[u32],
     out: &mut Vec<f32>,
-    accumulate: bool,
+    start: Start,
 ) {
     let (mp, np, kp) = (padded(m), padded(n), padded(k));
     debug_assert!(a.len() >= mp * kp / 2 && b.len() >= kp / 2 * np);
@@ -136,35 +167,35 @@ pub unsafe fn multiply(
         && whole_rows.is_multiple_of(BLOCK)
         && m.is_multiple_of(BLOCK)
         && n.is_multiple_of(BLOCK);
-    let (c, c_rs, load) = if direct {
-        (dst, dst_rs, accumulate)
+    let (c, c_rs) = if direct {
+        (dst, dst_rs)
     } else {
         out.clear();
         out.resize(mp * np, 0.0);
-        (out.as_mut_ptr(), np, false)
+        (out.as_mut_ptr(), np)
     };
-    asm!("ldtilecfg [{}]", in(reg) FULL_TILES.0.as_ptr(), options(nostack, preserves_flags));
+    configure();
     for i in (0..mp).step_by(BLOCK) {
         for j in (0..np).step_by(BLOCK) {
+            let c = c.add(i * c_rs + j);
+            let init = match (direct, start) {
+                (false, _) | (true, Start::Zero) => Init::Zero,
+                (true, Start::Dst) => Init::Load(c, c_rs * 4),
+                (true, Start::Row(row)) => Init::Load(row.add(j), 0),
+            };
             let (a, b) = (a.as_ptr().add(i * kp / 2), b.as_ptr().add(j));
-            block(
-                c.add(i * c_rs + j),
-                c_rs * 4,
-                load,
-                a,
-                kp * 2,
-                b,
-                np * 4,
-                kp,
-            );
+            block(c, c_rs * 4, init, a, kp * 2, b, np * 4, kp);
         }
     }
-    asm!("tilerelease", options(nostack, preserves_flags, nomem));
     if !direct {
         for i in 0..m {
             for j in 0..n {
                 let (v, d) = (out[i * np + j], dst.add(i * dst_rs + j * dst_cs));
-                *d = if accumulate { *d + v } else { v };
+                *d = match start {
+                    Start::Zero => v,
+                    Start::Dst => *d + v,
+                    Start::Row(row) => *row.add(j) + v,
+                };
             }
         }
     }
