@@ -551,12 +551,17 @@ unsafe fn pack_lhs(
         out[m * row_pairs..].fill(0);
         return;
     }
-    out.clear();
-    out.resize(padded(m) * row_pairs, 0);
     if rs == 1 {
         // Columns contiguous (a transposed gradient): columns 2p and 2p + 1 make a line
-        // of pairs along the rows, written down column p of pairs.
-        pairs_across(out, row_pairs, (k.div_ceil(2), m), |p, i0, line| {
+        // of pairs along the rows, written down column p of pairs. Each of the m rows'
+        // pairs is written, so only the padding is zeroed (none at whole tiles).
+        let pairs = k.div_ceil(2);
+        resize_uninit(out, padded(m) * row_pairs);
+        for row in out[..m * row_pairs].chunks_exact_mut(row_pairs) {
+            row[pairs..].fill(0);
+        }
+        out[m * row_pairs..].fill(0);
+        pairs_across(out, row_pairs, (pairs, m), |p, i0, line| {
             let lo = src.add(2 * p * cs + i0);
             let hi = match 2 * p + 1 < k {
                 true => src.add((2 * p + 1) * cs + i0),
@@ -565,7 +570,11 @@ unsafe fn pack_lhs(
             // SAFETY: both rows hold line.len() values from i0 (or are the zeros).
             unsafe { pair_rows(line.as_mut_ptr(), lo, hi, line.len(), line.len()) };
         });
-    } else {
+        return;
+    }
+    out.clear();
+    out.resize(padded(m) * row_pairs, 0);
+    {
         let at = |i: usize, j: usize| {
             if j < k {
                 *src.add(i * rs + j * cs)
@@ -606,17 +615,24 @@ unsafe fn pack_rhs(
         out[k.div_ceil(2) * np..].fill(0);
         return;
     }
-    out.clear();
-    out.resize(padded(k) / 2 * np, 0);
     if rs == 1 && k % 2 == 0 {
         // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
         // neighbours in a column, so column j is a line of pairs, written down column j
-        // of pairs.
+        // of pairs. Each pair of the n columns is written: only the padding is zeroed.
+        resize_uninit(out, padded(k) / 2 * np);
+        for row in out[..k / 2 * np].chunks_exact_mut(np) {
+            row[n..].fill(0);
+        }
+        out[k / 2 * np..].fill(0);
         pairs_across(out, np, (n, k / 2), |j, p0, line| {
             // SAFETY: column j holds k values, 2 * line.len() of them from 2 * p0.
             unsafe { pair_neighbours(line.as_mut_ptr(), src.add(j * cs + 2 * p0), line.len()) };
         });
-    } else {
+        return;
+    }
+    out.clear();
+    out.resize(padded(k) / 2 * np, 0);
+    {
         let at = |i: usize, j: usize| {
             if i < k {
                 *src.add(i * rs + j * cs)
@@ -719,8 +735,9 @@ mod tests {
                     .unwrap_or(i as f32 * 0.37 - 5.0)
             })
             .collect();
-        let mut lhs = vec![7u32; 5];
-        let mut rhs = vec![7u32; 5];
+        // Buffers that held something longer: padding must be zeroed, not left.
+        let mut lhs = vec![7u32; 5000];
+        let mut rhs = vec![7u32; 5000];
         // SAFETY: src holds m x k values, read along rows (and as k x m transposed).
         unsafe {
             pack_lhs(&mut lhs, (m, k), src.as_ptr(), (k, 1));
@@ -785,10 +802,10 @@ mod tests {
         let value = |i: usize, j: usize| to_bf16(src[i * cols + j]);
         // The left factor is srcᵀ (38 x 21: 11 pairs per row, the last one half padding).
         let (m, k) = (cols, rows);
-        let mut lhs = vec![7u32; 3];
+        let mut lhs = vec![7u32; 5000];
         // The right factor is srcᵀ too (38 x 21 read as k x n, pairs of neighbours).
         let (kr, n) = (cols, rows);
-        let mut rhs = vec![7u32; 3];
+        let mut rhs = vec![7u32; 5000];
         // SAFETY: src holds rows x cols values; both read it with strides (1, cols).
         unsafe {
             pack_lhs(&mut lhs, (m, k), src.as_ptr(), (1, cols));

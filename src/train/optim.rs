@@ -149,35 +149,40 @@ impl AdamW {
 
     /// One update; `grads[i]` belongs to the i-th variable given to [`AdamW::new`]
     /// (`None` = no gradient, left unchanged). Weights and moments change in place, each
-    /// by one op per parameter ([`crate::ops::update`]).
+    /// by one op per parameter ([`crate::ops::update`]). AdamW's many small tensors and
+    /// Muon's matrices touch disjoint weights and moments, so the two run side by side
+    /// (the small ops were a serial tail beside the Newton-Schulz tasks); each weight
+    /// sees the same ops in the same order as one after the other, so the same bits.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        use crate::ops::update;
         self.steps += 1;
+        let this = &*self;
+        let (adam, muon) = rayon::join(|| this.adam_part(grads, lr), || this.muon_part(grads, lr));
+        adam.and(muon)
+    }
+
+    /// The gradient of the i-th variable, if any, contiguous.
+    fn gradient(grads: &[Option<Tensor>], i: usize) -> Result<Option<Tensor>> {
+        grads
+            .get(i)
+            .and_then(Option::as_ref)
+            .map(|g| g.detach().contiguous())
+            .transpose()
+    }
+
+    /// AdamW's update of every variable under its rule.
+    fn adam_part(&self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        use crate::ops::update;
         let t = self.steps as i32;
         let correction1 = 1.0 - self.beta1.powi(t);
         let correction2 = 1.0 - self.beta2.powi(t);
-        // Muon's matrices wait, grouped by shape, for one orthogonalisation per shape.
-        let mut muon: std::collections::BTreeMap<(usize, usize), Vec<(usize, Tensor)>> =
-            Default::default();
         for (i, (_, var, rule)) in self.params.iter().enumerate() {
-            let Some(grad) = grads.get(i).and_then(Option::as_ref) else {
+            let Rule::Adam { decay } = *rule else {
                 continue;
             };
-            let grad = grad.detach().contiguous()?;
-            let (m, v) = (&self.first_moment[i], &self.second_moment[i]);
-            let decay = match *rule {
-                Rule::Adam { decay } => decay,
-                Rule::Muon => {
-                    // Nesterov momentum; orthogonalised below.
-                    let mu = self.muon_momentum;
-                    update::momentum(m, &grad, mu)?;
-                    let direction = (&grad + m.affine(mu, 0.0)?)?;
-                    muon.entry(direction.dims2()?)
-                        .or_default()
-                        .push((i, direction));
-                    continue;
-                }
+            let Some(grad) = Self::gradient(grads, i)? else {
+                continue;
             };
+            let (m, v) = (&self.first_moment[i], &self.second_moment[i]);
             update::moving_average(m, &grad, self.beta1)?;
             update::second_moment(v, &grad, self.beta2)?;
             let step = update::AdamStep {
@@ -188,6 +193,29 @@ impl AdamW {
                 keep: decay.then_some(1.0 - lr * self.weight_decay),
             };
             update::adam_step_in_place(var.as_tensor(), m, v, step)?;
+        }
+        Ok(())
+    }
+
+    /// Muon's update of the blocks' matrices: Nesterov momentum, then one
+    /// orthogonalisation per shape (the six blocks' matrices of a kind together).
+    fn muon_part(&self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        use crate::ops::update;
+        let mut muon: std::collections::BTreeMap<(usize, usize), Vec<(usize, Tensor)>> =
+            Default::default();
+        for (i, (_, _, rule)) in self.params.iter().enumerate() {
+            if !matches!(rule, Rule::Muon) {
+                continue;
+            }
+            let Some(grad) = Self::gradient(grads, i)? else {
+                continue;
+            };
+            let (m, mu) = (&self.first_moment[i], self.muon_momentum);
+            update::momentum(m, &grad, mu)?;
+            let direction = (&grad + m.affine(mu, 0.0)?)?;
+            muon.entry(direction.dims2()?)
+                .or_default()
+                .push((i, direction));
         }
         for ((rows, cols), members) in muon {
             let directions: Vec<&Tensor> = members.iter().map(|(_, d)| d).collect();
