@@ -394,35 +394,6 @@ unsafe fn product_on(
 /// Zeros that stand in for the row past the end of a matrix with an odd number of rows.
 static ZEROS: [f32; 4096] = [0.0; 4096];
 
-/// Writes `lines` lines of `len` pairs across `out`: `fill(l, c0, part)` fills `part`
-/// with pairs c0.. of line l (made along memory), and pair (l, c) goes to
-/// `out[c * stride + l]`. 16 x 16 pairs at a time, so that reads and writes both run
-/// along memory: the packing of a factor read transposed.
-#[inline(always)]
-fn pairs_across(
-    out: &mut [u32],
-    stride: usize,
-    (lines, len): (usize, usize),
-    fill: impl Fn(usize, usize, &mut [u32]),
-) {
-    let mut block = [[0u32; 16]; 16];
-    for l0 in (0..lines).step_by(16) {
-        let bl = 16.min(lines - l0);
-        for c0 in (0..len).step_by(16) {
-            let bc = 16.min(len - c0);
-            for (dl, line) in block.iter_mut().enumerate().take(bl) {
-                fill(l0 + dl, c0, &mut line[..bc]);
-            }
-            for dc in 0..bc {
-                let dst = &mut out[(c0 + dc) * stride + l0..][..bl];
-                for (dl, d) in dst.iter_mut().enumerate() {
-                    *d = block[dl][dc];
-                }
-            }
-        }
-    }
-}
-
 /// `len` elements, whatever they held (the caller writes every one).
 fn resize_uninit(out: &mut Vec<u32>, len: usize) {
     if out.len() < len {
@@ -478,29 +449,119 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
     }
 }
 
-/// `dst[..pairs]` = the `2 * pairs` values at `src` as bf16 pairs of neighbours,
-/// (src[2p], src[2p + 1]) in pair p: a column of a factor read transposed.
-#[cfg_attr(
-    target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl")
-)]
-#[inline]
-unsafe fn pair_neighbours(dst: *mut u32, src: *const f32, pairs: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        // 16 values at a time, narrowed to 16 bf16 in memory order: 8 pairs, the
-        // first of each in the low half as `pair` puts it.
-        let len = 2 * pairs;
-        for c in (0..len).step_by(16) {
-            let mask = lanes_from(c, len);
-            let v = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(c))));
-            _mm256_mask_storeu_epi16(dst.cast::<u16>().add(c).cast(), mask, v);
+/// The transposed left factor's pairs: `out[i * row_pairs + p]` = the pair of
+/// src[2p·cs + i] and src[(2p + 1)·cs + i] for i < m and p < k.div_ceil(2) (a gradient g
+/// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs). 16 x 16 pairs at a
+/// time: each line of 16 rounded along memory, the block transposed in registers, its
+/// rows stored whole (the zero lanes of a partial block are the padding's zeros).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_lhs_transposed(
+    out: &mut [u32],
+    row_pairs: usize,
+    (m, k): (usize, usize),
+    src: *const f32,
+    cs: usize,
+) {
+    use std::arch::x86_64::*;
+    let pairs = k.div_ceil(2);
+    debug_assert!(row_pairs.is_multiple_of(16) && out.len() >= m * row_pairs);
+    for p0 in (0..pairs).step_by(16) {
+        for i0 in (0..m).step_by(16) {
+            let mask = lanes_from(i0, m);
+            let mut block = [_mm512_setzero_si512(); 16];
+            for (dp, line) in block.iter_mut().enumerate().take(pairs - p0) {
+                let p = p0 + dp;
+                let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0)));
+                if 2 * p + 1 < k {
+                    let hi = _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0));
+                    *line = _mm512_or_si512(lo, _mm512_slli_epi32(bf16_lanes(hi), 16));
+                } else {
+                    *line = lo;
+                }
+            }
+            transpose16(&mut block);
+            for (di, row) in block.iter().enumerate().take(m - i0) {
+                let dst = out.as_mut_ptr().add((i0 + di) * row_pairs + p0);
+                _mm512_storeu_si512(dst.cast(), *row);
+            }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    for p in 0..pairs {
-        *dst.add(p) = pair(*src.add(2 * p), *src.add(2 * p + 1));
+}
+
+/// The transposed right factor's pairs (k even): `out[p * np + j]` = the pair of
+/// src[j·cs + 2p] and src[j·cs + 2p + 1] for j < n and p < k / 2 (a weight read as Wᵀ,
+/// keys as Kᵀ: neighbours in a column of the factor). 16 x 16 pairs at a time, as
+/// [`pack_lhs_transposed`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_rhs_transposed(
+    out: &mut [u32],
+    np: usize,
+    (k, n): (usize, usize),
+    src: *const f32,
+    cs: usize,
+) {
+    use std::arch::x86_64::*;
+    let pairs = k / 2;
+    debug_assert!(np.is_multiple_of(16) && out.len() >= pairs * np);
+    for j0 in (0..n).step_by(16) {
+        for p0 in (0..pairs).step_by(16) {
+            let (first, second) = (lanes_from(2 * p0, k), lanes_from(2 * p0 + 16, k));
+            let mut block = [_mm512_setzero_si512(); 16];
+            for (dj, line) in block.iter_mut().enumerate().take(n - j0) {
+                // 32 values of column j from 2 * p0: 16 pairs of neighbours.
+                let col = src.add((j0 + dj) * cs + 2 * p0);
+                let a = bf16_lanes(_mm512_maskz_loadu_ps(first, col));
+                let b = bf16_lanes(_mm512_maskz_loadu_ps(second, col.wrapping_add(16)));
+                let (a, b) = (_mm512_cvtepi32_epi16(a), _mm512_cvtepi32_epi16(b));
+                *line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            }
+            transpose16(&mut block);
+            for (dp, row) in block.iter().enumerate().take(pairs - p0) {
+                let dst = out.as_mut_ptr().add((p0 + dp) * np + j0);
+                _mm512_storeu_si512(dst.cast(), *row);
+            }
+        }
+    }
+}
+
+/// Transposes 16 x 16 32-bit values in registers: within 128-bit lanes by unpacking
+/// and shuffling, then the lanes across registers (pure moves: every bit kept).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(rows: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(rows[i]));
+    // t[2q], t[2q + 1]: rows 2q and 2q + 1 interleaved (columns 4L, 4L+1 | 4L+2, 4L+3).
+    let mut t = [_mm512_setzero_ps(); 16];
+    for q in 0..8 {
+        t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+    }
+    // u[4g + c], lane L: rows 4g..4g+4 of column 4L + c.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a, b) = (4 * g, 4 * g + 2);
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xee>(t[a], t[b]);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xee>(t[a + 1], t[b + 1]);
+    }
+    // v[c], c < 8: rows 0-3 of columns c and c + 8, then rows 4-7 of the same two;
+    // v[8 + c]: rows 8-11 and 12-15 likewise.
+    let mut v = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        v[c + 4] = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        v[12 + c] = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+    }
+    // Column c is lanes 0 and 2 of v[c] then of v[8 + c]; column c + 8 lanes 1 and 3.
+    for c in 0..8 {
+        rows[c] = _mm512_castps_si512(_mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]));
+        rows[c + 8] = _mm512_castps_si512(_mm512_shuffle_f32x4::<0xdd>(v[c], v[8 + c]));
     }
 }
 
@@ -561,15 +622,19 @@ unsafe fn pack_lhs(
             row[pairs..].fill(0);
         }
         out[m * row_pairs..].fill(0);
-        pairs_across(out, row_pairs, (pairs, m), |p, i0, line| {
-            let lo = src.add(2 * p * cs + i0);
-            let hi = match 2 * p + 1 < k {
-                true => src.add((2 * p + 1) * cs + i0),
-                false => ZEROS.as_ptr(),
-            };
-            // SAFETY: both rows hold line.len() values from i0 (or are the zeros).
-            unsafe { pair_rows(line.as_mut_ptr(), lo, hi, line.len(), line.len()) };
-        });
+        #[cfg(target_arch = "x86_64")]
+        pack_lhs_transposed(out, row_pairs, (m, k), src, cs);
+        #[cfg(not(target_arch = "x86_64"))]
+        for i in 0..m {
+            for p in 0..pairs {
+                let hi = if 2 * p + 1 < k {
+                    *src.add((2 * p + 1) * cs + i)
+                } else {
+                    0.0
+                };
+                out[i * row_pairs + p] = pair(*src.add(2 * p * cs + i), hi);
+            }
+        }
         return;
     }
     out.clear();
@@ -624,10 +689,15 @@ unsafe fn pack_rhs(
             row[n..].fill(0);
         }
         out[k / 2 * np..].fill(0);
-        pairs_across(out, np, (n, k / 2), |j, p0, line| {
-            // SAFETY: column j holds k values, 2 * line.len() of them from 2 * p0.
-            unsafe { pair_neighbours(line.as_mut_ptr(), src.add(j * cs + 2 * p0), line.len()) };
-        });
+        #[cfg(target_arch = "x86_64")]
+        pack_rhs_transposed(out, np, (k, n), src, cs);
+        #[cfg(not(target_arch = "x86_64"))]
+        for p in 0..k / 2 {
+            for j in 0..n {
+                let at = |i: usize| *src.add(j * cs + i);
+                out[p * np + j] = pair(at(2 * p), at(2 * p + 1));
+            }
+        }
         return;
     }
     out.clear();
