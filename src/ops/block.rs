@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bf16::PackedRhs;
-use super::products::pack_weight;
+use super::products::{pack_activation, pack_weight};
 
 use super::attention::{attention_backward_into, attention_forward_into, AttentionShape};
 use super::gelu::{gelu_grad_into, gelu_into};
 use super::kernel::{unpack, Buffer, Real};
 use super::layer_norm::{layer_norm_grads_into, layer_norm_into};
-use super::linear::{linear_grads_into, linear_into, plus_bias, residual_plus_bias, Start};
+use super::linear::{linear_grads_into, linear_into, plus_bias, residual_plus_bias, Packed, Start};
 
 /// The sizes of one block. Its parameters travel packed in one vector, in the order
 /// of [`BlockShape::param_lens`].
@@ -159,6 +159,9 @@ struct Activations<T: Real> {
     u: Buffer<T>,
     /// GELU(u): M.
     g: Buffer<T>,
+    /// Per tile, the inputs of the four linear layers (h1, heads_out, h2, g) packed for
+    /// their weight gradients' bf16 products (kept, bf16 blocks only).
+    packed: Vec<[PackedRhs; 4]>,
 }
 
 impl<T: Real> Activations<T> {
@@ -174,6 +177,7 @@ impl<T: Real> Activations<T> {
             h2: Buffer::new(queries * d),
             u: Buffer::new(queries * m),
             g: Buffer::new(queries * m),
+            packed: Vec::new(),
         }
     }
 }
@@ -293,6 +297,17 @@ fn block_forward<T: Real>(
             Start::Ready,
             fc2_wt.as_ref(),
         );
+        if keep && s.bf16 {
+            let inputs = [
+                pack_activation(&a.h1[span(&k, d)], d),
+                pack_activation(&a.heads_out[span(&kq, d)], d),
+                pack_activation(&a.h2[span(&kq, d)], d),
+                pack_activation(&a.g[span(&kq, m)], m),
+            ];
+            if let [Some(h1), Some(heads), Some(h2), Some(g)] = inputs {
+                a.packed.push([h1, heads, h2, g]);
+            }
+        }
     }
     (y, keep.then_some(a))
 }
@@ -343,26 +358,43 @@ fn block_backward<T: Real>(
     let mut dx2 = Buffer::new(tile_images * nq * d);
     let mut d_rows = Buffer::new(tile_images * t * d);
     let mut dqkv = Buffer::new(tile_images * t * 3 * d);
-    for (first, images) in tiles(z.batch) {
+    for (tile, (first, images)) in tiles(z.batch).enumerate() {
         let (r, rq) = (image_rows(first, images, t), image_rows(first, images, nq));
         let (tq, tt) = (0..images * nq, 0..images * t);
+        // The layers' inputs as the forward pass packed them, where it did.
+        let [h1_p, heads_p, h2_p, g_p] = match a.packed.get(tile) {
+            Some([h1, heads, h2, g]) => [Some(h1), Some(heads), Some(h2), Some(g)],
+            None => [None; 4],
+        };
         let (dg, du) = (&mut dg[span(&tq, m)], &mut du[span(&tq, m)]);
         let (dx2, dqkv) = (&mut dx2[span(&tq, d)], &mut dqkv[span(&tt, 3 * d)]);
         // MLP: y = x2 + fc2(GELU(fc1(LN2(x2)))); dx2 starts as the residual's dy.
         let g = &a.g[span(&rq, m)];
         let dy = &dy[span(&rq, d)];
         dx2.copy_from_slice(dy);
-        let wp = fc2_wp.as_ref();
+        let wp = Packed {
+            w: fc2_wp.as_ref(),
+            x: g_p,
+        };
         linear_grads_into(g, fc2_w, dy, Some(dg), d_fc2_w, d_fc2_b, wp);
         gelu_grad_into(&a.u[span(&rq, m)], g, dg, du);
         let dh2 = &mut d_rows[span(&tq, d)];
-        let (h2, wp) = (&a.h2[span(&rq, d)], fc1_wp.as_ref());
+        let (h2, wp) = (
+            &a.h2[span(&rq, d)],
+            Packed {
+                w: fc1_wp.as_ref(),
+                x: h2_p,
+            },
+        );
         linear_grads_into(h2, fc1_w, du, Some(dh2), d_fc1_w, d_fc1_b, wp);
         layer_norm_grads_into(&a.x2[span(&rq, d)], n2g, dh2, s.eps, dx2, d_norm2);
         // Attention: x2 = x + proj(heads(qkv(LN1(x)))) for the query tokens.
         let d_heads = &mut d_rows[span(&tq, d)];
         let heads_out = &a.heads_out[span(&rq, d)];
-        let wp = proj_wp.as_ref();
+        let wp = Packed {
+            w: proj_wp.as_ref(),
+            x: heads_p,
+        };
         linear_grads_into(
             heads_out,
             proj_w,
@@ -382,7 +414,13 @@ fn block_backward<T: Real>(
             s.lsa.then_some(&mut *d_scales),
         );
         let dh1 = &mut d_rows[span(&tt, d)];
-        let (h1, wp) = (&a.h1[span(&r, d)], qkv_wp.as_ref());
+        let (h1, wp) = (
+            &a.h1[span(&r, d)],
+            Packed {
+                w: qkv_wp.as_ref(),
+                x: h1_p,
+            },
+        );
         linear_grads_into(h1, qkv_w, dqkv, Some(dh1), d_qkv_w, d_qkv_b, wp);
         // dx: the residual's dx2 at the query tokens, plus LN1's part everywhere.
         for dx2 in dx2.chunks_exact(nq * d) {

@@ -131,8 +131,21 @@ fn linear_backward<T: Real>(x: &[T], w: &[T], g: &[T], out_dim: usize, bf16: boo
     let packed = bf16
         .then(|| pack_weight(w, (out_dim, nw / out_dim.max(1)), false))
         .flatten();
-    linear_grads_into(x, w, g, Some(dx), dw, db, packed.as_ref());
+    let packed = Packed {
+        w: packed.as_ref(),
+        x: None,
+    };
+    linear_grads_into(x, w, g, Some(dx), dw, db, packed);
     out
+}
+
+/// The factors of a layer's bf16 gradient products packed already: W (for dx = g W)
+/// and the layer's input x (for dW = gᵀ x, packed by the forward pass). No W: f32
+/// products.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Packed<'a> {
+    pub w: Option<&'a PackedRhs>,
+    pub x: Option<&'a PackedRhs>,
 }
 
 /// The gradients of y = x Wᵀ + b for the gradient g of y: dx = g W written over `dx`
@@ -145,15 +158,16 @@ pub(super) fn linear_grads_into<T: Real>(
     dx: Option<&mut [T]>,
     dw: &mut [T],
     db: &mut [T],
-    bf16_w: Option<&PackedRhs>,
+    packed: Packed,
 ) {
     let out_dim = db.len();
     let in_dim = w.len() / out_dim.max(1);
     let rows = x.len() / in_dim.max(1);
     assert_eq!(dw.len(), w.len(), "linear: weight gradient size");
-    let (dx_factors, dw_factors) = match bf16_w {
-        Some(w) => (Factors::Bf16Packed(w), Factors::Bf16),
-        None => (Factors::F32, Factors::F32),
+    let (dx_factors, dw_factors) = match (packed.w, packed.x) {
+        (Some(w), Some(x)) => (Factors::Bf16Packed(w), Factors::Bf16Packed(x)),
+        (Some(w), None) => (Factors::Bf16Packed(w), Factors::Bf16),
+        (None, _) => (Factors::F32, Factors::F32),
     };
     // SAFETY: each destination is its own slice of the size its shape needs (checked);
     // shapes as in the forward pass.

@@ -37,6 +37,20 @@ pub(super) fn pack_weight<T: Real>(
     })
 }
 
+/// A layer's input x (rows x cols, rows contiguous) packed as the right-hand factor
+/// of its weight gradient dW = gᵀ x when `T` is f32: the forward pass packs it while x
+/// is in cache, and the backward pass reads half the bytes (bf16 pairs, not f32) and
+/// rounds nothing. The same pairs as packing x then, so the same products.
+pub(super) fn pack_activation<T: Real>(x: &[T], cols: usize) -> Option<PackedRhs> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    let rows = x.len() / cols.max(1);
+    assert_eq!(rows * cols, x.len(), "pack_activation: whole rows");
+    // SAFETY: T is f32, and x holds rows x cols values (checked).
+    Some(unsafe { PackedRhs::new((rows, cols), x.as_ptr().cast(), (cols, 1)) })
+}
+
 /// [`product`] with its factors as `factors` says. A bf16 product runs on the calling
 /// thread (the training lanes are single-threaded).
 ///
