@@ -119,6 +119,19 @@ pub struct PackedRhs {
     data: Packed,
 }
 
+/// Freed packed factors kept for reuse: the forward pass keeps each linear layer's
+/// input packed per tile (four per tile and block: a few hundred a step), and a fresh
+/// vector would be zero-filled before the packing overwrites it.
+static PAIRS: super::BufferPool<u32> = super::BufferPool::with_limit(1024);
+
+impl Drop for PackedRhs {
+    fn drop(&mut self) {
+        if let Packed::Pairs(pairs) = &mut self.data {
+            PAIRS.give(std::mem::take(pairs));
+        }
+    }
+}
+
 enum Packed {
     /// For the bf16 instructions: k/2 rows (padded to 16) of n pairs (padded to 32).
     Pairs(Vec<u32>),
@@ -148,7 +161,8 @@ impl PackedRhs {
     ) -> Self {
         let data = match kernel {
             Kernel::Amx | Kernel::DotProducts => {
-                let mut pairs = Vec::new();
+                // A pooled vector, as long as it was: packing sets its length.
+                let mut pairs = PAIRS.take(padded(k) / 2 * padded(n));
                 pack_rhs(&mut pairs, (k, n), src, strides);
                 Packed::Pairs(pairs)
             }

@@ -75,16 +75,24 @@ impl Real for f64 {
 /// whole extra pass over memory).
 pub struct BufferPool<T> {
     pub(super) free: std::sync::Mutex<Vec<Vec<T>>>,
+    /// Buffers kept at most; beyond that, freed buffers go back to the allocator.
+    limit: usize,
 }
 
-/// Buffers kept at most: more than one step's activations of the default model on
-/// two lanes; beyond that, freed buffers go back to the allocator.
+/// Buffers kept at most by the activations' pools: more than one step's activations
+/// of the default model on two lanes.
 const POOLED_BUFFERS: usize = 256;
 
-impl<T: Real> BufferPool<T> {
+impl<T: Copy + num_traits::Zero> BufferPool<T> {
     pub(super) const fn new() -> Self {
+        Self::with_limit(POOLED_BUFFERS)
+    }
+
+    /// A pool that keeps up to `limit` buffers.
+    pub(super) const fn with_limit(limit: usize) -> Self {
         Self {
             free: std::sync::Mutex::new(Vec::new()),
+            limit,
         }
     }
 
@@ -105,7 +113,7 @@ impl<T: Real> BufferPool<T> {
 
     pub(super) fn give(&self, buffer: Vec<T>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOLED_BUFFERS && !buffer.is_empty() {
+        if free.len() < self.limit && !buffer.is_empty() {
             free.push(buffer);
         }
     }
