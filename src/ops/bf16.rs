@@ -127,14 +127,54 @@ static PAIRS: super::BufferPool<u32> = super::BufferPool::with_limit(1024);
 impl Drop for PackedRhs {
     fn drop(&mut self) {
         if let Packed::Pairs(pairs) = &mut self.data {
-            PAIRS.give(std::mem::take(pairs));
+            PAIRS.give(std::mem::take(&mut pairs.buf));
         }
+    }
+}
+
+/// Packed pairs whose first one starts a cache line (64 bytes): every row a tile
+/// loads or stores (64 bytes) then lies in one line, not across two. Measured on AMX
+/// at the model's shapes: the products 1.3-1.8x faster than from buffers 16 bytes off.
+#[derive(Default)]
+pub(super) struct Pairs {
+    buf: Vec<u32>,
+    start: usize,
+    len: usize,
+}
+
+/// Pairs per cache line: the most an aligned start can be past the buffer's start.
+const LINE_PAIRS: usize = 16;
+
+impl Pairs {
+    /// A buffer of pairs kept before (its values, length and capacity).
+    fn from_vec(buf: Vec<u32>) -> Self {
+        Self {
+            buf,
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// `len` pairs starting at a cache line, holding whatever they held (the packing
+    /// writes every one): the buffer only grows, and then zero-fills the growth alone.
+    fn resize(&mut self, len: usize) -> &mut [u32] {
+        if self.buf.len() < len + LINE_PAIRS {
+            self.buf.resize(len + LINE_PAIRS, 0);
+        }
+        // u32s to the next multiple of 64 bytes (a Vec<u32> starts at a multiple of 4).
+        self.start = (self.buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
+        self.len = len;
+        &mut self.buf[self.start..self.start + len]
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        &self.buf[self.start..self.start + self.len]
     }
 }
 
 enum Packed {
     /// For the bf16 instructions: k/2 rows (padded to 16) of n pairs (padded to 32).
-    Pairs(Vec<u32>),
+    Pairs(Pairs),
     /// Without them: the rounded values, k x n row-major.
     Rounded(Vec<f32>),
 }
@@ -161,8 +201,9 @@ impl PackedRhs {
     ) -> Self {
         let data = match kernel {
             Kernel::Amx | Kernel::DotProducts => {
-                // A pooled vector, as long as it was: packing sets its length.
-                let mut pairs = PAIRS.take(padded(k) / 2 * padded(n));
+                // A pooled vector: packing overwrites what it needs of it.
+                let size = padded(k) / 2 * padded(n) + LINE_PAIRS;
+                let mut pairs = Pairs::from_vec(PAIRS.take(size));
                 pack_rhs(&mut pairs, (k, n), src, strides);
                 Packed::Pairs(pairs)
             }
@@ -187,8 +228,8 @@ unsafe fn rounded((m, n): (usize, usize), src: *const f32, (rs, cs): (usize, usi
 /// and an output that does not fit the tiles directly.
 #[derive(Default)]
 struct Scratch {
-    lhs: Vec<u32>,
-    rhs: Vec<u32>,
+    lhs: Pairs,
+    rhs: Pairs,
     out: Vec<f32>,
 }
 
@@ -388,6 +429,7 @@ unsafe fn product_on(
             }
         };
         pack_lhs(a, (m, k), lhs, lhs_strides);
+        let a = a.as_slice();
         match kernel {
             Kernel::Amx => amx::multiply(
                 (m, n, k),
@@ -407,14 +449,6 @@ unsafe fn product_on(
 
 /// Zeros that stand in for the row past the end of a matrix with an odd number of rows.
 static ZEROS: [f32; 4096] = [0.0; 4096];
-
-/// `len` elements, whatever they held (the caller writes every one).
-fn resize_uninit(out: &mut Vec<u32>, len: usize) {
-    if out.len() < len {
-        out.resize(len, 0);
-    }
-    out.truncate(len);
-}
 
 /// `dst[..padded_len]` = the `len` values at `src` as bf16, then zeros.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
@@ -608,17 +642,17 @@ unsafe fn bf16_lanes(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i
 /// (AVX-512 is there with them, and lets these loops run 16 values at a time).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
 unsafe fn pack_lhs(
-    out: &mut Vec<u32>,
+    out: &mut Pairs,
     (m, k): (usize, usize),
     src: *const f32,
     (rs, cs): (usize, usize),
 ) {
     let row_pairs = padded(k) / 2;
+    let out = out.resize(padded(m) * row_pairs);
     if cs == 1 {
         // Rows contiguous (activations): a pair is two neighbours in a row. Every
         // value of the m rows is written, padding included; only the rows past m are
         // zeroed, not the whole buffer first.
-        resize_uninit(out, padded(m) * row_pairs);
         for i in 0..m {
             let dst = out.as_mut_ptr().add(i * row_pairs).cast::<u16>();
             round_row(dst, src.add(i * rs), k, 2 * row_pairs);
@@ -631,7 +665,6 @@ unsafe fn pack_lhs(
         // of pairs along the rows, written down column p of pairs. Each of the m rows'
         // pairs is written, so only the padding is zeroed (none at whole tiles).
         let pairs = k.div_ceil(2);
-        resize_uninit(out, padded(m) * row_pairs);
         for row in out[..m * row_pairs].chunks_exact_mut(row_pairs) {
             row[pairs..].fill(0);
         }
@@ -651,8 +684,7 @@ unsafe fn pack_lhs(
         }
         return;
     }
-    out.clear();
-    out.resize(padded(m) * row_pairs, 0);
+    out.fill(0);
     {
         let at = |i: usize, j: usize| {
             if j < k {
@@ -673,16 +705,16 @@ unsafe fn pack_lhs(
 /// padded(n) pairs, pair (p, j) holding elements (2p, j) and (2p + 1, j).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
 unsafe fn pack_rhs(
-    out: &mut Vec<u32>,
+    out: &mut Pairs,
     (k, n): (usize, usize),
     src: *const f32,
     (rs, cs): (usize, usize),
 ) {
     let np = padded(n);
+    let out = out.resize(padded(k) / 2 * np);
     if cs == 1 && n <= ZEROS.len() {
         // Rows contiguous: two rows at a time, along them, padding included; only the
         // pairs of rows past k are zeroed, not the whole buffer first.
-        resize_uninit(out, padded(k) / 2 * np);
         for p in 0..k.div_ceil(2) {
             let lo = src.add(2 * p * rs);
             let hi = match 2 * p + 1 < k {
@@ -698,7 +730,6 @@ unsafe fn pack_rhs(
         // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
         // neighbours in a column, so column j is a line of pairs, written down column j
         // of pairs. Each pair of the n columns is written: only the padding is zeroed.
-        resize_uninit(out, padded(k) / 2 * np);
         for row in out[..k / 2 * np].chunks_exact_mut(np) {
             row[n..].fill(0);
         }
@@ -714,8 +745,7 @@ unsafe fn pack_rhs(
         }
         return;
     }
-    out.clear();
-    out.resize(padded(k) / 2 * np, 0);
+    out.fill(0);
     {
         let at = |i: usize, j: usize| {
             if i < k {
@@ -820,13 +850,20 @@ mod tests {
             })
             .collect();
         // Buffers that held something longer: padding must be zeroed, not left.
-        let mut lhs = vec![7u32; 5000];
-        let mut rhs = vec![7u32; 5000];
+        let (mut lhs, mut rhs) = (Pairs::default(), Pairs::default());
+        lhs.resize(5000).fill(7);
+        rhs.resize(5000).fill(7);
         // SAFETY: src holds m x k values, read along rows (and as k x m transposed).
         unsafe {
             pack_lhs(&mut lhs, (m, k), src.as_ptr(), (k, 1));
             pack_rhs(&mut rhs, (m, k), src.as_ptr(), (k, 1));
         }
+        let (lhs, rhs) = (lhs.as_slice(), rhs.as_slice());
+        assert_eq!(
+            lhs.as_ptr() as usize % 64,
+            0,
+            "the packed pairs start a cache line"
+        );
         let halves: Vec<u16> = lhs
             .iter()
             .flat_map(|p| [*p as u16, (p >> 16) as u16])
@@ -886,15 +923,18 @@ mod tests {
         let value = |i: usize, j: usize| to_bf16(src[i * cols + j]);
         // The left factor is srcᵀ (38 x 21: 11 pairs per row, the last one half padding).
         let (m, k) = (cols, rows);
-        let mut lhs = vec![7u32; 5000];
         // The right factor is srcᵀ too (38 x 21 read as k x n, pairs of neighbours).
         let (kr, n) = (cols, rows);
-        let mut rhs = vec![7u32; 5000];
+        // Buffers that held something longer: padding must be zeroed, not left.
+        let (mut lhs, mut rhs) = (Pairs::default(), Pairs::default());
+        lhs.resize(5000).fill(7);
+        rhs.resize(5000).fill(7);
         // SAFETY: src holds rows x cols values; both read it with strides (1, cols).
         unsafe {
             pack_lhs(&mut lhs, (m, k), src.as_ptr(), (1, cols));
             pack_rhs(&mut rhs, (kr, n), src.as_ptr(), (1, cols));
         }
+        let (lhs, rhs) = (lhs.as_slice(), rhs.as_slice());
         let row = padded(k);
         assert_eq!(lhs.len(), padded(m) * row / 2);
         for i in 0..padded(m) {

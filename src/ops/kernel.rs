@@ -120,18 +120,21 @@ impl<T: Copy + num_traits::Zero> BufferPool<T> {
 }
 
 /// `len` values of work memory from [`BufferPool`], which they go back to when
-/// dropped.
+/// dropped, starting at a cache line (64 bytes): the AMX tiles store and load the
+/// products' rows (64 bytes each) there, and a row across two lines costs both.
 pub(super) struct Buffer<T: Real> {
     data: Vec<T>,
+    start: usize,
     len: usize,
 }
 
 impl<T: Real> Buffer<T> {
     pub(super) fn new(len: usize) -> Self {
-        Self {
-            data: T::pool().take(len),
-            len,
-        }
+        let size = std::mem::size_of::<T>();
+        let data = T::pool().take(len + 64 / size);
+        // Values to the next multiple of 64 bytes (a Vec<T> starts at a multiple of T's size).
+        let start = (data.as_ptr() as usize).wrapping_neg() % 64 / size;
+        Self { data, start, len }
     }
 }
 
@@ -144,13 +147,13 @@ impl<T: Real> Drop for Buffer<T> {
 impl<T: Real> std::ops::Deref for Buffer<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.data[..self.len]
+        &self.data[self.start..self.start + self.len]
     }
 }
 
 impl<T: Real> std::ops::DerefMut for Buffer<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.data[..self.len]
+        &mut self.data[self.start..self.start + self.len]
     }
 }
 
