@@ -5,7 +5,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::kernel::Real;
+use super::kernel::{Buffer, Real};
 use super::products::{product_with, Factors, IN_TASK};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
@@ -258,13 +258,14 @@ pub(super) fn attention_backward_into<T: Real>(
     let with_scales = dscales.is_some();
     let dst = Shared(dqkv.as_mut_ptr());
     // Queries x t work matrices per rayon job (not per task): dP, then dS in its
-    // place; P where it is recomputed; Q Kᵀ for the scales' gradient.
+    // place; P where it is recomputed; Q Kᵀ for the scales' gradient. Each is written
+    // whole before it is read (aligned pool buffers, see `Buffer`).
     let work = || {
         let scores = if with_scales { nq * t } else { 0 };
         (
-            vec![T::zero(); nq * t],
-            vec![T::zero(); nq * t],
-            vec![T::zero(); scores],
+            Buffer::new(nq * t),
+            Buffer::new(nq * t),
+            Buffer::new(scores),
         )
     };
     let tasks = 0..s.batch * s.heads;

@@ -327,7 +327,9 @@ fn block_backward<T: Real>(
         pieces(params, s.param_lens());
     let scales = s.scales(learned);
     let [qkv_wp, proj_wp, fc1_wp, fc2_wp] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], false);
-    let mut dparams = vec![T::zero(); s.param_count()];
+    // Aligned (the weight gradients' products store into it tile by tile), zeroed.
+    let mut dparams = Buffer::new(s.param_count());
+    dparams.fill(T::zero());
     // LayerNorm's γ and β are adjacent: their gradients are one piece each.
     let lens = s.param_lens();
     let [d_norm1, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_scales] =

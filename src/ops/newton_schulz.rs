@@ -7,7 +7,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::kernel::Real;
+use super::kernel::{Buffer, Real};
 use super::products::{product_with, Factors, IN_TASK};
 
 /// `steps` iterations X ← a·X + (b·A + c·A²)·X with A = X Xᵀ, on each of a stack of
@@ -34,13 +34,7 @@ fn iterate<T: Real>(x: &[T], (rows, cols): (usize, usize), op: NewtonSchulz) -> 
     );
     let mut out = x.to_vec();
     // Work buffers per rayon job: A, then b·A + c·A² (A² written first), then the next X.
-    let work = || {
-        (
-            vec![T::zero(); r * r],
-            vec![T::zero(); r * r],
-            vec![T::zero(); r * c],
-        )
-    };
+    let work = || (Buffer::new(r * r), Buffer::new(r * r), Buffer::new(r * c));
     out.par_chunks_exact_mut(r * c)
         .for_each_init(work, |(gram, poly, next), x| {
             for _ in 0..op.steps {
@@ -91,7 +85,7 @@ fn iterate<T: Real>(x: &[T], (rows, cols): (usize, usize), op: NewtonSchulz) -> 
                         (true, IN_TASK.1),
                     );
                 }
-                x.copy_from_slice(next);
+                x.copy_from_slice(&next[..]);
             }
         });
     out

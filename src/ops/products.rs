@@ -160,7 +160,8 @@ pub fn time_products(rows: usize, k: usize, n: usize, reps: usize, bf16: bool) -
         .map(|i| (i % 7) as f32 * 0.25 - 0.75)
         .collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.125 - 0.25).collect();
-    let mut y = vec![0f32; rows * n];
+    // Aligned, as the activations the model's products write into (see `Buffer`).
+    let mut y = super::kernel::Buffer::<f32>::new(rows * n);
     let start = std::time::Instant::now();
     let wt = bf16.then(|| pack_weight(&w, (n, k), true)).flatten();
     let factors = wt.as_ref().map_or(Factors::F32, Factors::Bf16Packed);
@@ -180,7 +181,7 @@ pub fn time_products(rows: usize, k: usize, n: usize, reps: usize, bf16: bool) -
             );
         }
     }
-    std::hint::black_box(&y);
+    std::hint::black_box(&y[..]);
     start.elapsed().as_secs_f64()
 }
 
