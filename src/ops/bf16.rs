@@ -15,26 +15,10 @@ use std::cell::RefCell;
 
 use super::cpu::Level;
 
-/// f32 to bf16 bits, rounded to nearest, ties to even (a NaN stays a NaN).
-#[inline(always)]
-fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
-}
-
 /// `x` rounded to the nearest bf16, as an f32.
 #[inline(always)]
 pub fn round(x: f32) -> f32 {
     f32::from_bits((to_bf16(x) as u32) << 16)
-}
-
-/// Two values as one 32-bit pair: `lo` first in memory.
-#[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
-    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
 /// [`amx::peak_loop`]: TDPBF16PS on tiles loaded once, `iterations` x 4 times.
@@ -122,53 +106,13 @@ pub struct PackedRhs {
 /// Freed packed factors kept for reuse: the forward pass keeps each linear layer's
 /// input packed per tile (four per tile and block: a few hundred a step), and a fresh
 /// vector would be zero-filled before the packing overwrites it.
-static PAIRS: super::BufferPool<u32> = super::BufferPool::with_limit(1024);
+static PAIRS: super::kernel::BufferPool<u32> = super::kernel::BufferPool::with_limit(1024);
 
 impl Drop for PackedRhs {
     fn drop(&mut self) {
         if let Packed::Pairs(pairs) = &mut self.data {
             PAIRS.give(std::mem::take(&mut pairs.buf));
         }
-    }
-}
-
-/// Packed pairs whose first one starts a cache line (64 bytes): every row a tile
-/// loads or stores (64 bytes) then lies in one line, not across two. Measured on AMX
-/// at the model's shapes: the products 1.3-1.8x faster than from buffers 16 bytes off.
-#[derive(Default)]
-pub(super) struct Pairs {
-    buf: Vec<u32>,
-    start: usize,
-    len: usize,
-}
-
-/// Pairs per cache line: the most an aligned start can be past the buffer's start.
-const LINE_PAIRS: usize = 16;
-
-impl Pairs {
-    /// A buffer of pairs kept before (its values, length and capacity).
-    fn from_vec(buf: Vec<u32>) -> Self {
-        Self {
-            buf,
-            start: 0,
-            len: 0,
-        }
-    }
-
-    /// `len` pairs starting at a cache line, holding whatever they held (the packing
-    /// writes every one): the buffer only grows, and then zero-fills the growth alone.
-    fn resize(&mut self, len: usize) -> &mut [u32] {
-        if self.buf.len() < len + LINE_PAIRS {
-            self.buf.resize(len + LINE_PAIRS, 0);
-        }
-        // u32s to the next multiple of 64 bytes (a Vec<u32> starts at a multiple of 4).
-        self.start = (self.buf.as_ptr() as usize).wrapping_neg() % 64 / 4;
-        self.len = len;
-        &mut self.buf[self.start..self.start + len]
-    }
-
-    fn as_slice(&self) -> &[u32] {
-        &self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -242,19 +186,6 @@ thread_local! {
 pub enum Rhs<'a> {
     Packed(&'a PackedRhs),
     Matrix(*const f32, (usize, usize)),
-}
-
-/// What a product's sums start from.
-#[derive(Clone, Copy)]
-pub enum Start {
-    /// Zero: dst = A · B.
-    Zero,
-    /// dst's values: dst += A · B.
-    Dst,
-    /// The n values at the pointer in every row (a bias): dst = row + A · B, the same
-    /// sums as filling dst's rows with it and adding. The AMX tiles load it straight
-    /// from the row, so dst is not written and read back first.
-    Row(*const f32),
 }
 
 /// `dst (m x n) (+)= round(lhs) (m x k) · round(rhs) (k x n)` with f32 sums, on the
@@ -447,323 +378,14 @@ unsafe fn product_on(
     })
 }
 
-/// Zeros that stand in for the row past the end of a matrix with an odd number of rows.
-static ZEROS: [f32; 4096] = [0.0; 4096];
-
-/// `dst[..padded_len]` = the `len` values at `src` as bf16, then zeros.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-#[inline]
-unsafe fn round_row(dst: *mut u16, src: *const f32, len: usize, padded_len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        // 32 values at a time: two vectors rounded, their 32-bit lanes narrowed.
-        for c in (0..padded_len).step_by(32) {
-            let (a, b) = (lanes_from(c, len), lanes_from(c + 16, len));
-            let a = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(a, src.add(c))));
-            let b = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(b, src.add(c + 16))));
-            _mm256_storeu_si256(dst.add(c).cast(), a);
-            _mm256_storeu_si256(dst.add(c + 16).cast(), b);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for c in 0..padded_len {
-        *dst.add(c) = if c < len { to_bf16(*src.add(c)) } else { 0 };
-    }
-}
-
-/// `dst[..padded_len]` = pairs of the `len` values at `lo` and at `hi`, then zeros.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-#[inline]
-unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, padded_len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        for c in (0..padded_len).step_by(16) {
-            let mask = lanes_from(c, len);
-            let l = bf16_lanes(_mm512_maskz_loadu_ps(mask, lo.add(c)));
-            let h = bf16_lanes(_mm512_maskz_loadu_ps(mask, hi.add(c)));
-            let pairs = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
-            _mm512_mask_storeu_epi32(dst.add(c).cast(), lanes_from(c, padded_len), pairs);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for c in 0..padded_len {
-        *dst.add(c) = if c < len {
-            pair(*lo.add(c), *hi.add(c))
-        } else {
-            0
-        };
-    }
-}
-
-/// The transposed left factor's pairs: `out[i * row_pairs + p]` = the pair of
-/// src[2p·cs + i] and src[(2p + 1)·cs + i] for i < m and p < k.div_ceil(2) (a gradient g
-/// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs). 16 x 16 pairs at a
-/// time: each line of 16 rounded along memory, the block transposed in registers, its
-/// rows stored whole (the zero lanes of a partial block are the padding's zeros).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_lhs_transposed(
-    out: &mut [u32],
-    row_pairs: usize,
-    (m, k): (usize, usize),
-    src: *const f32,
-    cs: usize,
-) {
-    use std::arch::x86_64::*;
-    let pairs = k.div_ceil(2);
-    debug_assert!(row_pairs.is_multiple_of(16) && out.len() >= m * row_pairs);
-    for p0 in (0..pairs).step_by(16) {
-        for i0 in (0..m).step_by(16) {
-            let mask = lanes_from(i0, m);
-            let mut block = [_mm512_setzero_si512(); 16];
-            for (dp, line) in block.iter_mut().enumerate().take(pairs - p0) {
-                let p = p0 + dp;
-                let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0)));
-                if 2 * p + 1 < k {
-                    let hi = _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0));
-                    *line = _mm512_or_si512(lo, _mm512_slli_epi32(bf16_lanes(hi), 16));
-                } else {
-                    *line = lo;
-                }
-            }
-            transpose16(&mut block);
-            for (di, row) in block.iter().enumerate().take(m - i0) {
-                let dst = out.as_mut_ptr().add((i0 + di) * row_pairs + p0);
-                _mm512_storeu_si512(dst.cast(), *row);
-            }
-        }
-    }
-}
-
-/// The transposed right factor's pairs (k even): `out[p * np + j]` = the pair of
-/// src[j·cs + 2p] and src[j·cs + 2p + 1] for j < n and p < k / 2 (a weight read as Wᵀ,
-/// keys as Kᵀ: neighbours in a column of the factor). 16 x 16 pairs at a time, as
-/// [`pack_lhs_transposed`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_rhs_transposed(
-    out: &mut [u32],
-    np: usize,
-    (k, n): (usize, usize),
-    src: *const f32,
-    cs: usize,
-) {
-    use std::arch::x86_64::*;
-    let pairs = k / 2;
-    debug_assert!(np.is_multiple_of(16) && out.len() >= pairs * np);
-    for j0 in (0..n).step_by(16) {
-        for p0 in (0..pairs).step_by(16) {
-            let (first, second) = (lanes_from(2 * p0, k), lanes_from(2 * p0 + 16, k));
-            let mut block = [_mm512_setzero_si512(); 16];
-            for (dj, line) in block.iter_mut().enumerate().take(n - j0) {
-                // 32 values of column j from 2 * p0: 16 pairs of neighbours.
-                let col = src.add((j0 + dj) * cs + 2 * p0);
-                let a = bf16_lanes(_mm512_maskz_loadu_ps(first, col));
-                let b = bf16_lanes(_mm512_maskz_loadu_ps(second, col.wrapping_add(16)));
-                let (a, b) = (_mm512_cvtepi32_epi16(a), _mm512_cvtepi32_epi16(b));
-                *line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-            }
-            transpose16(&mut block);
-            for (dp, row) in block.iter().enumerate().take(pairs - p0) {
-                let dst = out.as_mut_ptr().add((p0 + dp) * np + j0);
-                _mm512_storeu_si512(dst.cast(), *row);
-            }
-        }
-    }
-}
-
-/// Transposes 16 x 16 32-bit values in registers: within 128-bit lanes by unpacking
-/// and shuffling, then the lanes across registers (pure moves: every bit kept).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn transpose16(rows: &mut [std::arch::x86_64::__m512i; 16]) {
-    use std::arch::x86_64::*;
-    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(rows[i]));
-    // t[2q], t[2q + 1]: rows 2q and 2q + 1 interleaved (columns 4L, 4L+1 | 4L+2, 4L+3).
-    let mut t = [_mm512_setzero_ps(); 16];
-    for q in 0..8 {
-        t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
-        t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
-    }
-    // u[4g + c], lane L: rows 4g..4g+4 of column 4L + c.
-    let mut u = [_mm512_setzero_ps(); 16];
-    for g in 0..4 {
-        let (a, b) = (4 * g, 4 * g + 2);
-        u[4 * g] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
-        u[4 * g + 1] = _mm512_shuffle_ps::<0xee>(t[a], t[b]);
-        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
-        u[4 * g + 3] = _mm512_shuffle_ps::<0xee>(t[a + 1], t[b + 1]);
-    }
-    // v[c], c < 8: rows 0-3 of columns c and c + 8, then rows 4-7 of the same two;
-    // v[8 + c]: rows 8-11 and 12-15 likewise.
-    let mut v = [_mm512_setzero_ps(); 16];
-    for c in 0..4 {
-        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-        v[c + 4] = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-        v[12 + c] = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-    }
-    // Column c is lanes 0 and 2 of v[c] then of v[8 + c]; column c + 8 lanes 1 and 3.
-    for c in 0..8 {
-        rows[c] = _mm512_castps_si512(_mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]));
-        rows[c + 8] = _mm512_castps_si512(_mm512_shuffle_f32x4::<0xdd>(v[c], v[8 + c]));
-    }
-}
-
-/// The mask of the lanes c.. c + 16 that lie below `len`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes_from(c: usize, len: usize) -> std::arch::x86_64::__mmask16 {
-    let n = len.saturating_sub(c).min(16);
-    ((1u32 << n) - 1) as u16
-}
-
-/// [`to_bf16`] of 16 values at once, each in the low half of a 32-bit lane.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn bf16_lanes(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let bits = _mm512_castps_si512(x);
-    let high = _mm512_srli_epi32(bits, 16);
-    let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
-    let biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
-    let rounded = _mm512_srli_epi32(biased, 16);
-    let nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-    _mm512_mask_blend_epi32(nan, rounded, quiet)
-}
-
-/// Packs the left factor (m x k) as rows of bf16 pairs: `out` gets padded(m) rows of
-/// padded(k) / 2 pairs, zero where the matrix ends. Only for the bf16 instructions
-/// (AVX-512 is there with them, and lets these loops run 16 values at a time).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-unsafe fn pack_lhs(
-    out: &mut Pairs,
-    (m, k): (usize, usize),
-    src: *const f32,
-    (rs, cs): (usize, usize),
-) {
-    let row_pairs = padded(k) / 2;
-    let out = out.resize(padded(m) * row_pairs);
-    if cs == 1 {
-        // Rows contiguous (activations): a pair is two neighbours in a row. Every
-        // value of the m rows is written, padding included; only the rows past m are
-        // zeroed, not the whole buffer first.
-        for i in 0..m {
-            let dst = out.as_mut_ptr().add(i * row_pairs).cast::<u16>();
-            round_row(dst, src.add(i * rs), k, 2 * row_pairs);
-        }
-        out[m * row_pairs..].fill(0);
-        return;
-    }
-    if rs == 1 {
-        // Columns contiguous (a transposed gradient): columns 2p and 2p + 1 make a line
-        // of pairs along the rows, written down column p of pairs. Each of the m rows'
-        // pairs is written, so only the padding is zeroed (none at whole tiles).
-        let pairs = k.div_ceil(2);
-        for row in out[..m * row_pairs].chunks_exact_mut(row_pairs) {
-            row[pairs..].fill(0);
-        }
-        out[m * row_pairs..].fill(0);
-        #[cfg(target_arch = "x86_64")]
-        pack_lhs_transposed(out, row_pairs, (m, k), src, cs);
-        #[cfg(not(target_arch = "x86_64"))]
-        for i in 0..m {
-            for p in 0..pairs {
-                let hi = if 2 * p + 1 < k {
-                    *src.add((2 * p + 1) * cs + i)
-                } else {
-                    0.0
-                };
-                out[i * row_pairs + p] = pair(*src.add(2 * p * cs + i), hi);
-            }
-        }
-        return;
-    }
-    out.fill(0);
-    {
-        let at = |i: usize, j: usize| {
-            if j < k {
-                *src.add(i * rs + j * cs)
-            } else {
-                0.0
-            }
-        };
-        for i in 0..m {
-            for p in 0..k.div_ceil(2) {
-                out[i * row_pairs + p] = pair(at(i, 2 * p), at(i, 2 * p + 1));
-            }
-        }
-    }
-}
-
-/// Packs the right factor (k x n) in pairs of rows: `out` gets padded(k) / 2 rows of
-/// padded(n) pairs, pair (p, j) holding elements (2p, j) and (2p + 1, j).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-unsafe fn pack_rhs(
-    out: &mut Pairs,
-    (k, n): (usize, usize),
-    src: *const f32,
-    (rs, cs): (usize, usize),
-) {
-    let np = padded(n);
-    let out = out.resize(padded(k) / 2 * np);
-    if cs == 1 && n <= ZEROS.len() {
-        // Rows contiguous: two rows at a time, along them, padding included; only the
-        // pairs of rows past k are zeroed, not the whole buffer first.
-        for p in 0..k.div_ceil(2) {
-            let lo = src.add(2 * p * rs);
-            let hi = match 2 * p + 1 < k {
-                true => src.add((2 * p + 1) * rs),
-                false => ZEROS.as_ptr(),
-            };
-            pair_rows(out.as_mut_ptr().add(p * np), lo, hi, n, np);
-        }
-        out[k.div_ceil(2) * np..].fill(0);
-        return;
-    }
-    if rs == 1 && k % 2 == 0 {
-        // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
-        // neighbours in a column, so column j is a line of pairs, written down column j
-        // of pairs. Each pair of the n columns is written: only the padding is zeroed.
-        for row in out[..k / 2 * np].chunks_exact_mut(np) {
-            row[n..].fill(0);
-        }
-        out[k / 2 * np..].fill(0);
-        #[cfg(target_arch = "x86_64")]
-        pack_rhs_transposed(out, np, (k, n), src, cs);
-        #[cfg(not(target_arch = "x86_64"))]
-        for p in 0..k / 2 {
-            for j in 0..n {
-                let at = |i: usize| *src.add(j * cs + i);
-                out[p * np + j] = pair(at(2 * p), at(2 * p + 1));
-            }
-        }
-        return;
-    }
-    out.fill(0);
-    {
-        let at = |i: usize, j: usize| {
-            if i < k {
-                *src.add(i * rs + j * cs)
-            } else {
-                0.0
-            }
-        };
-        for j in 0..n {
-            for p in 0..k.div_ceil(2) {
-                out[p * np + j] = pair(at(2 * p, j), at(2 * p + 1, j));
-            }
-        }
-    }
-}
-
 mod layout;
 use layout::{padded, BLOCK};
+
+mod pack;
+use pack::{pack_lhs, pack_rhs, to_bf16, Pairs, LINE_PAIRS};
+
+mod start;
+pub use start::Start;
 
 #[cfg(target_arch = "x86_64")]
 mod dot;
@@ -794,7 +416,7 @@ mod amx {
         _: &[u32],
         _: &[u32],
         _: &mut Vec<f32>,
-        _: super::Start,
+        _: crate::ops::bf16::Start,
     ) {
         unreachable!("AMX products only run where the CPU has AMX")
     }

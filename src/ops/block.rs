@@ -13,7 +13,6 @@
 //! against, forward and every gradient.
 
 use std::any::Any;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -23,7 +22,7 @@ use super::products::{pack_activation, pack_weight};
 
 use super::attention::{attention_backward_into, attention_forward_into, AttentionShape};
 use super::gelu::{gelu_grad_into, gelu_into};
-use super::kernel::{unpack, Buffer, Real};
+use super::kernel::{image_rows, pieces, pieces_mut, span, unpack, Buffer, Real};
 use super::layer_norm::{layer_norm_grads_into, layer_norm_into};
 use super::linear::{linear_grads_into, linear_into, plus_bias, residual_plus_bias, Packed, Start};
 
@@ -116,24 +115,6 @@ struct Sizes {
     queries: usize,
 }
 
-/// `values` cut into consecutive pieces of `lens`.
-fn pieces<T, const N: usize>(mut values: &[T], lens: [usize; N]) -> [&[T]; N] {
-    lens.map(|len| {
-        let (piece, rest) = values.split_at(len);
-        values = rest;
-        piece
-    })
-}
-
-/// `values` cut into consecutive mutable pieces of `lens`.
-fn pieces_mut<T, const N: usize>(mut values: &mut [T], lens: [usize; N]) -> [&mut [T]; N] {
-    lens.map(|len| {
-        let (piece, rest) = std::mem::take(&mut values).split_at_mut(len);
-        values = rest;
-        piece
-    })
-}
-
 /// Images per tile. The block runs a few images at a time (everything in it but the
 /// parameter gradients is per image), so that what one step writes is still in the
 /// core's cache when the next step reads it: a tile of the default model holds about
@@ -204,16 +185,6 @@ fn tiles(batch: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..batch)
         .step_by(TILE_IMAGES)
         .map(move |first| (first, TILE_IMAGES.min(batch - first)))
-}
-
-/// Value range of rows `rows` in a buffer of `width` values per row.
-fn span(rows: &Range<usize>, width: usize) -> Range<usize> {
-    rows.start * width..rows.end * width
-}
-
-/// Images `first..first + images` as rows of `per_image` rows each.
-fn image_rows(first: usize, images: usize, per_image: usize) -> Range<usize> {
-    first * per_image..(first + images) * per_image
 }
 
 /// The block's output for input rows `x` (batch x tokens x D): queries x D per image,

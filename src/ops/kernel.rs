@@ -28,6 +28,37 @@ pub(super) fn unpack<const N: usize>(packed: &Tensor, shapes: [&Shape; N]) -> [R
     })
 }
 
+/// `values` cut into consecutive pieces of `lens`.
+pub(super) fn pieces<T, const N: usize>(mut values: &[T], lens: [usize; N]) -> [&[T]; N] {
+    lens.map(|len| {
+        let (piece, rest) = values.split_at(len);
+        values = rest;
+        piece
+    })
+}
+
+/// `values` cut into consecutive mutable pieces of `lens`.
+pub(super) fn pieces_mut<T, const N: usize>(
+    mut values: &mut [T],
+    lens: [usize; N],
+) -> [&mut [T]; N] {
+    lens.map(|len| {
+        let (piece, rest) = std::mem::take(&mut values).split_at_mut(len);
+        values = rest;
+        piece
+    })
+}
+
+/// Value range of rows `rows` in a buffer of `width` values per row.
+pub(super) fn span(rows: &Range<usize>, width: usize) -> Range<usize> {
+    rows.start * width..rows.end * width
+}
+
+/// Images `first..first + images` as rows of `per_image` rows each.
+pub(super) fn image_rows(first: usize, images: usize, per_image: usize) -> Range<usize> {
+    first * per_image..(first + images) * per_image
+}
+
 /// The element types the kernels run on: f32 for training, f64 for the exact tests.
 pub trait Real: Float + std::ops::AddAssign + Send + Sync + std::iter::Sum + 'static {
     /// erf: vectorisable for f32 ([`crate::ops::fastmath`], within 3e-7), exact for f64.

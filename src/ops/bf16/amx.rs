@@ -4,7 +4,7 @@
 //! any of it runs.
 
 use super::layout::{padded, BLOCK};
-use super::Start;
+use super::start::Start;
 use std::arch::asm;
 use std::cell::Cell;
 
