@@ -51,6 +51,23 @@ pub(super) fn pack_activation<T: Real>(x: &[T], cols: usize) -> Option<PackedRhs
     Some(unsafe { PackedRhs::new((rows, cols), x.as_ptr().cast(), (cols, 1)) })
 }
 
+/// The right-hand factor of a bf16 product, when `factors` asks for one and `T` is
+/// f32 (f64 stays exact): `rhs` with its strides, or the factor packed already.
+fn bf16_rhs<'a, T: Real>(
+    factors: Factors<'a>,
+    rhs: *const T,
+    rhs_strides: (usize, usize),
+) -> Option<bf16::Rhs<'a>> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    match factors {
+        Factors::F32 => None,
+        Factors::Bf16 => Some(bf16::Rhs::Matrix(rhs.cast(), rhs_strides)),
+        Factors::Bf16Packed(packed) => Some(bf16::Rhs::Packed(packed)),
+    }
+}
+
 /// [`product`] with its factors as `factors` says. A bf16 product runs on the calling
 /// thread (the training lanes are single-threaded).
 ///
@@ -68,22 +85,15 @@ pub(super) unsafe fn product_with<T: Real>(
     factors: Factors,
     (accumulate, parallelism): (bool, gemm::Parallelism),
 ) {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let rhs = match factors {
-            Factors::F32 => None,
-            Factors::Bf16 => Some(bf16::Rhs::Matrix(rhs.cast(), rhs_strides)),
-            Factors::Bf16Packed(packed) => Some(bf16::Rhs::Packed(packed)),
+    if let Some(rhs) = bf16_rhs::<T>(factors, rhs, rhs_strides) {
+        // T is f32: the pointers are f32 pointers.
+        let (dst, lhs) = (dst.cast(), lhs.cast());
+        let start = match accumulate {
+            true => bf16::Start::Dst,
+            false => bf16::Start::Zero,
         };
-        if let Some(rhs) = rhs {
-            // T is f32: the pointers are f32 pointers.
-            let (dst, lhs) = (dst.cast(), lhs.cast());
-            let start = match accumulate {
-                true => bf16::Start::Dst,
-                false => bf16::Start::Zero,
-            };
-            bf16::product(dims, dst, dst_strides, lhs, lhs_strides, rhs, start);
-            return;
-        }
+        bf16::product(dims, dst, dst_strides, lhs, lhs_strides, rhs, start);
+        return;
     }
     product(
         dims,
@@ -118,22 +128,12 @@ pub(super) unsafe fn product_onto_row<T: Real>(
 ) {
     let (m, n, _) = dims;
     assert_eq!(row.len(), n, "product_onto_row: a value per column");
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let rhs = match factors {
-            Factors::F32 => None,
-            Factors::Bf16 => Some(bf16::Rhs::Matrix(rhs.cast(), rhs_strides)),
-            Factors::Bf16Packed(packed) => Some(bf16::Rhs::Packed(packed)),
-        };
-        if let Some(rhs) = rhs {
-            // T is f32: the pointers are f32 pointers.
-            let (dst, lhs, row) = (
-                dst.cast(),
-                lhs.cast(),
-                bf16::Start::Row(row.as_ptr().cast()),
-            );
-            bf16::product(dims, dst, (dst_rows, 1), lhs, lhs_strides, rhs, row);
-            return;
-        }
+    if let Some(rhs) = bf16_rhs::<T>(factors, rhs, rhs_strides) {
+        // T is f32: the pointers are f32 pointers.
+        let (dst, lhs) = (dst.cast(), lhs.cast());
+        let row = bf16::Start::Row(row.as_ptr().cast());
+        bf16::product(dims, dst, (dst_rows, 1), lhs, lhs_strides, rhs, row);
+        return;
     }
     for i in 0..m {
         std::slice::from_raw_parts_mut(dst.add(i * dst_rows), n).copy_from_slice(row);
