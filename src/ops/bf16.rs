@@ -6,10 +6,11 @@
 //! rounded factors go through the f32 product, so the option means the same numbers
 //! up to the order of the sums everywhere.
 //!
-//! Operands are packed before the tiles read them: the left one as rows of bf16, the
-//! right one in pairs of rows (the "VNNI" layout the instruction reads), each padded
-//! with zeros to whole tiles. A weight matrix that many products read is packed once
-//! ([`PackedRhs`]).
+//! Operands are packed before the tiles read them (`bf16/pack.rs`): the left one as
+//! rows of bf16, the right one in pairs of rows (the "VNNI" layout the instruction
+//! reads), each padded with zeros to whole tiles and starting at a cache line. A
+//! matrix that many products read is packed once ([`PackedRhs`]): a weight, or a
+//! layer's input kept for its weight gradient.
 
 use std::cell::RefCell;
 
