@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::kernel::{add_partials, par_rows, unpack, Real, BLOCK_ROWS};
-use super::softmax::{row_sum, LANES};
+use super::softmax::{lane_sum, row_sum};
 
 /// LayerNorm over the last dimension with gamma and beta.
 #[derive(Debug, Clone, Copy)]
@@ -20,34 +20,6 @@ pub(super) fn row_moments<T: Real>(row: &[T], eps: T) -> (T, T) {
     let mean = row_sum(row) / n;
     let var = lane_sum([row, row, row], |v, _, _| (v - mean) * (v - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
-}
-
-/// Sum over i of `term(a[i], b[i], c[i])` (b and c as long as a at least), in lanes
-/// as [`row_sum`]: lane l adds the terms l, l + LANES, ..., then the tail and the lanes
-/// are added in order. Whole chunks of slices, not indices, so that the compiler sees
-/// no bounds to check and runs the lanes as one vector.
-#[inline(always)]
-pub(super) fn lane_sum<T: Real>([a, b, c]: [&[T]; 3], term: impl Fn(T, T, T) -> T) -> T {
-    let len = a.len();
-    let (b, c) = (&b[..len], &c[..len]);
-    let mut acc = [T::zero(); LANES];
-    let (ca, cb, cc) = (
-        a.chunks_exact(LANES),
-        b.chunks_exact(LANES),
-        c.chunks_exact(LANES),
-    );
-    let tail = (ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .zip(cc.remainder()))
-    .fold(T::zero(), |s, ((&a, &b), &c)| s + term(a, b, c));
-    for ((ca, cb), cc) in ca.zip(cb).zip(cc) {
-        for (lane, acc) in acc.iter_mut().enumerate() {
-            *acc += term(ca[lane], cb[lane], cc[lane]);
-        }
-    }
-    acc.iter().fold(tail, |s, &v| s + v)
 }
 
 pub(super) fn layer_norm_rows<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {

@@ -33,17 +33,37 @@ pub(super) fn row_max<T: Real>(row: &[T]) -> T {
     acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
 }
 
-/// Sum of a row, in lanes.
+/// Sum of a row, in lanes ([`lane_sum`] of the values themselves).
 #[inline(always)]
 pub(super) fn row_sum<T: Real>(row: &[T]) -> T {
+    lane_sum([row, row, row], |v, _, _| v)
+}
+
+/// Sum over i of `term(a[i], b[i], c[i])` (b and c as long as a at least), in
+/// lanes: lane l adds the terms l, l + LANES, ..., then the tail and the lanes
+/// are added in order. Whole chunks of slices, not indices, so that the compiler sees
+/// no bounds to check and runs the lanes as one vector.
+#[inline(always)]
+pub(super) fn lane_sum<T: Real>([a, b, c]: [&[T]; 3], term: impl Fn(T, T, T) -> T) -> T {
+    let len = a.len();
+    let (b, c) = (&b[..len], &c[..len]);
     let mut acc = [T::zero(); LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let tail = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .fold(T::zero(), |s, ((&a, &b), &c)| s + term(a, b, c));
+    for ((ca, cb), cc) in ca.zip(cb).zip(cc) {
+        for (lane, acc) in acc.iter_mut().enumerate() {
+            *acc += term(ca[lane], cb[lane], cc[lane]);
         }
     }
-    let tail = chunks.remainder().iter().fold(T::zero(), |s, &v| s + v);
     acc.iter().fold(tail, |s, &v| s + v)
 }
 
