@@ -26,6 +26,7 @@ pub fn round(x: f32) -> f32 {
 ///
 /// # Safety
 /// Only where the CPU has AMX and the tiles were granted ([`super::cpu::Level::Amx`]).
+#[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn amx_peak_loop(iterations: u64) -> f32 {
     amx::peak_loop(iterations)
 }
@@ -410,8 +411,10 @@ mod amx;
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod amx {
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn multiply(
         _: (usize, usize, usize),
+        _: usize,
         _: *mut f32,
         _: (usize, usize),
         _: &[u32],
@@ -421,6 +424,7 @@ mod amx {
     ) {
         unreachable!("AMX products only run where the CPU has AMX")
     }
+    #[cfg(target_arch = "x86_64")]
     pub unsafe fn peak_loop(_: u64) -> f32 {
         unreachable!("AMX products only run where the CPU has AMX")
     }

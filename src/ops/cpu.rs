@@ -144,7 +144,7 @@ fn amx_granted() -> bool {
     }
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
 fn amx_granted() -> bool {
     false
 }

@@ -217,6 +217,7 @@ pub(super) fn par_rows<T: Send + Sync>(
 }
 
 /// Whether the kernels may use 256-bit vectors with FMA ([`cpu::level`], checked once).
+#[cfg(target_arch = "x86_64")]
 pub(super) fn wide_vectors() -> bool {
     super::cpu::level() >= super::cpu::Level::Avx2
 }
