@@ -114,9 +114,8 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
 
 /// The transposed left factor's pairs: `out[i * row_pairs + p]` = the pair of
 /// src[2p·cs + i] and src[(2p + 1)·cs + i] for i < m and p < k.div_ceil(2) (a gradient g
-/// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs). 16 x 16 pairs at a
-/// time: each line of 16 rounded along memory, the block transposed in registers, its
-/// rows stored whole (the zero lanes of a partial block are the padding's zeros).
+/// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs), [`transposed_blocks`]
+/// of lines rounded along memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_lhs_transposed(
@@ -127,35 +126,24 @@ unsafe fn pack_lhs_transposed(
     cs: usize,
 ) {
     use std::arch::x86_64::*;
-    let pairs = k.div_ceil(2);
-    debug_assert!(row_pairs.is_multiple_of(16) && out.len() >= m * row_pairs);
-    for p0 in (0..pairs).step_by(16) {
-        for i0 in (0..m).step_by(16) {
-            let mask = lanes_from(i0, m);
-            let mut block = [_mm512_setzero_si512(); 16];
-            for (dp, line) in block.iter_mut().enumerate().take(pairs - p0) {
-                let p = p0 + dp;
-                let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0)));
-                if 2 * p + 1 < k {
-                    let hi = _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0));
-                    *line = _mm512_or_si512(lo, _mm512_slli_epi32(bf16_lanes(hi), 16));
-                } else {
-                    *line = lo;
-                }
-            }
-            transpose16(&mut block);
-            for (di, row) in block.iter().enumerate().take(m - i0) {
-                let dst = out.as_mut_ptr().add((i0 + di) * row_pairs + p0);
-                _mm512_storeu_si512(dst.cast(), *row);
-            }
+    // Column p of pairs from row i0: rows 2p and 2p + 1 of src, 16 values from i0.
+    let line = |p: usize, i0: usize| {
+        let mask = lanes_from(i0, m);
+        let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0)));
+        if 2 * p + 1 < k {
+            let hi = _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0));
+            _mm512_or_si512(lo, _mm512_slli_epi32(bf16_lanes(hi), 16))
+        } else {
+            lo
         }
-    }
+    };
+    transposed_blocks(out, row_pairs, (m, k.div_ceil(2)), line);
 }
 
 /// The transposed right factor's pairs (k even): `out[p * np + j]` = the pair of
 /// src[j·cs + 2p] and src[j·cs + 2p + 1] for j < n and p < k / 2 (a weight read as Wᵀ,
-/// keys as Kᵀ: neighbours in a column of the factor). 16 x 16 pairs at a time, as
-/// [`pack_lhs_transposed`].
+/// keys as Kᵀ: neighbours in a column of the factor), [`transposed_blocks`] of lines
+/// of 32 neighbours.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_rhs_transposed(
@@ -166,23 +154,41 @@ unsafe fn pack_rhs_transposed(
     cs: usize,
 ) {
     use std::arch::x86_64::*;
-    let pairs = k / 2;
-    debug_assert!(np.is_multiple_of(16) && out.len() >= pairs * np);
-    for j0 in (0..n).step_by(16) {
-        for p0 in (0..pairs).step_by(16) {
-            let (first, second) = (lanes_from(2 * p0, k), lanes_from(2 * p0 + 16, k));
+    // Column j of pairs from pair p0: 32 values of src's column j from 2 * p0.
+    let line = |j: usize, p0: usize| {
+        let (first, second) = (lanes_from(2 * p0, k), lanes_from(2 * p0 + 16, k));
+        let col = src.add(j * cs + 2 * p0);
+        let a = bf16_lanes(_mm512_maskz_loadu_ps(first, col));
+        let b = bf16_lanes(_mm512_maskz_loadu_ps(second, col.wrapping_add(16)));
+        let (a, b) = (_mm512_cvtepi32_epi16(a), _mm512_cvtepi32_epi16(b));
+        _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
+    };
+    transposed_blocks(out, np, (k / 2, n), line);
+}
+
+/// `out` (rows of `stride` pairs) gets `rows` x `cols` pairs, 16 x 16 at a time:
+/// `line(c, r0)` makes column c's 16 pairs of rows r0.. (lane i: row r0 + i), 16 such
+/// lines are transposed in registers, and each row is stored whole (the zero lanes of
+/// a partial block are the padding's zeros). What both transposed packings share.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transposed_blocks(
+    out: &mut [u32],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    mut line: impl FnMut(usize, usize) -> std::arch::x86_64::__m512i,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(stride.is_multiple_of(16) && out.len() >= rows * stride);
+    for c0 in (0..cols).step_by(16) {
+        for r0 in (0..rows).step_by(16) {
             let mut block = [_mm512_setzero_si512(); 16];
-            for (dj, line) in block.iter_mut().enumerate().take(n - j0) {
-                // 32 values of column j from 2 * p0: 16 pairs of neighbours.
-                let col = src.add((j0 + dj) * cs + 2 * p0);
-                let a = bf16_lanes(_mm512_maskz_loadu_ps(first, col));
-                let b = bf16_lanes(_mm512_maskz_loadu_ps(second, col.wrapping_add(16)));
-                let (a, b) = (_mm512_cvtepi32_epi16(a), _mm512_cvtepi32_epi16(b));
-                *line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            for (dc, l) in block.iter_mut().enumerate().take(cols - c0) {
+                *l = line(c0 + dc, r0);
             }
             transpose16(&mut block);
-            for (dp, row) in block.iter().enumerate().take(pairs - p0) {
-                let dst = out.as_mut_ptr().add((p0 + dp) * np + j0);
+            for (dr, row) in block.iter().enumerate().take(rows - r0) {
+                let dst = out.as_mut_ptr().add((r0 + dr) * stride + c0);
                 _mm512_storeu_si512(dst.cast(), *row);
             }
         }
