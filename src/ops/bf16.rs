@@ -450,6 +450,8 @@ mod tests {
 
     /// The vector packing rounds every value as [`to_bf16`] does (ties to even, NaN
     /// kept, infinities, subnormals) and pads with zeros, for both factors' layouts.
+    /// One subnormal, in the last row: the vectors holding it take the lane-by-lane
+    /// rounding, all others the rounding instruction (which would flush it to zero).
     #[test]
     fn packing_rounds_every_value_as_the_scalar_rounding() {
         if Kernel::current() == Kernel::Rounded {
@@ -464,11 +466,10 @@ mod tests {
             f32::INFINITY,
             f32::NEG_INFINITY,
             f32::MAX,
-            1e-40,
             -0.0,
         ];
         let (m, k) = (3, 37);
-        let src: Vec<f32> = (0..m * k)
+        let mut src: Vec<f32> = (0..m * k)
             .map(|i| {
                 special
                     .get(i % 13)
@@ -476,6 +477,8 @@ mod tests {
                     .unwrap_or(i as f32 * 0.37 - 5.0)
             })
             .collect();
+        src[(m - 1) * k + 20] = 1e-40;
+        assert!(src[..(m - 1) * k].iter().all(|v| !v.is_subnormal()));
         // Buffers that held something longer: padding must be zeroed, not left.
         let (mut lhs, mut rhs) = (Pairs::default(), Pairs::default());
         lhs.resize(5000).fill(7);
@@ -525,7 +528,8 @@ mod tests {
 
     /// The packings of a factor read transposed (a gradient read as gᵀ by the weight
     /// gradient, keys read as Kᵀ, weights as Wᵀ) round every value as [`to_bf16`] does
-    /// too and pad with zeros: an odd number of pairs, rows that are not whole tiles.
+    /// too and pad with zeros: an odd number of pairs, rows that are not whole tiles;
+    /// one subnormal, in the last row, as above.
     #[test]
     fn packing_a_transposed_factor_rounds_every_value_as_the_scalar_rounding() {
         if Kernel::current() == Kernel::Rounded {
@@ -536,17 +540,18 @@ mod tests {
             1.0 + 2f32.powi(-8),
             f32::NAN,
             f32::NEG_INFINITY,
-            1e-40,
+            -(1.0 + 3.0 * 2f32.powi(-8)),
             -0.0,
         ];
         // src: 21 rows of 38, row-major.
         let (rows, cols) = (21, 38);
-        let src: Vec<f32> = (0..rows * cols)
+        let mut src: Vec<f32> = (0..rows * cols)
             .map(|i| match i % 11 {
                 0..=4 => special[i % 11],
                 _ => i as f32 * 0.37 - 50.0,
             })
             .collect();
+        src[(rows - 1) * cols + 3] = -1e-40;
         let value = |i: usize, j: usize| to_bf16(src[i * cols + j]);
         // The left factor is srcᵀ (38 x 21: 11 pairs per row, the last one half padding).
         let (m, k) = (cols, rows);

@@ -1,8 +1,9 @@
 //! Packing the factors of a bf16 product into the layouts the instructions read: the
 //! left one as rows of bf16 pairs, the right one in pairs of rows (the "VNNI" layout),
-//! both padded with zeros to whole tiles and starting at a cache line; 16 values at a
-//! time with AVX-512, and a factor read transposed 16 x 16 pairs at a time, transposed
-//! in registers. Every path rounds as [`to_bf16`] does (tested against it).
+//! both padded with zeros to whole tiles and starting at a cache line; 32 values at a
+//! time with AVX-512 BF16's rounding instruction, and a factor read transposed 16 x 16
+//! pairs at a time, transposed in registers. Every path rounds as [`to_bf16`] does
+//! (tested against it).
 
 use super::layout::padded;
 
@@ -66,19 +67,21 @@ impl Pairs {
 static ZEROS: [f32; 4096] = [0.0; 4096];
 
 /// `dst[..padded_len]` = the `len` values at `src` as bf16, then zeros.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
 #[inline]
 unsafe fn round_row(dst: *mut u16, src: *const f32, len: usize, padded_len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
-        // 32 values at a time: two vectors rounded, their 32-bit lanes narrowed.
+        // 32 values at a time: two vectors rounded into one.
         for c in (0..padded_len).step_by(32) {
             let (a, b) = (lanes_from(c, len), lanes_from(c + 16, len));
-            let a = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(a, src.add(c))));
-            let b = _mm512_cvtepi32_epi16(bf16_lanes(_mm512_maskz_loadu_ps(b, src.add(c + 16))));
-            _mm256_storeu_si256(dst.add(c).cast(), a);
-            _mm256_storeu_si256(dst.add(c + 16).cast(), b);
+            let a = _mm512_maskz_loadu_ps(a, src.add(c));
+            let b = _mm512_maskz_loadu_ps(b, src.add(c + 16));
+            _mm512_storeu_si512(dst.add(c).cast(), bf16_32(a, b));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -88,7 +91,10 @@ unsafe fn round_row(dst: *mut u16, src: *const f32, len: usize, padded_len: usiz
 }
 
 /// `dst[..padded_len]` = pairs of the `len` values at `lo` and at `hi`, then zeros.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
 #[inline]
 unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, padded_len: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -96,9 +102,9 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
         use std::arch::x86_64::*;
         for c in (0..padded_len).step_by(16) {
             let mask = lanes_from(c, len);
-            let l = bf16_lanes(_mm512_maskz_loadu_ps(mask, lo.add(c)));
-            let h = bf16_lanes(_mm512_maskz_loadu_ps(mask, hi.add(c)));
-            let pairs = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+            let l = _mm512_maskz_loadu_ps(mask, lo.add(c));
+            let h = _mm512_maskz_loadu_ps(mask, hi.add(c));
+            let pairs = interleave(bf16_32(l, h));
             _mm512_mask_storeu_epi32(dst.add(c).cast(), lanes_from(c, padded_len), pairs);
         }
     }
@@ -117,7 +123,7 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
 /// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs), [`transposed_blocks`]
 /// of lines rounded along memory.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
 unsafe fn pack_lhs_transposed(
     out: &mut [u32],
     row_pairs: usize,
@@ -129,13 +135,12 @@ unsafe fn pack_lhs_transposed(
     // Column p of pairs from row i0: rows 2p and 2p + 1 of src, 16 values from i0.
     let line = |p: usize, i0: usize| {
         let mask = lanes_from(i0, m);
-        let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0)));
-        if 2 * p + 1 < k {
-            let hi = _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0));
-            _mm512_or_si512(lo, _mm512_slli_epi32(bf16_lanes(hi), 16))
-        } else {
-            lo
-        }
+        let lo = _mm512_maskz_loadu_ps(mask, src.add(2 * p * cs + i0));
+        let hi = match 2 * p + 1 < k {
+            true => _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0)),
+            false => _mm512_setzero_ps(),
+        };
+        interleave(bf16_32(lo, hi))
     };
     transposed_blocks(out, row_pairs, (m, k.div_ceil(2)), line);
 }
@@ -145,7 +150,7 @@ unsafe fn pack_lhs_transposed(
 /// keys as Kᵀ: neighbours in a column of the factor), [`transposed_blocks`] of lines
 /// of 32 neighbours.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
 unsafe fn pack_rhs_transposed(
     out: &mut [u32],
     np: usize,
@@ -158,10 +163,9 @@ unsafe fn pack_rhs_transposed(
     let line = |j: usize, p0: usize| {
         let (first, second) = (lanes_from(2 * p0, k), lanes_from(2 * p0 + 16, k));
         let col = src.add(j * cs + 2 * p0);
-        let a = bf16_lanes(_mm512_maskz_loadu_ps(first, col));
-        let b = bf16_lanes(_mm512_maskz_loadu_ps(second, col.wrapping_add(16)));
-        let (a, b) = (_mm512_cvtepi32_epi16(a), _mm512_cvtepi32_epi16(b));
-        _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
+        let a = _mm512_maskz_loadu_ps(first, col);
+        let b = _mm512_maskz_loadu_ps(second, col.wrapping_add(16));
+        bf16_32(a, b)
     };
     transposed_blocks(out, np, (k / 2, n), line);
 }
@@ -171,7 +175,7 @@ unsafe fn pack_rhs_transposed(
 /// lines are transposed in registers, and each row is stored whole (the zero lanes of
 /// a partial block are the padding's zeros). What both transposed packings share.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
 unsafe fn transposed_blocks(
     out: &mut [u32],
     stride: usize,
@@ -242,6 +246,46 @@ fn lanes_from(c: usize, len: usize) -> std::arch::x86_64::__mmask16 {
     ((1u32 << n) - 1) as u16
 }
 
+/// [`to_bf16`] of 32 values, `lo`'s 16 then `hi`'s, as 32 bf16 in that order.
+/// VCVTNE2PS2BF16 rounds 32 in one instruction, to nearest even and NaNs quieted as
+/// `to_bf16` does, but takes subnormal inputs (below 2^-126) as zero: a pair of vectors
+/// holding one, rare in training, is rounded lane by lane instead, so every path keeps
+/// the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+#[inline]
+unsafe fn bf16_32(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    const SUBNORMAL: i32 = 0x20;
+    let subnormal =
+        _mm512_fpclass_ps_mask::<SUBNORMAL>(lo) | _mm512_fpclass_ps_mask::<SUBNORMAL>(hi);
+    if subnormal == 0 {
+        return std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    let (lo, hi) = (
+        _mm512_cvtepi32_epi16(bf16_lanes(lo)),
+        _mm512_cvtepi32_epi16(bf16_lanes(hi)),
+    );
+    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+}
+
+/// 32 bf16 (16 then 16) as 16 pairs: the first half's value i low, the second's high.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn interleave(halves: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // Word 2i takes word i, word 2i + 1 word 16 + i.
+    let order = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    _mm512_permutexvar_epi16(order, halves)
+}
+
 /// [`to_bf16`] of 16 values at once, each in the low half of a 32-bit lane.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -259,9 +303,15 @@ unsafe fn bf16_lanes(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i
 }
 
 /// Packs the left factor (m x k) as rows of bf16 pairs: `out` gets padded(m) rows of
-/// padded(k) / 2 pairs, zero where the matrix ends. Only for the bf16 instructions
-/// (AVX-512 is there with them, and lets these loops run 16 values at a time).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+/// padded(k) / 2 pairs, zero where the matrix ends.
+///
+/// # Safety
+/// Only where the CPU has AVX-512 BF16 (every CPU with a bf16 instruction the kernels
+/// use: AMX comes with it), whose rounding these loops run; `src` covers the matrix.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
 pub(super) unsafe fn pack_lhs(
     out: &mut Pairs,
     (m, k): (usize, usize),
@@ -324,7 +374,13 @@ pub(super) unsafe fn pack_lhs(
 
 /// Packs the right factor (k x n) in pairs of rows: `out` gets padded(k) / 2 rows of
 /// padded(n) pairs, pair (p, j) holding elements (2p, j) and (2p + 1, j).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+///
+/// # Safety
+/// As [`pack_lhs`].
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
 pub(super) unsafe fn pack_rhs(
     out: &mut Pairs,
     (k, n): (usize, usize),
