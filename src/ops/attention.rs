@@ -5,8 +5,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::bf16::PackedRhs;
 use super::kernel::{Buffer, Real};
-use super::products::{product_with, Factors, IN_TASK};
+use super::products::{pack_native, product_with, Factors, IN_TASK};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// Multi-head self-attention from the packed projections: qkv (B, T, 3·H·d) with the
@@ -83,6 +84,50 @@ impl AttentionShape {
     /// Values of the output (or its gradient): queries x H·d per image.
     pub(super) fn out_len(&self) -> usize {
         self.batch * self.queries * self.dim()
+    }
+}
+
+/// One (image, head)'s right-hand factors of the backward products, packed by the
+/// forward pass while Q, K, V and P are in cache (bf16 products on a bf16 instruction
+/// only): by the backward pass they have left it, and it reads half the bytes (bf16
+/// pairs, not f32) and rounds nothing. The same pairs as packing them then, so the same
+/// products; dV is taken as (dYᵀ P)ᵀ so that P, too, is a right-hand factor.
+pub(super) struct KeptFactors {
+    /// P (queries x T), for dVᵀ = dYᵀ P.
+    p: PackedRhs,
+    /// Vᵀ (d x T), for dP = dY Vᵀ.
+    vt: PackedRhs,
+    /// K (T x d), for dQ = dS K.
+    k: PackedRhs,
+    /// Q (queries x d), for dK = dSᵀ Q.
+    q: PackedRhs,
+}
+
+impl KeptFactors {
+    /// Packs image b's head h from the projections and its weights P, when the products
+    /// run on a bf16 instruction (None elsewhere).
+    fn pack<T: Real>(qkv: &[T], s: AttentionShape, b: usize, h: usize, p: &[T]) -> Option<Self> {
+        let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
+        if !s.bf16 {
+            return None;
+        }
+        let base = b * t * d3 + h * hd;
+        let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
+        let rows = |n: usize| n.saturating_sub(1) * d3 + hd;
+        assert!(
+            q.len() >= rows(nq) && v.len() >= rows(t),
+            "attention: packed input size"
+        );
+        assert_eq!(p.len(), nq * t, "one queries x t matrix");
+        // SAFETY: each matrix lies inside qkv or p (checked above).
+        unsafe {
+            Some(Self {
+                p: pack_native((nq, t), p.as_ptr(), (t, 1))?,
+                vt: pack_native((hd, t), v.as_ptr(), (1, d3))?,
+                k: pack_native((t, hd), k.as_ptr(), (d3, 1))?,
+                q: pack_native((nq, hd), q.as_ptr(), (d3, 1))?,
+            })
+        }
     }
 }
 
@@ -173,18 +218,21 @@ fn same_scale<T: Real>(s: AttentionShape, scale: f64) -> Vec<T> {
 fn attention_forward<T: Real>(qkv: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut out = vec![T::zero(); s.out_len()];
     let mut weights = vec![T::zero(); s.weights_len()];
-    attention_forward_into(qkv, s, &same_scale(s, scale), &mut out, &mut weights);
+    let scales = same_scale(s, scale);
+    attention_forward_into(qkv, s, &scales, (&mut out, &mut weights), None);
     out
 }
 
 /// Attention of every (image, head) into `out` (B, queries, H·d), keeping the weights
-/// P in `weights` (B, H, queries, T); `scales`: each head's scale of Q Kᵀ.
+/// P in `weights` (B, H, queries, T); `scales`: each head's scale of Q Kᵀ. With `kept`,
+/// each (image, head)'s [`KeptFactors`] are appended to it, in the weights' order
+/// (nothing where the products do not run on a bf16 instruction).
 pub(super) fn attention_forward_into<T: Real>(
     qkv: &[T],
     s: AttentionShape,
     scales: &[T],
-    out: &mut [T],
-    weights: &mut [T],
+    (out, weights): (&mut [T], &mut [T]),
+    kept: Option<&mut Vec<KeptFactors>>,
 ) {
     use rayon::prelude::*;
     let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
@@ -194,10 +242,11 @@ pub(super) fn attention_forward_into<T: Real>(
     assert_eq!(weights.len(), s.weights_len(), "attention: weights size");
     assert_eq!(scales.len(), s.heads, "attention: a scale per head");
     let dst = Shared(out.as_mut_ptr());
-    weights
+    let keep = kept.is_some();
+    let packed: Vec<Option<KeptFactors>> = weights
         .par_chunks_exact_mut(nq * t)
         .enumerate()
-        .for_each(|(task, p)| {
+        .map(|(task, p)| {
             let (b, h) = (task / s.heads, task % s.heads);
             attention_weights(qkv, s, b, h, scales[h], p);
             let v = qkv[b * t * d3 + 2 * d + h * hd..].as_ptr();
@@ -216,18 +265,24 @@ pub(super) fn attention_forward_into<T: Real>(
                     IN_TASK,
                 );
             }
-        });
+            keep.then(|| KeptFactors::pack(qkv, s, b, h, p)).flatten()
+        })
+        .collect();
+    if let Some(kept) = kept {
+        kept.extend(packed.into_iter().flatten());
+    }
 }
 
 fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut dqkv = vec![T::zero(); qkv.len()];
     let scales = same_scale(s, scale);
-    attention_backward_into(qkv, grad, s, &scales, None, &mut dqkv, None);
+    attention_backward_into(qkv, grad, s, &scales, (None, None), &mut dqkv, None);
     dqkv
 }
 
 /// The gradient of the packed projections into `dqkv` (every value written), from
-/// the weights kept by the forward pass, or recomputed when `weights` is None. With
+/// the weights kept by the forward pass, or recomputed when `weights` is None, and the
+/// factors it packed (`kept`: one per (image, head), or None to read Q, K, V, P). With
 /// `dscales`, each head's scale gradient Σ dL/dZ ⊙ Q Kᵀ (Z = scale · Q Kᵀ) is added to
 /// it, summed over the images in order whatever the threads: Q Kᵀ is recomputed for it.
 pub(super) fn attention_backward_into<T: Real>(
@@ -235,7 +290,7 @@ pub(super) fn attention_backward_into<T: Real>(
     grad: &[T],
     s: AttentionShape,
     scales: &[T],
-    weights: Option<&[T]>,
+    (weights, kept): (Option<&[T]>, Option<&[KeptFactors]>),
     dqkv: &mut [T],
     dscales: Option<&mut [T]>,
 ) {
@@ -251,6 +306,10 @@ pub(super) fn attention_backward_into<T: Real>(
         "attention: weights size"
     );
     assert_eq!(scales.len(), s.heads, "attention: a scale per head");
+    assert!(
+        kept.is_none_or(|k| k.len() == s.batch * s.heads),
+        "attention: kept factors per (image, head)"
+    );
     assert!(
         dscales.as_ref().is_none_or(|d| d.len() == s.heads),
         "attention: a scale gradient per head"
@@ -289,22 +348,42 @@ pub(super) fn attention_backward_into<T: Real>(
                 qkv[base + 2 * d + h * hd..].as_ptr(),
             );
             let dy = grad[b * nq * d + h * hd..].as_ptr();
+            let kept = kept.map(|k| &k[task]);
+            // The right-hand factor packed by the forward pass, if it was.
+            let packed = |f: fn(&KeptFactors) -> &PackedRhs| match kept {
+                Some(k) => Factors::Bf16Packed(f(k)),
+                None => s.factors(),
+            };
             // SAFETY: inputs as in the forward pass; this task alone writes the q, k and v
             // columns of head h for image b in dqkv.
             unsafe {
                 let out = dst.get().add(base + h * hd);
-                // dV = Pᵀ dY
-                product_with(
-                    (t, hd, nq),
-                    out.add(2 * d),
-                    (d3, 1),
-                    p.as_ptr(),
-                    (1, t),
-                    dy,
-                    (d, 1),
-                    s.factors(),
-                    IN_TASK,
-                );
+                match kept {
+                    // dVᵀ = dYᵀ P, written transposed: the same sums as Pᵀ dY.
+                    Some(kept) => product_with(
+                        (hd, t, nq),
+                        out.add(2 * d),
+                        (1, d3),
+                        dy,
+                        (1, d),
+                        p.as_ptr(),
+                        (t, 1),
+                        Factors::Bf16Packed(&kept.p),
+                        IN_TASK,
+                    ),
+                    // dV = Pᵀ dY
+                    None => product_with(
+                        (t, hd, nq),
+                        out.add(2 * d),
+                        (d3, 1),
+                        p.as_ptr(),
+                        (1, t),
+                        dy,
+                        (d, 1),
+                        s.factors(),
+                        IN_TASK,
+                    ),
+                }
                 // dP = dY Vᵀ
                 product_with(
                     (nq, t, hd),
@@ -314,7 +393,7 @@ pub(super) fn attention_backward_into<T: Real>(
                     (d, 1),
                     v,
                     (1, d3),
-                    s.factors(),
+                    packed(|k| &k.vt),
                     IN_TASK,
                 );
             }
@@ -339,7 +418,7 @@ pub(super) fn attention_backward_into<T: Real>(
                     (t, 1),
                     k,
                     (d3, 1),
-                    s.factors(),
+                    packed(|k| &k.k),
                     IN_TASK,
                 );
                 for row in nq..t {
@@ -353,7 +432,7 @@ pub(super) fn attention_backward_into<T: Real>(
                     (1, t),
                     q,
                     (d3, 1),
-                    s.factors(),
+                    packed(|k| &k.q),
                     IN_TASK,
                 );
             }

@@ -20,7 +20,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::bf16::PackedRhs;
 use super::products::{pack_activation, pack_weight};
 
-use super::attention::{attention_backward_into, attention_forward_into, AttentionShape};
+use super::attention::{
+    attention_backward_into, attention_forward_into, AttentionShape, KeptFactors,
+};
 use super::gelu::{gelu_grad_into, gelu_into};
 use super::kernel::{image_rows, pieces, pieces_mut, span, unpack, Buffer, Real};
 use super::layer_norm::{layer_norm_grads_into, layer_norm_into};
@@ -143,6 +145,9 @@ struct Activations<T: Real> {
     /// Per tile, the inputs of the four linear layers (h1, heads_out, h2, g) packed for
     /// their weight gradients' bf16 products (kept, bf16 blocks only).
     packed: Vec<[PackedRhs; 4]>,
+    /// Per image and head, the attention's factors of its backward products, packed
+    /// (kept, bf16 blocks on a bf16 instruction only).
+    attention: Vec<KeptFactors>,
 }
 
 impl<T: Real> Activations<T> {
@@ -159,6 +164,7 @@ impl<T: Real> Activations<T> {
             u: Buffer::new(queries * m),
             g: Buffer::new(queries * m),
             packed: Vec::new(),
+            attention: Vec::new(),
         }
     }
 }
@@ -230,8 +236,8 @@ fn block_forward<T: Real>(
             &a.qkv[span(&k, 3 * d)],
             attention,
             &scales,
-            &mut a.heads_out[span(&kq, d)],
-            &mut a.weights[weights],
+            (&mut a.heads_out[span(&kq, d)], &mut a.weights[weights]),
+            keep.then_some(&mut a.attention),
         );
         // The residual stream of the query tokens (the first nq rows of each image)
         // plus the projection's bias, then the projection added.
@@ -382,7 +388,10 @@ fn block_backward<T: Real>(
             d_heads,
             s.attention(images, z),
             &scales,
-            Some(&a.weights[span(&r, s.heads * nq)]),
+            (
+                Some(&a.weights[span(&r, s.heads * nq)]),
+                a.attention.get(first * s.heads..(first + images) * s.heads),
+            ),
             dqkv,
             s.lsa.then_some(&mut *d_scales),
         );

@@ -100,14 +100,28 @@ impl Real for f64 {
     }
 }
 
-/// Freed work buffers kept for reuse. A training step fills the same few dozen
-/// activation buffers of the same sizes every time; taken from here they are
-/// overwritten as they are, where a fresh allocation would be zero-filled first (a
-/// whole extra pass over memory).
+/// Freed work buffers kept for reuse. A training step fills the same activation
+/// buffers of the same few sizes every time; taken from here they are overwritten as
+/// they are, where a fresh allocation would be zero-filled first (a whole extra pass
+/// over memory). Kept by length, so that finding one costs a lookup, not a pass over
+/// the thousands of packed factors a step keeps.
 pub struct BufferPool<T> {
-    pub(super) free: std::sync::Mutex<Vec<Vec<T>>>,
+    pub(super) free: std::sync::Mutex<Free<T>>,
     /// Buffers kept at most; beyond that, freed buffers go back to the allocator.
     limit: usize,
+}
+
+/// The free buffers by length, and how many there are.
+pub(super) struct Free<T> {
+    by_len: std::collections::BTreeMap<usize, Vec<Vec<T>>>,
+    count: usize,
+}
+
+impl<T> Free<T> {
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// Buffers kept at most by the activations' pools: more than one step's activations
@@ -122,7 +136,10 @@ impl<T: Copy + num_traits::Zero> BufferPool<T> {
     /// A pool that keeps up to `limit` buffers.
     pub(super) const fn with_limit(limit: usize) -> Self {
         Self {
-            free: std::sync::Mutex::new(Vec::new()),
+            free: std::sync::Mutex::new(Free {
+                by_len: std::collections::BTreeMap::new(),
+                count: 0,
+            }),
             limit,
         }
     }
@@ -133,19 +150,26 @@ impl<T: Copy + num_traits::Zero> BufferPool<T> {
     pub(super) fn take(&self, len: usize) -> Vec<T> {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let best = (free.iter().enumerate())
-                .filter(|(_, b)| b.len() >= len)
-                .min_by_key(|(_, b)| b.len())
-                .map(|(i, _)| i);
-            best.map(|i| free.swap_remove(i))
+            let mut shortest = free.by_len.range_mut(len..);
+            let found = shortest
+                .next()
+                .and_then(|(&at, list)| Some((at, list.pop()?)));
+            found.map(|(at, buffer)| {
+                if free.by_len.get(&at).is_some_and(Vec::is_empty) {
+                    free.by_len.remove(&at);
+                }
+                free.count -= 1;
+                buffer
+            })
         };
         reused.unwrap_or_else(|| vec![T::zero(); len])
     }
 
     pub(super) fn give(&self, buffer: Vec<T>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < self.limit && !buffer.is_empty() {
-            free.push(buffer);
+        if free.count < self.limit && !buffer.is_empty() {
+            free.by_len.entry(buffer.len()).or_default().push(buffer);
+            free.count += 1;
         }
     }
 }

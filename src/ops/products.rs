@@ -51,6 +51,26 @@ pub(super) fn pack_activation<T: Real>(x: &[T], cols: usize) -> Option<PackedRhs
     Some(unsafe { PackedRhs::new((rows, cols), x.as_ptr().cast(), (cols, 1)) })
 }
 
+/// The k x n matrix at `src` (strides in elements) packed as a right-hand factor when
+/// `T` is f32 and the CPU has a bf16 instruction: what the attention's forward pass
+/// keeps for its backward products ([`super::attention`]). None elsewhere (f64, or
+/// bf16 through the f32 product), where those products read the matrices as they are.
+///
+/// # Safety
+/// `src` covers the matrix its strides describe.
+pub(super) unsafe fn pack_native<T: Real>(
+    dims: (usize, usize),
+    src: *const T,
+    strides: (usize, usize),
+) -> Option<PackedRhs> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
+        || !bf16::Kernel::current().is_native()
+    {
+        return None;
+    }
+    Some(PackedRhs::new(dims, src.cast(), strides))
+}
+
 /// The right-hand factor of a bf16 product, when `factors` asks for one and `T` is
 /// f32 (f64 stays exact): `rhs` with its strides, or the factor packed already.
 fn bf16_rhs<'a, T: Real>(
