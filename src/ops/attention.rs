@@ -95,11 +95,11 @@ impl AttentionShape {
 pub(super) struct KeptFactors {
     /// P (queries x T), for dVᵀ = dYᵀ P.
     p: PackedRhs,
-    /// Vᵀ (d x T), for dP = dY Vᵀ.
+    /// Vᵀ (d_k x T), for dP = dY Vᵀ.
     vt: PackedRhs,
-    /// K (T x d), for dQ = dS K.
+    /// K (T x d_k), for dQ = dS K.
     k: PackedRhs,
-    /// Q (queries x d), for dK = dSᵀ Q.
+    /// Q (queries x d_k), for dK = dSᵀ Q.
     q: PackedRhs,
 }
 

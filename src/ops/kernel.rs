@@ -150,16 +150,16 @@ impl<T: Copy + num_traits::Zero> BufferPool<T> {
     pub(super) fn take(&self, len: usize) -> Vec<T> {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let mut shortest = free.by_len.range_mut(len..);
-            let found = shortest
-                .next()
-                .and_then(|(&at, list)| Some((at, list.pop()?)));
-            found.map(|(at, buffer)| {
-                if free.by_len.get(&at).is_some_and(Vec::is_empty) {
+            let shortest = free.by_len.range(len..).next().map(|(&at, _)| at);
+            shortest.and_then(|at| {
+                let list = free.by_len.get_mut(&at)?;
+                let buffer = list.pop()?;
+                // No empty lists: the first length at or above `len` has a buffer.
+                if list.is_empty() {
                     free.by_len.remove(&at);
                 }
                 free.count -= 1;
-                buffer
+                Some(buffer)
             })
         };
         reused.unwrap_or_else(|| vec![T::zero(); len])

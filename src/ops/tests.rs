@@ -379,6 +379,20 @@ fn the_buffer_pool_hands_out_the_shortest_free_buffer_that_fits() {
     assert_eq!(pool.take(31), vec![0.0; 31], "none fits: a new one");
     assert_eq!(pool.take(30).len(), 30);
     assert!(pool.free.lock().unwrap().is_empty());
+    // Several of one length (a step's packed factors), and no more than the limit kept.
+    let pool = BufferPool::<f64>::with_limit(3);
+    for value in 0..4 {
+        pool.give(vec![value as f64; 8]);
+    }
+    let mut taken: Vec<f64> = (0..3).map(|_| pool.take(8)[0]).collect();
+    taken.sort_by(f64::total_cmp);
+    assert_eq!(
+        taken,
+        [0.0, 1.0, 2.0],
+        "the fourth was over the limit: dropped"
+    );
+    assert!(pool.free.lock().unwrap().is_empty());
+    assert_eq!(pool.take(8), vec![0.0; 8], "empty again: a new one");
 }
 
 #[test]
