@@ -306,11 +306,12 @@ unsafe fn product_on(
     if m == 0 || n == 0 {
         return;
     }
-    // Only the AMX tiles start from a row as it is; elsewhere it is written into dst.
+    // The bf16 instructions' kernels start from a row as it is; the f32 product of
+    // rounded factors adds onto dst, so there the row is written into dst first.
     let accumulate = match start {
         Start::Zero => false,
         Start::Dst => true,
-        Start::Row(_) if kernel == Kernel::Amx => true,
+        Start::Row(_) if kernel != Kernel::Rounded => true,
         Start::Row(row) => {
             for i in 0..m {
                 for j in 0..n {
@@ -376,7 +377,7 @@ unsafe fn product_on(
                 out,
                 start,
             ),
-            Kernel::DotProducts => dot::multiply((m, n, k), dst, dst_strides, a, pairs, accumulate),
+            Kernel::DotProducts => dot::multiply((m, n, k), dst, dst_strides, a, pairs, start),
             Kernel::Rounded => unreachable!("handled above"),
         }
     })
@@ -402,7 +403,7 @@ mod dot {
         _: (usize, usize),
         _: &[u32],
         _: &[u32],
-        _: bool,
+        _: super::Start,
     ) {
         unreachable!("VDPBF16PS products only run where the CPU has AVX-512 BF16")
     }

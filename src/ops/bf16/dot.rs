@@ -5,6 +5,7 @@
 //! vector registers), one broadcast pair of a row against two loaded vectors of pairs.
 
 use super::layout::padded;
+use super::Start;
 use std::arch::x86_64::*;
 
 /// Rows of the output per register block (divides the packed rows' padding, 32).
@@ -15,7 +16,8 @@ const COLS: usize = 32;
 /// dst (+)= A · B from the packed factors (A padded(m) rows of padded(k) / 2
 /// pairs, B padded(k) / 2 rows of padded(n) pairs). Each sum starts at zero and
 /// runs over the inner dimension in order, so a value does not depend on the shape
-/// around it; dst's old value is added at the end.
+/// around it; what it starts from (dst's old value, or a bias row read in place of
+/// rows filled with it, which must hold n values) is added at the end.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn multiply(
     (m, n, k): (usize, usize, usize),
@@ -23,7 +25,7 @@ pub unsafe fn multiply(
     (dst_rs, dst_cs): (usize, usize),
     a: &[u32],
     b: &[u32],
-    accumulate: bool,
+    start: Start,
 ) {
     let (row_pairs, np) = (padded(k) / 2, padded(n));
     // The padding of the inner dimension is zeros: no need to multiply it.
@@ -52,9 +54,13 @@ pub unsafe fn multiply(
                 if dst_cs == 1 {
                     for (h, (&v, &mask)) in row.iter().zip(&masks).enumerate() {
                         let d = d.add(16 * h);
-                        let v = match accumulate {
-                            true => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), v),
-                            false => v,
+                        let v = match start {
+                            Start::Zero => v,
+                            Start::Dst => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), v),
+                            Start::Row(bias) => {
+                                let bias = _mm512_maskz_loadu_ps(mask, bias.add(j0 + 16 * h));
+                                _mm512_add_ps(bias, v)
+                            }
                         };
                         _mm512_mask_storeu_ps(d, mask, v);
                     }
@@ -64,7 +70,11 @@ pub unsafe fn multiply(
                     _mm512_storeu_ps(values.as_mut_ptr().add(16), row[1]);
                     for (c, &v) in values[..cols].iter().enumerate() {
                         let d = d.add(c * dst_cs);
-                        *d = if accumulate { *d + v } else { v };
+                        *d = match start {
+                            Start::Zero => v,
+                            Start::Dst => *d + v,
+                            Start::Row(bias) => *bias.add(j0 + c) + v,
+                        };
                     }
                 }
             }
