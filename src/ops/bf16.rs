@@ -306,22 +306,21 @@ unsafe fn product_on(
     if m == 0 || n == 0 {
         return;
     }
-    // The bf16 instructions' kernels start from a row as it is; the f32 product of
-    // rounded factors adds onto dst, so there the row is written into dst first.
-    let accumulate = match start {
-        Start::Zero => false,
-        Start::Dst => true,
-        Start::Row(_) if kernel != Kernel::Rounded => true,
-        Start::Row(row) => {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.add(i * dst_strides.0 + j * dst_strides.1) = *row.add(j);
-                }
-            }
-            true
-        }
-    };
     if kernel == Kernel::Rounded {
+        // The f32 product adds onto dst, so a row to start from is written into dst
+        // first (the bf16 instructions' kernels read it from the row).
+        let accumulate = match start {
+            Start::Zero => false,
+            Start::Dst => true,
+            Start::Row(row) => {
+                for i in 0..m {
+                    for j in 0..n {
+                        *dst.add(i * dst_strides.0 + j * dst_strides.1) = *row.add(j);
+                    }
+                }
+                true
+            }
+        };
         let owned;
         let r = match rhs {
             Rhs::Packed(PackedRhs {
