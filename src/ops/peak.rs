@@ -18,14 +18,18 @@ pub struct Peak {
 /// vector instruction is measured (the portable build, aarch64).
 pub fn measure(bf16: bool) -> Option<Peak> {
     let kernel = Kernel::current();
-    let (flops_per_instr, name, run): (f64, &str, unsafe fn(u64) -> f32) = match (bf16, kernel) {
-        (true, Kernel::DotProducts) => (64.0, "VDPBF16PS zmm", x86::dpbf16),
-        (true, Kernel::Amx) => (16.0 * 16.0 * 32.0 * 2.0, "TDPBF16PS", x86::tdpbf16),
-        _ if cpu::level() >= Level::Avx512 => (32.0, "VFMADD231PS zmm (f32)", x86::fma512),
-        _ if cpu::level() >= Level::Avx2 => (16.0, "VFMADD231PS ymm (f32)", x86::fma256),
+    type Loop = unsafe fn(u64) -> f32;
+    let (flops_per_instr, chains, name, run): (f64, usize, &str, Loop) = match (bf16, kernel) {
+        (true, Kernel::DotProducts) => (64.0, x86::ZMM_CHAINS, "VDPBF16PS zmm", x86::dpbf16),
+        (true, Kernel::Amx) => (16.0 * 16.0 * 32.0 * 2.0, 4, "TDPBF16PS", x86::tdpbf16),
+        _ if cpu::level() >= Level::Avx512 => {
+            (32.0, x86::ZMM_CHAINS, "VFMADD231PS zmm (f32)", x86::fma512)
+        }
+        _ if cpu::level() >= Level::Avx2 => {
+            (16.0, x86::YMM_CHAINS, "VFMADD231PS ymm (f32)", x86::fma256)
+        }
         _ => return None,
     };
-    let chains = if kernel == Kernel::Amx && bf16 { 4 } else { 16 };
     let mut iterations = 1u64 << 16;
     // SAFETY: each loop runs only at the level that has its instruction (above).
     unsafe { std::hint::black_box(run(iterations)) };
@@ -38,12 +42,12 @@ pub fn measure(bf16: bool) -> Option<Peak> {
         }
         iterations *= 4;
     };
-    let gflops = (iterations * chains) as f64 * flops_per_instr / secs / 1e9;
+    let gflops = (iterations * chains as u64) as f64 * flops_per_instr / secs / 1e9;
     Some(Peak {
         gflops,
         how: format!(
             "{name}: {chains} independent chains on registers, {:.0} M instructions",
-            (iterations * chains) as f64 / 1e6
+            (iterations * chains as u64) as f64 / 1e6
         ),
     })
 }
@@ -52,10 +56,19 @@ pub fn measure(bf16: bool) -> Option<Peak> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// 16 chains of `iterations` VDPBF16PS each.
+    /// Chains on 512-bit registers: enough to hide the latency (4-5 cycles at two a
+    /// cycle), and with the two factors within the 32 registers.
+    pub const ZMM_CHAINS: usize = 16;
+    /// Chains on 256-bit registers: AVX2 has 16, two hold the factors, so 16 chains
+    /// would spill to memory and measure the loads and stores (half the rate, seen on
+    /// AMD Zen 3); 12 still hide the latency.
+    pub const YMM_CHAINS: usize = 12;
+    const _: () = assert!(ZMM_CHAINS + 2 <= 32 && YMM_CHAINS + 2 <= 16);
+
+    /// [`ZMM_CHAINS`] chains of `iterations` VDPBF16PS each.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn dpbf16(iterations: u64) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut acc = [_mm512_setzero_ps(); ZMM_CHAINS];
         let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80));
         let y: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3400_3400));
         for _ in 0..iterations {
@@ -66,10 +79,10 @@ mod x86 {
         acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
     }
 
-    /// 16 chains of `iterations` 512-bit FMAs each.
+    /// [`ZMM_CHAINS`] chains of `iterations` 512-bit FMAs each.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn fma512(iterations: u64) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut acc = [_mm512_setzero_ps(); ZMM_CHAINS];
         let (x, y) = (_mm512_set1_ps(1.0), _mm512_set1_ps(1e-7));
         for _ in 0..iterations {
             for a in acc.iter_mut() {
@@ -79,10 +92,10 @@ mod x86 {
         acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
     }
 
-    /// 16 chains of `iterations` 256-bit FMAs each.
+    /// [`YMM_CHAINS`] chains of `iterations` 256-bit FMAs each.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fma256(iterations: u64) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 16];
+        let mut acc = [_mm256_setzero_ps(); YMM_CHAINS];
         let (x, y) = (_mm256_set1_ps(1.0), _mm256_set1_ps(1e-7));
         for _ in 0..iterations {
             for a in acc.iter_mut() {
@@ -106,6 +119,8 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
+    pub const ZMM_CHAINS: usize = 16;
+    pub const YMM_CHAINS: usize = 12;
     pub unsafe fn dpbf16(_: u64) -> f32 {
         unreachable!("only on x86_64")
     }
