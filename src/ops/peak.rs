@@ -7,6 +7,15 @@
 use super::bf16::Kernel;
 use super::cpu::{self, Level};
 
+/// Chains on 512-bit registers: enough to hide the latency (4-5 cycles at two a cycle),
+/// and with the two factors within the 32 registers.
+const ZMM_CHAINS: usize = 16;
+/// Chains on 256-bit registers: AVX2 has 16, two hold the factors, so 16 chains would
+/// spill to memory and measure the loads and stores (half the rate, seen on AMD Zen 3);
+/// 12 still hide the latency.
+const YMM_CHAINS: usize = 12;
+const _: () = assert!(ZMM_CHAINS + 2 <= 32 && YMM_CHAINS + 2 <= 16);
+
 /// A measured peak: GFLOP/s of one core, and how it was measured, in words.
 pub struct Peak {
     pub gflops: f64,
@@ -20,13 +29,13 @@ pub fn measure(bf16: bool) -> Option<Peak> {
     let kernel = Kernel::current();
     type Loop = unsafe fn(u64) -> f32;
     let (flops_per_instr, chains, name, run): (f64, usize, &str, Loop) = match (bf16, kernel) {
-        (true, Kernel::DotProducts) => (64.0, x86::ZMM_CHAINS, "VDPBF16PS zmm", x86::dpbf16),
+        (true, Kernel::DotProducts) => (64.0, ZMM_CHAINS, "VDPBF16PS zmm", x86::dpbf16),
         (true, Kernel::Amx) => (16.0 * 16.0 * 32.0 * 2.0, 4, "TDPBF16PS", x86::tdpbf16),
         _ if cpu::level() >= Level::Avx512 => {
-            (32.0, x86::ZMM_CHAINS, "VFMADD231PS zmm (f32)", x86::fma512)
+            (32.0, ZMM_CHAINS, "VFMADD231PS zmm (f32)", x86::fma512)
         }
         _ if cpu::level() >= Level::Avx2 => {
-            (16.0, x86::YMM_CHAINS, "VFMADD231PS ymm (f32)", x86::fma256)
+            (16.0, YMM_CHAINS, "VFMADD231PS ymm (f32)", x86::fma256)
         }
         _ => return None,
     };
@@ -56,14 +65,7 @@ pub fn measure(bf16: bool) -> Option<Peak> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Chains on 512-bit registers: enough to hide the latency (4-5 cycles at two a
-    /// cycle), and with the two factors within the 32 registers.
-    pub const ZMM_CHAINS: usize = 16;
-    /// Chains on 256-bit registers: AVX2 has 16, two hold the factors, so 16 chains
-    /// would spill to memory and measure the loads and stores (half the rate, seen on
-    /// AMD Zen 3); 12 still hide the latency.
-    pub const YMM_CHAINS: usize = 12;
-    const _: () = assert!(ZMM_CHAINS + 2 <= 32 && YMM_CHAINS + 2 <= 16);
+    use super::{YMM_CHAINS, ZMM_CHAINS};
 
     /// [`ZMM_CHAINS`] chains of `iterations` VDPBF16PS each.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -119,8 +121,6 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub const ZMM_CHAINS: usize = 16;
-    pub const YMM_CHAINS: usize = 12;
     pub unsafe fn dpbf16(_: u64) -> f32 {
         unreachable!("only on x86_64")
     }
