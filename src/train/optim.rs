@@ -198,37 +198,54 @@ impl AdamW {
     }
 
     /// Muon's update of the blocks' matrices: Nesterov momentum, then one
-    /// orthogonalisation per shape (the six blocks' matrices of a kind together).
+    /// orthogonalisation per shape (the six blocks' matrices of a kind together). The
+    /// shapes go side by side, each on a task of its own: they touch disjoint weights
+    /// and moments, and one shape's serial ops (momentum, stacking, the norm, the
+    /// transposes, the descent) then overlap another's Newton-Schulz products instead of
+    /// leaving a core idle. Each weight sees the same ops in the same order: the same bits.
     fn muon_part(&self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        use crate::ops::update;
+        use rayon::prelude::*;
         let mut muon: std::collections::BTreeMap<(usize, usize), Vec<(usize, Tensor)>> =
             Default::default();
-        for (i, (_, _, rule)) in self.params.iter().enumerate() {
+        for (i, (_, var, rule)) in self.params.iter().enumerate() {
             if !matches!(rule, Rule::Muon) {
                 continue;
             }
             let Some(grad) = Self::gradient(grads, i)? else {
                 continue;
             };
-            let (m, mu) = (&self.first_moment[i], self.muon_momentum);
-            update::momentum(m, &grad, mu)?;
-            let direction = (&grad + m.affine(mu, 0.0)?)?;
-            muon.entry(direction.dims2()?)
-                .or_default()
-                .push((i, direction));
+            muon.entry(var.dims2()?).or_default().push((i, grad));
         }
-        for ((rows, cols), members) in muon {
-            let directions: Vec<&Tensor> = members.iter().map(|(_, d)| d).collect();
-            let orthogonal =
-                orthogonalised_stack(&Tensor::stack(&directions, 0)?, self.bf16_products)?;
-            // Scaled for the matrix's shape, at lr's point in its schedule.
-            let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
-            let rate = self.muon_lr * lr / self.peak_lr.max(1e-30) * scale;
-            let keep = 1.0 - lr * self.weight_decay;
-            for (k, (i, _)) in members.iter().enumerate() {
-                let var = &self.params[*i].1;
-                update::decay_and_descend(var.as_tensor(), &orthogonal.get(k)?, keep, rate)?;
-            }
+        let shapes: Vec<_> = muon.into_iter().collect();
+        shapes
+            .into_par_iter()
+            .try_for_each(|((rows, cols), members)| self.muon_shape((rows, cols), &members, lr))
+    }
+
+    /// [`AdamW::muon_part`] for the matrices of one shape: `members` are (variable,
+    /// gradient).
+    fn muon_shape(
+        &self,
+        (rows, cols): (usize, usize),
+        members: &[(usize, Tensor)],
+        lr: f64,
+    ) -> Result<()> {
+        use crate::ops::update;
+        let mu = self.muon_momentum;
+        let mut directions = Vec::with_capacity(members.len());
+        for (i, grad) in members {
+            let m = &self.first_moment[*i];
+            update::momentum(m, grad, mu)?;
+            directions.push((grad + m.affine(mu, 0.0)?)?);
+        }
+        let orthogonal = orthogonalised_stack(&Tensor::stack(&directions, 0)?, self.bf16_products)?;
+        // Scaled for the matrix's shape, at lr's point in its schedule.
+        let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
+        let rate = self.muon_lr * lr / self.peak_lr.max(1e-30) * scale;
+        let keep = 1.0 - lr * self.weight_decay;
+        for (k, (i, _)) in members.iter().enumerate() {
+            let var = &self.params[*i].1;
+            update::decay_and_descend(var.as_tensor(), &orthogonal.get(k)?, keep, rate)?;
         }
         Ok(())
     }

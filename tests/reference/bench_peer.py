@@ -6,6 +6,9 @@ AMX or AVX-512 BF16), same batch and threads. Prints training images/s per mode,
 alternating the modes so that a slow moment of a shared machine hits both.
 
     python3 tests/reference/bench_peer.py --threads 2 --batch 64 --steps 40 --rounds 3
+
+`--modes bf16` times bf16 autocast alone: for rounds that alternate it with another
+program (vitscope's `bench`) at the shortest interval.
 """
 import argparse
 import time
@@ -38,13 +41,16 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", choices=["both", "f32", "bf16"], default="both",
+                    help="time f32, bf16 autocast, or both alternately")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = ViT(pool="mean")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     for r in range(a.rounds):
-        for bf16 in (False, True):
+        modes = {"both": (False, True), "f32": (False,), "bf16": (True,)}[a.modes]
+        for bf16 in modes:
             ips = images_per_sec(model, opt, a.batch, a.steps, a.warmup, bf16)
             print(f"round {r + 1} {'bf16 autocast' if bf16 else 'f32'}: {ips:.1f} train images/s", flush=True)
 
