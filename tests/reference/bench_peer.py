@@ -48,8 +48,8 @@ def main():
     torch.manual_seed(0)
     model = ViT(pool="mean")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    modes = {"both": (False, True), "f32": (False,), "bf16": (True,)}[a.modes]
     for r in range(a.rounds):
-        modes = {"both": (False, True), "f32": (False,), "bf16": (True,)}[a.modes]
         for bf16 in modes:
             ips = images_per_sec(model, opt, a.batch, a.steps, a.warmup, bf16)
             print(f"round {r + 1} {'bf16 autocast' if bf16 else 'f32'}: {ips:.1f} train images/s", flush=True)
