@@ -216,10 +216,8 @@ impl AdamW {
             };
             muon.entry(var.dims2()?).or_default().push((i, grad));
         }
-        let shapes: Vec<_> = muon.into_iter().collect();
-        shapes
-            .into_par_iter()
-            .try_for_each(|((rows, cols), members)| self.muon_shape((rows, cols), &members, lr))
+        muon.into_par_iter()
+            .try_for_each(|(shape, members)| self.muon_shape(shape, &members, lr))
     }
 
     /// [`AdamW::muon_part`] for the matrices of one shape: `members` are (variable,
