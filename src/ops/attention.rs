@@ -276,7 +276,7 @@ pub(super) fn attention_forward_into<T: Real>(
 fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: f64) -> Vec<T> {
     let mut dqkv = vec![T::zero(); qkv.len()];
     let scales = same_scale(s, scale);
-    attention_backward_into(qkv, grad, s, &scales, (None, None), &mut dqkv, None);
+    attention_backward_into(Some(qkv), grad, s, &scales, (None, None), &mut dqkv, None);
     dqkv
 }
 
@@ -285,8 +285,10 @@ fn attention_backward<T: Real>(qkv: &[T], grad: &[T], s: AttentionShape, scale: 
 /// factors it packed (`kept`: one per (image, head), or None to read Q, K, V, P). With
 /// `dscales`, each head's scale gradient Σ dL/dZ ⊙ Q Kᵀ (Z = scale · Q Kᵀ) is added to
 /// it, summed over the images in order whatever the threads: Q Kᵀ is recomputed for it.
+/// `qkv` (the projections) may be None only with `weights`, `kept` and no `dscales`,
+/// where nothing reads them: the fused block then keeps no copy of them.
 pub(super) fn attention_backward_into<T: Real>(
-    qkv: &[T],
+    qkv: Option<&[T]>,
     grad: &[T],
     s: AttentionShape,
     scales: &[T],
@@ -297,8 +299,15 @@ pub(super) fn attention_backward_into<T: Real>(
     use rayon::prelude::*;
     let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
     // The tasks write through a shared pointer: the sizes are checked, not assumed.
-    assert_eq!(qkv.len(), s.batch * t * d3, "attention: packed input size");
-    assert_eq!(dqkv.len(), qkv.len(), "attention: gradient size");
+    assert!(
+        qkv.is_none_or(|qkv| qkv.len() == s.batch * t * d3),
+        "attention: packed input size"
+    );
+    assert!(
+        qkv.is_some() || (weights.is_some() && kept.is_some() && dscales.is_none()),
+        "attention: the projections are read without weights, kept factors or with scales"
+    );
+    assert_eq!(dqkv.len(), s.batch * t * d3, "attention: gradient size");
     assert!(nq <= t, "attention: more queries than tokens");
     assert_eq!(grad.len(), s.out_len(), "attention: output gradient size");
     assert!(
@@ -334,18 +343,22 @@ pub(super) fn attention_backward_into<T: Real>(
         .map_init(work, |(dp, recomputed, scores), task| {
             let (b, h) = (task / s.heads, task % s.heads);
             let scale = scales[h];
-            let p = match weights {
-                Some(w) => &w[task * nq * t..(task + 1) * nq * t],
-                None => {
+            let p = match (weights, qkv) {
+                (Some(w), _) => &w[task * nq * t..(task + 1) * nq * t],
+                (None, Some(qkv)) => {
                     attention_weights(qkv, s, b, h, scale, recomputed);
                     &recomputed[..]
                 }
+                (None, None) => unreachable!("the weights or the projections (asserted)"),
             };
             let base = b * t * d3;
+            // Q, K and V where they are kept; where they are not, every product reads
+            // its kept factor instead (asserted above).
+            let at = |offset: usize| qkv.map_or(std::ptr::null(), |qkv| qkv[offset..].as_ptr());
             let (q, k, v) = (
-                qkv[base + h * hd..].as_ptr(),
-                qkv[base + d + h * hd..].as_ptr(),
-                qkv[base + 2 * d + h * hd..].as_ptr(),
+                at(base + h * hd),
+                at(base + d + h * hd),
+                at(base + 2 * d + h * hd),
             );
             let dy = grad[b * nq * d + h * hd..].as_ptr();
             let kept = kept.map(|k| &k[task]);
@@ -397,12 +410,12 @@ pub(super) fn attention_backward_into<T: Real>(
                     IN_TASK,
                 );
             }
-            let part = match with_scales {
-                true => {
+            let part = match (with_scales, qkv) {
+                (true, Some(qkv)) => {
                     attention_scores(qkv, s, b, h, scores);
                     scale_grad_part(p, dp, scores, t)
                 }
-                false => T::zero(),
+                _ => T::zero(),
             };
             // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in dP's place.
             softmax_grad_in_place(p, dp, t, scale);

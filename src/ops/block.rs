@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bf16::PackedRhs;
-use super::products::{pack_activation, pack_weight};
+use super::products::{pack_activation, pack_weight, packs_native};
 
 use super::attention::{
     attention_backward_into, attention_forward_into, AttentionShape, KeptFactors,
@@ -128,7 +128,8 @@ pub const TILE_IMAGES: usize = 4;
 struct Activations<T: Real> {
     /// LN1(x): tokens x D per image.
     h1: Buffer<T>,
-    /// The packed q|k|v projections: tokens x 3D per image.
+    /// The packed q|k|v projections: tokens x 3D per image; for one tile only where
+    /// the attention's backward pass reads its kept factors instead ([`reads_qkv`]).
     qkv: Buffer<T>,
     /// softmax(QKᵀ/√d_k) per image and head: queries x tokens.
     weights: Buffer<T>,
@@ -150,13 +151,23 @@ struct Activations<T: Real> {
     attention: Vec<KeptFactors>,
 }
 
+/// Whether the attention's backward pass reads the projections q|k|v: not where the
+/// forward pass packs its factors (bf16 on a bf16 instruction) and no learned scale
+/// needs Q Kᵀ again. Elsewhere they are kept for it: 74 KB per image and block of
+/// the default model, about a sixth of what a training step writes and reads back.
+fn reads_qkv<T: Real>(s: BlockShape) -> bool {
+    !(s.bf16 && packs_native::<T>()) || s.lsa
+}
+
 impl<T: Real> Activations<T> {
-    fn new(s: BlockShape, images: usize, z: Sizes) -> Self {
+    /// Buffers for `images` (the batch or one tile) and the projections of
+    /// `qkv_images`.
+    fn new(s: BlockShape, (images, qkv_images): (usize, usize), z: Sizes) -> Self {
         let (rows, queries) = (images * z.tokens, images * z.queries);
         let (d, m) = (s.dim, s.mlp_dim);
         Self {
             h1: Buffer::new(rows * d),
-            qkv: Buffer::new(rows * 3 * d),
+            qkv: Buffer::new(qkv_images * z.tokens * 3 * d),
             weights: Buffer::new(s.attention(images, z).weights_len()),
             heads_out: Buffer::new(queries * d),
             x2: Buffer::new(queries * d),
@@ -207,12 +218,11 @@ fn block_forward<T: Real>(
     let [n1g, n1b, qkv_w, qkv_b, proj_w, proj_b, n2g, n2b, fc1_w, fc1_b, fc2_w, fc2_b, learned] =
         pieces(params, s.param_lens());
     let scales = s.scales(learned);
-    let kept_images = if keep {
-        z.batch
-    } else {
-        TILE_IMAGES.min(z.batch)
-    };
-    let mut a = Activations::new(s, kept_images, z);
+    let tile = TILE_IMAGES.min(z.batch);
+    let kept_images = if keep { z.batch } else { tile };
+    let keep_qkv = keep && reads_qkv::<T>(s);
+    let qkv_images = if keep_qkv { z.batch } else { tile };
+    let mut a = Activations::new(s, (kept_images, qkv_images), z);
     let [qkv_wt, proj_wt, fc1_wt, fc2_wt] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], true);
     let mut y = Vec::with_capacity(z.batch * nq * d);
     for (first, images) in tiles(z.batch) {
@@ -228,12 +238,16 @@ fn block_forward<T: Real>(
         );
         let attention = s.attention(images, z);
         let weights = span(&k, s.heads * nq);
+        let kqkv = match keep_qkv {
+            true => span(&k, 3 * d),
+            false => span(&image_rows(0, images, t), 3 * d),
+        };
         layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&k, d)]);
-        let qkv = &mut a.qkv[span(&k, 3 * d)];
+        let qkv = &mut a.qkv[kqkv.clone()];
         let wt = qkv_wt.as_ref();
         linear_into(&a.h1[span(&k, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
         attention_forward_into(
-            &a.qkv[span(&k, 3 * d)],
+            &a.qkv[kqkv],
             attention,
             &scales,
             (&mut a.heads_out[span(&kq, d)], &mut a.weights[weights]),
@@ -384,7 +398,7 @@ fn block_backward<T: Real>(
             wp,
         );
         attention_backward_into(
-            &a.qkv[span(&r, 3 * d)],
+            reads_qkv::<T>(s).then(|| &a.qkv[span(&r, 3 * d)]),
             d_heads,
             s.attention(images, z),
             &scales,

@@ -63,12 +63,16 @@ pub(super) unsafe fn pack_native<T: Real>(
     src: *const T,
     strides: (usize, usize),
 ) -> Option<PackedRhs> {
-    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
-        || !bf16::Kernel::current().is_native()
-    {
+    if !packs_native::<T>() {
         return None;
     }
     Some(PackedRhs::new(dims, src.cast(), strides))
+}
+
+/// Whether [`pack_native`] packs values of `T` (f32, on a bf16 instruction).
+pub(super) fn packs_native<T: Real>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && bf16::Kernel::current().is_native()
 }
 
 /// The right-hand factor of a bf16 product, when `factors` asks for one and `T` is

@@ -331,6 +331,52 @@ fn fused_attention_matches_the_composed_one_forward_and_backward() {
     );
 }
 
+/// Where the forward pass packs the attention's factors (bf16 on a bf16 instruction),
+/// its backward pass reads them and the weights only: without the projections it
+/// gives the same bits as with them (the fused block then keeps no copy of q|k|v), for
+/// every query and for CLS alone (the last block's queries).
+#[test]
+fn the_attention_backward_from_its_kept_factors_reads_no_projections() {
+    if !crate::ops::Bf16Kernel::current().is_native() {
+        eprintln!(
+            "no bf16 instruction here: the attention keeps no packed factors, and its \
+             backward pass always reads the projections; not tested here"
+        );
+        return;
+    }
+    let f32s = |t: Tensor| -> Vec<f32> { values(&t).iter().map(|&v| v as f32).collect() };
+    for (tokens, queries) in [(64, 64), (65, 1)] {
+        let s = AttentionShape {
+            batch: 2,
+            tokens,
+            queries,
+            heads: 3,
+            head_dim: 32,
+            bf16: true,
+            mask_diagonal: false,
+        };
+        let qkv = f32s(random(&[2, tokens, 3 * s.dim()], 41));
+        let grad = f32s(random(&[s.out_len()], 42));
+        let scales = vec![1.0 / 32f32.sqrt(); s.heads];
+        let (mut out, mut weights) = (vec![0f32; s.out_len()], vec![0f32; s.weights_len()]);
+        let mut kept = Vec::new();
+        attention_forward_into(&qkv, s, &scales, (&mut out, &mut weights), Some(&mut kept));
+        assert_eq!(kept.len(), s.batch * s.heads, "factors per image and head");
+        let backward = |qkv: Option<&[f32]>| {
+            let mut dqkv = vec![f32::NAN; s.batch * tokens * 3 * s.dim()];
+            let kept = (Some(&weights[..]), Some(&kept[..]));
+            attention_backward_into(qkv, &grad, s, &scales, kept, &mut dqkv, None);
+            dqkv.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let (with, without) = (backward(Some(&qkv)), backward(None));
+        assert!(
+            with.iter().all(|&b| f32::from_bits(b).is_finite()),
+            "every value written"
+        );
+        assert_eq!(with, without, "{tokens} tokens, {queries} queries");
+    }
+}
+
 #[test]
 fn fused_linear_matches_product_plus_bias_forward_and_backward() {
     let x = Var::from_tensor(&random(&[3, 5, 7], 31)).unwrap();

@@ -186,7 +186,7 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     let model_bytes = parameters * F32 * (1.0 + 2.0 + gradient_copies + ema);
 
     // Per image and block, what the fused block keeps for backward: LN1 out (D), q|k|v
-    // (3D), heads' output, x + attention, LN2 out and the block's output (D each), the
+    // (3D, below), heads' output, x + attention, LN2 out and the block's output (D each), the
     // MLP's hidden layer before and after GELU (2M) per token, and the attention weights.
     // With bf16 products, also the four linear layers' inputs packed as bf16 pairs for
     // the weight gradients (3D + M halves of f32 values), counted whole: the pool of
@@ -200,7 +200,15 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
         true => 3.0 * d + mlp + heads * (pt * pt + 3.0 * pt * head) / 2.0 / tokens,
         false => 0.0,
     };
-    let per_block = tokens * (8.0 * d + 2.0 * mlp + packed) + heads * tokens * tokens;
+    // q|k|v (3D) is kept only where the attention's backward pass reads it: not in a
+    // fused block whose factors are packed (bf16 on a bf16 instruction) where no
+    // learned scale needs Q Kᵀ again.
+    let native = m.bf16() && crate::ops::Bf16Kernel::current().is_native();
+    let qkv = match m.is_fused() && native && m.attention != AttentionKind::Locality {
+        true => 0.0,
+        false => 3.0 * d,
+    };
+    let per_block = tokens * (5.0 * d + qkv + 2.0 * mlp + packed) + heads * tokens * tokens;
     // The blocks, one block's worth of backward scratch, and the embedding's tensors.
     // Shifted patch tokens: the copies, their patches and the norm's output (each the
     // patches' count times a token's values).
