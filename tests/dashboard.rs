@@ -124,6 +124,21 @@ fn a_budgeted_run_shows_budget_projection_and_milestones_at_80x24() {
     assert!(s.contains("reached "), "{s}");
 }
 
+#[test]
+fn a_four_digit_rate_and_the_cpu_stay_apart_from_the_memory_label() {
+    // A CPU with a bf16 instruction trains the default at 1,000 images/s and more, at
+    // 100-200% CPU: the Latest panel's widest value.
+    for (w, h) in [(80, 24), (200, 60)] {
+        let mut a = training_app(400, ColorMode::Ansi256);
+        let mut last = train_record(401);
+        last.images_per_sec = 1045.0;
+        a.on_event(Event::Train(last));
+        a.run.process.cpu_percent = Some(194.0);
+        let s = screen(&a, w, h);
+        assert!(s.contains("1045  cpu 194% peak/est"), "{w}x{h}:\n{s}");
+    }
+}
+
 fn key(c: KeyCode) -> KeyEvent {
     KeyEvent::new(c, KeyModifiers::NONE)
 }

@@ -365,7 +365,9 @@ fn render_numbers(cx: Cx<'_>, area: Rect, buf: &mut Buffer) {
     let pair = |k1: &str, v1: String, k2: &str, v2: String| {
         Line::from(vec![
             Span::styled(format!("{k1:<10}"), t.dim()),
-            Span::raw(format!("{v1:<14}")),
+            // At least one space before the second key, however wide the value
+            // ("1045  cpu 194%" fills the column).
+            Span::raw(format!("{:<14}", format!("{v1} "))),
             Span::styled(format!("{k2:<10}"), t.dim()),
             Span::raw(v2),
         ])
