@@ -88,13 +88,14 @@ impl AttentionShape {
 }
 
 /// One (image, head)'s right-hand factors of the backward products, packed by the
-/// forward pass while Q, K, V and P are in cache (bf16 products on a bf16 instruction
+/// forward pass while Q, K and V are in cache (bf16 products on a bf16 instruction
 /// only): by the backward pass they have left it, and it reads half the bytes (bf16
 /// pairs, not f32) and rounds nothing. The same pairs as packing them then, so the same
-/// products; dV is taken as (dYᵀ P)ᵀ so that P, too, is a right-hand factor.
+/// products. dV = Pᵀ dY packs P's transpose as its left factor from the f32 weights,
+/// which the softmax's gradient reads next: taken as (dYᵀ P)ᵀ with P kept packed, its
+/// rows were stored across dqkv one value at a time, a third of the other products'
+/// rate (3.9 against 1.5 µs in a step).
 pub(super) struct KeptFactors {
-    /// P (queries x T), for dVᵀ = dYᵀ P.
-    p: PackedRhs,
     /// Vᵀ (d_k x T), for dP = dY Vᵀ.
     vt: PackedRhs,
     /// K (T x d_k), for dQ = dS K.
@@ -104,9 +105,9 @@ pub(super) struct KeptFactors {
 }
 
 impl KeptFactors {
-    /// Packs image b's head h from the projections and its weights P, when the products
-    /// run on a bf16 instruction (None elsewhere).
-    fn pack<T: Real>(qkv: &[T], s: AttentionShape, b: usize, h: usize, p: &[T]) -> Option<Self> {
+    /// Packs image b's head h from the projections, when the products run on a bf16
+    /// instruction (None elsewhere).
+    fn pack<T: Real>(qkv: &[T], s: AttentionShape, b: usize, h: usize) -> Option<Self> {
         let (t, nq, hd, d, d3) = (s.tokens, s.queries, s.head_dim, s.dim(), 3 * s.dim());
         if !s.bf16 {
             return None;
@@ -118,11 +119,9 @@ impl KeptFactors {
             q.len() >= rows(nq) && v.len() >= rows(t),
             "attention: packed input size"
         );
-        assert_eq!(p.len(), nq * t, "one queries x t matrix");
-        // SAFETY: each matrix lies inside qkv or p (checked above).
+        // SAFETY: each matrix lies inside qkv (checked above).
         unsafe {
             Some(Self {
-                p: pack_native((nq, t), p.as_ptr(), (t, 1))?,
                 vt: pack_native((hd, t), v.as_ptr(), (1, d3))?,
                 k: pack_native((t, hd), k.as_ptr(), (d3, 1))?,
                 q: pack_native((nq, hd), q.as_ptr(), (d3, 1))?,
@@ -265,7 +264,7 @@ pub(super) fn attention_forward_into<T: Real>(
                     IN_TASK,
                 );
             }
-            keep.then(|| KeptFactors::pack(qkv, s, b, h, p)).flatten()
+            keep.then(|| KeptFactors::pack(qkv, s, b, h)).flatten()
         })
         .collect();
     if let Some(kept) = kept {
@@ -371,32 +370,18 @@ pub(super) fn attention_backward_into<T: Real>(
             // columns of head h for image b in dqkv.
             unsafe {
                 let out = dst.get().add(base + h * hd);
-                match kept {
-                    // dVᵀ = dYᵀ P, written transposed: the same sums as Pᵀ dY.
-                    Some(kept) => product_with(
-                        (hd, t, nq),
-                        out.add(2 * d),
-                        (1, d3),
-                        dy,
-                        (1, d),
-                        p.as_ptr(),
-                        (t, 1),
-                        Factors::Bf16Packed(&kept.p),
-                        IN_TASK,
-                    ),
-                    // dV = Pᵀ dY
-                    None => product_with(
-                        (t, hd, nq),
-                        out.add(2 * d),
-                        (d3, 1),
-                        p.as_ptr(),
-                        (1, t),
-                        dy,
-                        (d, 1),
-                        s.factors(),
-                        IN_TASK,
-                    ),
-                }
+                // dV = Pᵀ dY
+                product_with(
+                    (t, hd, nq),
+                    out.add(2 * d),
+                    (d3, 1),
+                    p.as_ptr(),
+                    (1, t),
+                    dy,
+                    (d, 1),
+                    s.factors(),
+                    IN_TASK,
+                );
                 // dP = dY Vᵀ
                 product_with(
                     (nq, t, hd),

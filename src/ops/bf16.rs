@@ -106,9 +106,9 @@ pub struct PackedRhs {
 }
 
 /// Freed packed factors kept for reuse: the forward pass keeps each linear layer's
-/// input packed per tile (four per tile and block) and four of the attention's factors
-/// per image, head and block (about 2,500 a micro-batch of 32 images of the default
-/// model: 5,000 a step on two lanes), and a fresh vector would be zero-filled before
+/// input packed per tile (four per tile and block) and three of the attention's factors
+/// per image, head and block (about 1,900 a micro-batch of 32 images of the default
+/// model: 3,800 a step on two lanes), and a fresh vector would be zero-filled before
 /// the packing overwrites it.
 static PAIRS: super::kernel::BufferPool<u32> = super::kernel::BufferPool::with_limit(8192);
 

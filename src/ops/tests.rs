@@ -333,8 +333,9 @@ fn fused_attention_matches_the_composed_one_forward_and_backward() {
 
 /// Where the forward pass packs the attention's factors (bf16 on a bf16 instruction),
 /// its backward pass reads them and the weights only: without the projections it
-/// gives the same bits as with them (the fused block then keeps no copy of q|k|v), for
-/// every query and for CLS alone (the last block's queries).
+/// gives the same bits as with them (the fused block then keeps no copy of q|k|v), and
+/// as packing every factor from the projections in the backward pass, for every query
+/// and for CLS alone (the last block's queries).
 #[test]
 fn the_attention_backward_from_its_kept_factors_reads_no_projections() {
     if !crate::ops::Bf16Kernel::current().is_native() {
@@ -362,18 +363,24 @@ fn the_attention_backward_from_its_kept_factors_reads_no_projections() {
         let mut kept = Vec::new();
         attention_forward_into(&qkv, s, &scales, (&mut out, &mut weights), Some(&mut kept));
         assert_eq!(kept.len(), s.batch * s.heads, "factors per image and head");
-        let backward = |qkv: Option<&[f32]>| {
+        let backward = |qkv: Option<&[f32]>, kept: Option<&[KeptFactors]>| {
             let mut dqkv = vec![f32::NAN; s.batch * tokens * 3 * s.dim()];
-            let kept = (Some(&weights[..]), Some(&kept[..]));
+            let kept = (Some(&weights[..]), kept);
             attention_backward_into(qkv, &grad, s, &scales, kept, &mut dqkv, None);
             dqkv.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        let (with, without) = (backward(Some(&qkv)), backward(None));
+        let with = backward(Some(&qkv), Some(&kept));
         assert!(
             with.iter().all(|&b| f32::from_bits(b).is_finite()),
             "every value written"
         );
+        let without = backward(None, Some(&kept));
         assert_eq!(with, without, "{tokens} tokens, {queries} queries");
+        let packed_then = backward(Some(&qkv), None);
+        assert_eq!(
+            with, packed_then,
+            "{tokens} tokens, {queries} queries, packed in backward"
+        );
     }
 }
 

@@ -192,12 +192,12 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     // the weight gradients (3D + M halves of f32 values), counted whole: the pool of
     // packed factors keeps freed ones, and a bound must hold (measured: the default's
     // quick demo 443 MB peak against 457 MB estimated). And the attention's factors of
-    // its backward products per head, packed the same way: P (tokens x tokens) and
-    // Q, K, Vᵀ (tokens x d_k), each padded to whole blocks of 32.
+    // its backward products per head, packed the same way: Q, K, Vᵀ (tokens x d_k),
+    // each padded to whole blocks of 32.
     let whole = |n: f64| (n / 32.0).ceil().max(1.0) * 32.0;
     let (pt, head) = (whole(tokens), whole(d / heads.max(1.0)));
     let packed = match m.bf16() {
-        true => 3.0 * d + mlp + heads * (pt * pt + 3.0 * pt * head) / 2.0 / tokens,
+        true => 3.0 * d + mlp + heads * 3.0 * pt * head / 2.0 / tokens,
         false => 0.0,
     };
     // q|k|v (3D) is kept only where the attention's backward pass reads it: not in a
