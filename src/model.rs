@@ -23,7 +23,7 @@ use crate::config::{
     ModelConfig, NormKind, PatchTokens, Placement, PosEmbed, CHANNELS, IMAGE_SIZE,
 };
 use crate::data::{mix_seed, NUM_CLASSES};
-use crate::ops::BlockOutput;
+use crate::ops::{token_mean, BlockOutput};
 
 mod block;
 mod capture;
@@ -196,7 +196,7 @@ impl VisionTransformer {
     fn pool(&self, x: &Tensor) -> Result<Tensor> {
         match self.cls_token {
             Some(_) => x.i((.., 0)),
-            None => x.mean(1),
+            None => token_mean(x),
         }
     }
 

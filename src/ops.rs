@@ -20,7 +20,8 @@
 //! both run (f32 on the gemm crate, or bf16 on AMX tiles, `bf16.rs`) in `products.rs`.
 //! Training and evaluation run each transformer block as one op ([`block`], `block.rs`),
 //! built from the same kernels; the per-layer ops are its reference and what the probes
-//! run, as they record what is inside a block.
+//! run, as they record what is inside a block. Mean pooling's sum over the tokens is
+//! `token_sum.rs`.
 
 // The shared plumbing first: its macros are used by every file declared after it.
 #[macro_use]
@@ -40,6 +41,7 @@ mod newton_schulz;
 pub mod peak;
 mod products;
 mod softmax;
+mod token_sum;
 pub mod update;
 pub use attention::attention;
 pub use bf16::Kernel as Bf16Kernel;
@@ -51,6 +53,7 @@ pub use linear::linear;
 pub use newton_schulz::newton_schulz;
 pub use products::{matmul_kind, matmul_short, time_products};
 pub use softmax::scaled_softmax;
+pub use token_sum::token_mean;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -455,3 +455,35 @@ fn mismatched_inputs_are_errors_not_panics() {
     let ints = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
     assert!(scaled_softmax(&ints, 1.0).is_err());
 }
+
+/// Mean pooling's own sum over the tokens gives candle's `mean(1)` bit for bit, forward
+/// and backward, in f32 and f64, at the model's shape and at small odd ones.
+#[test]
+fn the_token_mean_is_candles_mean_over_the_tokens_to_the_bit() {
+    for dtype in [DType::F64, DType::F32] {
+        for (i, &(b, t, d)) in [(2, 64, 96), (3, 5, 7), (2, 1, 4)].iter().enumerate() {
+            let x = Var::from_tensor(&random(&[b, t, d], 50 + i as u64).to_dtype(dtype).unwrap())
+                .unwrap();
+            let w = random(&[b, d], 60 + i as u64).to_dtype(dtype).unwrap();
+            let run = |mean: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+                let y = mean(x.as_tensor()).unwrap();
+                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(x.as_tensor()).unwrap().clone();
+                let bits = |t: &Tensor| -> Vec<u64> {
+                    let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                (y.dims().to_vec(), bits(&y), bits(&dx))
+            };
+            let ours = run(&|x| crate::ops::token_mean(x));
+            let candle = run(&|x| x.mean(1));
+            assert_eq!(ours.0, vec![b, d], "{dtype:?} ({b}, {t}, {d}): shape");
+            assert_eq!(ours.1, candle.1, "{dtype:?} ({b}, {t}, {d}): forward");
+            assert_eq!(ours.2, candle.2, "{dtype:?} ({b}, {t}, {d}): gradient");
+        }
+    }
+}
