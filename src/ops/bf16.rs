@@ -128,6 +128,14 @@ enum Packed {
 }
 
 impl PackedRhs {
+    /// Starts bringing the packed pairs into the cache (see [`super::kernel::prefetch`]).
+    pub fn prefetch(&self) {
+        match &self.data {
+            Packed::Pairs(pairs) => super::kernel::prefetch(pairs.as_slice()),
+            Packed::Rounded(values) => super::kernel::prefetch(values),
+        }
+    }
+
     /// Packs the k x n matrix at `src`, element (i, j) at `src[i * rs + j * cs]`, for
     /// [`Kernel::current`].
     ///
