@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::kernel::Real;
+use super::kernel::{add_rows_chunk, Real};
 
 #[derive(Debug, Clone, Copy)]
 struct TokenSum;
@@ -19,11 +19,7 @@ fn sum_tokens<T: Real>(x: &[T], (b, t, d): (usize, usize, usize)) -> Vec<T> {
         return out;
     }
     for (sums, image) in out.chunks_exact_mut(d).zip(x.chunks_exact(t * d)) {
-        for row in image.chunks_exact(d) {
-            for (s, &v) in sums.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
+        add_rows_chunk(image, sums);
     }
     out
 }
