@@ -126,7 +126,8 @@ pub const TILE_IMAGES: usize = 4;
 /// What the forward pass keeps for the backward pass (for the whole batch when kept,
 /// for one tile when only evaluating).
 struct Activations<T: Real> {
-    /// LN1(x): tokens x D per image.
+    /// LN1(x): tokens x D per image; with heads_out and h2, for one tile only where the
+    /// backward pass reads the packed copies instead ([`reads_inputs`]).
     h1: Buffer<T>,
     /// The packed q|k|v projections: tokens x 3D per image; for one tile only where
     /// the attention's backward pass reads its kept factors instead ([`reads_qkv`]).
@@ -159,19 +160,32 @@ fn reads_qkv<T: Real>(s: BlockShape) -> bool {
     !(s.bf16 && packs_native::<T>()) || s.lsa
 }
 
+/// Whether the backward pass reads the linear layers' inputs h1, heads_out and h2 as
+/// f32 values: not where the forward pass packs them for the weight gradients (bf16
+/// blocks of f32 values), whose products read only the packed copies. Elsewhere they
+/// are kept for it: 3D values per token and block, 74 KB per image of the default
+/// model, written to memory by the forward pass and read back by nothing.
+fn reads_inputs<T: Real>(s: BlockShape) -> bool {
+    !(s.bf16 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+}
+
 impl<T: Real> Activations<T> {
-    /// Buffers for `images` (the batch or one tile) and the projections of
-    /// `qkv_images`.
-    fn new(s: BlockShape, (images, qkv_images): (usize, usize), z: Sizes) -> Self {
-        let (rows, queries) = (images * z.tokens, images * z.queries);
+    /// Buffers for `images` (the batch or one tile), the projections of `qkv_images`
+    /// and the linear layers' inputs of `input_images`.
+    fn new(
+        s: BlockShape,
+        (images, qkv_images, input_images): (usize, usize, usize),
+        z: Sizes,
+    ) -> Self {
+        let queries = images * z.queries;
         let (d, m) = (s.dim, s.mlp_dim);
         Self {
-            h1: Buffer::new(rows * d),
+            h1: Buffer::new(input_images * z.tokens * d),
             qkv: Buffer::new(qkv_images * z.tokens * 3 * d),
             weights: Buffer::new(s.attention(images, z).weights_len()),
-            heads_out: Buffer::new(queries * d),
+            heads_out: Buffer::new(input_images * z.queries * d),
             x2: Buffer::new(queries * d),
-            h2: Buffer::new(queries * d),
+            h2: Buffer::new(input_images * z.queries * d),
             u: Buffer::new(queries * m),
             g: Buffer::new(queries * m),
             packed: Vec::new(),
@@ -229,7 +243,9 @@ fn block_forward<T: Real>(
     let kept_images = if keep { z.batch } else { tile };
     let keep_qkv = keep && reads_qkv::<T>(s);
     let qkv_images = if keep_qkv { z.batch } else { tile };
-    let mut a = Activations::new(s, (kept_images, qkv_images), z);
+    let keep_inputs = keep && reads_inputs::<T>(s);
+    let input_images = if keep_inputs { z.batch } else { tile };
+    let mut a = Activations::new(s, (kept_images, qkv_images, input_images), z);
     let [qkv_wt, proj_wt, fc1_wt, fc2_wt] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], true);
     let mut y = Vec::with_capacity(z.batch * nq * d);
     for (first, images) in tiles(z.batch) {
@@ -249,15 +265,22 @@ fn block_forward<T: Real>(
             true => span(&k, 3 * d),
             false => span(&image_rows(0, images, t), 3 * d),
         };
-        layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&k, d)]);
+        // Where the linear layers' inputs go: beside the other activations, or in
+        // one tile's buffers.
+        let input_first = if keep_inputs { kept_first } else { 0 };
+        let (ki, kiq) = (
+            image_rows(input_first, images, t),
+            image_rows(input_first, images, nq),
+        );
+        layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&ki, d)]);
         let qkv = &mut a.qkv[kqkv.clone()];
         let wt = qkv_wt.as_ref();
-        linear_into(&a.h1[span(&k, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
+        linear_into(&a.h1[span(&ki, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
         attention_forward_into(
             &a.qkv[kqkv],
             attention,
             &scales,
-            (&mut a.heads_out[span(&kq, d)], &mut a.weights[weights]),
+            (&mut a.heads_out[span(&kiq, d)], &mut a.weights[weights]),
             keep.then_some(&mut a.attention),
         );
         // The residual stream of the query tokens (the first nq rows of each image)
@@ -268,7 +291,7 @@ fn block_forward<T: Real>(
             plus_bias(x2, &x[start..start + nq * d], proj_b);
         }
         linear_into(
-            &a.heads_out[span(&kq, d)],
+            &a.heads_out[span(&kiq, d)],
             proj_w,
             proj_b,
             x2,
@@ -280,11 +303,11 @@ fn block_forward<T: Real>(
             n2g,
             n2b,
             s.eps,
-            &mut a.h2[span(&kq, d)],
+            &mut a.h2[span(&kiq, d)],
         );
         let u = &mut a.u[span(&kq, m)];
         let wt = fc1_wt.as_ref();
-        linear_into(&a.h2[span(&kq, d)], fc1_w, fc1_b, u, Start::Bias, wt);
+        linear_into(&a.h2[span(&kiq, d)], fc1_w, fc1_b, u, Start::Bias, wt);
         gelu_into(&a.u[span(&kq, m)], &mut a.g[span(&kq, m)]);
         residual_plus_bias(&mut y, &a.x2[span(&kq, d)], fc2_b);
         linear_into(
@@ -297,9 +320,9 @@ fn block_forward<T: Real>(
         );
         if keep && s.bf16 {
             let inputs = [
-                pack_activation(&a.h1[span(&k, d)], d),
-                pack_activation(&a.heads_out[span(&kq, d)], d),
-                pack_activation(&a.h2[span(&kq, d)], d),
+                pack_activation(&a.h1[span(&ki, d)], d),
+                pack_activation(&a.heads_out[span(&kiq, d)], d),
+                pack_activation(&a.h2[span(&kiq, d)], d),
                 pack_activation(&a.g[span(&kq, m)], m),
             ];
             if let [Some(h1), Some(heads), Some(h2), Some(g)] = inputs {
@@ -324,6 +347,16 @@ fn block_backward<T: Real>(
     let [n1g, _, qkv_w, _, proj_w, _, n2g, _, fc1_w, _, fc2_w, _, learned] =
         pieces(params, s.param_lens());
     let scales = s.scales(learned);
+    // The linear layers' inputs, where the backward pass reads them as values (else
+    // their products read the packed copies alone).
+    let reads = reads_inputs::<T>(s);
+    fn input<T>(buffer: &[T], values: std::ops::Range<usize>, reads: bool) -> &[T] {
+        if reads {
+            &buffer[values]
+        } else {
+            &[]
+        }
+    }
     let [qkv_wp, proj_wp, fc1_wp, fc2_wp] = packed_weights(s, [qkv_w, proj_w, fc1_w, fc2_w], false);
     // Aligned (the weight gradients' products store into it tile by tile), zeroed.
     let mut dparams = Buffer::new(s.param_count());
@@ -384,7 +417,7 @@ fn block_backward<T: Real>(
         gelu_grad_into(&a.u[span(&rq, m)], g, dg, du);
         let dh2 = &mut d_rows[span(&tq, d)];
         let (h2, wp) = (
-            &a.h2[span(&rq, d)],
+            input(&a.h2, span(&rq, d), reads),
             Packed {
                 w: fc1_wp.as_ref(),
                 x: h2_p,
@@ -395,7 +428,7 @@ fn block_backward<T: Real>(
         layer_norm_grads_into(&a.x2[span(&rq, d)], n2g, dh2, s.eps, dx2, d_norm2);
         // Attention: x2 = x + proj(heads(qkv(LN1(x)))) for the query tokens.
         let d_heads = &mut d_rows[span(&tq, d)];
-        let heads_out = &a.heads_out[span(&rq, d)];
+        let heads_out = input(&a.heads_out, span(&rq, d), reads);
         let wp = Packed {
             w: proj_wp.as_ref(),
             x: heads_p,
@@ -424,7 +457,7 @@ fn block_backward<T: Real>(
         );
         let dh1 = &mut d_rows[span(&tt, d)];
         let (h1, wp) = (
-            &a.h1[span(&r, d)],
+            input(&a.h1, span(&r, d), reads),
             Packed {
                 w: qkv_wp.as_ref(),
                 x: h1_p,

@@ -150,7 +150,8 @@ pub(super) struct Packed<'a> {
 
 /// The gradients of y = x Wᵀ + b for the gradient g of y: dx = g W written over `dx`
 /// (when wanted); dW = gᵀ x and db = the column sums of g added into `dw` and `db`, so
-/// that blocks of rows can add up their parts.
+/// that blocks of rows can add up their parts. `x` is not read where it comes packed
+/// (`packed.x`), and may then be empty: the rows are g's.
 pub(super) fn linear_grads_into<T: Real>(
     x: &[T],
     w: &[T],
@@ -162,8 +163,20 @@ pub(super) fn linear_grads_into<T: Real>(
 ) {
     let out_dim = db.len();
     let in_dim = w.len() / out_dim.max(1);
-    let rows = x.len() / in_dim.max(1);
+    let rows = g.len() / out_dim.max(1);
+    assert_eq!(g.len(), rows * out_dim, "linear: output gradient size");
     assert_eq!(dw.len(), w.len(), "linear: weight gradient size");
+    // x is read unless both factors of dW's product come packed.
+    let reads_x = !matches!(
+        packed,
+        Packed {
+            w: Some(_),
+            x: Some(_)
+        }
+    );
+    if reads_x || !x.is_empty() {
+        assert_eq!(x.len(), rows * in_dim, "linear: input size");
+    }
     let (dx_factors, dw_factors) = match (packed.w, packed.x) {
         (Some(w), Some(x)) => (Factors::Bf16Packed(w), Factors::Bf16Packed(x)),
         (Some(w), None) => (Factors::Bf16Packed(w), Factors::Bf16),
@@ -173,7 +186,7 @@ pub(super) fn linear_grads_into<T: Real>(
     // shapes as in the forward pass.
     unsafe {
         if let Some(dx) = dx {
-            assert_eq!(dx.len(), x.len(), "linear: input gradient size");
+            assert_eq!(dx.len(), rows * in_dim, "linear: input gradient size");
             // dx = g W: (rows x out) · (out x in)
             product_with(
                 (rows, in_dim, out_dim),

@@ -384,6 +384,45 @@ fn the_attention_backward_from_its_kept_factors_reads_no_projections() {
     }
 }
 
+/// A layer whose input the forward pass packed (bf16 blocks) gets its gradients from
+/// the packed copy alone: the same bits with the input's values, without them (what
+/// the block passes when it kept only the packed copy), and with the input packed in
+/// the backward pass, on whichever product kind this CPU runs.
+#[test]
+fn the_linear_gradients_from_a_packed_input_read_no_input_values() {
+    use super::products::{pack_activation, pack_weight};
+    let f32s = |t: Tensor| -> Vec<f32> { values(&t).iter().map(|&v| v as f32).collect() };
+    let (rows, in_dim, out_dim) = (70, 96, 40);
+    let x = f32s(random(&[rows, in_dim], 51));
+    let w = f32s(random(&[out_dim, in_dim], 52));
+    let g = f32s(random(&[rows, out_dim], 53));
+    let wp = pack_weight(&w, (out_dim, in_dim), false).expect("f32 packs");
+    let xp = pack_activation(&x, in_dim).expect("f32 packs");
+    let grads = |x: &[f32], packed: Packed| {
+        let mut dx = vec![f32::NAN; rows * in_dim];
+        let (mut dw, mut db) = (vec![0f32; out_dim * in_dim], vec![0f32; out_dim]);
+        linear_grads_into(x, &w, &g, Some(&mut dx), &mut dw, &mut db, packed);
+        [dx, dw, db].map(|v| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    let both = Packed {
+        w: Some(&wp),
+        x: Some(&xp),
+    };
+    let with = grads(&x, both);
+    assert!(
+        with.iter()
+            .flatten()
+            .all(|&b| f32::from_bits(b).is_finite()),
+        "every value written"
+    );
+    assert_eq!(with, grads(&[], both), "without the input's values");
+    let packed_then = Packed {
+        w: Some(&wp),
+        x: None,
+    };
+    assert_eq!(with, grads(&x, packed_then), "packed in the backward pass");
+}
+
 #[test]
 fn fused_linear_matches_product_plus_bias_forward_and_backward() {
     let x = Var::from_tensor(&random(&[3, 5, 7], 31)).unwrap();

@@ -186,7 +186,8 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     let model_bytes = parameters * F32 * (1.0 + 2.0 + gradient_copies + ema);
 
     // Per image and block, what the fused block keeps for backward: LN1 out (D), q|k|v
-    // (3D, below), heads' output, x + attention, LN2 out and the block's output (D each), the
+    // (3D, below), heads' output, x + attention, LN2 out and the block's output (D each;
+    // the layers' inputs LN1 out, heads' output and LN2 out, below), the
     // MLP's hidden layer before and after GELU (2M) per token, and the attention weights.
     // With bf16 products, also the four linear layers' inputs packed as bf16 pairs for
     // the weight gradients (3D + M halves of f32 values), counted whole: the pool of
@@ -208,7 +209,17 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
         true => 0.0,
         false => 3.0 * d,
     };
-    let per_block = tokens * (5.0 * d + qkv + 2.0 * mlp + packed) + heads * tokens * tokens;
+    // LN1 out, the heads' output and LN2 out are kept as f32 values only where no packed
+    // copy stands in for them (a fused block with bf16 products keeps one tile's).
+    let inputs = match m.is_fused() && m.bf16() {
+        true => 0.0,
+        false => 3.0 * d,
+    };
+    let per_block =
+        tokens * (2.0 * d + inputs + qkv + 2.0 * mlp + packed) + heads * tokens * tokens;
+    // One block's backward scratch, and a tile's buffers, counted as a block that kept
+    // everything.
+    let scratch = per_block + tokens * (3.0 * d - inputs);
     // The blocks, one block's worth of backward scratch, and the embedding's tensors.
     // Shifted patch tokens: the copies, their patches and the norm's output (each the
     // patches' count times a token's values).
@@ -217,13 +228,13 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
     } else {
         0.0
     };
-    let per_image = (depth + 1.0) * per_block + f(IMAGE_BYTES) * 2.0 + 3.0 * tokens * d + shifted;
+    let per_image = depth * per_block + scratch + f(IMAGE_BYTES) * 2.0 + 3.0 * tokens * d + shifted;
     let activation_bytes = lanes * f(micro) * per_image * F32;
 
     // Evaluation runs a batch per lane, keeping only a tile's activations.
     let eval_lanes = f(threads.max(1));
     let eval_per_lane = f(t.eval_batch_size) * (f(IMAGE_BYTES) + 2.0 * tokens * d + classes)
-        + f(TILE_IMAGES) * per_block;
+        + f(TILE_IMAGES) * scratch;
     let eval_bytes = eval_lanes * eval_per_lane * F32;
 
     let stored_images = match (workload, config.data.dataset) {
