@@ -73,18 +73,11 @@ pub fn orthogonalised(g: &Tensor) -> Result<Tensor> {
 /// matrix); the six blocks' matrices of each kind go together. `bf16`: its products
 /// multiply bf16 factors, as the model's do.
 pub fn orthogonalised_stack(g: &Tensor, bf16: bool) -> Result<Tensor> {
-    let (_, rows, cols) = g.dims3()?;
+    g.dims3()?; // a stack of matrices
     let norm = g.sqr()?.sum_keepdim(2)?.sum_keepdim(1)?.sqrt()?;
-    let mut x = g.broadcast_div(&norm.affine(1.0, 1e-7)?)?;
-    let tall = rows > cols;
-    if tall {
-        x = x.transpose(1, 2)?.contiguous()?;
-    }
-    x = crate::ops::newton_schulz(&x, NEWTON_SCHULZ_STEPS, NEWTON_SCHULZ, bf16)?;
-    if tall {
-        x = x.transpose(1, 2)?.contiguous()?;
-    }
-    Ok(x)
+    let x = g.broadcast_div(&norm.affine(1.0, 1e-7)?)?;
+    // A tall stack is iterated on its transposes by the op itself, in its own layout.
+    crate::ops::newton_schulz(&x, NEWTON_SCHULZ_STEPS, NEWTON_SCHULZ, bf16)
 }
 
 pub struct AdamW {
