@@ -144,6 +144,10 @@ struct Activations<T: Real> {
     u: Buffer<T>,
     /// GELU(u): M.
     g: Buffer<T>,
+    /// Each row's mean and 1 / sqrt(var + eps) in LN1 (tokens rows per image) and LN2
+    /// (queries rows): two values a row, read by their backward passes (kept only).
+    moments1: Buffer<T>,
+    moments2: Buffer<T>,
     /// Per tile, the inputs of the four linear layers (h1, heads_out, h2, g) packed for
     /// their weight gradients' bf16 products (kept, bf16 blocks only).
     packed: Vec<[PackedRhs; 4]>,
@@ -188,6 +192,8 @@ impl<T: Real> Activations<T> {
             h2: Buffer::new(input_images * z.queries * d),
             u: Buffer::new(queries * m),
             g: Buffer::new(queries * m),
+            moments1: Buffer::new(2 * images * z.tokens),
+            moments2: Buffer::new(2 * queries),
             packed: Vec::new(),
             attention: Vec::new(),
         }
@@ -272,7 +278,15 @@ fn block_forward<T: Real>(
             image_rows(input_first, images, t),
             image_rows(input_first, images, nq),
         );
-        layer_norm_into(&x[span(&r, d)], n1g, n1b, s.eps, &mut a.h1[span(&ki, d)]);
+        let moments1 = keep.then(|| &mut a.moments1[span(&k, 2)]);
+        layer_norm_into(
+            &x[span(&r, d)],
+            n1g,
+            n1b,
+            s.eps,
+            &mut a.h1[span(&ki, d)],
+            moments1,
+        );
         let qkv = &mut a.qkv[kqkv.clone()];
         let wt = qkv_wt.as_ref();
         linear_into(&a.h1[span(&ki, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
@@ -304,6 +318,7 @@ fn block_forward<T: Real>(
             n2b,
             s.eps,
             &mut a.h2[span(&kiq, d)],
+            keep.then(|| &mut a.moments2[span(&kq, 2)]),
         );
         let u = &mut a.u[span(&kq, m)];
         let wt = fc1_wt.as_ref();
@@ -425,7 +440,15 @@ fn block_backward<T: Real>(
         );
         prefetch_packed(heads_p);
         linear_grads_into(h2, fc1_w, du, Some(dh2), d_fc1_w, d_fc1_b, wp);
-        layer_norm_grads_into(&a.x2[span(&rq, d)], n2g, dh2, s.eps, dx2, d_norm2);
+        let moments2 = Some(&a.moments2[span(&rq, 2)]);
+        layer_norm_grads_into(
+            &a.x2[span(&rq, d)],
+            n2g,
+            dh2,
+            s.eps,
+            (dx2, d_norm2),
+            moments2,
+        );
         // Attention: x2 = x + proj(heads(qkv(LN1(x)))) for the query tokens.
         let d_heads = &mut d_rows[span(&tq, d)];
         let heads_out = input(&a.heads_out, span(&rq, d), reads);
@@ -471,7 +494,8 @@ fn block_backward<T: Real>(
             out.resize(out.len() + (t - nq) * d, T::zero());
         }
         let dx = &mut out[span(&r, d)];
-        layer_norm_grads_into(&x[span(&r, d)], n1g, dh1, s.eps, dx, d_norm1);
+        let moments1 = Some(&a.moments1[span(&r, 2)]);
+        layer_norm_grads_into(&x[span(&r, d)], n1g, dh1, s.eps, (dx, d_norm1), moments1);
     }
     out.extend_from_slice(&dparams);
     out

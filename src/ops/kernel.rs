@@ -258,6 +258,37 @@ pub(super) fn par_rows<T: Send + Sync>(
         });
 }
 
+/// [`par_rows`] over two outputs with a row each per row: `f(rows, out_rows,
+/// side_rows)`, `side` holding `side_len` values per row of `out`, split alike.
+pub(super) fn par_rows_with<T: Send + Sync>(
+    (out, row_len): (&mut [T], usize),
+    (side, side_len): (&mut [T], usize),
+    f: impl Fn(Range<usize>, &mut [T], &mut [T]) + Sync,
+) {
+    use rayon::prelude::*;
+    let rows = out.len().checked_div(row_len).unwrap_or(0);
+    assert_eq!(
+        side.len(),
+        rows * side_len,
+        "par_rows_with: a side row per row"
+    );
+    if rows == 0 {
+        return;
+    }
+    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    if rows <= chunk_rows {
+        f(0..rows, out, side);
+        return;
+    }
+    out.par_chunks_mut(chunk_rows * row_len)
+        .zip(side.par_chunks_mut(chunk_rows * side_len))
+        .enumerate()
+        .for_each(|(i, (chunk, side))| {
+            let start = i * chunk_rows;
+            f(start..start + chunk.len() / row_len, chunk, side);
+        });
+}
+
 /// Whether the kernels may use 256-bit vectors with FMA ([`cpu::level`], checked once).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn wide_vectors() -> bool {

@@ -4,7 +4,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernel::{add_partials, par_rows, unpack, Real, BLOCK_ROWS};
+use std::ops::Range;
+
+use super::kernel::{add_partials, par_rows, par_rows_with, unpack, Real, BLOCK_ROWS};
 use super::softmax::{lane_sum, row_sum};
 
 /// LayerNorm over the last dimension with gamma and beta.
@@ -24,24 +26,51 @@ pub(super) fn row_moments<T: Real>(row: &[T], eps: T) -> (T, T) {
 
 pub(super) fn layer_norm_rows<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    layer_norm_into(x, gamma, beta, eps, &mut out);
+    layer_norm_into(x, gamma, beta, eps, &mut out, None);
     out
 }
 
-/// LayerNorm of the rows of `x` into `out` (same length).
-pub(super) fn layer_norm_into<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64, out: &mut [T]) {
+/// LayerNorm of the rows of `x` into `out` (same length), and each row's mean and
+/// 1 / sqrt(var + eps) into `moments` (two values per row) when asked: what the
+/// backward pass would otherwise compute again, in two more passes over each row.
+pub(super) fn layer_norm_into<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    out: &mut [T],
+    moments: Option<&mut [T]>,
+) {
     let dim = gamma.len();
     let eps = T::from(eps).expect("a float");
-    par_rows(out, dim, |rows, dst| {
-        layer_norm_chunk(&x[rows.start * dim..rows.end * dim], dst, gamma, beta, eps);
-    });
+    let src = |rows: Range<usize>| &x[rows.start * dim..rows.end * dim];
+    match moments {
+        None => par_rows(out, dim, |rows, dst| {
+            layer_norm_chunk(src(rows), dst, gamma, beta, &mut [], eps);
+        }),
+        Some(moments) => par_rows_with((out, dim), (moments, 2), |rows, dst, moments| {
+            layer_norm_chunk(src(rows), dst, gamma, beta, moments, eps);
+        }),
+    }
 }
 
 kernel! {
-pub(super) fn layer_norm_chunk<T: Real>(src: &[T], dst: &mut [T], gamma: &[T], beta: &[T], eps: T) {
+/// `moments`: each row's (mean, 1 / sqrt(var + eps)) written there, unless empty.
+pub(super) fn layer_norm_chunk<T: Real>(
+    src: &[T],
+    dst: &mut [T],
+    gamma: &[T],
+    beta: &[T],
+    moments: &mut [T],
+    eps: T,
+) {
     let dim = gamma.len();
-    for (src, dst) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+    for (r, (src, dst)) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)).enumerate() {
         let (mean, inv) = row_moments(src, eps);
+        if !moments.is_empty() {
+            moments[2 * r] = mean;
+            moments[2 * r + 1] = inv;
+        }
         for (((d, &s), &g), &b) in dst.iter_mut().zip(src).zip(gamma).zip(beta) {
             *d = (s - mean) * inv * g + b;
         }
@@ -108,7 +137,7 @@ pub(super) struct LayerNormGrad {
 pub(super) fn layer_norm_grad<T: Real>(x: &[T], gamma: &[T], g: &[T], eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len() + 2 * gamma.len()];
     let (dx, params) = out.split_at_mut(x.len());
-    layer_norm_grads_into(x, gamma, g, eps, dx, params);
+    layer_norm_grads_into(x, gamma, g, eps, (dx, params), None);
     out
 }
 
@@ -116,17 +145,26 @@ pub(super) fn layer_norm_grad<T: Real>(x: &[T], gamma: &[T], g: &[T], eps: f64) 
 /// into `dx` (a residual stream's gradient can already be there), [dgamma | dbeta]
 /// into `params`. One pass: blocks of rows in parallel, each adding its
 /// rows' dgamma and dbeta into its own partial sums, summed in order at the end.
+/// `moments`: each row's mean and 1 / sqrt(var + eps) as the forward pass wrote them
+/// ([`layer_norm_into`]), or None to compute them again (the same values).
 pub(super) fn layer_norm_grads_into<T: Real>(
     x: &[T],
     gamma: &[T],
     g: &[T],
     eps: f64,
-    dx: &mut [T],
-    params: &mut [T],
+    (dx, params): (&mut [T], &mut [T]),
+    moments: Option<&[T]>,
 ) {
     use rayon::prelude::*;
     let dim = gamma.len();
     let rows = x.len() / dim.max(1);
+    if let Some(moments) = moments {
+        assert_eq!(
+            moments.len(),
+            2 * rows,
+            "layer-norm-grad: two moments per row"
+        );
+    }
     let eps = T::from(eps).expect("a float");
     let mut partials = vec![T::zero(); rows.div_ceil(BLOCK_ROWS) * 2 * dim];
     let block = BLOCK_ROWS * dim;
@@ -135,31 +173,40 @@ pub(super) fn layer_norm_grads_into<T: Real>(
         .enumerate()
         .for_each(|(b, (dst, partial))| {
             let span = b * block..b * block + dst.len();
-            layer_norm_grad_chunk(&x[span.clone()], &g[span], gamma, dst, partial, eps);
+            let rows = span.start / dim.max(1)..span.end / dim.max(1);
+            let moments = moments.map_or(&[][..], |m| &m[2 * rows.start..2 * rows.end]);
+            let (x, g) = (&x[span.clone()], &g[span]);
+            layer_norm_grad_chunk(x, g, gamma, dst, partial, moments, eps);
         });
     add_partials(params, &partials);
 }
 
 kernel! {
 /// For rows `x` and gradients `g`: adds dx into `dx`, and each row's g · x_hat and g
-/// into `partial` = [dgamma | dbeta].
+/// into `partial` = [dgamma | dbeta]. The rows' moments from `moments` (mean,
+/// 1 / sqrt(var + eps) per row), or computed here where it is empty.
 pub(super) fn layer_norm_grad_chunk<T: Real>(
     x: &[T],
     g: &[T],
     gamma: &[T],
     dx: &mut [T],
     partial: &mut [T],
+    moments: &[T],
     eps: T,
 ) {
     let dim = gamma.len();
     let n = T::from(dim).expect("a float");
     let (dgamma, dbeta) = partial.split_at_mut(dim);
-    for ((x, g), dx) in x
+    for (r, ((x, g), dx)) in x
         .chunks_exact(dim)
         .zip(g.chunks_exact(dim))
         .zip(dx.chunks_exact_mut(dim))
+        .enumerate()
     {
-        let (mean, inv) = row_moments(x, eps);
+        let (mean, inv) = match moments.is_empty() {
+            true => row_moments(x, eps),
+            false => (moments[2 * r], moments[2 * r + 1]),
+        };
         let mean_gx = lane_sum([g, gamma, gamma], |g, gamma, _| g * gamma) / n;
         let mean_gx_xhat =
             lane_sum([g, gamma, x], |g, gamma, x| g * gamma * (x - mean) * inv) / n;

@@ -87,6 +87,47 @@ fn fused_layer_norm_matches_the_composed_one_forward_and_backward() {
     }
 }
 
+/// The moments LayerNorm's forward pass writes are the ones its backward pass would
+/// compute again: the gradients from them are the same bits, f32 and f64, on this CPU's
+/// kernels (`.ci/run` runs it again at every lower level).
+#[test]
+fn layer_norm_gradients_from_the_forward_moments_are_the_same_bits() {
+    fn check<T: Real>(x: &[T], gamma: &[T], beta: &[T], g: &[T]) {
+        let (dim, rows) = (gamma.len(), x.len() / gamma.len());
+        let mut out = vec![T::zero(); x.len()];
+        let mut moments = vec![T::nan(); 2 * rows];
+        layer_norm_into(x, gamma, beta, 1e-5, &mut out, Some(&mut moments));
+        assert!(
+            moments.iter().all(|m| m.is_finite()),
+            "a mean and a scale per row"
+        );
+        let mut plain = vec![T::zero(); x.len()];
+        layer_norm_into(x, gamma, beta, 1e-5, &mut plain, None);
+        assert!(out == plain, "the same output with the moments written");
+        let grads = |moments: Option<&[T]>| {
+            let (mut dx, mut params) = (vec![T::zero(); x.len()], vec![T::zero(); 2 * dim]);
+            layer_norm_grads_into(x, gamma, g, 1e-5, (&mut dx, &mut params), moments);
+            dx.into_iter().chain(params).collect::<Vec<T>>()
+        };
+        let (kept, again) = (grads(Some(&moments)), grads(None));
+        assert!(kept.iter().any(|v| *v != T::zero()), "gradients computed");
+        assert!(
+            kept == again,
+            "dim {dim}: the same bits from the kept moments"
+        );
+    }
+    // Rows past one block of BLOCK_ROWS, so the moments are split as the rows are.
+    for (rows, dim) in [(300, 96), (7, 5)] {
+        let x = values(&random(&[rows, dim], 61));
+        let gamma = values(&random(&[dim], 62));
+        let beta = values(&random(&[dim], 63));
+        let g = values(&random(&[rows, dim], 64));
+        check(&x, &gamma, &beta, &g);
+        let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+        check(&f32s(&x), &f32s(&gamma), &f32s(&beta), &f32s(&g));
+    }
+}
+
 #[test]
 fn fused_layer_norm_gradient_matches_finite_differences() {
     let x0 = values(&random(&[2, 5], 7));

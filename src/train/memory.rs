@@ -215,8 +215,9 @@ pub fn estimate(config: &Config, workload: Workload, threads: usize) -> Estimate
         true => 0.0,
         false => 3.0 * d,
     };
+    // The two norms' moments: a mean and a scale per token each.
     let per_block =
-        tokens * (2.0 * d + inputs + qkv + 2.0 * mlp + packed) + heads * tokens * tokens;
+        tokens * (2.0 * d + inputs + qkv + 2.0 * mlp + packed + 4.0) + heads * tokens * tokens;
     // One block's backward scratch, and a tile's buffers, counted as a block that kept
     // everything.
     let scratch = per_block + tokens * (3.0 * d - inputs);
