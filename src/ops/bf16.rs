@@ -128,6 +128,11 @@ enum Packed {
 }
 
 impl PackedRhs {
+    /// (k, n): its rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
     /// Starts bringing the packed pairs into the cache (see [`super::kernel::prefetch`]).
     pub fn prefetch(&self) {
         match &self.data {
@@ -169,6 +174,106 @@ impl PackedRhs {
     }
 }
 
+/// A left-hand factor (m x k) packed for the bf16 instructions (the AMX tiles and
+/// VDPBF16PS read the same layout), where it is packed in the same pass as another
+/// factor of the same values: see [`pack_input`] and [`pack_gradient`].
+pub struct PackedLhs {
+    m: usize,
+    k: usize,
+    pairs: Pairs,
+}
+
+thread_local! {
+    /// The buffers of this thread's packed left factors, free again: a left factor is
+    /// read by the product right after its packing, on the same thread, so its buffer
+    /// comes back still in that core's cache (from a shared pool it could come from a
+    /// factor the other lane freed, or from one the forward pass kept).
+    static LEFT: RefCell<Vec<Vec<u32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer for a packed left factor: one this thread freed, or a new one.
+fn left_pairs() -> Pairs {
+    Pairs::from_vec(LEFT.with_borrow_mut(Vec::pop).unwrap_or_default())
+}
+
+impl Drop for PackedLhs {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.pairs.buf);
+        LEFT.with_borrow_mut(|free| {
+            // A few are in use at once; more would only hold memory.
+            if free.len() < 4 {
+                free.push(buf);
+            }
+        });
+    }
+}
+
+/// Pooled pairs for a packed factor of `len` pairs.
+fn pooled(len: usize) -> Pairs {
+    Pairs::from_vec(PAIRS.take(len + LINE_PAIRS))
+}
+
+/// A layer's input x (m x k, rows `rs` apart) packed in one pass as the left factor of
+/// its forward product (x · Wᵀ) and the right factor of its weight gradient (gᵀ · x),
+/// for [`Kernel::current`] where it is a bf16 instruction (None elsewhere: the rounded
+/// kernel packs nothing ahead). The same pairs as packing it twice.
+///
+/// # Safety
+/// `src` covers the matrix; a row holds at most 4,096 values.
+pub unsafe fn pack_input(
+    (m, k): (usize, usize),
+    src: *const f32,
+    rs: usize,
+) -> Option<(PackedLhs, PackedRhs)> {
+    let kernel = Kernel::current();
+    if !kernel.is_native() {
+        return None;
+    }
+    let mut lhs = left_pairs();
+    let mut rhs = pooled(padded(m) / 2 * padded(k));
+    pack::pack_rows_both_ways((&mut lhs, &mut rhs), (m, k), src, rs);
+    let rhs = PackedRhs {
+        k: m,
+        n: k,
+        kernel,
+        data: Packed::Pairs(rhs),
+    };
+    Some((PackedLhs { m, k, pairs: lhs }, rhs))
+}
+
+/// A layer's output gradient g (m x k, rows `rs` apart) packed in one pass as the left
+/// factor of both its products: g (the input gradient g · W) and gᵀ (the weight
+/// gradient gᵀ · x), where [`Kernel::current`] is a bf16 instruction (None elsewhere).
+/// The same pairs as packing it twice.
+///
+/// # Safety
+/// `src` covers the matrix.
+pub unsafe fn pack_gradient(
+    (m, k): (usize, usize),
+    src: *const f32,
+    rs: usize,
+) -> Option<(PackedLhs, PackedLhs)> {
+    if !Kernel::current().is_native() {
+        return None;
+    }
+    let (mut rows, mut transposed) = (left_pairs(), left_pairs());
+    #[cfg(target_arch = "x86_64")]
+    pack::pack_lhs_both_ways((&mut rows, &mut transposed), (m, k), src, rs);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        pack_lhs(&mut rows, (m, k), src, (rs, 1));
+        pack_lhs(&mut transposed, (k, m), src, (1, rs));
+    }
+    Some((
+        PackedLhs { m, k, pairs: rows },
+        PackedLhs {
+            m: k,
+            k: m,
+            pairs: transposed,
+        },
+    ))
+}
+
 /// The m x n matrix at `src` rounded to bf16, row-major.
 unsafe fn rounded((m, n): (usize, usize), src: *const f32, (rs, cs): (usize, usize)) -> Vec<f32> {
     let mut out = Vec::with_capacity(m * n);
@@ -200,6 +305,58 @@ pub enum Rhs<'a> {
     Matrix(*const f32, (usize, usize)),
 }
 
+/// A left factor as a kernel reads it: a matrix packed for this product alone, or
+/// rows packed already (from a product's first row).
+#[derive(Clone, Copy)]
+enum LhsAt<'a> {
+    Matrix(*const f32, (usize, usize)),
+    Packed(&'a [u32]),
+}
+
+// SAFETY: the pointer is only read, by products whose factors outlive them.
+unsafe impl Send for LhsAt<'_> {}
+unsafe impl Sync for LhsAt<'_> {}
+
+impl<'a> LhsAt<'a> {
+    /// The same factor from row `i0` on (a multiple of 32 for a packed one).
+    unsafe fn rows_from(self, i0: usize, row_pairs: usize) -> LhsAt<'a> {
+        match self {
+            LhsAt::Matrix(src, strides) => LhsAt::Matrix(src.add(i0 * strides.0), strides),
+            LhsAt::Packed(pairs) => LhsAt::Packed(&pairs[i0 * row_pairs..]),
+        }
+    }
+}
+
+/// [`product`] of two factors packed already: `dst (m x n) (+)= lhs · rhs`.
+///
+/// # Safety
+/// As [`product`]; the packed factors' shapes are checked.
+pub unsafe fn product_packed(
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    start: Start,
+) {
+    assert_eq!(
+        lhs.k, rhs.k,
+        "bf16 product: the packed factors' inner sizes"
+    );
+    assert!(
+        rhs.kernel.is_native(),
+        "bf16 product: a packed left factor needs a bf16 kernel"
+    );
+    let dims = (lhs.m, rhs.n, lhs.k);
+    product_split(
+        dims,
+        dst,
+        dst_strides,
+        LhsAt::Packed(lhs.pairs.as_slice()),
+        Rhs::Packed(rhs),
+        start,
+    );
+}
+
 /// `dst (m x n) (+)= round(lhs) (m x k) · round(rhs) (k x n)` with f32 sums, on the
 /// calling thread; strides in elements (rows, columns), as [`super::products::product`].
 /// A packed `rhs` says the kernel; a matrix goes to [`Kernel::current`].
@@ -213,6 +370,19 @@ pub unsafe fn product(
     dst_strides: (usize, usize),
     lhs: *const f32,
     lhs_strides: (usize, usize),
+    rhs: Rhs,
+    start: Start,
+) {
+    let lhs = LhsAt::Matrix(lhs, lhs_strides);
+    product_split(dims, dst, dst_strides, lhs, rhs, start);
+}
+
+/// [`product`] with its left factor as the kernels read it.
+unsafe fn product_split(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    lhs: LhsAt,
     rhs: Rhs,
     start: Start,
 ) {
@@ -236,12 +406,13 @@ pub unsafe fn product(
         };
         let parts = threads.min(m / SPLIT_ROWS);
         let rows = m.div_ceil(parts).next_multiple_of(BLOCK);
-        let (dst, lhs) = (dst as usize, lhs as usize);
+        let dst = dst as usize;
         let start = Shared(start);
+        let row_pairs = padded(k) / 2;
         rayon::scope(|scope| {
             for i0 in (0..m).step_by(rows) {
                 scope.spawn(move |_| {
-                    let (dst, lhs) = (dst as *mut f32, lhs as *const f32);
+                    let dst = dst as *mut f32;
                     let start = start.get();
                     // SAFETY: the parts write disjoint rows of dst.
                     unsafe {
@@ -250,8 +421,7 @@ pub unsafe fn product(
                             ((rows.min(m - i0), n, k), m),
                             dst.add(i0 * dst_strides.0),
                             dst_strides,
-                            lhs.add(i0 * lhs_strides.0),
-                            lhs_strides,
+                            lhs.rows_from(i0, row_pairs),
                             Rhs::Packed(rhs),
                             start,
                         )
@@ -261,16 +431,7 @@ pub unsafe fn product(
         });
         return;
     }
-    product_on(
-        kernel,
-        (dims, m),
-        dst,
-        dst_strides,
-        lhs,
-        lhs_strides,
-        rhs,
-        start,
-    );
+    product_on(kernel, (dims, m), dst, dst_strides, lhs, rhs, start);
 }
 
 /// A [`Start`] sent to the threads of a split product: its row is only read, and
@@ -302,8 +463,7 @@ unsafe fn product_on(
     ((m, n, k), whole_rows): ((usize, usize, usize), usize),
     dst: *mut f32,
     dst_strides: (usize, usize),
-    lhs: *const f32,
-    lhs_strides: (usize, usize),
+    lhs: LhsAt,
     rhs: Rhs,
     start: Start,
 ) {
@@ -341,6 +501,9 @@ unsafe fn product_on(
                 &owned
             }
         };
+        let LhsAt::Matrix(lhs, lhs_strides) = lhs else {
+            unreachable!("a packed left factor only with a bf16 kernel (asserted)")
+        };
         let a = rounded((m, k), lhs, lhs_strides);
         super::gemm::product(
             (m, n, k),
@@ -371,8 +534,13 @@ unsafe fn product_on(
                 b.as_slice()
             }
         };
-        pack_lhs(a, (m, k), lhs, lhs_strides);
-        let a = a.as_slice();
+        let a = match lhs {
+            LhsAt::Matrix(src, strides) => {
+                pack_lhs(a, (m, k), src, strides);
+                a.as_slice()
+            }
+            LhsAt::Packed(pairs) => pairs,
+        };
         match kernel {
             Kernel::Amx => amx::multiply(
                 (m, n, k),
@@ -536,6 +704,86 @@ mod tests {
         }
     }
 
+    /// Packing a factor for both its products in one pass ([`pack_input`]: rows and
+    /// pairs of rows; [`pack_gradient`]: rows and the transpose's rows) gives the pairs
+    /// the packings apart give, padding included, and the same products: odd rows,
+    /// rows that are not whole vectors, a subnormal (the lane-by-lane rounding), into
+    /// buffers that held something longer.
+    #[test]
+    fn packing_both_ways_in_one_pass_is_packing_twice() {
+        if !Kernel::current().is_native() {
+            eprintln!("no bf16 instruction here: nothing is packed ahead (the rounded kernel)");
+            return;
+        }
+        for (m, k) in [(256, 96), (7, 37), (65, 288), (33, 20)] {
+            let mut src = values(m * k, (m + k) as u64);
+            src[(m - 1) * k + k / 2] = 1e-40;
+            let stale = || {
+                let mut p = Pairs::from_vec(vec![7; 40_000]);
+                p.resize(30_000).fill(7);
+                p
+            };
+            // SAFETY: src holds m x k values, rows contiguous.
+            let (input, gradient) = unsafe {
+                LEFT.with_borrow_mut(|free| free.extend([stale().buf, stale().buf]));
+                let input = pack_input((m, k), src.as_ptr(), k).expect("a bf16 kernel");
+                LEFT.with_borrow_mut(|free| free.extend([stale().buf, stale().buf]));
+                let gradient = pack_gradient((m, k), src.as_ptr(), k).expect("a bf16 kernel");
+                (input, gradient)
+            };
+            let apart = |lhs: bool, (m, k): (usize, usize), strides: (usize, usize)| {
+                let mut p = stale();
+                // SAFETY: as above; the strides read src as m x k or as its transpose.
+                unsafe {
+                    match lhs {
+                        true => pack_lhs(&mut p, (m, k), src.as_ptr(), strides),
+                        false => pack_rhs(&mut p, (m, k), src.as_ptr(), strides),
+                    }
+                }
+                p.as_slice().to_vec()
+            };
+            let rows = apart(true, (m, k), (k, 1));
+            assert_eq!(input.0.pairs.as_slice(), &rows[..], "{m}x{k}: input's rows");
+            let Packed::Pairs(pairs) = &input.1.data else {
+                unreachable!("a bf16 kernel's pairs")
+            };
+            let rhs = apart(false, (m, k), (k, 1));
+            assert_eq!(pairs.as_slice(), &rhs[..], "{m}x{k}: input's pairs of rows");
+            assert_eq!((input.1.k, input.1.n), (m, k));
+            assert_eq!(
+                gradient.0.pairs.as_slice(),
+                &rows[..],
+                "{m}x{k}: gradient's rows"
+            );
+            let transposed = apart(true, (k, m), (1, k));
+            assert_eq!(
+                gradient.1.pairs.as_slice(),
+                &transposed[..],
+                "{m}x{k}: gradient's transpose"
+            );
+            assert_eq!((gradient.1.m, gradient.1.k), (k, m));
+            // The products from packed left factors are the products packing them.
+            let b = values(k * 40, 9);
+            let w = unsafe { PackedRhs::new((k, 40), b.as_ptr(), (40, 1)) };
+            let (mut packed, mut plain) = (vec![0f32; m * 40], vec![0f32; m * 40]);
+            // SAFETY: every matrix is allocated at the size its strides describe.
+            unsafe {
+                product_packed(packed.as_mut_ptr(), (40, 1), &input.0, &w, Start::Zero);
+                let rhs = Rhs::Packed(&w);
+                product(
+                    (m, 40, k),
+                    plain.as_mut_ptr(),
+                    (40, 1),
+                    src.as_ptr(),
+                    (k, 1),
+                    rhs,
+                    Start::Zero,
+                );
+            }
+            assert_eq!(packed, plain, "{m}x{k}: the product");
+        }
+    }
+
     /// The packings of a factor read transposed (a gradient read as gᵀ by the weight
     /// gradient, keys read as Kᵀ, weights as Wᵀ) round every value as [`to_bf16`] does
     /// too and pad with zeros: an odd number of pairs, rows that are not whole tiles;
@@ -661,8 +909,7 @@ mod tests {
                             ((m, n, k), m),
                             c.as_mut_ptr(),
                             ds,
-                            a.as_ptr(),
-                            ls,
+                            LhsAt::Matrix(a.as_ptr(), ls),
                             rhs,
                             start,
                         )

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::bf16::PackedRhs;
-use super::products::{pack_activation, pack_weight, packs_native};
+use super::bf16::{PackedLhs, PackedRhs};
+use super::products::{pack_activation, pack_input, pack_weight, packs_native};
 
 use super::attention::{
     attention_backward_into, attention_forward_into, AttentionShape, KeptFactors,
@@ -287,9 +287,14 @@ fn block_forward<T: Real>(
             &mut a.h1[span(&ki, d)],
             moments1,
         );
+        // Each linear layer's input, where its weight gradient will read it packed,
+        // is packed for both its products at once (on a bf16 instruction): the
+        // forward product reads it as the left factor.
+        let both = keep && s.bf16;
+        let h1_p = both.then(|| pack_input(&a.h1[span(&ki, d)], d)).flatten();
         let qkv = &mut a.qkv[kqkv.clone()];
-        let wt = qkv_wt.as_ref();
-        linear_into(&a.h1[span(&ki, d)], qkv_w, qkv_b, qkv, Start::Bias, wt);
+        let packed = (qkv_wt.as_ref(), h1_p.as_ref().map(|(lhs, _)| lhs));
+        linear_into(&a.h1[span(&ki, d)], qkv_w, qkv_b, qkv, Start::Bias, packed);
         attention_forward_into(
             &a.qkv[kqkv],
             attention,
@@ -304,13 +309,16 @@ fn block_forward<T: Real>(
             let start = (r.start + image * t) * d;
             plus_bias(x2, &x[start..start + nq * d], proj_b);
         }
+        let heads_p = both
+            .then(|| pack_input(&a.heads_out[span(&kiq, d)], d))
+            .flatten();
         linear_into(
             &a.heads_out[span(&kiq, d)],
             proj_w,
             proj_b,
             x2,
             Start::Ready,
-            proj_wt.as_ref(),
+            (proj_wt.as_ref(), heads_p.as_ref().map(|(lhs, _)| lhs)),
         );
         layer_norm_into(
             &a.x2[span(&kq, d)],
@@ -320,10 +328,12 @@ fn block_forward<T: Real>(
             &mut a.h2[span(&kiq, d)],
             keep.then(|| &mut a.moments2[span(&kq, 2)]),
         );
+        let h2_p = both.then(|| pack_input(&a.h2[span(&kiq, d)], d)).flatten();
         let u = &mut a.u[span(&kq, m)];
-        let wt = fc1_wt.as_ref();
-        linear_into(&a.h2[span(&kiq, d)], fc1_w, fc1_b, u, Start::Bias, wt);
+        let packed = (fc1_wt.as_ref(), h2_p.as_ref().map(|(lhs, _)| lhs));
+        linear_into(&a.h2[span(&kiq, d)], fc1_w, fc1_b, u, Start::Bias, packed);
         gelu_into(&a.u[span(&kq, m)], &mut a.g[span(&kq, m)]);
+        let g_p = both.then(|| pack_input(&a.g[span(&kq, m)], m)).flatten();
         residual_plus_bias(&mut y, &a.x2[span(&kq, d)], fc2_b);
         linear_into(
             &a.g[span(&kq, m)],
@@ -331,14 +341,21 @@ fn block_forward<T: Real>(
             fc2_b,
             &mut y[span(&rq, d)],
             Start::Ready,
-            fc2_wt.as_ref(),
+            (fc2_wt.as_ref(), g_p.as_ref().map(|(lhs, _)| lhs)),
         );
-        if keep && s.bf16 {
+        if both {
+            // The inputs as their weight gradients read them: packed above, or (the
+            // rounded kernel, no bf16 instruction) packed now.
+            let rhs = |packed: Option<(PackedLhs, PackedRhs)>, x: &[T], cols: usize| {
+                packed
+                    .map(|(_, rhs)| rhs)
+                    .or_else(|| pack_activation(x, cols))
+            };
             let inputs = [
-                pack_activation(&a.h1[span(&ki, d)], d),
-                pack_activation(&a.heads_out[span(&kiq, d)], d),
-                pack_activation(&a.h2[span(&kiq, d)], d),
-                pack_activation(&a.g[span(&kq, m)], m),
+                rhs(h1_p, &a.h1[span(&ki, d)], d),
+                rhs(heads_p, &a.heads_out[span(&kiq, d)], d),
+                rhs(h2_p, &a.h2[span(&kiq, d)], d),
+                rhs(g_p, &a.g[span(&kq, m)], m),
             ];
             if let [Some(h1), Some(heads), Some(h2), Some(g)] = inputs {
                 a.packed.push([h1, heads, h2, g]);

@@ -3,9 +3,12 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::bf16::PackedRhs;
+use super::bf16::{PackedLhs, PackedRhs};
 use super::kernel::{add_row_sums, add_rows_chunk, unpack, Real};
-use super::products::{gemm_parallelism, pack_weight, product_onto_row, product_with, Factors};
+use super::products::{
+    gemm_parallelism, pack_gradient, pack_weight, product_onto_row, product_packed, product_with,
+    Factors, SumsFrom,
+};
 
 /// y = x Wᵀ + b over the last dimension of x, as one op: one node in the autograd
 /// graph instead of four (reshape, transpose, product, bias). Candle's backward
@@ -25,7 +28,7 @@ fn linear_forward<T: Real>(x: &[T], w: &[T], b: &[T], bf16: bool) -> Vec<T> {
     let wt = bf16
         .then(|| pack_weight(w, (out_dim, in_dim), true))
         .flatten();
-    linear_into(x, w, b, &mut y, Start::Bias, wt.as_ref());
+    linear_into(x, w, b, &mut y, Start::Bias, (wt.as_ref(), None));
     y
 }
 
@@ -42,18 +45,29 @@ pub(super) enum Start {
 /// y = start + x Wᵀ over rows, in place: the rows start from the bias, or from what
 /// they hold (a residual plus the bias), and the product is added onto them, so there
 /// is no zero fill and no separate pass for the bias (the AMX tiles load the bias
-/// themselves).
+/// themselves). `packed`: Wᵀ packed for bf16 products, and x too where it was packed
+/// already (as the left factor: the same rows as packing it here).
 pub(super) fn linear_into<T: Real>(
     x: &[T],
     w: &[T],
     b: &[T],
     y: &mut [T],
     start: Start,
-    bf16_wt: Option<&PackedRhs>,
+    packed: (Option<&PackedRhs>, Option<&PackedLhs>),
 ) {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
     assert_eq!(y.len(), rows * out_dim, "linear: output size");
+    let (bf16_wt, packed_x) = packed;
+    if let (Some(wt), Some(px)) = (bf16_wt, packed_x) {
+        let from = match start {
+            Start::Bias => SumsFrom::Row(b),
+            Start::Ready => SumsFrom::Dst,
+        };
+        // SAFETY: y is rows x out_dim (checked); the product checks the packed shapes.
+        unsafe { product_packed(y.as_mut_ptr(), out_dim, px, wt, from) };
+        return;
+    }
     let factors = bf16_wt.map_or(Factors::F32, Factors::Bf16Packed);
     // SAFETY: y is rows x out_dim (checked), x rows x in_dim, w out_dim x in_dim
     // (read as Wᵀ; a packed Wᵀ is checked by the product), b out_dim values.
@@ -176,6 +190,24 @@ pub(super) fn linear_grads_into<T: Real>(
     );
     if reads_x || !x.is_empty() {
         assert_eq!(x.len(), rows * in_dim, "linear: input size");
+    }
+    if let (Some(wp), Some(xp)) = (packed.w, packed.x) {
+        // Both products' left factor is g (as g and as gᵀ): packed in one pass.
+        if let Some((g_rows, g_t)) = pack_gradient(g, out_dim) {
+            // SAFETY: each destination is its own slice of the size its shape needs
+            // (checked); the products check the packed shapes.
+            unsafe {
+                if let Some(dx) = dx {
+                    assert_eq!(dx.len(), rows * in_dim, "linear: input gradient size");
+                    product_packed(dx.as_mut_ptr(), in_dim, &g_rows, wp, SumsFrom::Zero);
+                }
+                product_packed(dw.as_mut_ptr(), in_dim, &g_t, xp, SumsFrom::Dst);
+            }
+            add_row_sums(rows, db, |range, partial| {
+                add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
+            });
+            return;
+        }
     }
     let (dx_factors, dw_factors) = match (packed.w, packed.x) {
         (Some(w), Some(x)) => (Factors::Bf16Packed(w), Factors::Bf16Packed(x)),

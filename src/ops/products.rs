@@ -1,7 +1,7 @@
 //! Matrix products: the gemm crate's f32 kernels, or bf16 factors on AMX tiles or
 //! AVX-512 BF16 dot products ([`super::bf16`]) as `model.matmul` says, behind one call the ops share.
 
-use super::bf16::{self, PackedRhs};
+use super::bf16::{self, PackedLhs, PackedRhs};
 use super::gemm::product;
 pub(super) use super::gemm::{gemm_parallelism, IN_TASK};
 use super::kernel::Real;
@@ -49,6 +49,75 @@ pub(super) fn pack_activation<T: Real>(x: &[T], cols: usize) -> Option<PackedRhs
     assert_eq!(rows * cols, x.len(), "pack_activation: whole rows");
     // SAFETY: T is f32, and x holds rows x cols values (checked).
     Some(unsafe { PackedRhs::new((rows, cols), x.as_ptr().cast(), (cols, 1)) })
+}
+
+/// A layer's input x (rows x cols, rows contiguous) packed in one pass for both
+/// products that read it, when `T` is f32 and the CPU has a bf16 instruction: the
+/// left factor of its forward product and the right one of its weight gradient (as
+/// [`pack_activation`] packs it). None elsewhere.
+pub(super) fn pack_input<T: Real>(x: &[T], cols: usize) -> Option<(PackedLhs, PackedRhs)> {
+    if !packs_native::<T>() {
+        return None;
+    }
+    let rows = x.len() / cols.max(1);
+    assert_eq!(rows * cols, x.len(), "pack_input: whole rows");
+    // SAFETY: T is f32, and x holds rows x cols values (checked).
+    unsafe { bf16::pack_input((rows, cols), x.as_ptr().cast(), cols) }
+}
+
+/// A layer's output gradient g (rows x cols, rows contiguous) packed in one pass as
+/// the left factor of its input gradient (g) and of its weight gradient (gᵀ), when
+/// `T` is f32 and the CPU has a bf16 instruction. None elsewhere.
+pub(super) fn pack_gradient<T: Real>(g: &[T], cols: usize) -> Option<(PackedLhs, PackedLhs)> {
+    if !packs_native::<T>() {
+        return None;
+    }
+    let rows = g.len() / cols.max(1);
+    assert_eq!(rows * cols, g.len(), "pack_gradient: whole rows");
+    // SAFETY: T is f32, and g holds rows x cols values (checked).
+    unsafe { bf16::pack_gradient((rows, cols), g.as_ptr().cast(), cols) }
+}
+
+/// What a product of packed factors starts its sums from.
+#[derive(Clone, Copy)]
+pub(super) enum SumsFrom<'a, T> {
+    Zero,
+    /// dst's values: dst += lhs · rhs.
+    Dst,
+    /// The row in every row of dst (a bias).
+    Row(&'a [T]),
+}
+
+/// dst (rows contiguous, `dst_rows` apart) = lhs · rhs plus what `from` says, of two
+/// factors packed already (so `T` is f32, and the kernel a bf16 instruction's): the
+/// same sums as [`product_with`] packing them itself.
+///
+/// # Safety
+/// dst covers lhs's rows of `dst_rows` values, rhs's columns within each.
+pub(super) unsafe fn product_packed<T: Real>(
+    dst: *mut T,
+    dst_rows: usize,
+    lhs: &PackedLhs,
+    rhs: &PackedRhs,
+    from: SumsFrom<T>,
+) {
+    assert!(
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),
+        "packed factors multiply f32 values"
+    );
+    let start = match from {
+        SumsFrom::Zero => bf16::Start::Zero,
+        SumsFrom::Dst => bf16::Start::Dst,
+        SumsFrom::Row(row) => {
+            assert_eq!(
+                row.len(),
+                rhs.dims().1,
+                "product_packed: a value per column"
+            );
+            bf16::Start::Row(row.as_ptr().cast())
+        }
+    };
+    bf16::product_packed(dst.cast(), (dst_rows, 1), lhs, rhs, start);
 }
 
 /// The k x n matrix at `src` (strides in elements) packed as a right-hand factor when

@@ -372,6 +372,146 @@ pub(super) unsafe fn pack_lhs(
     }
 }
 
+/// Stores the two halves of [`bf16_32`]'s result as 16 bf16 of row `r` and 16 of row
+/// `r + 1` of a left factor packed as rows (`row_len` bf16 a row), from column `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+#[inline]
+unsafe fn store_row_halves(
+    rows: *mut u16,
+    row_len: usize,
+    (r, c): (usize, usize),
+    both: std::arch::x86_64::__m512i,
+) {
+    use std::arch::x86_64::*;
+    let dst = rows.add(r * row_len + c);
+    _mm256_storeu_si256(dst.cast(), _mm512_castsi512_si256(both));
+    _mm256_storeu_si256(
+        dst.add(row_len).cast(),
+        _mm512_extracti64x4_epi64::<1>(both),
+    );
+}
+
+/// A matrix x (m x k, rows contiguous, `rs` apart) packed for both products that
+/// read it, in one pass: as the left factor of x · B into `lhs` ([`pack_lhs`]'s
+/// layout, m x k) and as the right factor of A · x into `rhs` ([`pack_rhs`]'s, k x n
+/// for n = the columns, k = the rows). Each pair of rows is loaded and rounded once;
+/// the rounded pair interleaved is a line of `rhs`, its halves are two rows of `lhs`.
+/// A layer's input: the forward product reads it as the left factor, its weight
+/// gradient as the right one. The same bits as the two packings apart (tested).
+///
+/// # Safety
+/// As [`pack_lhs`]; x's rows hold at most 4,096 values.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
+pub(super) unsafe fn pack_rows_both_ways(
+    (lhs, rhs): (&mut Pairs, &mut Pairs),
+    (m, k): (usize, usize),
+    src: *const f32,
+    rs: usize,
+) {
+    assert!(
+        k <= ZEROS.len(),
+        "pack_rows_both_ways: rows of at most 4,096 values"
+    );
+    let (row_pairs, np) = (padded(k) / 2, padded(k));
+    let (lhs, rhs) = (
+        lhs.resize(padded(m) * row_pairs),
+        rhs.resize(padded(m) / 2 * np),
+    );
+    let pairs = m.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let rows = lhs.as_mut_ptr().cast::<u16>();
+        for p in 0..pairs {
+            let lo = src.add(2 * p * rs);
+            let hi = match 2 * p + 1 < m {
+                true => src.add((2 * p + 1) * rs),
+                false => ZEROS.as_ptr(),
+            };
+            for c in (0..np).step_by(16) {
+                let mask = lanes_from(c, k);
+                let both = bf16_32(
+                    _mm512_maskz_loadu_ps(mask, lo.add(c)),
+                    _mm512_maskz_loadu_ps(mask, hi.add(c)),
+                );
+                let line = rhs.as_mut_ptr().add(p * np + c);
+                _mm512_storeu_si512(line.cast(), interleave(both));
+                store_row_halves(rows, 2 * row_pairs, (2 * p, c), both);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for p in 0..pairs {
+        let at = |i: usize, j: usize| match i < m && j < k {
+            true => *src.add(i * rs + j),
+            false => 0.0,
+        };
+        for j in 0..np {
+            rhs[p * np + j] = pair(at(2 * p, j), at(2 * p + 1, j));
+        }
+        for i in [2 * p, 2 * p + 1] {
+            for q in 0..row_pairs {
+                lhs[i * row_pairs + q] = pair(at(i, 2 * q), at(i, 2 * q + 1));
+            }
+        }
+    }
+    lhs[2 * pairs * row_pairs..].fill(0);
+    rhs[pairs * np..].fill(0);
+}
+
+/// A gradient g (m x k, rows contiguous, `rs` apart) packed as the left factor of
+/// both its products, in one pass: g itself into `rows` ([`pack_lhs`]'s layout, m x
+/// k: the input gradient g · W) and gᵀ into `transposed` (k x m: the weight gradient
+/// gᵀ · x). Each pair of g's rows is loaded and rounded 16 columns at a time, once:
+/// interleaved it is a line of gᵀ's pairs ([`transposed_blocks`]), its halves are
+/// pieces of two of g's rows. The same bits as the two packings apart (tested).
+///
+/// # Safety
+/// As [`pack_lhs`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+pub(super) unsafe fn pack_lhs_both_ways(
+    (rows, transposed): (&mut Pairs, &mut Pairs),
+    (m, k): (usize, usize),
+    src: *const f32,
+    rs: usize,
+) {
+    use std::arch::x86_64::*;
+    let (row_pairs, t_row_pairs) = (padded(k) / 2, padded(m) / 2);
+    let pairs = m.div_ceil(2);
+    // The lines below write g's rows up to column k rounded up to 16, and gᵀ's rows
+    // up to its pairs: the rest of each row is padding, zeroed here.
+    let rows = rows.resize(padded(m) * row_pairs);
+    for row in rows[..2 * pairs * row_pairs].chunks_exact_mut(row_pairs) {
+        row[k.next_multiple_of(16) / 2..].fill(0);
+    }
+    rows[2 * pairs * row_pairs..].fill(0);
+    let transposed = transposed.resize(padded(k) * t_row_pairs);
+    for row in transposed[..k * t_row_pairs].chunks_exact_mut(t_row_pairs) {
+        row[pairs..].fill(0);
+    }
+    transposed[k * t_row_pairs..].fill(0);
+    let row_bf16 = rows.as_mut_ptr().cast::<u16>();
+    // Column p of gᵀ's pairs from its row i0: rows 2p and 2p + 1 of g, 16 values
+    // from column i0.
+    let line = |p: usize, i0: usize| {
+        let mask = lanes_from(i0, k);
+        let lo = _mm512_maskz_loadu_ps(mask, src.add(2 * p * rs + i0));
+        let hi = match 2 * p + 1 < m {
+            true => _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * rs + i0)),
+            false => _mm512_setzero_ps(),
+        };
+        let both = bf16_32(lo, hi);
+        store_row_halves(row_bf16, 2 * row_pairs, (2 * p, i0), both);
+        interleave(both)
+    };
+    transposed_blocks(transposed, t_row_pairs, (k, pairs), line);
+}
+
 /// Packs the right factor (k x n) in pairs of rows: `out` gets padded(k) / 2 rows of
 /// padded(n) pairs, pair (p, j) holding elements (2p, j) and (2p + 1, j).
 ///
