@@ -10,7 +10,9 @@
 //! rows of bf16, the right one in pairs of rows (the "VNNI" layout the instruction
 //! reads), each padded with zeros to whole tiles and starting at a cache line. A
 //! matrix that many products read is packed once ([`PackedRhs`]): a weight, or a
-//! layer's input kept for its weight gradient.
+//! layer's input kept for its weight gradient. A matrix that two products read is
+//! packed for both in one pass ([`pack_input`], [`pack_gradient`]): each pair of rows
+//! is loaded and rounded once.
 
 use std::cell::RefCell;
 
