@@ -191,59 +191,56 @@ pub(super) fn linear_grads_into<T: Real>(
     if reads_x || !x.is_empty() {
         assert_eq!(x.len(), rows * in_dim, "linear: input size");
     }
-    if let (Some(wp), Some(xp)) = (packed.w, packed.x) {
-        // Both products' left factor is g (as g and as gᵀ): packed in one pass.
-        if let Some((g_rows, g_t)) = pack_gradient(g, out_dim) {
-            // SAFETY: each destination is its own slice of the size its shape needs
-            // (checked); the products check the packed shapes.
-            unsafe {
-                if let Some(dx) = dx {
-                    assert_eq!(dx.len(), rows * in_dim, "linear: input gradient size");
-                    product_packed(dx.as_mut_ptr(), in_dim, &g_rows, wp, SumsFrom::Zero);
-                }
-                product_packed(dw.as_mut_ptr(), in_dim, &g_t, xp, SumsFrom::Dst);
-            }
-            add_row_sums(rows, db, |range, partial| {
-                add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);
-            });
-            return;
-        }
+    if let Some(dx) = &dx {
+        assert_eq!(dx.len(), rows * in_dim, "linear: input gradient size");
     }
-    let (dx_factors, dw_factors) = match (packed.w, packed.x) {
-        (Some(w), Some(x)) => (Factors::Bf16Packed(w), Factors::Bf16Packed(x)),
-        (Some(w), None) => (Factors::Bf16Packed(w), Factors::Bf16),
-        (None, _) => (Factors::F32, Factors::F32),
+    // Where both other factors come packed, both products' left factor is g (as g and
+    // as gᵀ): packed in one pass.
+    let g_packed = match (packed.w, packed.x) {
+        (Some(_), Some(_)) => pack_gradient(g, out_dim),
+        _ => None,
     };
     // SAFETY: each destination is its own slice of the size its shape needs (checked);
-    // shapes as in the forward pass.
+    // shapes as in the forward pass, packed ones checked by the products.
     unsafe {
-        if let Some(dx) = dx {
-            assert_eq!(dx.len(), rows * in_dim, "linear: input gradient size");
-            // dx = g W: (rows x out) · (out x in)
+        if let (Some(wp), Some(xp), Some((g_rows, g_t))) = (packed.w, packed.x, g_packed) {
+            if let Some(dx) = dx {
+                product_packed(dx.as_mut_ptr(), in_dim, &g_rows, wp, SumsFrom::Zero);
+            }
+            product_packed(dw.as_mut_ptr(), in_dim, &g_t, xp, SumsFrom::Dst);
+        } else {
+            let (dx_factors, dw_factors) = match (packed.w, packed.x) {
+                (Some(w), Some(x)) => (Factors::Bf16Packed(w), Factors::Bf16Packed(x)),
+                (Some(w), None) => (Factors::Bf16Packed(w), Factors::Bf16),
+                (None, _) => (Factors::F32, Factors::F32),
+            };
+            if let Some(dx) = dx {
+                // dx = g W: (rows x out) · (out x in)
+                product_with(
+                    (rows, in_dim, out_dim),
+                    dx.as_mut_ptr(),
+                    (in_dim, 1),
+                    g.as_ptr(),
+                    (out_dim, 1),
+                    w.as_ptr(),
+                    (in_dim, 1),
+                    dx_factors,
+                    (false, gemm_parallelism()),
+                );
+            }
+            // dW += gᵀ x: (out x rows) · (rows x in)
             product_with(
-                (rows, in_dim, out_dim),
-                dx.as_mut_ptr(),
+                (out_dim, in_dim, rows),
+                dw.as_mut_ptr(),
                 (in_dim, 1),
                 g.as_ptr(),
-                (out_dim, 1),
-                w.as_ptr(),
+                (1, out_dim),
+                x.as_ptr(),
                 (in_dim, 1),
-                dx_factors,
-                (false, gemm_parallelism()),
+                dw_factors,
+                (true, gemm_parallelism()),
             );
         }
-        // dW += gᵀ x: (out x rows) · (rows x in)
-        product_with(
-            (out_dim, in_dim, rows),
-            dw.as_mut_ptr(),
-            (in_dim, 1),
-            g.as_ptr(),
-            (1, out_dim),
-            x.as_ptr(),
-            (in_dim, 1),
-            dw_factors,
-            (true, gemm_parallelism()),
-        );
     }
     add_row_sums(rows, db, |range, partial| {
         add_rows_chunk(&g[range.start * out_dim..range.end * out_dim], partial);

@@ -37,6 +37,13 @@ pub(super) fn pack_weight<T: Real>(
     })
 }
 
+/// The rows of `values` as a matrix of `cols` columns, which it must fill whole.
+fn whole_rows<T>(values: &[T], cols: usize, what: &str) -> usize {
+    let rows = values.len() / cols.max(1);
+    assert_eq!(rows * cols, values.len(), "{what}: whole rows");
+    rows
+}
+
 /// A layer's input x (rows x cols, rows contiguous) packed as the right-hand factor
 /// of its weight gradient dW = gᵀ x when `T` is f32: the forward pass packs it while x
 /// is in cache, and the backward pass reads half the bytes (bf16 pairs, not f32) and
@@ -45,8 +52,7 @@ pub(super) fn pack_activation<T: Real>(x: &[T], cols: usize) -> Option<PackedRhs
     if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
         return None;
     }
-    let rows = x.len() / cols.max(1);
-    assert_eq!(rows * cols, x.len(), "pack_activation: whole rows");
+    let rows = whole_rows(x, cols, "pack_activation");
     // SAFETY: T is f32, and x holds rows x cols values (checked).
     Some(unsafe { PackedRhs::new((rows, cols), x.as_ptr().cast(), (cols, 1)) })
 }
@@ -59,8 +65,7 @@ pub(super) fn pack_input<T: Real>(x: &[T], cols: usize) -> Option<(PackedLhs, Pa
     if !packs_native::<T>() {
         return None;
     }
-    let rows = x.len() / cols.max(1);
-    assert_eq!(rows * cols, x.len(), "pack_input: whole rows");
+    let rows = whole_rows(x, cols, "pack_input");
     // SAFETY: T is f32, and x holds rows x cols values (checked).
     unsafe { bf16::pack_input((rows, cols), x.as_ptr().cast(), cols) }
 }
@@ -72,8 +77,7 @@ pub(super) fn pack_gradient<T: Real>(g: &[T], cols: usize) -> Option<(PackedLhs,
     if !packs_native::<T>() {
         return None;
     }
-    let rows = g.len() / cols.max(1);
-    assert_eq!(rows * cols, g.len(), "pack_gradient: whole rows");
+    let rows = whole_rows(g, cols, "pack_gradient");
     // SAFETY: T is f32, and g holds rows x cols values (checked).
     unsafe { bf16::pack_gradient((rows, cols), g.as_ptr().cast(), cols) }
 }

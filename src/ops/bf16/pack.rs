@@ -91,12 +91,20 @@ unsafe fn round_row(dst: *mut u16, src: *const f32, len: usize, padded_len: usiz
 }
 
 /// `dst[..padded_len]` = pairs of the `len` values at `lo` and at `hi`, then zeros.
+/// With `HALVES`, the same values rounded also go to `halves` as two rows of
+/// `padded_len` bf16, `lo`'s then `hi`'s: a left factor's rows packed in the same pass
+/// (a const, so that the packing of a right factor alone carries no test for it).
 #[cfg_attr(
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
 )]
 #[inline]
-unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, padded_len: usize) {
+unsafe fn pair_rows<const HALVES: bool>(
+    dst: *mut u32,
+    (lo, hi): (*const f32, *const f32),
+    (len, padded_len): (usize, usize),
+    halves: *mut u16,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
@@ -104,32 +112,85 @@ unsafe fn pair_rows(dst: *mut u32, lo: *const f32, hi: *const f32, len: usize, p
             let mask = lanes_from(c, len);
             let l = _mm512_maskz_loadu_ps(mask, lo.add(c));
             let h = _mm512_maskz_loadu_ps(mask, hi.add(c));
-            let pairs = interleave(bf16_32(l, h));
+            let both = bf16_32(l, h);
+            let pairs = interleave(both);
             _mm512_mask_storeu_epi32(dst.add(c).cast(), lanes_from(c, padded_len), pairs);
+            if HALVES {
+                store_row_halves(halves, padded_len, (0, c), both);
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     for c in 0..padded_len {
-        *dst.add(c) = if c < len {
-            pair(*lo.add(c), *hi.add(c))
-        } else {
-            0
+        let (l, h) = match c < len {
+            true => (*lo.add(c), *hi.add(c)),
+            false => (0.0, 0.0),
         };
+        *dst.add(c) = pair(l, h);
+        if HALVES {
+            *halves.add(c) = to_bf16(l);
+            *halves.add(padded_len + c) = to_bf16(h);
+        }
     }
+}
+
+/// The k rows of n values at `src` (rows `rs` apart) in pairs of rows into `out`
+/// ([`pack_rhs`]'s layout), and with `HALVES` each row rounded into a left factor's
+/// rows of padded(n) bf16 at `halves` too; only the pairs of rows past k are zeroed,
+/// not the whole buffer first.
+///
+/// # Safety
+/// As [`pack_rhs`]; n is at most 4,096, and with `HALVES`, `halves` covers
+/// 2 · k.div_ceil(2) rows.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")
+)]
+unsafe fn pack_row_pairs<const HALVES: bool>(
+    out: &mut [u32],
+    (k, n): (usize, usize),
+    (src, rs): (*const f32, usize),
+    halves: *mut u16,
+) {
+    let np = padded(n);
+    let pairs = k.div_ceil(2);
+    for p in 0..pairs {
+        let lo = src.add(2 * p * rs);
+        let hi = match 2 * p + 1 < k {
+            true => src.add((2 * p + 1) * rs),
+            false => ZEROS.as_ptr(),
+        };
+        let rows = halves.wrapping_add(2 * p * np);
+        pair_rows::<HALVES>(out.as_mut_ptr().add(p * np), (lo, hi), (n, np), rows);
+    }
+    out[pairs * np..].fill(0);
+}
+
+/// Zeros the padding of a packed factor whose lines fill each of its first `rows`
+/// rows (of `row_len` pairs) up to `used` pairs: the rest of those rows, and every row
+/// after them.
+fn zero_padding(out: &mut [u32], row_len: usize, (rows, used): (usize, usize)) {
+    for row in out[..rows * row_len].chunks_exact_mut(row_len) {
+        row[used..].fill(0);
+    }
+    out[rows * row_len..].fill(0);
 }
 
 /// The transposed left factor's pairs: `out[i * row_pairs + p]` = the pair of
 /// src[2p·cs + i] and src[(2p + 1)·cs + i] for i < m and p < k.div_ceil(2) (a gradient g
 /// read as gᵀ: rows 2p and 2p + 1 of g make column p of pairs), [`transposed_blocks`]
-/// of lines rounded along memory.
+/// of lines rounded along memory. With `HALVES`, src's own rows go rounded to
+/// `halves` too (a pointer and a row length in bf16), up to column m rounded up to 16:
+/// g's left factor packed in the same pass.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
-unsafe fn pack_lhs_transposed(
+unsafe fn pack_lhs_transposed<const HALVES: bool>(
     out: &mut [u32],
     row_pairs: usize,
     (m, k): (usize, usize),
     src: *const f32,
     cs: usize,
+    halves: (*mut u16, usize),
 ) {
     use std::arch::x86_64::*;
     // Column p of pairs from row i0: rows 2p and 2p + 1 of src, 16 values from i0.
@@ -140,7 +201,11 @@ unsafe fn pack_lhs_transposed(
             true => _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * cs + i0)),
             false => _mm512_setzero_ps(),
         };
-        interleave(bf16_32(lo, hi))
+        let both = bf16_32(lo, hi);
+        if HALVES {
+            store_row_halves(halves.0, halves.1, (2 * p, i0), both);
+        }
+        interleave(both)
     };
     transposed_blocks(out, row_pairs, (m, k.div_ceil(2)), line);
 }
@@ -336,12 +401,9 @@ pub(super) unsafe fn pack_lhs(
         // of pairs along the rows, written down column p of pairs. Each of the m rows'
         // pairs is written, so only the padding is zeroed (none at whole tiles).
         let pairs = k.div_ceil(2);
-        for row in out[..m * row_pairs].chunks_exact_mut(row_pairs) {
-            row[pairs..].fill(0);
-        }
-        out[m * row_pairs..].fill(0);
+        zero_padding(out, row_pairs, (m, pairs));
         #[cfg(target_arch = "x86_64")]
-        pack_lhs_transposed(out, row_pairs, (m, k), src, cs);
+        pack_lhs_transposed::<false>(out, row_pairs, (m, k), src, cs, (std::ptr::null_mut(), 0));
         #[cfg(not(target_arch = "x86_64"))]
         for i in 0..m {
             for p in 0..pairs {
@@ -416,51 +478,15 @@ pub(super) unsafe fn pack_rows_both_ways(
         k <= ZEROS.len(),
         "pack_rows_both_ways: rows of at most 4,096 values"
     );
-    let (row_pairs, np) = (padded(k) / 2, padded(k));
+    let row_pairs = padded(k) / 2;
     let (lhs, rhs) = (
         lhs.resize(padded(m) * row_pairs),
-        rhs.resize(padded(m) / 2 * np),
+        rhs.resize(padded(m) / 2 * padded(k)),
     );
-    let pairs = m.div_ceil(2);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        let rows = lhs.as_mut_ptr().cast::<u16>();
-        for p in 0..pairs {
-            let lo = src.add(2 * p * rs);
-            let hi = match 2 * p + 1 < m {
-                true => src.add((2 * p + 1) * rs),
-                false => ZEROS.as_ptr(),
-            };
-            for c in (0..np).step_by(16) {
-                let mask = lanes_from(c, k);
-                let both = bf16_32(
-                    _mm512_maskz_loadu_ps(mask, lo.add(c)),
-                    _mm512_maskz_loadu_ps(mask, hi.add(c)),
-                );
-                let line = rhs.as_mut_ptr().add(p * np + c);
-                _mm512_storeu_si512(line.cast(), interleave(both));
-                store_row_halves(rows, 2 * row_pairs, (2 * p, c), both);
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for p in 0..pairs {
-        let at = |i: usize, j: usize| match i < m && j < k {
-            true => *src.add(i * rs + j),
-            false => 0.0,
-        };
-        for j in 0..np {
-            rhs[p * np + j] = pair(at(2 * p, j), at(2 * p + 1, j));
-        }
-        for i in [2 * p, 2 * p + 1] {
-            for q in 0..row_pairs {
-                lhs[i * row_pairs + q] = pair(at(i, 2 * q), at(i, 2 * q + 1));
-            }
-        }
-    }
-    lhs[2 * pairs * row_pairs..].fill(0);
-    rhs[pairs * np..].fill(0);
+    // lhs's rows are padded(k) bf16 long, as rhs's lines: each pair of rows' halves.
+    let rows = lhs.as_mut_ptr().cast::<u16>();
+    pack_row_pairs::<true>(rhs, (m, k), (src, rs), rows);
+    lhs[2 * m.div_ceil(2) * row_pairs..].fill(0);
 }
 
 /// A gradient g (m x k, rows contiguous, `rs` apart) packed as the left factor of
@@ -480,36 +506,16 @@ pub(super) unsafe fn pack_lhs_both_ways(
     src: *const f32,
     rs: usize,
 ) {
-    use std::arch::x86_64::*;
     let (row_pairs, t_row_pairs) = (padded(k) / 2, padded(m) / 2);
     let pairs = m.div_ceil(2);
-    // The lines below write g's rows up to column k rounded up to 16, and gᵀ's rows
-    // up to its pairs: the rest of each row is padding, zeroed here.
+    // The lines write g's rows up to column k rounded up to 16, and gᵀ's rows up to
+    // its pairs: the rest is padding.
     let rows = rows.resize(padded(m) * row_pairs);
-    for row in rows[..2 * pairs * row_pairs].chunks_exact_mut(row_pairs) {
-        row[k.next_multiple_of(16) / 2..].fill(0);
-    }
-    rows[2 * pairs * row_pairs..].fill(0);
+    zero_padding(rows, row_pairs, (2 * pairs, k.next_multiple_of(16) / 2));
     let transposed = transposed.resize(padded(k) * t_row_pairs);
-    for row in transposed[..k * t_row_pairs].chunks_exact_mut(t_row_pairs) {
-        row[pairs..].fill(0);
-    }
-    transposed[k * t_row_pairs..].fill(0);
-    let row_bf16 = rows.as_mut_ptr().cast::<u16>();
-    // Column p of gᵀ's pairs from its row i0: rows 2p and 2p + 1 of g, 16 values
-    // from column i0.
-    let line = |p: usize, i0: usize| {
-        let mask = lanes_from(i0, k);
-        let lo = _mm512_maskz_loadu_ps(mask, src.add(2 * p * rs + i0));
-        let hi = match 2 * p + 1 < m {
-            true => _mm512_maskz_loadu_ps(mask, src.add((2 * p + 1) * rs + i0)),
-            false => _mm512_setzero_ps(),
-        };
-        let both = bf16_32(lo, hi);
-        store_row_halves(row_bf16, 2 * row_pairs, (2 * p, i0), both);
-        interleave(both)
-    };
-    transposed_blocks(transposed, t_row_pairs, (k, pairs), line);
+    zero_padding(transposed, t_row_pairs, (k, pairs));
+    let halves = (rows.as_mut_ptr().cast::<u16>(), 2 * row_pairs);
+    pack_lhs_transposed::<true>(transposed, t_row_pairs, (k, m), src, rs, halves);
 }
 
 /// Packs the right factor (k x n) in pairs of rows: `out` gets padded(k) / 2 rows of
@@ -530,27 +536,15 @@ pub(super) unsafe fn pack_rhs(
     let np = padded(n);
     let out = out.resize(padded(k) / 2 * np);
     if cs == 1 && n <= ZEROS.len() {
-        // Rows contiguous: two rows at a time, along them, padding included; only the
-        // pairs of rows past k are zeroed, not the whole buffer first.
-        for p in 0..k.div_ceil(2) {
-            let lo = src.add(2 * p * rs);
-            let hi = match 2 * p + 1 < k {
-                true => src.add((2 * p + 1) * rs),
-                false => ZEROS.as_ptr(),
-            };
-            pair_rows(out.as_mut_ptr().add(p * np), lo, hi, n, np);
-        }
-        out[k.div_ceil(2) * np..].fill(0);
+        // Rows contiguous: two rows at a time, along them, padding included.
+        pack_row_pairs::<false>(out, (k, n), (src, rs), std::ptr::null_mut());
         return;
     }
     if rs == 1 && k % 2 == 0 {
         // Columns contiguous (a weight read as Wᵀ, keys read as Kᵀ): a pair is two
         // neighbours in a column, so column j is a line of pairs, written down column j
         // of pairs. Each pair of the n columns is written: only the padding is zeroed.
-        for row in out[..k / 2 * np].chunks_exact_mut(np) {
-            row[n..].fill(0);
-        }
-        out[k / 2 * np..].fill(0);
+        zero_padding(out, np, (k / 2, n));
         #[cfg(target_arch = "x86_64")]
         pack_rhs_transposed(out, np, (k, n), src, cs);
         #[cfg(not(target_arch = "x86_64"))]
