@@ -230,6 +230,12 @@ impl<T: Real> std::ops::DerefMut for Buffer<T> {
     }
 }
 
+/// Rows per chunk of [`par_rows`] and [`par_rows_with`]: a few chunks per thread,
+/// for balance without much scheduling overhead.
+fn chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
 /// Runs `f(rows, out_rows)` over disjoint chunks of `rows` rows of `row_len` values
 /// on the rayon pool that candle's matrix products run on, so the kernels and the
 /// products share the same worker threads instead of two pools competing for the
@@ -244,8 +250,7 @@ pub(super) fn par_rows<T: Send + Sync>(
     if rows == 0 {
         return;
     }
-    // A few chunks per thread: balance without much scheduling overhead.
-    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let chunk_rows = chunk_rows(rows);
     if rows <= chunk_rows {
         f(0..rows, out);
         return;
@@ -275,7 +280,7 @@ pub(super) fn par_rows_with<T: Send + Sync>(
     if rows == 0 {
         return;
     }
-    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let chunk_rows = chunk_rows(rows);
     if rows <= chunk_rows {
         f(0..rows, out, side);
         return;
